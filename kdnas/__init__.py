@@ -1,0 +1,1 @@
+"""The kdnas application layer: the command line (and, later, flow entry points)."""

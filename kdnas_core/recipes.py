@@ -1,0 +1,126 @@
+"""Recipes: the library pieces put together for one job (torchtune's split of library vs recipe).
+
+``Workspace`` holds what every job of a search shares (teacher, splits, tokenised texts, cached
+teacher states); ``distill_one`` distils one architecture end to end. The CLI calls these now,
+and Prefect tasks will call the same functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdnas_core.config import KDNASConfig
+from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
+from kdnas_core.distill import (
+    CachedTeacherStates,
+    TeacherStates,
+    distill,
+    make_teacher_states,
+    teacher_layers_needed,
+)
+from kdnas_core.search_space import SearchSpace, StudentArch
+from kdnas_core.student import build_student, count_parameters, save_student
+from kdnas_core.teachers import Teacher, load_teacher
+
+
+@dataclass
+class Workspace:
+    cfg: KDNASConfig
+    teacher: Teacher
+    splits: Splits
+    _tokens: dict[str, TokenizedTexts] = field(default_factory=dict)
+
+    @classmethod
+    def prepare(cls, cfg: KDNASConfig) -> Workspace:
+        teacher = load_teacher(cfg.teacher, cfg.paths.cache_path())
+        return cls(cfg, teacher, load_splits(cfg.data, cfg.seed))
+
+    @functools.cached_property
+    def space(self) -> SearchSpace:
+        return SearchSpace(self.cfg.search_space, self.teacher.shape)
+
+    @property
+    def state_cache_root(self) -> Path:
+        return self.cfg.paths.cache_path() / "teacher_states"
+
+    def tokens(self, split: str) -> TokenizedTexts:
+        if split not in self._tokens:
+            texts = self.splits.get(split)
+            if split == "eval":  # the held-out KD loss needs only a slice of the eval split
+                texts = texts[: self.cfg.distill.eval_batches * self.cfg.data.batch_size]
+            self._tokens[split] = tokenize(texts, self.teacher.tokenizer, self.cfg.data.max_length)
+        return self._tokens[split]
+
+    def batches(self, split: str, seed: int | None = None) -> list[Batch]:
+        shuffle = split != "eval"
+        seed = self.cfg.seed if seed is None else seed
+        return length_bucketed_batches(self.tokens(split), self.cfg.data.batch_size, seed, shuffle)
+
+    def layers_for(self, student_layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+        d = self.cfg.distill
+        return teacher_layers_needed(student_layers, self.teacher.num_layers, d.mapping, d.weights)
+
+    def teacher_states(self, split: str, layers: tuple[int, ...], passes: float, progress: bool = True) -> TeacherStates:
+        # Standardisation statistics for a live teacher come from the first few training batches.
+        stats_batches = self.batches(split)[:20]
+        return make_teacher_states(
+            self.teacher, self.tokens(split), layers, self.cfg.distill,
+            self.state_cache_root, math.ceil(passes), stats_batches, progress,
+        )
+
+    def eval_states(self, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
+        # Evaluated twice per candidate and shared by all of them: always worth caching.
+        relation = self.teacher.num_layers if self.cfg.distill.weights.attention_relation > 0 else None
+        root = self.state_cache_root if self.cfg.distill.cache_on_disk else None
+        return CachedTeacherStates.build(self.teacher, self.tokens("eval"), layers, relation, root, progress=progress)
+
+
+def distill_one(
+    cfg: KDNASConfig,
+    arch: str | StudentArch,
+    split: str = "train",
+    out_dir: Path | None = None,
+    max_steps: int | None = None,
+    ws: Workspace | None = None,
+    progress: bool = True,
+) -> dict:
+    """Distil one architecture on ``split`` and save it; returns a JSON-able summary."""
+    ws = ws or Workspace.prepare(cfg)
+    arch = StudentArch.from_name(arch) if isinstance(arch, str) else arch
+    ws.space.validate(arch)
+    budget = cfg.distill.final if split == "train" else cfg.distill.proxy
+    if max_steps:
+        budget = budget.model_copy(update={"max_steps": max_steps})
+    batches = ws.batches(split)
+    passes = budget.epochs if not budget.max_steps else min(budget.epochs, budget.max_steps / len(batches))
+    layers = ws.layers_for([arch.layers])
+    states = ws.teacher_states(split, layers, passes, progress)
+    eval_states = ws.eval_states(layers, progress)
+    student = build_student(arch, ws.teacher, seed=cfg.seed)
+    result = distill(
+        student, states, batches, cfg.distill, budget,
+        eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, progress=progress,
+    )
+    out_dir = Path(out_dir) if out_dir else cfg.paths.output_path() / "students" / arch.arch_id
+    meta = {
+        "teacher": cfg.teacher.name,
+        "teacher_fingerprint": ws.teacher.fingerprint,
+        "split": split,
+        "config_hash": cfg.section_hash("teacher", "data", "distill"),
+        "result": result.to_dict(),
+    }
+    path = save_student(student, ws.teacher.tokenizer, arch, out_dir, meta)
+    return {
+        "arch": arch.name,
+        "arch_id": arch.arch_id,
+        "params": count_parameters(student),
+        "teacher": cfg.teacher.name,
+        "teacher_params": count_parameters(ws.teacher.model),
+        "n_texts": len(ws.splits.get(split)),
+        "result": result.to_dict(),
+        "path": str(path),
+    }
+

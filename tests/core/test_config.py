@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from kdnas_core.config import KDNASConfig, load_config
+from kdnas_core.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, KDNASConfig)
+
+
+def test_shipped_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"default.yaml", "benchmark.yaml"}
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_field_names_its_path_and_the_allowed_fields(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "distill:\n  learning_rate: 0.1\n"))
+    msg = str(err.value)
+    assert "distill.learning_rate" in msg and "unknown field" in msg and "lr" in msg
+    assert "\n" not in msg
+
+
+def test_bad_value_names_field_value_and_rule(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "distill:\n  lr: -1\n"))
+    msg = str(err.value)
+    assert "distill.lr" in msg and "-1" in msg and "greater than 0" in msg
+
+
+def test_bad_literal_lists_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"distill\.mapping.*'uniform'"):
+        load_config(write(tmp_path, "distill:\n  mapping: diagonal\n"))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_config_is_frozen_and_overrides_apply(tmp_path):
+    cfg = load_config(write(tmp_path, "seed: 3\n"), {"distill.lr": 1e-3, "data.batch_size": 8})
+    assert cfg.seed == 3 and cfg.distill.lr == 1e-3 and cfg.data.batch_size == 8
+    with pytest.raises(Exception):
+        cfg.seed = 4  # type: ignore[misc]
+
+
+def test_section_hash_tracks_only_named_sections(tmp_path):
+    a = load_config(write(tmp_path, "seed: 1\n"))
+    b = load_config(write(tmp_path, "seed: 2\ndistill: {lr: 0.001}\n"))
+    assert a.section_hash("data") == b.section_hash("data")
+    assert a.section_hash("distill") != b.section_hash("distill")

