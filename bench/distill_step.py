@@ -1,0 +1,134 @@
+"""Benchmark: cost of one proxy-distillation step, cached teacher states vs a live teacher.
+
+One step = teacher targets + student forward/backward + optimiser step. For each teacher the
+same student architecture is distilled on the same proxy batches twice over: once with targets
+read from an in-memory teacher-state cache, once with the teacher run on every batch. The
+one-off cost of building the cache is timed too, and turned into the number of steps after which
+the cache has paid for itself.
+
+Run:  .venv/bin/python bench/distill_step.py [--teachers minilm-l6 mpnet-base] [--texts 256]
+                                             [--steps 12] [--repeats 3] [--arch L4-H384-A6-F1536-gelu]
+
+Results are reported as live/cached ratios, not absolute times: on a small shared CPU box the
+absolute numbers drift from run to run, but both variants drift together because live and cached
+runs are interleaved, so their ratio is what stays meaningful. Target: >= 3x with mpnet-base.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before any import that could phone home or reach the hub.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from kdnas_core.config import load_config  # noqa: E402
+from kdnas_core.distill import CachedTeacherStates, LiveTeacherStates, distill  # noqa: E402
+from kdnas_core.recipes import Workspace  # noqa: E402
+from kdnas_core.search_space import StudentArch  # noqa: E402
+from kdnas_core.student import build_student, count_parameters  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_TEACHER, TARGET_SPEEDUP = "mpnet-base", 3.0
+
+
+def seconds_per_step(ws: Workspace, arch: StudentArch, states, batches, budget, cfg) -> float:
+    # A fresh student every run, so no run profits from another's optimiser state or weights.
+    student = build_student(arch, ws.teacher, seed=0)
+    result = distill(student, states, batches, cfg.distill, budget, seed=0, progress=False)
+    return result.seconds / result.steps
+
+
+def bench_teacher(name: str, args: argparse.Namespace) -> dict:
+    # In-memory cache only: a disk cache left by an earlier run would make the build time zero.
+    cfg = load_config(ROOT / "configs/default.yaml", {
+        "teacher.name": name, "data.proxy_size": args.texts, "distill.cache_on_disk": False,
+    })
+    ws = Workspace.prepare(cfg)
+    arch = StudentArch.from_name(args.arch)
+    tokens, batches = ws.tokens("proxy"), ws.batches("proxy")
+    layers = ws.layers_for([arch.layers])
+
+    t0 = time.perf_counter()
+    cache = CachedTeacherStates.build(ws.teacher, tokens, layers, None, None, progress=False)
+    build_s = time.perf_counter() - t0
+    # Same standardisation statistics, so both variants compute exactly the same loss.
+    live = LiveTeacherStates(ws.teacher, layers, None, stats=cache.stats)
+
+    # Warm-up pays for first-call costs (allocator, kernel selection) outside the measurement.
+    warm = cfg.distill.proxy.model_copy(update={"max_steps": 2})
+    seconds_per_step(ws, arch, live, batches, warm, cfg)
+    seconds_per_step(ws, arch, cache, batches, warm, cfg)
+
+    # Interleaved, so slow drift of the machine hits both variants alike.
+    budget = cfg.distill.proxy.model_copy(update={"max_steps": args.steps})
+    live_s, cached_s = [], []
+    for _ in range(args.repeats):
+        live_s.append(seconds_per_step(ws, arch, live, batches, budget, cfg))
+        cached_s.append(seconds_per_step(ws, arch, cache, batches, budget, cfg))
+    live_ms, cached_ms = 1e3 * statistics.median(live_s), 1e3 * statistics.median(cached_s)
+    saved_s = (live_ms - cached_ms) / 1e3
+    return {
+        "teacher": name,
+        "params_m": count_parameters(ws.teacher.model) / 1e6,
+        "live_ms": live_ms,
+        "cached_ms": cached_ms,
+        "speedup": live_ms / cached_ms,
+        "build_s": build_s,
+        "cache_mb": cache.nbytes() / 2**20,
+        "break_even": math.ceil(build_s / saved_s) if saved_s > 0 else math.inf,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| teacher | teacher params (M) | live ms/step | cached ms/step | speed-up (live/cached) "
+        "| cache build s | cache MB | break-even steps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['teacher']} | {r['params_m']:.1f} | {r['live_ms']:.0f} | {r['cached_ms']:.0f} "
+            f"| {r['speedup']:.2f}x | {r['build_s']:.1f} | {r['cache_mb']:.1f} | {r['break_even']} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> str:
+    hit = next((r for r in rows if r["teacher"] == TARGET_TEACHER), None)
+    if hit is None:
+        return f"Target ({TARGET_TEACHER} cached >= {TARGET_SPEEDUP:g}x cheaper per step): not measured."
+    met = "MET" if hit["speedup"] >= TARGET_SPEEDUP else "NOT MET"
+    return f"Target ({TARGET_TEACHER} cached >= {TARGET_SPEEDUP:g}x cheaper per step): {met} ({hit['speedup']:.2f}x)."
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teachers", nargs="+", default=["minilm-l6", "mpnet-base"])
+    p.add_argument("--texts", type=int, default=256, help="proxy texts (data.proxy_size)")
+    p.add_argument("--steps", type=int, default=12, help="distillation steps per measured run")
+    p.add_argument("--repeats", type=int, default=3, help="live/cached run pairs per teacher")
+    p.add_argument("--arch", default="L4-H384-A6-F1536-gelu")
+    args = p.parse_args()
+
+    start = time.perf_counter()
+    rows = [bench_teacher(name, args) for name in args.teachers]
+    header = (f"distill step: arch {args.arch}, {args.texts} proxy texts, "
+              f"{args.steps} steps x {args.repeats} repeats (median)")
+    report = f"{header}\n\n{table(rows)}\n\n{verdict(rows)}\n"
+    print(report)
+    out = ROOT / "runs/bench/distill_step.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"wrote {out.relative_to(ROOT)}; total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
