@@ -1,6 +1,7 @@
 """The ``kdnas`` command line.
 
     kdnas distill --config configs/default.yaml --arch L4-H384-A6-F1536-gelu
+    kdnas profile --config configs/default.yaml --arch L4-H384-A6-F1536-gelu
     kdnas arch L4-H384-A6-F1536-gelu
 """
 
@@ -53,6 +54,37 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from kdnas_core.config import load_config
+    from kdnas_core.latency import count_flops, count_params
+    from kdnas_core.recipes import Workspace, profile_arch, teacher_latency
+    from kdnas_core.search_space import StudentArch
+
+    cfg = load_config(args.config, _parse_set(args.set))
+    backends = list(dict.fromkeys(cfg.latency.backends + ["ort-fp32", "ort-int8", "torch"]))
+    lat_cfg = cfg.latency.model_copy(update={"backends": backends})
+    ws = Workspace.prepare(cfg)
+    arch = StudentArch.from_name(args.arch)
+    student = profile_arch(ws, arch, lat_cfg)
+    teacher = teacher_latency(ws, lat_cfg)
+    vocab, positions = ws.teacher.config.vocab_size, ws.teacher.config.max_position_embeddings
+    params = count_params(arch, vocab, positions)
+    print(f"student {arch.name} (arch_id {arch.arch_id}): {params['total'] / 1e6:.1f} M params "
+          f"({params['encoder'] / 1e6:.1f} M in the encoder)")
+    print(f"teacher {cfg.teacher.name}; hardware: {student.hardware}")
+    print(f"{'backend':<10} {'shape':>7} {'student ms':>11} {'p90':>7} {'cv':>5} {'teacher ms':>11} {'speed-up':>9}")
+    for backend, results in student.results.items():
+        for shape, s in results.items():
+            t = teacher.results.get(backend, {}).get(shape)
+            flag = " noisy" if s.noisy or (t and t.noisy) else ""
+            t_ms = f"{t.median_ms:11.2f}" if t else f"{'-':>11}"
+            ratio = f"{t.median_ms / s.median_ms:8.1f}x" if t else f"{'-':>9}"
+            print(f"{backend:<10} {shape:>7} {s.median_ms:11.2f} {s.p90_ms:7.2f} {s.cv:5.2f} {t_ms} {ratio}{flag}")
+    b, q = cfg.latency.grid[0]
+    print(f"forward GFLOPs at {b}x{q}: {count_flops(arch, b, q)['total'] / 1e9:.2f}")
+    return 0
+
+
 def cmd_arch(args: argparse.Namespace) -> int:
     from kdnas_core.search_space import StudentArch
 
@@ -75,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     d.add_argument("--json", action="store_true", help="also print the summary as JSON")
     d.set_defaults(func=cmd_distill)
+
+    pr = sub.add_parser("profile", help="latency of an architecture and of the teacher (ORT fp32/int8, PyTorch)")
+    pr.add_argument("--config", default="configs/default.yaml", type=Path)
+    pr.add_argument("--arch", required=True, help="e.g. L4-H384-A6-F1536-gelu")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    pr.set_defaults(func=cmd_profile)
 
     a = sub.add_parser("arch", help="print an architecture's canonical name and arch_id")
     a.add_argument("name")

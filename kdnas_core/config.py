@@ -123,6 +123,60 @@ class DistillConfig(_Section):
     cache_on_disk: bool = True
 
 
+Backend = Literal["ort-fp32", "ort-int8", "torch", "cuda"]
+
+
+class LatencyConfig(_Section):
+    # (batch, sequence length) shapes to time; the first one feeds the reward.
+    grid: list[tuple[int, int]] = Field(default_factory=lambda: [(1, 128)])
+    backends: list[Backend] = Field(default_factory=lambda: ["ort-fp32"])
+    # The backend whose latency the reward and budgets use.
+    reward_backend: Backend = "ort-fp32"
+    warmup: int = Field(default=5, ge=0)
+    runs: int = Field(default=30, gt=0)
+    # Above this coefficient of variation a measurement is "noisy" and is repeated.
+    cv_threshold: float = Field(default=0.15, gt=0)
+    max_attempts: int = Field(default=3, gt=0)
+    # One thread each: the deployment target is a CPU core per request, and it keeps the
+    # measurement independent of what else the machine runs.
+    intra_op_threads: int = Field(default=1, gt=0)
+    inter_op_threads: int = Field(default=1, gt=0)
+    opset: int = Field(default=17, ge=13, le=21)
+
+    @model_validator(mode="after")
+    def _reward_backend_is_measured(self) -> LatencyConfig:
+        if self.reward_backend not in self.backends:
+            raise ValueError(f"reward_backend {self.reward_backend!r} must be one of backends {self.backends}")
+        if not self.grid:
+            raise ValueError("grid must list at least one (batch, sequence length) shape")
+        return self
+
+
+class RewardConfig(_Section):
+    # R = (1 - L_HS) * (lat_S / (beta * lat_T)) ** alpha. The paper does not publish its
+    # constants; these make a student at beta * teacher latency score exactly 1 - L_HS, and
+    # halving latency worth ~5 % reward.
+    alpha: float = Field(default=-0.07, le=0)
+    beta: float = Field(default=0.6, gt=0)
+    # Latency budgets: "0.25x" (fraction of the teacher's latency) or "30ms".
+    budgets: list[str] = Field(default_factory=lambda: ["0.1x", "0.25x", "0.5x"])
+    # A candidate over a hard budget: excluded from that budget, or its reward scaled down.
+    over_budget: Literal["exclude", "penalize"] = "exclude"
+    penalty: float = Field(default=0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _budgets_parse(self) -> RewardConfig:
+        from kdnas_core.errors import KdnasError
+        from kdnas_core.reward import parse_budget
+
+        for b in self.budgets:
+            try:
+                parse_budget(b)
+            except KdnasError as err:
+                raise ValueError(str(err)) from None
+        return self
+
+
 class KDNASConfig(_Section):
     seed: int = 0
     paths: PathsConfig = PathsConfig()
@@ -130,6 +184,8 @@ class KDNASConfig(_Section):
     data: DataConfig = DataConfig()
     search_space: SearchSpaceConfig = SearchSpaceConfig()
     distill: DistillConfig = DistillConfig()
+    latency: LatencyConfig = LatencyConfig()
+    reward: RewardConfig = RewardConfig()
 
     def section_hash(self, *names: str) -> str:
         """Short, stable hash of the named sections: the cache key part that depends on config."""

@@ -8,11 +8,13 @@ and Prefect tasks will call the same functions.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdnas_core.config import KDNASConfig
+from kdnas_core.config import KDNASConfig, LatencyConfig
 from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
 from kdnas_core.distill import (
     CachedTeacherStates,
@@ -21,6 +23,7 @@ from kdnas_core.distill import (
     make_teacher_states,
     teacher_layers_needed,
 )
+from kdnas_core.latency import LatencyReport, hardware_key, profile_model
 from kdnas_core.search_space import SearchSpace, StudentArch
 from kdnas_core.student import build_student, count_parameters, save_student
 from kdnas_core.teachers import Teacher, load_teacher
@@ -30,13 +33,16 @@ from kdnas_core.teachers import Teacher, load_teacher
 class Workspace:
     cfg: KDNASConfig
     teacher: Teacher
-    splits: Splits
     _tokens: dict[str, TokenizedTexts] = field(default_factory=dict)
 
     @classmethod
     def prepare(cls, cfg: KDNASConfig) -> Workspace:
-        teacher = load_teacher(cfg.teacher, cfg.paths.cache_path())
-        return cls(cfg, teacher, load_splits(cfg.data, cfg.seed))
+        return cls(cfg, load_teacher(cfg.teacher, cfg.paths.cache_path()))
+
+    @functools.cached_property
+    def splits(self) -> Splits:
+        # Lazy: latency profiling needs the teacher but no text.
+        return load_splits(self.cfg.data, self.cfg.seed)
 
     @functools.cached_property
     def space(self) -> SearchSpace:
@@ -76,6 +82,29 @@ class Workspace:
         relation = self.teacher.num_layers if self.cfg.distill.weights.attention_relation > 0 else None
         root = self.state_cache_root if self.cfg.distill.cache_on_disk else None
         return CachedTeacherStates.build(self.teacher, self.tokens("eval"), layers, relation, root, progress=progress)
+
+
+def teacher_latency(ws: Workspace, cfg: LatencyConfig | None = None) -> LatencyReport:
+    """The teacher's latency (the reward's reference), measured once per hardware, teacher and
+    latency settings, then read back from ``<cache_dir>/latency/``."""
+    cfg = cfg or ws.cfg.latency
+    settings = hashlib.sha1(cfg.model_dump_json().encode()).hexdigest()[:10]
+    path = ws.cfg.paths.cache_path() / "latency" / hardware_key(cfg) / f"teacher-{ws.teacher.fingerprint}-{settings}.json"
+    if path.is_file():
+        return LatencyReport.from_dict(json.loads(path.read_text()))
+    report = profile_model(ws.teacher.model, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report.to_dict(), indent=2))
+    tmp.replace(path)
+    return report
+
+
+def profile_arch(ws: Workspace, arch: StudentArch, cfg: LatencyConfig | None = None) -> LatencyReport:
+    """Latency of ``arch`` as a student of this teacher. Weights do not change latency, so an
+    untrained student is timed."""
+    ws.space.validate(arch)
+    return profile_model(build_student(arch, ws.teacher, seed=0, init_from_teacher=False), cfg or ws.cfg.latency)
 
 
 def distill_one(
