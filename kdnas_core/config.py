@@ -98,6 +98,8 @@ class LossWeights(_Section):
 class TrainBudget(_Section):
     epochs: int = Field(default=1, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
+    # Overrides distill.lr: a short proxy run learns more with a larger step.
+    lr: float | None = Field(default=None, gt=0)
 
 
 class DistillConfig(_Section):
@@ -177,6 +179,28 @@ class RewardConfig(_Section):
         return self
 
 
+class ControllerConfig(_Section):
+    kind: Literal["lstm", "random", "evolution"] = "lstm"
+    # Candidates scored by the LSTM each episode (cheap: predictions, not evaluations).
+    pool_size: int = Field(default=100, gt=0)
+    lstm_hidden: int = Field(default=64, gt=0)
+    lr: float = Field(default=1e-4, gt=0)  # the paper's RMSprop learning rate
+    train_epochs: int = Field(default=100, gt=0)
+    epsilon_start: float = Field(default=1.0, ge=0, le=1)
+    epsilon_decay: float = Field(default=0.05, ge=0, le=1)
+    epsilon_min: float = Field(default=0.05, ge=0, le=1)
+    # How many of the best archs found so far seed mutations in the pool.
+    elite: int = Field(default=5, gt=0)
+    # Regularised evolution.
+    population: int = Field(default=20, gt=1)
+    tournament: int = Field(default=4, gt=0)
+
+
+class SearchConfig(_Section):
+    episodes: int = Field(default=3, gt=0)
+    candidates_per_episode: int = Field(default=4, gt=0)
+
+
 class KDNASConfig(_Section):
     seed: int = 0
     paths: PathsConfig = PathsConfig()
@@ -186,10 +210,13 @@ class KDNASConfig(_Section):
     distill: DistillConfig = DistillConfig()
     latency: LatencyConfig = LatencyConfig()
     reward: RewardConfig = RewardConfig()
+    controller: ControllerConfig = ControllerConfig()
+    search: SearchConfig = SearchConfig()
 
     def section_hash(self, *names: str) -> str:
         """Short, stable hash of the named sections: the cache key part that depends on config."""
-        payload = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        values = {n: getattr(self, n) for n in names}
+        payload = {n: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for n, v in values.items()}
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 

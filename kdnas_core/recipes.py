@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from kdnas_core.config import KDNASConfig, LatencyConfig
 from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
 from kdnas_core.distill import (
@@ -23,7 +25,10 @@ from kdnas_core.distill import (
     make_teacher_states,
     teacher_layers_needed,
 )
+from kdnas_core.controller import make_controller
 from kdnas_core.latency import LatencyReport, hardware_key, profile_model
+from kdnas_core.reward import budgeted_reward, normalised_loss, parse_budget, reward
+from kdnas_core.search import Evaluation, SearchResult, SearchState, budgets_in_ms, run_search
 from kdnas_core.search_space import SearchSpace, StudentArch
 from kdnas_core.student import build_student, count_parameters, save_student
 from kdnas_core.teachers import Teacher, load_teacher
@@ -153,3 +158,106 @@ def distill_one(
         "path": str(path),
     }
 
+
+
+class ProxyEvaluator:
+    """The real KD-NAS evaluator: distil a candidate on the proxy split (teacher states from the
+    cache, built once for every depth in the space) and measure its latency."""
+
+    def __init__(self, ws: Workspace, progress: bool = True):
+        self.ws, self.progress = ws, progress
+        layers = ws.layers_for(ws.space.layers)
+        cfg = ws.cfg
+        root = ws.state_cache_root if cfg.distill.cache_on_disk else None
+        relation = ws.teacher.num_layers if cfg.distill.weights.attention_relation > 0 else None
+        self.states = CachedTeacherStates.build(ws.teacher, ws.tokens("proxy"), layers, relation, root, progress=progress)
+        self.eval_states = ws.eval_states(layers, progress)
+        self.batches = ws.batches("proxy")
+        self.eval_batches = ws.batches("eval")
+        self.backend = cfg.latency.reward_backend
+        self.shape = cfg.latency.grid[0]
+
+    def __call__(self, arch: StudentArch) -> Evaluation:
+        cfg = self.ws.cfg
+        student = build_student(arch, self.ws.teacher, seed=cfg.seed)
+        r = distill(
+            student, self.states, self.batches, cfg.distill, cfg.distill.proxy,
+            eval_batches=self.eval_batches, eval_states=self.eval_states, seed=cfg.seed, progress=self.progress,
+        )
+        latency = profile_model(student, cfg.latency).median(self.backend, *self.shape)
+        hidden = r.eval_parts.get("hidden_mse", r.final_eval_loss)
+        return Evaluation(
+            kd_loss=normalised_loss(hidden),
+            latency_ms=latency,
+            extra={"final_eval_loss": r.final_eval_loss, "pooled_cosine": r.eval_parts.get("pooled_cosine"),
+                   "params_m": count_parameters(student) / 1e6, "steps": r.steps, "distill_s": round(r.seconds, 1)},
+        )
+
+
+def search_dir(cfg: KDNASConfig) -> Path:
+    """One folder per search configuration: re-running the same config resumes it."""
+    key = cfg.section_hash("seed", "teacher", "data", "search_space", "distill", "latency", "reward", "controller", "search")
+    return cfg.paths.output_path() / "search" / key
+
+
+def make_reward_fn(cfg: KDNASConfig, teacher_ms: float, budgets: list[tuple[str, float]]):
+    r = cfg.reward
+    loosest = max((ms for _, ms in budgets), default=float("inf"))
+
+    def reward_fn(l_hs: float, latency_ms: float) -> float:
+        value = reward(l_hs, latency_ms, teacher_ms, r.alpha, r.beta)
+        # Slower than every budget: useless to the user, so the controller learns to avoid it.
+        judged = budgeted_reward(value, latency_ms, loosest, r.over_budget, r.penalty)
+        return 0.0 if judged is None else judged
+
+    return reward_fn
+
+
+def run_kdnas_search(cfg: KDNASConfig, warm_from: Path | None = None, fresh: bool = False,
+                     progress: bool = True, on_observation=None,
+                     ws: Workspace | None = None) -> tuple[SearchResult, Path, float]:
+    """A full search on this machine without Prefect: resumes an interrupted run of the same
+    config, or warm-starts from another search's ``state.json``."""
+    out = search_dir(cfg)
+    state_path = out / "state.json"
+    ws = ws or Workspace.prepare(cfg)
+    b, s = cfg.latency.grid[0]
+    teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
+    budgets = budgets_in_ms([parse_budget(x) for x in cfg.reward.budgets], teacher_ms)
+    if state_path.is_file() and not fresh:
+        state = SearchState.load(state_path)
+    elif warm_from is not None:
+        state = SearchState.warm_start(SearchState.load(warm_from), cfg.seed)
+    else:
+        state = SearchState(seed=cfg.seed)
+    controller = make_controller(ws.space, cfg.controller, cfg.seed)
+    evaluator = ProxyEvaluator(ws, progress)
+    result = run_search(controller, evaluator, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
+                        budgets, on_state=lambda st: st.save(state_path), on_observation=on_observation, seed=cfg.seed)
+    write_search_tables(result, out, teacher_ms)
+    return result, out, teacher_ms
+
+
+def write_search_tables(result: SearchResult, out: Path, teacher_ms: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result.leaderboard.to_csv(out / "leaderboard.csv", index=False)
+    result.pareto.to_csv(out / "pareto.csv", index=False)
+    recs = pd.DataFrame(result.recommendations)
+    recs.to_csv(out / "recommendations.csv", index=False)
+    cols = ["rank", "arch", "arch_id", "reward", "kd_loss", "latency_ms", "episode"]
+    md = [f"# KD-NAS search\n\nteacher latency: {teacher_ms:.2f} ms\n", "## Leaderboard\n",
+          markdown_table(result.leaderboard[cols]), "\n## Pareto front (KD loss vs latency)\n",
+          markdown_table(result.pareto[cols]), "\n## Recommendations per budget\n",
+          markdown_table(recs.drop(columns=["arch_id"])), ""]
+    (out / "report.md").write_text("\n".join(md))
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)

