@@ -34,6 +34,8 @@ class Evaluation:
 
 
 Evaluator = Callable[[StudentArch], Evaluation]
+# Evaluates an episode's pending candidates together (e.g. fanned out as Prefect tasks).
+BatchEvaluator = Callable[[list[StudentArch]], list[Evaluation]]
 RewardFn = Callable[[float, float], float]
 
 
@@ -134,8 +136,14 @@ def run_search(
     on_state: Callable[[SearchState], None] | None = None,
     on_observation: Callable[[Observation], None] | None = None,
     seed: int = 0,
+    evaluate_batch: BatchEvaluator | None = None,
 ) -> SearchResult:
-    """Run (or resume) ``cfg.episodes`` episodes of ``cfg.candidates_per_episode`` evaluations."""
+    """Run (or resume) ``cfg.episodes`` episodes of ``cfg.candidates_per_episode`` evaluations.
+
+    ``evaluate`` scores one architecture at a time; pass ``evaluate_batch`` instead to score an
+    episode's pending candidates together (they are recorded, and the state saved, one by one
+    in proposal order either way).
+    """
     state = state or SearchState(seed=seed)
     rng = random.Random(state.seed)
     if state.rng is not None:
@@ -153,11 +161,14 @@ def run_search(
             state.pending_context = context_for(history)
             state.rng = _rng_to_json(rng.getstate())
             save(state)
+        known = {o.arch.arch_id for o in state.history}
+        todo = [a for a in map(StudentArch.from_name, state.pending) if a.arch_id not in known]
+        ready = dict(zip([a.arch_id for a in todo], evaluate_batch(todo))) if evaluate_batch and todo else {}
         while state.pending:
             arch = StudentArch.from_name(state.pending[0])
             known = {o.arch.arch_id for o in state.history}
             if arch.arch_id not in known:  # never evaluate an arch twice
-                ev = evaluate(arch)
+                ev = ready.pop(arch.arch_id) if arch.arch_id in ready else evaluate(arch)
                 obs = Observation(arch, ev.kd_loss, ev.latency_ms, reward_fn(ev.kd_loss, ev.latency_ms),
                                   state.episode, state.pending_context, dict(ev.extra))
                 state.observations.append(obs)
