@@ -1,4 +1,3 @@
-"""Tracking (MLflow), artifact storage (S3 through boto3), service start/stop scripts, Prefect
-deployment and work-pool files. Everything here is opt-in: kdnas runs with no servers.
-Lands with the orchestration and tracking issues.
+"""Service scripts and deployment files (Prefect server, work pool, worker; MLflow/S3 tracking
+and storage as they land). Everything here is opt-in: kdnas runs with no servers.
 """

@@ -18,6 +18,8 @@ from pathlib import Path
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Cold starts of the ephemeral Prefect API take ~20 s on a small box.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from kdnas_core.errors import KdnasError  # noqa: E402
 
@@ -91,12 +93,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     from kdnas_core.recipes import markdown_table, run_kdnas_search
 
     cfg = load_config(args.config, _parse_set(args.set))
+    if not args.no_prefect:
+        return _search_flow(args, cfg)
 
     def show(o):
         print(f"  episode {o.episode}: {o.arch.name:<24} reward {o.reward:.4f}  L_HS {o.kd_loss:.4f}  "
               f"{o.latency_ms:7.2f} ms", flush=True)
 
-    result, out, teacher_ms = run_kdnas_search(cfg, warm_from=args.warm_from, fresh=args.fresh, on_observation=show)
+    result, out, teacher_ms = run_kdnas_search(cfg, warm_from=args.warm_from, fresh=args.fresh,
+                                               research=args.research, on_observation=show)
     cols = ["rank", "arch", "arch_id", "reward", "kd_loss", "latency_ms", "episode"]
     print(f"\nLeaderboard (teacher {cfg.teacher.name}: {teacher_ms:.2f} ms)")
     print(markdown_table(result.leaderboard[cols].head(args.top)))
@@ -108,6 +113,29 @@ def cmd_search(args: argparse.Namespace) -> int:
         else:
             print(f"  {r['budget']:>8} (<= {r['budget_ms']:.2f} ms): none: {r['reason']}")
     print(f"\nstate and tables: {out}")
+    return 0
+
+
+def _search_flow(args: argparse.Namespace, cfg) -> int:
+    """The search as the Prefect flow `kdnas` (ephemeral API unless PREFECT_API_URL is set)."""
+    from flows.search import kdnas
+    from kdnas_core.recipes import search_dir
+
+    if args.warm_from or args.fresh:
+        raise KdnasError("--warm-from and --fresh need --no-prefect (the flow resumes and warm-starts by itself)")
+    out = kdnas(config_path=str(args.config), overrides=_parse_set(args.set) or None,
+                research=args.research, final=not args.no_final)
+    print((search_dir(cfg) / "report.md").read_text())
+    for arch, final in out["final"].items():
+        print(f"final student {arch}: {final['path']} (ONNX: {final['onnx']}, int8: {final['onnx_int8']})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve deployment kdnas/search from this process (no work pool needed), with a cron schedule."""
+    from flows.search import kdnas
+
+    kdnas.serve(name="search", cron=args.cron, parameters={"config_path": str(args.config), "research": True})
     return 0
 
 
@@ -144,9 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--config", default="configs/default.yaml", type=Path)
     se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     se.add_argument("--warm-from", type=Path, default=None, help="state.json of a previous search to warm-start from")
-    se.add_argument("--fresh", action="store_true", help="ignore an interrupted run of the same config")
+    se.add_argument("--fresh", action="store_true", help="start over, ignoring an earlier run of the same config")
+    se.add_argument("--research", action="store_true",
+                    help="if this config's search has finished, run a new round warm-started from it")
     se.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
+    se.add_argument("--no-prefect", action="store_true", help="run the plain core loop instead of the Prefect flow")
+    se.add_argument("--no-final", action="store_true", help="skip the final distillation of the recommended students")
     se.set_defaults(func=cmd_search)
+
+    sv = sub.add_parser("serve", help="serve the Prefect deployment kdnas/search with a cron schedule")
+    sv.add_argument("--config", default="configs/default.yaml", type=Path)
+    sv.add_argument("--cron", default="0 3 * * 0", help="re-search schedule (default: Sundays 03:00 UTC)")
+    sv.set_defaults(func=cmd_serve)
 
     a = sub.add_parser("arch", help="print an architecture's canonical name and arch_id")
     a.add_argument("name")

@@ -199,6 +199,9 @@ class ControllerConfig(_Section):
 class SearchConfig(_Section):
     episodes: int = Field(default=3, gt=0)
     candidates_per_episode: int = Field(default=4, gt=0)
+    # Prefect tasks run at once (latency profiling and proxy distillation each count): torch
+    # already uses every core for one candidate, so 1 is right for a small box.
+    max_parallel: int = Field(default=1, gt=0)
 
 
 class KDNASConfig(_Section):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import safetensors.torch
 import torch
@@ -195,6 +195,9 @@ class LSTMRewardController:
 
     def __init__(self, space: SearchSpace, cfg: ControllerConfig, seed: int = 0):
         self.space, self.cfg = space, cfg
+        # Optional cheap pre-filter (e.g. predicted latency within the loosest budget): pool
+        # candidates failing it are only scored when too few pass.
+        self.feasible: Callable[[StudentArch], bool] | None = None
         self.encode = ArchEncoder(space)
         torch.manual_seed(seed)
         self.model = RewardLSTM(self.encode.dim, cfg.lstm_hidden)
@@ -227,7 +230,11 @@ class LSTMRewardController:
             if child.arch_id not in seen:
                 seen.add(child.arch_id)
                 pool.append(child)
-        return pool + _unseen(self.space, history, rng, self.cfg.pool_size - len(pool), exclude=seen)
+        pool += _unseen(self.space, history, rng, self.cfg.pool_size - len(pool), exclude=seen)
+        if self.feasible is not None:
+            ok = [a for a in pool if self.feasible(a)]
+            pool = ok + [a for a in pool if a not in ok][: max(0, self.cfg.pool_size // 4 - len(ok))]
+        return pool
 
     def propose(self, history, k, rng):
         episode = max((o.episode for o in history), default=-1) + 1

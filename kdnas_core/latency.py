@@ -71,6 +71,24 @@ def summarize(times_s: Sequence[float], cv_threshold: float, attempts: int = 1) 
     )
 
 
+def wall_timer(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    start = time.perf_counter()
+    fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - start
+
+
+def cuda_timer(fn: Callable[[], object]) -> float:
+    """GPU time between two CUDA events around ``fn`` (host launch overhead excluded)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def measure(
     fn: Callable[[], object],
     warmup: int,
@@ -78,22 +96,17 @@ def measure(
     cv_threshold: float,
     max_attempts: int,
     sync: Callable[[], None] | None = None,
+    timer: Callable[[Callable[[], object]], float] | None = None,
 ) -> LatencyStats:
     """Time ``fn`` ``runs`` times after ``warmup`` calls; re-measure while noisy, keep the
-    least noisy attempt."""
+    least noisy attempt. ``timer`` returns the seconds one call took (default: wall clock)."""
     if runs <= 0:
         raise KdnasError(f"latency.runs = {runs}: expected a positive number of timed runs")
     best: LatencyStats | None = None
     for attempt in range(1, max(1, max_attempts) + 1):
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            if sync is not None:
-                sync()
-            times.append(time.perf_counter() - start)
+        times = [timer(fn) if timer else wall_timer(fn, sync) for _ in range(runs)]
         stats = summarize(times, cv_threshold, attempt)
         if best is None or stats.cv < best.cv:
             best = stats
@@ -279,7 +292,7 @@ def profile_model(model: nn.Module, cfg: LatencyConfig, workdir: Path | None = N
                     for batch, seq in cfg.grid:
                         ids, mask = (t.to("cuda") for t in example_inputs(model, batch, seq))
                         res[f"{batch}x{seq}"] = measure(
-                            lambda: m(input_ids=ids, attention_mask=mask), **timing, sync=torch.cuda.synchronize
+                            lambda: m(input_ids=ids, attention_mask=mask), **timing, timer=cuda_timer
                         )
                 model.to("cpu")
             report.results[backend] = res
@@ -408,6 +421,13 @@ class LatencyPredictor:
         if data.pop("features", list(FEATURES)) != list(FEATURES):
             raise KdnasError(f"{path}: latency predictor was fitted on other features; refit it")
         return cls(**data)
+
+
+def predictor_path(cache_root: Path, cfg: LatencyConfig) -> Path:
+    """Where this hardware's predictor for the reward's backend and shape lives: a later search
+    on the same machine and settings reuses it."""
+    b, s = cfg.grid[0]
+    return Path(cache_root) / "latency" / hardware_key(cfg) / f"predictor-{cfg.reward_backend}-{b}x{s}.json"
 
 
 def params_baseline(archs: Sequence[StudentArch], latencies_ms: Sequence[float], vocab: int = 30522,

@@ -26,11 +26,19 @@ from kdnas_core.distill import (
     teacher_layers_needed,
 )
 from kdnas_core.controller import make_controller
-from kdnas_core.latency import LatencyReport, hardware_key, profile_model
+from kdnas_core.latency import (
+    LatencyPredictor,
+    LatencyReport,
+    export_onnx,
+    hardware_key,
+    predictor_path,
+    profile_model,
+    quantize_onnx,
+)
 from kdnas_core.reward import budgeted_reward, normalised_loss, parse_budget, reward
 from kdnas_core.search import Evaluation, SearchResult, SearchState, budgets_in_ms, run_search
 from kdnas_core.search_space import SearchSpace, StudentArch
-from kdnas_core.student import build_student, count_parameters, save_student
+from kdnas_core.student import build_student, count_parameters, load_student, save_student
 from kdnas_core.teachers import Teacher, load_teacher
 
 
@@ -177,21 +185,33 @@ class ProxyEvaluator:
         self.backend = cfg.latency.reward_backend
         self.shape = cfg.latency.grid[0]
 
-    def __call__(self, arch: StudentArch) -> Evaluation:
+    def distill(self, arch: StudentArch) -> dict:
+        """Proxy-distil ``arch``; returns the normalised loss L_HS and details (JSON-able)."""
         cfg = self.ws.cfg
+        self.ws.space.validate(arch)
         student = build_student(arch, self.ws.teacher, seed=cfg.seed)
         r = distill(
             student, self.states, self.batches, cfg.distill, cfg.distill.proxy,
             eval_batches=self.eval_batches, eval_states=self.eval_states, seed=cfg.seed, progress=self.progress,
         )
-        latency = profile_model(student, cfg.latency).median(self.backend, *self.shape)
         hidden = r.eval_parts.get("hidden_mse", r.final_eval_loss)
-        return Evaluation(
-            kd_loss=normalised_loss(hidden),
-            latency_ms=latency,
-            extra={"final_eval_loss": r.final_eval_loss, "pooled_cosine": r.eval_parts.get("pooled_cosine"),
-                   "params_m": count_parameters(student) / 1e6, "steps": r.steps, "distill_s": round(r.seconds, 1)},
-        )
+        return {"kd_loss": normalised_loss(hidden), "final_eval_loss": r.final_eval_loss,
+                "pooled_cosine": r.eval_parts.get("pooled_cosine"), "params_m": count_parameters(student) / 1e6,
+                "steps": r.steps, "distill_s": round(r.seconds, 1)}
+
+    def __call__(self, arch: StudentArch) -> Evaluation:
+        d = self.distill(arch)
+        latency = profile_arch(self.ws, arch).median(self.backend, *self.shape)
+        return Evaluation(kd_loss=d.pop("kd_loss"), latency_ms=latency, extra=d)
+
+
+def export_student(student_path: str | Path, cfg: LatencyConfig) -> dict:
+    """ONNX (fp32) and dynamic-int8 ONNX files next to a saved student."""
+    path = Path(student_path)
+    model, arch = load_student(path)
+    onnx = export_onnx(model, path / "model.onnx", cfg.opset)
+    int8 = quantize_onnx(onnx, path / "model.int8.onnx")
+    return {"arch": arch.name, "arch_id": arch.arch_id, "onnx": str(onnx), "onnx_int8": str(int8)}
 
 
 def search_dir(cfg: KDNASConfig) -> Path:
@@ -213,9 +233,50 @@ def make_reward_fn(cfg: KDNASConfig, teacher_ms: float, budgets: list[tuple[str,
     return reward_fn
 
 
+def initial_state(cfg: KDNASConfig, state_path: Path, warm_from: Path | None = None,
+                  research: bool = False, fresh: bool = False) -> SearchState:
+    """Where a search starts: an interrupted run of this config resumes; a finished one is
+    shown again, or, with ``research`` (scheduled re-searches), continued by a new round that
+    warm-starts from it; ``warm_from`` seeds a new search with another search's state."""
+    if state_path.is_file() and not fresh:
+        state = SearchState.load(state_path)
+        finished = state.episode >= state.start_episode + cfg.search.episodes and not state.pending
+        if finished and research:
+            # A new seed per round, so each re-search explores differently.
+            return SearchState.warm_start(state, seed=cfg.seed + state.episode)
+        return state
+    if warm_from is not None:
+        return SearchState.warm_start(SearchState.load(warm_from), cfg.seed)
+    return SearchState(seed=cfg.seed)
+
+
+def attach_latency_predictor(controller, cfg: KDNASConfig, budgets: list[tuple[str, float]]) -> LatencyPredictor | None:
+    """Reuse this hardware's latency predictor (if an earlier search saved one) to keep the
+    controller's pool within the loosest budget: archs predicted slower than every budget are
+    worthless when over-budget candidates are excluded."""
+    path = predictor_path(cfg.paths.cache_path(), cfg.latency)
+    if not path.is_file() or not budgets or cfg.reward.over_budget != "exclude" or not hasattr(controller, "feasible"):
+        return None
+    pred = LatencyPredictor.load(path)
+    loosest = max(ms for _, ms in budgets)
+    controller.feasible = lambda a: pred.predict(a) <= loosest
+    return pred
+
+
+def update_latency_predictor(cfg: KDNASConfig, observations, hardware: str = "") -> Path | None:
+    """Refit the predictor on every measured latency so far and save it for later searches."""
+    measured = [o for o in observations if o.latency_ms > 0]
+    if len(measured) < 3:
+        return None
+    b, s = cfg.latency.grid[0]
+    pred = LatencyPredictor.fit([o.arch for o in measured], [o.latency_ms for o in measured], b, s,
+                                cfg.latency.reward_backend, hardware)
+    return pred.save(predictor_path(cfg.paths.cache_path(), cfg.latency))
+
+
 def run_kdnas_search(cfg: KDNASConfig, warm_from: Path | None = None, fresh: bool = False,
-                     progress: bool = True, on_observation=None,
-                     ws: Workspace | None = None) -> tuple[SearchResult, Path, float]:
+                     progress: bool = True, on_observation=None, ws: Workspace | None = None,
+                     research: bool = False) -> tuple[SearchResult, Path, float]:
     """A full search on this machine without Prefect: resumes an interrupted run of the same
     config, or warm-starts from another search's ``state.json``."""
     out = search_dir(cfg)
@@ -224,17 +285,14 @@ def run_kdnas_search(cfg: KDNASConfig, warm_from: Path | None = None, fresh: boo
     b, s = cfg.latency.grid[0]
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
     budgets = budgets_in_ms([parse_budget(x) for x in cfg.reward.budgets], teacher_ms)
-    if state_path.is_file() and not fresh:
-        state = SearchState.load(state_path)
-    elif warm_from is not None:
-        state = SearchState.warm_start(SearchState.load(warm_from), cfg.seed)
-    else:
-        state = SearchState(seed=cfg.seed)
+    state = initial_state(cfg, state_path, warm_from, research, fresh)
     controller = make_controller(ws.space, cfg.controller, cfg.seed)
+    attach_latency_predictor(controller, cfg, budgets)
     evaluator = ProxyEvaluator(ws, progress)
     result = run_search(controller, evaluator, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
                         budgets, on_state=lambda st: st.save(state_path), on_observation=on_observation, seed=cfg.seed)
     write_search_tables(result, out, teacher_ms)
+    update_latency_predictor(cfg, result.state.history)
     return result, out, teacher_ms
 
 

@@ -157,3 +157,9 @@ def test_predictor_beats_a_params_only_baseline_on_a_synthetic_grid(tmp_path):
     assert estimate(test[1], measured, pred)[1] == "predicted"
     with pytest.raises(KdnasError, match=">= 3 measured"):
         LatencyPredictor.fit(train[:2], lat[:2], 1, 128)
+
+
+def test_measure_uses_the_given_timer():
+    seq = iter([0.010, 0.011, 0.009, 0.010])
+    stats = measure(lambda: None, warmup=2, runs=4, cv_threshold=0.5, max_attempts=3, timer=lambda fn: (fn(), next(seq))[1])
+    assert stats.attempts == 1 and stats.median_ms == pytest.approx(10.0) and stats.min_ms == pytest.approx(9.0)

@@ -44,6 +44,15 @@ def test_small_real_search_completes_resumes_and_recommends(tiny_ws):
     recs = {r["budget"]: r for r in result.recommendations}
     assert recs["1000ms"]["arch"] == result.best.arch.name
     assert recs["0.001ms"]["arch"] is None
+    # The measured latencies trained this hardware's predictor; the next search uses it.
+    from kdnas_core.controller import LSTMRewardController
+    from kdnas_core.latency import LatencyPredictor, predictor_path
+    from kdnas_core.recipes import attach_latency_predictor
+
+    path = predictor_path(tiny_ws.cfg.paths.cache_path(), tiny_ws.cfg.latency)
+    assert path.is_file() and LatencyPredictor.load(path).predict(result.best.arch) > 0
+    ctrl = LSTMRewardController(tiny_ws.space, tiny_ws.cfg.controller)
+    assert attach_latency_predictor(ctrl, tiny_ws.cfg, [("1000ms", 1000.0)]) is not None and ctrl.feasible is not None
     # Same config again: the finished state is found and nothing is evaluated twice.
     again, out2, _ = run_kdnas_search(tiny_ws.cfg, ws=tiny_ws, progress=False, on_observation=seen.append)
     assert out2 == out and len(seen) == 4

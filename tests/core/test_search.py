@@ -152,3 +152,10 @@ def test_controllers_propose_only_new_archs():
         ctrl.update(history)
         props = ctrl.propose(history, 8, rng)
         assert len(props) == 8 and len({a.arch_id for a in props}) == 8 and not {a.arch_id for a in props} & seen
+
+
+def test_lstm_pool_respects_a_feasibility_filter():
+    ctrl = LSTMRewardController(SPACE, ControllerConfig(pool_size=40))
+    ctrl.feasible = lambda a: a.layers <= 4 and a.hidden == 384
+    props = ctrl.propose([], 6, random.Random(0))
+    assert len(props) == 6 and all(a.layers <= 4 and a.hidden == 384 for a in props)

