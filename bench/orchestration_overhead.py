@@ -1,0 +1,120 @@
+"""Benchmark: what Prefect orchestration costs on top of the plain core search loop.
+
+The same small search (embedded default, smaller budgets) runs twice in one process, side by
+side: once as kdnas_core's plain ``run_search`` loop, once as the Prefect flow ``kdnas``
+(ephemeral API, task cache refreshed so every candidate really runs). Both start from an empty
+results folder and reuse the same cached teacher states. The overhead is reported as a ratio,
+with the ephemeral API's one-off start-up shown separately.
+
+Run:  .venv/bin/python bench/orchestration_overhead.py [--episodes 2] [--k 3]
+Writes runs/bench/orchestration_overhead.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Every task really runs: a cache hit would make the flow look cheaper than it is.
+os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--episodes", type=int, default=2)
+    p.add_argument("--k", type=int, default=3)
+    args = p.parse_args()
+
+    from kdnas_core.config import load_config
+    from kdnas_core.latency import predictor_path
+    from kdnas_core.recipes import run_kdnas_search
+
+    tmp = Path(tempfile.mkdtemp(prefix="kdnas-orch-"))
+    data = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
+    data["search"] = {"episodes": args.episodes, "candidates_per_episode": args.k}
+    data["paths"]["output_dir"] = str(tmp / "runs")
+    cfg_path = tmp / "bench.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    cfg = load_config(cfg_path)
+
+    # Warm both paths alike: teacher states and teacher latency cached before either is timed.
+    run_kdnas_search(cfg.model_copy(update={"search": cfg.search.model_copy(update={"episodes": 1, "candidates_per_episode": 1})}),
+                     fresh=True, progress=False)
+
+    # Each search refits the saved latency predictor, which steers the next search's pool:
+    # both runs start from the same predictor so that they evaluate the same candidates.
+    pred = predictor_path(cfg.paths.cache_path(), cfg.latency)
+    saved = pred.read_bytes() if pred.is_file() else None
+
+    def restore_predictor() -> None:
+        if saved is None:
+            pred.unlink(missing_ok=True)
+        else:
+            pred.write_bytes(saved)
+
+    shutil.rmtree(tmp / "runs", ignore_errors=True)
+    t0 = time.perf_counter()
+    plain, _, _ = run_kdnas_search(cfg, fresh=True, progress=False)
+    plain_s = time.perf_counter() - t0
+    shutil.rmtree(tmp / "runs", ignore_errors=True)
+    restore_predictor()
+
+    from prefect import flow
+
+    @flow
+    def noop() -> None:  # starts the ephemeral API once, timed on its own
+        return None
+
+    t0 = time.perf_counter()
+    noop()
+    startup_s = time.perf_counter() - t0
+
+    from flows.search import kdnas
+
+    t0 = time.perf_counter()
+    out = kdnas(config_path=str(cfg_path), research=False, final=False)
+    flow_s = time.perf_counter() - t0
+    import json
+
+    flow_archs = [o["arch"] for o in json.loads((Path(out["search_dir"]) / "state.json").read_text())["observations"]]
+    plain_archs = [o.arch.name for o in plain.observations]
+    assert flow_archs == plain_archs, ("the two runs evaluated different candidates", plain_archs, flow_archs)
+
+    overhead = flow_s / plain_s - 1
+    report = "\n".join([
+        f"orchestration overhead: {args.episodes} episodes x {args.k} candidates, embedded default",
+        "",
+        "| run | seconds |",
+        "|---|---:|",
+        f"| plain core loop | {plain_s:.1f} |",
+        f"| Prefect flow (ephemeral API already up) | {flow_s:.1f} |",
+        f"| ephemeral API start-up (once per process) | {startup_s:.1f} |",
+        "",
+        f"overhead of the flow: {100 * overhead:+.1f} % (target <= 5 %); "
+        f"with start-up: {100 * ((flow_s + startup_s) / plain_s - 1):+.1f} %",
+        "",
+    ])
+    print(report)
+    outp = ROOT / "runs/bench/orchestration_overhead.md"
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    outp.write_text(report)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
