@@ -34,6 +34,7 @@ from kdnas_core.distill import CachedTeacherStates, LiveTeacherStates, distill  
 from kdnas_core.recipes import Workspace  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
 from kdnas_core.student import build_student, count_parameters  # noqa: E402
+from common import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_TEACHER, TARGET_SPEEDUP = "mpnet-base", 3.0
@@ -123,10 +124,7 @@ def main() -> None:
     header = (f"distill step: arch {args.arch}, {args.texts} proxy texts, "
               f"{args.steps} steps x {args.repeats} repeats (median)")
     report = f"{header}\n\n{table(rows)}\n\n{verdict(rows)}\n"
-    print(report)
-    out = ROOT / "runs/bench/distill_step.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+    out = publish("distill_step.md", report)
     print(f"wrote {out.relative_to(ROOT)}; total {time.perf_counter() - start:.0f} s")
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm  # noqa: E402
 from kdnas_core.config import load_config  # noqa: E402
 from kdnas_core.latency import LatencyPredictor, params_baseline, predictor_error  # noqa: E402
 from kdnas_core.recipes import Workspace, profile_arch, teacher_latency  # noqa: E402
+from common import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,10 +95,7 @@ def main() -> None:
         f"total {time.perf_counter() - start:.0f} s",
     ]
     report = "\n".join(lines) + "\n"
-    print(report)
-    out = ROOT / "runs/bench/latency.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+    publish("latency.md", report)
 
 
 if __name__ == "__main__":

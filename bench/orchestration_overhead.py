@@ -29,6 +29,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
+from common import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
@@ -109,10 +110,7 @@ def main() -> None:
         f"with start-up: {100 * ((flow_s + startup_s) / plain_s - 1):+.1f} %",
         "",
     ])
-    print(report)
-    outp = ROOT / "runs/bench/orchestration_overhead.md"
-    outp.parent.mkdir(parents=True, exist_ok=True)
-    outp.write_text(report)
+    publish("orchestration_overhead.md", report)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -32,6 +32,7 @@ from kdnas_core.reward import reward  # noqa: E402
 from kdnas_core.search import run_search  # noqa: E402
 from kdnas_core.search_space import SearchSpace  # noqa: E402
 from kdnas_core.synthetic import additive_landscape  # noqa: E402
+from common import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("lstm", "random", "evolution")
@@ -119,10 +120,7 @@ def main() -> None:
         parts += ["", real(args)]
     parts += ["", f"total {time.perf_counter() - start:.0f} s"]
     report = "\n".join(parts) + "\n"
-    print(report)
-    out = ROOT / "runs/bench/search_efficiency.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+    publish("search_efficiency.md", report)
 
 
 if __name__ == "__main__":

@@ -94,12 +94,8 @@ class Controller(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-class RandomController:
-    def __init__(self, space: SearchSpace, cfg: ControllerConfig | None = None):
-        self.space = space
-
-    def propose(self, history, k, rng):
-        return _unseen(self.space, history, rng, k)
+class _Stateless:
+    """For controllers that learn nothing between episodes: nothing to update or save."""
 
     def update(self, history):
         pass
@@ -111,7 +107,15 @@ class RandomController:
         pass
 
 
-class EvolutionController:
+class RandomController(_Stateless):
+    def __init__(self, space: SearchSpace, cfg: ControllerConfig | None = None):
+        self.space = space
+
+    def propose(self, history, k, rng):
+        return _unseen(self.space, history, rng, k)
+
+
+class EvolutionController(_Stateless):
     """Regularised (ageing) evolution: tournament-select a parent among the most recent
     ``population`` observations, propose a mutated child; random until the population fills."""
 
@@ -133,15 +137,6 @@ class EvolutionController:
                 seen.add(child.arch_id)
                 out.append(child)
         return out + _unseen(self.space, history, rng, k - len(out), exclude={a.arch_id for a in out})
-
-    def update(self, history):
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class ArchEncoder:
