@@ -15,7 +15,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from kdnas_core.config import KDNASConfig, load_config
+from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict, load_config
 from kdnas_core.controller import make_controller
 from kdnas_core.recipes import (
     attach_latency_predictor,
@@ -70,17 +70,22 @@ def final_distill_flow(cfg: dict, arch: str) -> dict:
 def kdnas(
     config_path: str = DEFAULT_CONFIG,
     overrides: dict[str, Any] | None = None,
+    config: KDNASConfig | None = None,
     research: bool = True,
     final: bool = True,
 ) -> dict:
     """Search student architectures for the configured teacher and latency budgets.
 
-    config_path: YAML config; overrides: dotted keys, e.g. {"search.episodes": 2}; research:
+    config_path: YAML config; overrides: dotted keys, e.g. {"search.episodes": 2}; config: the
+    whole typed config instead of a file (validated by Prefect against its schema); research:
     when this config's search already finished, run a new round warm-started from it (what a
     scheduled re-search does); final: distil and export the recommended students.
     """
     logger = get_run_logger()
-    cfg: KDNASConfig = load_config(config_path, overrides)
+    if config is not None:
+        cfg = config_from_dict(apply_overrides(config.model_dump(mode="json"), overrides), "config parameter")
+    else:
+        cfg = load_config(config_path, overrides)
     c = cfg.model_dump(mode="json")
     prep = prepare_teacher_states(c)
     teacher_ms = teacher_latency_ms(c)

@@ -74,3 +74,12 @@ def test_bad_parameters_fail_the_run_with_the_validation_message(prefect_harness
         kdnas(config_path=str(tiny_config), overrides={"distill.lr": -1})
     state = kdnas(config_path=str(tiny_config), overrides={"distill.lr": -1}, return_state=True)
     assert state.is_failed() and "distill.lr" in str(state.message) + repr(state.result(raise_on_failure=False))
+
+
+def test_typed_config_parameter_is_validated_by_prefect(prefect_harness):
+    from flows.search import kdnas
+
+    state = kdnas(config={"distill": {"learning_rate": 0.1}}, return_state=True)
+    assert state.is_failed()
+    msg = str(state.message) + repr(state.result(raise_on_failure=False))
+    assert "learning_rate" in msg and ("extra" in msg.lower() or "not permitted" in msg.lower())
