@@ -20,7 +20,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol, Sequence
 
-import safetensors.torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 import torch
 from torch import nn
 
@@ -262,13 +263,13 @@ class LSTMRewardController:
         for i, st in self.opt.state_dict()["state"].items():
             for name, value in st.items():
                 tensors[f"opt.{i}.{name}"] = torch.as_tensor(value).clone().contiguous()
-        blob = safetensors.torch.save(tensors)
+        blob = save_safetensors(tensors)
         return {"weights": base64.b64encode(blob).decode(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
-        tensors = safetensors.torch.load(base64.b64decode(state["weights"]))
+        tensors = load_safetensors(base64.b64decode(state["weights"]))
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         opt_state: dict[int, dict] = {}
         for key, value in tensors.items():

@@ -1,8 +1,9 @@
 """Recipes: the library pieces put together for one job (torchtune's split of library vs recipe).
 
 ``Workspace`` holds what every job of a search shares (teacher, splits, tokenised texts, cached
-teacher states); ``distill_one`` distils one architecture end to end. The CLI calls these now,
-and Prefect tasks will call the same functions.
+teacher states); ``distill_one`` distils one architecture end to end; ``ProxyEvaluator`` is the
+search's evaluator; ``run_kdnas_search`` is the whole search without Prefect. The CLI and the
+Prefect tasks call these same functions.
 """
 
 from __future__ import annotations
@@ -90,11 +91,15 @@ class Workspace:
             self.state_cache_root, math.ceil(passes), stats_batches, progress,
         )
 
-    def eval_states(self, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
-        # Evaluated twice per candidate and shared by all of them: always worth caching.
+    def cached_states(self, split: str, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
+        """Teacher states of ``split`` computed once (reused from disk when present)."""
         relation = self.teacher.num_layers if self.cfg.distill.weights.attention_relation > 0 else None
         root = self.state_cache_root if self.cfg.distill.cache_on_disk else None
-        return CachedTeacherStates.build(self.teacher, self.tokens("eval"), layers, relation, root, progress=progress)
+        return CachedTeacherStates.build(self.teacher, self.tokens(split), layers, relation, root, progress=progress)
+
+    def eval_states(self, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
+        # Evaluated twice per candidate and shared by all of them: always worth caching.
+        return self.cached_states("eval", layers, progress)
 
 
 def teacher_latency(ws: Workspace, cfg: LatencyConfig | None = None) -> LatencyReport:
@@ -175,15 +180,12 @@ class ProxyEvaluator:
     def __init__(self, ws: Workspace, progress: bool = True):
         self.ws, self.progress = ws, progress
         layers = ws.layers_for(ws.space.layers)
-        cfg = ws.cfg
-        root = ws.state_cache_root if cfg.distill.cache_on_disk else None
-        relation = ws.teacher.num_layers if cfg.distill.weights.attention_relation > 0 else None
-        self.states = CachedTeacherStates.build(ws.teacher, ws.tokens("proxy"), layers, relation, root, progress=progress)
+        self.states = ws.cached_states("proxy", layers, progress)
         self.eval_states = ws.eval_states(layers, progress)
         self.batches = ws.batches("proxy")
         self.eval_batches = ws.batches("eval")
-        self.backend = cfg.latency.reward_backend
-        self.shape = cfg.latency.grid[0]
+        self.backend = ws.cfg.latency.reward_backend
+        self.shape = ws.cfg.latency.grid[0]
 
     def distill(self, arch: StudentArch) -> dict:
         """Proxy-distil ``arch``; returns the normalised loss L_HS and details (JSON-able)."""
