@@ -8,6 +8,7 @@ subflow. Results land in ``<paths.output_dir>/search/<config hash>/`` and as Pre
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from kdnas_core.recipes import (
 from kdnas_core.reward import parse_budget
 from kdnas_core.search import Evaluation, budgets_in_ms, run_search
 from kdnas_core.search_space import StudentArch
+from tasks.tracking_tasks import finish_search_run, log_candidate, log_search_results, register_student, start_search_run
 from tasks.search_tasks import (
     export_onnx_task,
     final_distill,
@@ -56,6 +58,17 @@ def _in_waves(calls: list, width: int) -> list:
         futures = [fn.submit(*args) for fn, args in calls[i : i + width]]
         results += [f.result() for f in futures]
     return results
+
+
+def _tracking_run(cfg: KDNASConfig, c: dict, out: Path, teacher_ms: float, prep: dict) -> str:
+    """The parent MLflow run of this search folder, created once and reused on resume."""
+    marker = out / "tracking.json"
+    known = json.loads(marker.read_text()) if marker.is_file() else {}
+    info = {"splits_fingerprint": workspace(cfg).splits.fingerprint, **prep}
+    parent = start_search_run(c, out.name, teacher_ms, info, known.get("parent_run_id"))
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"parent_run_id": parent}))
+    return parent
 
 
 @flow(name="final-distill", log_prints=True)
@@ -97,16 +110,23 @@ def kdnas(
     state = initial_state(cfg, state_path, research=research)
     controller = make_controller(workspace(cfg).space, cfg.controller, cfg.seed)
     attach_latency_predictor(controller, cfg, budgets)
+    parent = _tracking_run(cfg, c, out, teacher_ms, prep) if cfg.tracking.enabled else None
+    reports: dict[str, dict] = {}
+    curves: dict[str, list] = {}
 
     def evaluate_batch(archs: list[StudentArch]) -> list[Evaluation]:
         calls = [(profile_latency, (c, a.name)) for a in archs] + [(proxy_distill, (c, a.name)) for a in archs]
         res = _in_waves(calls, cfg.search.max_parallel)
         lat, kd = res[: len(archs)], res[len(archs):]
-        return [Evaluation(k["kd_loss"], l["latency_ms"], {x: v for x, v in k.items() if x != "kd_loss"})
+        for a, l, k in zip(archs, lat, kd):
+            reports[a.arch_id], curves[a.arch_id] = l["report"], k.get("loss_curve")
+        return [Evaluation(k["kd_loss"], l["latency_ms"], {x: v for x, v in k.items() if x not in ("kd_loss", "loss_curve")})
                 for l, k in zip(lat, kd)]
 
     def on_observation(o) -> None:
         logger.info("episode %d: %s reward %.4f L_HS %.4f %.2f ms", o.episode, o.arch.name, o.reward, o.kd_loss, o.latency_ms)
+        if parent:
+            log_candidate(c, parent, o.to_dict(), reports.get(o.arch.arch_id), curves.get(o.arch.arch_id))
 
     result = run_search(controller, None, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state, budgets,
                         on_state=lambda st: st.save(state_path), on_observation=on_observation,
@@ -120,11 +140,20 @@ def kdnas(
     create_markdown_artifact(markdown_table(pd.DataFrame(recs).drop(columns=["arch_id"])),
                              key="kdnas-recommendations", description="best student per latency budget")
 
+    if parent:
+        log_search_results(c, parent, str(out))
     finals: dict[str, dict] = {}
     if final:
         for arch in dict.fromkeys(r["arch"] for r in recs if r["arch"]):
             finals[arch] = final_distill_flow(c, arch)
+            if parent:
+                chosen_for = [r["budget"] for r in recs if r["arch"] == arch]
+                result_metrics = {k: v for k, v in finals[arch]["result"].items() if isinstance(v, (int, float))}
+                finals[arch]["registered"] = register_student(c, parent, finals[arch]["path"], chosen_for, result_metrics)
+    if parent:
+        finish_search_run(c, parent)
     return {
+        "tracking_run_id": parent,
         "search_dir": str(out),
         "teacher_ms": teacher_ms,
         "evaluated": len(result.observations),

@@ -204,6 +204,16 @@ class SearchConfig(_Section):
     max_parallel: int = Field(default=1, gt=0)
 
 
+class TrackingConfig(_Section):
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI if set, else a local SQLite store <output_dir>/mlflow.db with
+    # artifacts under <output_dir>/mlartifacts (the embedded default: no server needed).
+    uri: str | None = None
+    experiment: str = "kdnas"
+    # Registered model holding the final students (None: "kdnas-<teacher>").
+    registered_model: str | None = None
+
+
 class KDNASConfig(_Section):
     seed: int = 0
     paths: PathsConfig = PathsConfig()
@@ -215,6 +225,7 @@ class KDNASConfig(_Section):
     reward: RewardConfig = RewardConfig()
     controller: ControllerConfig = ControllerConfig()
     search: SearchConfig = SearchConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def section_hash(self, *names: str) -> str:
         """Short, stable hash of the named sections: the cache key part that depends on config."""

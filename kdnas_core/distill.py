@@ -470,6 +470,8 @@ class DistillResult:
     tokens_per_s: float
     seconds: float
     eval_parts: dict[str, float] = field(default_factory=dict)
+    # (step, training loss), thinned to at most 200 points for logging.
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -604,6 +606,7 @@ def distill(
         tokens_per_s=tokens / seconds if seconds > 0 else float("inf"),
         seconds=seconds,
         eval_parts=parts,
+        loss_curve=[(i + 1, losses[i]) for i in range(0, len(losses), max(1, len(losses) // 200))],
     )
 
 

@@ -199,10 +199,11 @@ class ProxyEvaluator:
         hidden = r.eval_parts.get("hidden_mse", r.final_eval_loss)
         return {"kd_loss": normalised_loss(hidden), "final_eval_loss": r.final_eval_loss,
                 "pooled_cosine": r.eval_parts.get("pooled_cosine"), "params_m": count_parameters(student) / 1e6,
-                "steps": r.steps, "distill_s": round(r.seconds, 1)}
+                "steps": r.steps, "distill_s": round(r.seconds, 1), "loss_curve": r.loss_curve}
 
     def __call__(self, arch: StudentArch) -> Evaluation:
         d = self.distill(arch)
+        d.pop("loss_curve")
         latency = profile_arch(self.ws, arch).median(self.backend, *self.shape)
         return Evaluation(kd_loss=d.pop("kd_loss"), latency_ms=latency, extra=d)
 
@@ -310,6 +311,35 @@ def write_search_tables(result: SearchResult, out: Path, teacher_ms: float) -> N
           markdown_table(result.pareto[cols]), "\n## Recommendations per budget\n",
           markdown_table(recs.drop(columns=["arch_id"])), ""]
     (out / "report.md").write_text("\n".join(md))
+    pareto_plot(result, out / "pareto.png")
+
+
+def pareto_plot(result: SearchResult, path: Path) -> Path:
+    """Latency vs KD loss of every candidate, the Pareto front, each budget as a vertical line
+    and the student recommended for it circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lb, front = result.leaderboard, result.pareto
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(lb["latency_ms"], lb["kd_loss"], s=18, c="tab:gray", label="candidates")
+    ax.plot(front["latency_ms"], front["kd_loss"], "-o", c="tab:blue", ms=5, label="Pareto front")
+    for i, rec in enumerate(result.recommendations):
+        color = f"C{(i + 1) % 10}"
+        ax.axvline(rec["budget_ms"], ls="--", lw=1, c=color, label=f"budget {rec['budget']}")
+        if rec["arch"]:
+            ax.scatter([rec["latency_ms"]], [rec["kd_loss"]], s=160, facecolors="none", edgecolors=color, lw=2)
+            ax.annotate(rec["arch"], (rec["latency_ms"], rec["kd_loss"]), fontsize=7, xytext=(4, 6), textcoords="offset points")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("normalised KD loss L_HS (lower is better)")
+    ax.set_title("KD-NAS candidates")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def markdown_table(df: pd.DataFrame) -> str:

@@ -1,6 +1,7 @@
 """The search flow under Prefect's test harness, with a tiny random teacher saved as a folder."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -56,6 +57,19 @@ def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, mo
         assert final["arch"] == arch
         for key in ("onnx", "onnx_int8"):
             assert json.dumps(final[key]) and final[key].endswith(".onnx")
+        assert final["registered"]["aliases"]
+
+    # MLflow (embedded default: SQLite beside the results): one parent, one child per candidate.
+    from infra.tracking import Tracker
+    from kdnas_core.config import load_config
+
+    tracker = Tracker(load_config(tiny_config))
+    parent = out["tracking_run_id"]
+    children = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    evaluated = [r for r in children if r.data.tags.get("kdnas.status") == "evaluated"]
+    assert sorted(r.info.run_name for r in evaluated) == sorted({o for o in _arch_ids(out)})
+    assert all({"reward", "kd_loss", "latency_ms"} <= set(r.data.metrics) for r in evaluated)
+    assert "search/leaderboard.csv" in {a.path for a in tracker.client.list_artifacts(parent, "search")}
 
     # The results folder is lost; the same config runs again: every candidate comes from the
     # Prefect task cache (keyed by arch_id + config), nothing is distilled again.
@@ -64,6 +78,11 @@ def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, mo
         p.unlink()
     again = kdnas(config_path=str(tiny_config), research=False, final=False)
     assert again["evaluated"] == 4 and len(distilled) == 4
+
+
+def _arch_ids(out):
+    state = json.loads((Path(out["search_dir"]) / "state.json").read_text())
+    return [o["arch_id"] for o in state["observations"]]
 
 
 def test_bad_parameters_fail_the_run_with_the_validation_message(prefect_harness, tiny_config):
