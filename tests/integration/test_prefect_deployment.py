@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.flows.test_search_flow import tiny_config  # noqa: F401  (fixture)
-
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +38,7 @@ def prefect(env, *args, timeout=120):
                           text=True, timeout=timeout)
 
 
-def test_deployment_runs_on_a_real_server_with_its_schedule(server_env, tiny_config):  # noqa: F811
+def test_deployment_runs_on_a_real_server_with_its_schedule(server_env, tiny_config):
     subprocess.run(["bash", "infra/deploy.sh"], cwd=REPO, env=server_env, check=True, timeout=300)
     info = prefect(server_env, "deployment", "inspect", "kdnas/search")
     assert info.returncode == 0, info.stderr

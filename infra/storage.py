@@ -1,0 +1,61 @@
+"""S3 access outside MLflow (buckets, uploads, listings) through one small boto3 module.
+
+Any S3 endpoint: AWS (no endpoint), MinIO or a local test server (``endpoint_url``). Credentials
+come from the standard AWS chain (environment, profile, instance role), never from kdnas config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+# Adaptive retries ride out throttling and brief outages; path-style addressing works with
+# MinIO and local endpoints as well as AWS.
+_BOTO_CONFIG = Config(retries={"max_attempts": 8, "mode": "adaptive"}, s3={"addressing_style": "path"})
+# Multipart above 16 MiB, so large student folders and caches upload in resumable parts.
+TRANSFER = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20)
+
+
+def s3_client(endpoint_url: str | None = None):
+    endpoint_url = endpoint_url or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint_url, config=_BOTO_CONFIG)
+
+
+def ensure_bucket(bucket: str, endpoint_url: str | None = None) -> None:
+    s3 = s3_client(endpoint_url)
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError:
+        s3.create_bucket(Bucket=bucket)
+
+
+def upload_dir(local: Path, bucket: str, prefix: str, endpoint_url: str | None = None) -> list[str]:
+    s3 = s3_client(endpoint_url)
+    keys = []
+    for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+        key = f"{prefix.rstrip('/')}/{f.relative_to(local).as_posix()}"
+        s3.upload_file(str(f), bucket, key, Config=TRANSFER)
+        keys.append(key)
+    return keys
+
+
+def list_keys(bucket: str, prefix: str = "", endpoint_url: str | None = None) -> list[str]:
+    s3 = s3_client(endpoint_url)
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+if __name__ == "__main__":  # used by infra/s3-server.sh: python -m infra.storage ensure-bucket NAME
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "ensure-bucket":
+        ensure_bucket(sys.argv[2])
+    else:
+        sys.exit("usage: python -m infra.storage ensure-bucket BUCKET")

@@ -1,0 +1,70 @@
+"""Server mode for tracking: a local S3 endpoint (moto) and an MLflow server whose artifacts go to
+S3; a tiny search flow logs to it; runs, S3 objects and the registered student are checked."""
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def servers(tmp_path, monkeypatch):
+    s3_port, mlflow_port = free_port(), free_port()
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-xyz", "AWS_DEFAULT_REGION": "us-east-1",
+             "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}"}
+    env = {**os.environ, **creds, "KDNAS_S3_PORT": str(s3_port), "KDNAS_MLFLOW_PORT": str(mlflow_port),
+           "KDNAS_BUCKET": "kdnas-it", "KDNAS_MLFLOW_DIR": str(tmp_path / "mlflow"),
+           "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    for k, v in creds.items():
+        monkeypatch.setenv(k, v)
+    try:
+        subprocess.run(["bash", "infra/s3-server.sh", "start"], cwd=REPO, env=env, check=True, timeout=120)
+        subprocess.run(["bash", "infra/mlflow-server.sh", "start"], cwd=REPO, env=env, check=True, timeout=200)
+        yield {"uri": f"http://127.0.0.1:{mlflow_port}", "s3": f"http://127.0.0.1:{s3_port}", "bucket": "kdnas-it"}
+    finally:
+        subprocess.run(["bash", "infra/mlflow-server.sh", "stop"], cwd=REPO, env=env, timeout=60)
+        subprocess.run(["bash", "infra/s3-server.sh", "stop"], cwd=REPO, env=env, timeout=60)
+
+
+def test_search_is_tracked_on_the_server_with_artifacts_in_s3(servers, prefect_harness, tiny_config, tokenizer):
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModel
+
+    from flows.search import kdnas
+    from infra.storage import list_keys
+
+    out = kdnas(config_path=str(tiny_config), overrides={"tracking.uri": servers["uri"]}, research=False)
+    client = MlflowClient(servers["uri"])
+    parent = client.get_run(out["tracking_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len([r for r in children if r.data.tags.get("kdnas.status") == "evaluated"]) == out["evaluated"] == 4
+
+    keys = list_keys(servers["bucket"], "mlflow/", servers["s3"])
+    assert any(k.endswith("student/model.safetensors") for k in keys), keys[:20]
+    assert any(k.endswith("student/model.int8.onnx") for k in keys)
+    assert any(k.endswith("search/leaderboard.csv") for k in keys)
+
+    final = next(iter(out["final"].values()))
+    reg = final["registered"]
+    mlflow.set_tracking_uri(servers["uri"])
+    mlflow.set_registry_uri(servers["uri"])
+    local = mlflow.artifacts.download_artifacts(f"models:/{reg['model']}@{reg['aliases'][0]}")
+    loaded, saved = AutoModel.from_pretrained(local).eval(), AutoModel.from_pretrained(final["path"]).eval()
+    enc = tokenizer(["the registered student, fetched from S3"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**enc).last_hidden_state, saved(**enc).last_hidden_state)
+    for run in [parent, *children]:  # the test credentials never show up in what was logged
+        assert "testing-secret-xyz" not in repr((run.data.params, run.data.tags))
