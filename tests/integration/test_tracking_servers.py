@@ -68,3 +68,37 @@ def test_search_is_tracked_on_the_server_with_artifacts_in_s3(servers, prefect_h
         torch.testing.assert_close(loaded(**enc).last_hidden_state, saved(**enc).last_hidden_state)
     for run in [parent, *children]:  # the test credentials never show up in what was logged
         assert "testing-secret-xyz" not in repr((run.data.params, run.data.tags))
+
+    # A person's view: headless Chromium renders the MLflow UI of this server. The experiment
+    # page lists the search; the search's run page lists every candidate run by arch_id.
+    exp_page = render(f"{servers['uri']}/#/experiments/{parent.info.experiment_id}/runs")
+    assert parent.info.run_name in exp_page
+    shot = REPO / "runs" / "test-artifacts" / "mlflow-ui.png"
+    run_page = render(f"{servers['uri']}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}", shot)
+    for child in children:
+        if child.data.tags.get("kdnas.status") == "evaluated":
+            assert child.info.run_name in run_page
+    assert shot.stat().st_size > 10_000
+
+
+def render(url: str, screenshot: Path | None = None) -> str:
+    """The page's DOM after its scripts ran (and optionally a screenshot), headless Chromium."""
+    import shutil
+    import tempfile
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium not installed: apt-get install chromium")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--virtual-time-budget=20000", "--window-size=1400,900"]
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([chromium, *flags, f"--user-data-dir={profile}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=120).stdout
+        if screenshot is not None:
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([chromium, *flags, f"--user-data-dir={profile}", f"--screenshot={screenshot}", url],
+                           capture_output=True, timeout=120, check=True)
+    return dom
