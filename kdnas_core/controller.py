@@ -199,6 +199,8 @@ class LSTMRewardController:
         self.model = RewardLSTM(self.encode.dim, cfg.lstm_hidden)
         self.opt = torch.optim.RMSprop(self.model.parameters(), lr=cfg.lr)
         self.updates = 0
+        # Rewards are standardised for fitting; these map predictions back to reward units.
+        self.reward_mean, self.reward_std = 0.0, 1.0
 
     def epsilon(self, episode: int) -> float:
         return max(self.cfg.epsilon_min, self.cfg.epsilon_start - self.cfg.epsilon_decay * episode)
@@ -247,7 +249,8 @@ class LSTMRewardController:
             return
         x = torch.cat([self._inputs(o.context, [o.arch]) for o in history])
         y = torch.tensor([o.reward for o in history], dtype=torch.float32)
-        y = (y - y.mean()) / y.std().clamp_min(1e-8)
+        self.reward_mean, self.reward_std = float(y.mean()), float(y.std().clamp_min(1e-8))
+        y = (y - self.reward_mean) / self.reward_std
         self.model.train()
         for _ in range(self.cfg.train_epochs):
             self.opt.zero_grad()
@@ -264,7 +267,8 @@ class LSTMRewardController:
             for name, value in st.items():
                 tensors[f"opt.{i}.{name}"] = torch.as_tensor(value).clone().contiguous()
         blob = save_safetensors(tensors)
-        return {"weights": base64.b64encode(blob).decode(), "updates": self.updates}
+        return {"weights": base64.b64encode(blob).decode(), "updates": self.updates,
+                "reward_mean": self.reward_mean, "reward_std": self.reward_std}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -280,6 +284,14 @@ class LSTMRewardController:
         full["state"] = opt_state
         self.opt.load_state_dict(full)
         self.updates = state.get("updates", 0)
+        self.reward_mean, self.reward_std = state.get("reward_mean", 0.0), state.get("reward_std", 1.0)
+
+    def predicted_rewards(self, history: Sequence[Observation], archs: Sequence[StudentArch]) -> list[float] | None:
+        """What the controller expects each proposal to score, in reward units (None before it
+        has learned anything): logged next to the actual reward."""
+        if not self.updates:
+            return None
+        return [z * self.reward_std + self.reward_mean for z in self.predict(context_for(history), archs)]
 
 
 CONTROLLERS = {"lstm": LSTMRewardController, "random": RandomController, "evolution": EvolutionController}

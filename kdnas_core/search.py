@@ -58,6 +58,7 @@ class SearchState:
     start_episode: int = 0  # > 0 for a warm start: episodes continue the previous search's count
     pending: list[str] = field(default_factory=list)  # proposed for this episode, not yet evaluated
     pending_context: tuple[str | None, str | None] = (None, None)
+    pending_predicted: dict[str, float] = field(default_factory=dict)  # arch name -> predicted reward
     observations: list[Observation] = field(default_factory=list)
     prior: list[Observation] = field(default_factory=list)  # from a previous search (warm start)
     controller: dict = field(default_factory=dict)
@@ -74,6 +75,7 @@ class SearchState:
             "start_episode": self.start_episode,
             "pending": list(self.pending),
             "pending_context": list(self.pending_context),
+            "pending_predicted": dict(self.pending_predicted),
             "observations": [o.to_dict() for o in self.observations],
             "prior": [o.to_dict() for o in self.prior],
             "controller": self.controller,
@@ -85,6 +87,7 @@ class SearchState:
         return cls(
             seed=d["seed"], episode=d["episode"], start_episode=d.get("start_episode", 0),
             pending=list(d["pending"]), pending_context=tuple(d["pending_context"]),
+            pending_predicted=dict(d.get("pending_predicted", {})),
             observations=[Observation.from_dict(o) for o in d["observations"]],
             prior=[Observation.from_dict(o) for o in d.get("prior", [])],
             controller=d.get("controller", {}), rng=d.get("rng"),
@@ -159,6 +162,9 @@ def run_search(
                 break  # the space is exhausted
             state.pending = [a.name for a in proposals]
             state.pending_context = context_for(history)
+            predict = getattr(controller, "predicted_rewards", None)
+            predicted = predict(history, proposals) if predict else None
+            state.pending_predicted = dict(zip(state.pending, predicted)) if predicted else {}
             state.rng = _rng_to_json(rng.getstate())
             save(state)
         known = {o.arch.arch_id for o in state.history}
@@ -169,8 +175,11 @@ def run_search(
             known = {o.arch.arch_id for o in state.history}
             if arch.arch_id not in known:  # never evaluate an arch twice
                 ev = ready.pop(arch.arch_id) if arch.arch_id in ready else evaluate(arch)
+                extra = dict(ev.extra)
+                if arch.name in state.pending_predicted:
+                    extra["predicted_reward"] = state.pending_predicted[arch.name]
                 obs = Observation(arch, ev.kd_loss, ev.latency_ms, reward_fn(ev.kd_loss, ev.latency_ms),
-                                  state.episode, state.pending_context, dict(ev.extra))
+                                  state.episode, state.pending_context, extra)
                 state.observations.append(obs)
                 if on_observation:
                     on_observation(obs)

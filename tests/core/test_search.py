@@ -159,3 +159,12 @@ def test_lstm_pool_respects_a_feasibility_filter():
     ctrl.feasible = lambda a: a.layers <= 4 and a.hidden == 384
     props = ctrl.propose([], 6, random.Random(0))
     assert len(props) == 6 and all(a.layers <= 4 and a.hidden == 384 for a in props)
+
+
+def test_lstm_predictions_are_recorded_in_reward_units():
+    res = _run(episodes=3, k=3)
+    later = [o for o in res.observations if o.episode > 0]
+    assert all("predicted_reward" in o.extra for o in later)
+    assert not any("predicted_reward" in o.extra for o in res.observations if o.episode == 0)
+    errors = [abs(o.extra["predicted_reward"] - o.reward) for o in later]
+    assert max(errors) < 1.0  # reward units (rewards here are ~0.5-0.9), not standardised z-scores
