@@ -18,13 +18,8 @@ case "${1:-}" in
       --artifacts-destination "s3://$KDNAS_BUCKET/mlflow" \
       --host 127.0.0.1 --port "$KDNAS_MLFLOW_PORT" --workers 1 > "$RUN_DIR/mlflow.log" 2>&1 &
     echo $! > "$pidfile"
-    for _ in $(seq 1 120); do
-      curl -fs "http://127.0.0.1:$KDNAS_MLFLOW_PORT/health" > /dev/null 2>&1 && {
-        echo "mlflow server up at http://127.0.0.1:$KDNAS_MLFLOW_PORT (artifacts: s3://$KDNAS_BUCKET/mlflow)"; exit 0; }
-      kill -0 "$(cat "$pidfile")" 2>/dev/null || { echo "mlflow server exited; see $RUN_DIR/mlflow.log" >&2; exit 1; }
-      sleep 1
-    done
-    echo "mlflow server not healthy after 120 s; see $RUN_DIR/mlflow.log" >&2; exit 1 ;;
+    wait_healthy "http://127.0.0.1:$KDNAS_MLFLOW_PORT/health" "$pidfile" "mlflow server" "$RUN_DIR/mlflow.log" 120
+    echo "mlflow server up at http://127.0.0.1:$KDNAS_MLFLOW_PORT (artifacts: s3://$KDNAS_BUCKET/mlflow)" ;;
   stop)
     if [ -f "$pidfile" ]; then
       pid=$(cat "$pidfile"); pkill -TERM -P "$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true

@@ -12,14 +12,8 @@ case "${1:-}" in
     env -u PREFECT_API_URL prefect server start --host 127.0.0.1 --port "$KDNAS_PREFECT_PORT" \
       > "$RUN_DIR/server.log" 2>&1 &
     echo $! > "$pidfile"
-    for _ in $(seq 1 120); do
-      if curl -fs "http://127.0.0.1:$KDNAS_PREFECT_PORT/api/health" > /dev/null; then
-        echo "prefect server up at http://127.0.0.1:$KDNAS_PREFECT_PORT (log: $RUN_DIR/server.log)"; exit 0
-      fi
-      kill -0 "$(cat "$pidfile")" 2>/dev/null || { echo "prefect server exited; see $RUN_DIR/server.log" >&2; exit 1; }
-      sleep 1
-    done
-    echo "prefect server not healthy after 120 s; see $RUN_DIR/server.log" >&2; exit 1 ;;
+    wait_healthy "http://127.0.0.1:$KDNAS_PREFECT_PORT/api/health" "$pidfile" "prefect server" "$RUN_DIR/server.log" 120
+    echo "prefect server up at http://127.0.0.1:$KDNAS_PREFECT_PORT (log: $RUN_DIR/server.log)" ;;
   stop)
     if [ -f "$pidfile" ]; then
       pid=$(cat "$pidfile"); pkill -TERM -P "$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true

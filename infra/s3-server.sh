@@ -15,11 +15,7 @@ case "${1:-}" in
     if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then echo "s3 endpoint already running"; exit 0; fi
     moto_server -H 127.0.0.1 -p "$KDNAS_S3_PORT" > "$RUN_DIR/s3.log" 2>&1 &
     echo $! > "$pidfile"
-    for _ in $(seq 1 60); do
-      curl -fs "http://127.0.0.1:$KDNAS_S3_PORT/" > /dev/null 2>&1 && break
-      kill -0 "$(cat "$pidfile")" 2>/dev/null || { echo "s3 endpoint exited; see $RUN_DIR/s3.log" >&2; exit 1; }
-      sleep 0.5
-    done
+    wait_healthy "http://127.0.0.1:$KDNAS_S3_PORT/" "$pidfile" "s3 endpoint" "$RUN_DIR/s3.log" 60
     (cd "$KDNAS_REPO" && MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$KDNAS_S3_PORT" python -m infra.storage ensure-bucket "$KDNAS_BUCKET")
     echo "s3 endpoint up at http://127.0.0.1:$KDNAS_S3_PORT, bucket $KDNAS_BUCKET" ;;
   stop)
