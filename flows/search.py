@@ -16,19 +16,10 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from kdnas_core.atomic import write_json
 from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict, load_config
-from kdnas_core.controller import make_controller
-from kdnas_core.recipes import (
-    attach_latency_predictor,
-    initial_state,
-    make_reward_fn,
-    markdown_table,
-    search_dir,
-    update_latency_predictor,
-    write_search_tables,
-)
-from kdnas_core.reward import parse_budget
-from kdnas_core.search import Evaluation, budgets_in_ms, run_search
+from kdnas_core.recipes import markdown_table, search_dir, search_in_folder
+from kdnas_core.search import SUMMARY_COLUMNS, Evaluation
 from kdnas_core.search_space import StudentArch
 from tasks.tracking_tasks import finish_search_run, log_candidate, log_search_results, register_student, start_search_run
 from tasks.search_tasks import (
@@ -66,8 +57,7 @@ def _tracking_run(cfg: KDNASConfig, c: dict, out: Path, teacher_ms: float, prep:
     known = json.loads(marker.read_text()) if marker.is_file() else {}
     info = {"splits_fingerprint": workspace(cfg).splits.fingerprint, **prep}
     parent = start_search_run(c, out.name, teacher_ms, info, known.get("parent_run_id"))
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"parent_run_id": parent}))
+    write_json(marker, {"parent_run_id": parent})
     return parent
 
 
@@ -103,13 +93,8 @@ def kdnas(
     prep = prepare_teacher_states(c)
     teacher_ms = teacher_latency_ms(c)
     logger.info("teacher %s: %.2f ms; proxy cache %s", cfg.teacher.name, teacher_ms, prep["proxy_cache"])
-    budgets = budgets_in_ms([parse_budget(b) for b in cfg.reward.budgets], teacher_ms)
 
     out = search_dir(cfg)
-    state_path = out / "state.json"
-    state = initial_state(cfg, state_path, research=research)
-    controller = make_controller(workspace(cfg).space, cfg.controller, cfg.seed)
-    attach_latency_predictor(controller, cfg, budgets)
     parent = _tracking_run(cfg, c, out, teacher_ms, prep) if cfg.tracking.enabled else None
     reports: dict[str, dict] = {}
     curves: dict[str, list] = {}
@@ -128,13 +113,9 @@ def kdnas(
         if parent:
             log_candidate(c, parent, o.to_dict(), reports.get(o.arch.arch_id), curves.get(o.arch.arch_id))
 
-    result = run_search(controller, None, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state, budgets,
-                        on_state=lambda st: st.save(state_path), on_observation=on_observation,
-                        seed=state.seed, evaluate_batch=evaluate_batch)
-    write_search_tables(result, out, teacher_ms)
-    update_latency_predictor(cfg, result.state.history)
-    cols = ["rank", "arch", "arch_id", "reward", "kd_loss", "latency_ms", "episode"]
-    create_markdown_artifact(markdown_table(result.leaderboard[cols]), key="kdnas-leaderboard",
+    result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=evaluate_batch,
+                              research=research, on_observation=on_observation)
+    create_markdown_artifact(markdown_table(result.leaderboard[SUMMARY_COLUMNS]), key="kdnas-leaderboard",
                              description=f"KD-NAS leaderboard ({cfg.teacher.name}, {teacher_ms:.2f} ms)")
     recs = result.recommendations
     create_markdown_artifact(markdown_table(pd.DataFrame(recs).drop(columns=["arch_id"])),

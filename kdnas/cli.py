@@ -102,7 +102,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     result, out, teacher_ms = run_kdnas_search(cfg, warm_from=args.warm_from, fresh=args.fresh,
                                                research=args.research, on_observation=show)
-    cols = ["rank", "arch", "arch_id", "reward", "kd_loss", "latency_ms", "episode"]
+    from kdnas_core.search import SUMMARY_COLUMNS as cols
+
     print(f"\nLeaderboard (teacher {cfg.teacher.name}: {teacher_ms:.2f} ms)")
     print(markdown_table(result.leaderboard[cols].head(args.top)))
     print("\nRecommendations per latency budget")

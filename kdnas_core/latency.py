@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdnas_core.atomic import write_json
 from kdnas_core.config import LatencyConfig
 from kdnas_core.errors import KdnasError
 from kdnas_core.search_space import StudentArch
@@ -409,11 +410,7 @@ class LatencyPredictor:
         return np.array([self.predict(a) for a in archs])
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self) | {"features": list(FEATURES)}, indent=2))
-        tmp.replace(path)
-        return path
+        return write_json(path, asdict(self) | {"features": list(FEATURES)})
 
     @classmethod
     def load(cls, path: Path) -> LatencyPredictor:

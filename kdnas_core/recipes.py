@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdnas_core.atomic import write_json
 from kdnas_core.config import KDNASConfig, LatencyConfig
 from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
 from kdnas_core.distill import (
@@ -37,7 +38,16 @@ from kdnas_core.latency import (
     quantize_onnx,
 )
 from kdnas_core.reward import budgeted_reward, normalised_loss, parse_budget, reward
-from kdnas_core.search import Evaluation, SearchResult, SearchState, budgets_in_ms, run_search
+from kdnas_core.search import (
+    SUMMARY_COLUMNS,
+    BatchEvaluator,
+    Evaluation,
+    Evaluator,
+    SearchResult,
+    SearchState,
+    budgets_in_ms,
+    run_search,
+)
 from kdnas_core.search_space import SearchSpace, StudentArch
 from kdnas_core.student import build_student, count_parameters, load_student, save_student
 from kdnas_core.teachers import Teacher, load_teacher
@@ -111,10 +121,7 @@ def teacher_latency(ws: Workspace, cfg: LatencyConfig | None = None) -> LatencyR
     if path.is_file():
         return LatencyReport.from_dict(json.loads(path.read_text()))
     report = profile_model(ws.teacher.model, cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2))
-    tmp.replace(path)
+    write_json(path, report.to_dict())
     return report
 
 
@@ -277,26 +284,45 @@ def update_latency_predictor(cfg: KDNASConfig, observations, hardware: str = "")
     return pred.save(predictor_path(cfg.paths.cache_path(), cfg.latency))
 
 
+def search_in_folder(
+    cfg: KDNASConfig,
+    space: SearchSpace,
+    teacher_ms: float,
+    evaluate: Evaluator | None = None,
+    evaluate_batch: BatchEvaluator | None = None,
+    warm_from: Path | None = None,
+    fresh: bool = False,
+    research: bool = False,
+    on_observation=None,
+) -> SearchResult:
+    """The search of one config in its folder (``search_dir``): find where it starts, run the
+    episodes with the given evaluator, write the tables and refit the latency predictor. The
+    plain loop and the Prefect flow differ only in the evaluator they pass."""
+    out = search_dir(cfg)
+    state_path = out / "state.json"
+    budgets = budgets_in_ms([parse_budget(x) for x in cfg.reward.budgets], teacher_ms)
+    state = initial_state(cfg, state_path, warm_from, research, fresh)
+    controller = make_controller(space, cfg.controller, cfg.seed)
+    attach_latency_predictor(controller, cfg, budgets)
+    result = run_search(controller, evaluate, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
+                        budgets, on_state=lambda st: st.save(state_path), on_observation=on_observation,
+                        seed=state.seed, evaluate_batch=evaluate_batch)
+    write_search_tables(result, out, teacher_ms)
+    update_latency_predictor(cfg, result.state.history)
+    return result
+
+
 def run_kdnas_search(cfg: KDNASConfig, warm_from: Path | None = None, fresh: bool = False,
                      progress: bool = True, on_observation=None, ws: Workspace | None = None,
                      research: bool = False) -> tuple[SearchResult, Path, float]:
     """A full search on this machine without Prefect: resumes an interrupted run of the same
     config, or warm-starts from another search's ``state.json``."""
-    out = search_dir(cfg)
-    state_path = out / "state.json"
     ws = ws or Workspace.prepare(cfg)
     b, s = cfg.latency.grid[0]
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
-    budgets = budgets_in_ms([parse_budget(x) for x in cfg.reward.budgets], teacher_ms)
-    state = initial_state(cfg, state_path, warm_from, research, fresh)
-    controller = make_controller(ws.space, cfg.controller, cfg.seed)
-    attach_latency_predictor(controller, cfg, budgets)
-    evaluator = ProxyEvaluator(ws, progress)
-    result = run_search(controller, evaluator, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
-                        budgets, on_state=lambda st: st.save(state_path), on_observation=on_observation, seed=cfg.seed)
-    write_search_tables(result, out, teacher_ms)
-    update_latency_predictor(cfg, result.state.history)
-    return result, out, teacher_ms
+    result = search_in_folder(cfg, ws.space, teacher_ms, evaluate=ProxyEvaluator(ws, progress), warm_from=warm_from,
+                              fresh=fresh, research=research, on_observation=on_observation)
+    return result, search_dir(cfg), teacher_ms
 
 
 def write_search_tables(result: SearchResult, out: Path, teacher_ms: float) -> None:
@@ -305,7 +331,7 @@ def write_search_tables(result: SearchResult, out: Path, teacher_ms: float) -> N
     result.pareto.to_csv(out / "pareto.csv", index=False)
     recs = pd.DataFrame(result.recommendations)
     recs.to_csv(out / "recommendations.csv", index=False)
-    cols = ["rank", "arch", "arch_id", "reward", "kd_loss", "latency_ms", "episode"]
+    cols = SUMMARY_COLUMNS
     md = [f"# KD-NAS search\n\nteacher latency: {teacher_ms:.2f} ms\n", "## Leaderboard\n",
           markdown_table(result.leaderboard[cols]), "\n## Pareto front (KD loss vs latency)\n",
           markdown_table(result.pareto[cols]), "\n## Recommendations per budget\n",

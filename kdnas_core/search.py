@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
+from kdnas_core.atomic import write_json
 from kdnas_core.config import SearchConfig
 from kdnas_core.controller import Controller, Observation, context_for
 from kdnas_core.errors import KdnasError
@@ -94,12 +95,7 @@ class SearchState:
         )
 
     def save(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)  # atomic: a crash mid-write leaves the previous state intact
-        return path
+        return write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: Path) -> SearchState:
@@ -191,6 +187,10 @@ def run_search(
         state.rng = _rng_to_json(rng.getstate())
         save(state)
     return summarize(state, budgets_ms)
+
+
+# The columns people read first, in tables and reports.
+SUMMARY_COLUMNS = ["rank", "arch", "arch_id", "reward", "kd_loss", "latency_ms", "episode"]
 
 
 def leaderboard(observations: Sequence[Observation]) -> pd.DataFrame:

@@ -3,7 +3,6 @@ import sys
 import zipfile
 
 import pytest
-import torch
 
 from kdnas_core.config import TeacherConfig
 from kdnas_core.errors import TeacherError

@@ -4,7 +4,6 @@ infra/prefect.yaml, a worker, and `prefect deployment run kdnas/search` on a tin
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 

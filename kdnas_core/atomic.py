@@ -1,0 +1,16 @@
+"""Writes that never leave a half-written file: a crash keeps the previous version intact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, data: Any, indent: int | None = 2) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=indent))
+    tmp.replace(path)
+    return path
