@@ -14,3 +14,15 @@ def write_json(path: Path, data: Any, indent: int | None = 2) -> Path:
     tmp.write_text(json.dumps(data, indent=indent))
     tmp.replace(path)
     return path
+
+
+def write_npy(path: Path, array) -> Path:
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    tmp.replace(path)
+    return path

@@ -23,3 +23,7 @@ class TeacherError(KdnasError):
 
 class ArchError(KdnasError):
     pass
+
+
+class EvalError(KdnasError):
+    pass

@@ -28,6 +28,7 @@ from kdnas_core.distill import (
     teacher_layers_needed,
 )
 from kdnas_core.controller import make_controller
+from kdnas_core.evaluate import LabelledTask, ModelEval, compare, evaluate_model, load_task
 from kdnas_core.latency import (
     LatencyPredictor,
     LatencyReport,
@@ -110,6 +111,20 @@ class Workspace:
     def eval_states(self, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
         # Evaluated twice per candidate and shared by all of them: always worth caching.
         return self.cached_states("eval", layers, progress)
+
+    @functools.cached_property
+    def task(self) -> LabelledTask:
+        """The downstream task, its test texts outside everything a student is distilled on."""
+        return load_task(self.cfg.evaluate, self.cfg.data, self.splits.train, self.cfg.seed)
+
+    def evaluate(self, model, name: str, progress: bool = True) -> ModelEval:
+        e = self.cfg.evaluate
+        return evaluate_model(model, self.teacher.tokenizer, name, self.task, e, e.max_length or self.cfg.data.max_length,
+                              self.cfg.paths.cache_path() / "embeddings", self.cfg.seed, progress)
+
+    @functools.cached_property
+    def teacher_eval(self) -> ModelEval:
+        return self.evaluate(self.teacher.model, f"teacher {self.cfg.teacher.name}")
 
 
 def teacher_latency(ws: Workspace, cfg: LatencyConfig | None = None) -> LatencyReport:
@@ -213,6 +228,43 @@ class ProxyEvaluator:
         d.pop("loss_curve")
         latency = profile_arch(self.ws, arch).median(self.backend, *self.shape)
         return Evaluation(kd_loss=d.pop("kd_loss"), latency_ms=latency, extra=d)
+
+
+def evaluate_students(ws: Workspace, student_dirs: list[str | Path], progress: bool = True) -> pd.DataFrame:
+    """Downstream table of saved students: the teacher, then each student and its untrained
+    floor (same architecture and initialisation as its distillation started from)."""
+    teacher = ws.teacher_eval
+    e = ws.cfg.evaluate
+    rows = [{"arch": None, "arch_id": None, **compare(teacher, teacher, None, e, ws.cfg.seed)}]
+    for d in student_dirs:
+        model, arch = load_student(Path(d))
+        floor = ws.evaluate(build_student(arch, ws.teacher, seed=ws.cfg.seed), f"{arch.name} untrained", progress)
+        student = ws.evaluate(model, arch.name, progress)
+        rows.append({"arch": arch.name, "arch_id": arch.arch_id, **compare(student, teacher, floor, e, ws.cfg.seed)})
+        rows.append({"arch": arch.name, "arch_id": arch.arch_id, **compare(floor, teacher, None, e, ws.cfg.seed)})
+    table = pd.DataFrame(rows)
+    table.attrs["task"] = {"test_texts": len(ws.task.test_texts), "train_texts": len(ws.task.train_texts),
+                           "classes": ws.task.classes, "notes": ws.task.notes}
+    return table
+
+
+EVAL_COLUMNS = ["model", "params_m", "probe_acc", "probe_f1", "pct_teacher_acc", "gap_closed_acc",
+                "gap_closed_acc_se", "gap_closed_f1", "recall@10", "cka"]
+
+
+def write_evaluation(table: pd.DataFrame, out: Path) -> dict:
+    """``evaluation.csv`` and ``evaluation.md`` next to a search's other tables."""
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "evaluation.csv", index=False)
+    task = table.attrs.get("task", {})
+    cols = [c for c in EVAL_COLUMNS if c in table.columns]
+    md = ["# Downstream evaluation\n",
+          f"Linear probe on mean-pooled embeddings, {task.get('train_texts')} train / {task.get('test_texts')} held-out "
+          f"texts, classes {task.get('classes')}. Gap closed = (student - untrained floor) / (teacher - floor), "
+          "± bootstrap standard error.\n", *[f"- note: {n}" for n in task.get("notes", [])], "",
+          markdown_table(table[cols]), ""]
+    (out / "evaluation.md").write_text("\n".join(md))
+    return {"csv": str(out / "evaluation.csv"), "md": str(out / "evaluation.md")}
 
 
 def export_student(student_path: str | Path, cfg: LatencyConfig) -> dict:
