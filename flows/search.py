@@ -23,6 +23,7 @@ from kdnas_core.search import SUMMARY_COLUMNS, Evaluation
 from kdnas_core.search_space import StudentArch
 from tasks.tracking_tasks import finish_search_run, log_candidate, log_search_results, register_student, start_search_run
 from tasks.search_tasks import (
+    evaluate_students_task,
     export_onnx_task,
     final_distill,
     prepare_teacher_states,
@@ -121,17 +122,23 @@ def kdnas(
     create_markdown_artifact(markdown_table(pd.DataFrame(recs).drop(columns=["arch_id"])),
                              key="kdnas-recommendations", description="best student per latency budget")
 
-    if parent:
-        log_search_results(c, parent, str(out))
     finals: dict[str, dict] = {}
+    evaluation: dict | None = None
     if final:
         for arch in dict.fromkeys(r["arch"] for r in recs if r["arch"]):
             finals[arch] = final_distill_flow(c, arch)
-            if parent:
+        if finals and cfg.evaluate.enabled:
+            evaluation = evaluate_students_task(c, [f["path"] for f in finals.values()], str(out))
+            create_markdown_artifact(Path(evaluation["md"]).read_text(), key="kdnas-evaluation",
+                                     description="downstream quality of the final students")
+        if parent:
+            for arch, f in finals.items():
                 chosen_for = [r["budget"] for r in recs if r["arch"] == arch]
-                result_metrics = {k: v for k, v in finals[arch]["result"].items() if isinstance(v, (int, float))}
-                finals[arch]["registered"] = register_student(c, parent, finals[arch]["path"], chosen_for, result_metrics)
+                metrics = {k: v for k, v in f["result"].items() if isinstance(v, (int, float))}
+                metrics |= (evaluation or {}).get("metrics", {}).get(arch, {})
+                f["registered"] = register_student(c, parent, f["path"], chosen_for, metrics)
     if parent:
+        log_search_results(c, parent, str(out))
         finish_search_run(c, parent)
     return {
         "tracking_run_id": parent,
@@ -141,6 +148,7 @@ def kdnas(
         "best": result.best.arch.name if result.best else None,
         "recommendations": recs,
         "final": finals,
+        "evaluation": evaluation["rows"] if evaluation else None,
     }
 
 

@@ -127,7 +127,8 @@ class Tracker:
 
     def log_search_results(self, parent_id: str, out_dir: Path) -> None:
         """Leaderboard, Pareto front, recommendations, report and state (for resume/warm start)."""
-        for name in ("leaderboard.csv", "pareto.csv", "recommendations.csv", "report.md", "state.json", "pareto.png"):
+        for name in ("leaderboard.csv", "pareto.csv", "recommendations.csv", "report.md", "state.json", "pareto.png",
+                     "evaluation.csv", "evaluation.md"):
             f = Path(out_dir) / name
             if f.is_file():
                 self.client.log_artifact(parent_id, str(f), "search")

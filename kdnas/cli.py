@@ -3,6 +3,7 @@
     kdnas distill --config configs/default.yaml --arch L4-H384-A6-F1536-gelu
     kdnas search --config configs/default.yaml
     kdnas profile --config configs/default.yaml --arch L4-H384-A6-F1536-gelu
+    kdnas evaluate runs/students/<arch_id>
     kdnas arch L4-H384-A6-F1536-gelu
 """
 
@@ -132,6 +133,24 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Downstream table of saved students against the configured teacher and task."""
+    from kdnas_core.config import load_config
+    from kdnas_core.recipes import EVAL_COLUMNS, Workspace, evaluate_students, markdown_table, write_evaluation
+
+    cfg = load_config(args.config, _parse_set(args.set))
+    table = evaluate_students(Workspace.prepare(cfg), args.students)
+    out = args.out or cfg.paths.output_path() / "evaluation"
+    files = write_evaluation(table, out)
+    task = table.attrs["task"]
+    print(f"task: {task['train_texts']} probe-train / {task['test_texts']} held-out texts, classes {task['classes']}")
+    for note in task["notes"]:
+        print(f"note: {note}")
+    print(markdown_table(table[[c for c in EVAL_COLUMNS if c in table.columns]]))
+    print(f"\nwritten: {files['md']}, {files['csv']}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve deployment kdnas/search from this process (no work pool needed), with a cron schedule."""
     from flows.search import kdnas
@@ -180,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--no-prefect", action="store_true", help="run the plain core loop instead of the Prefect flow")
     se.add_argument("--no-final", action="store_true", help="skip the final distillation of the recommended students")
     se.set_defaults(func=cmd_search)
+
+    ev = sub.add_parser("evaluate", help="downstream probe, gap closed and fidelity of saved students")
+    ev.add_argument("students", nargs="+", type=Path, help="student folders (kdnas distill / search output)")
+    ev.add_argument("--config", default="configs/default.yaml", type=Path)
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ev.add_argument("--out", type=Path, default=None, help="folder for evaluation.md/csv (default: <output_dir>/evaluation)")
+    ev.set_defaults(func=cmd_evaluate)
 
     sv = sub.add_parser("serve", help="serve the Prefect deployment kdnas/search with a cron schedule")
     sv.add_argument("--config", default="configs/default.yaml", type=Path)

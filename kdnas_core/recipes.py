@@ -235,13 +235,13 @@ def evaluate_students(ws: Workspace, student_dirs: list[str | Path], progress: b
     floor (same architecture and initialisation as its distillation started from)."""
     teacher = ws.teacher_eval
     e = ws.cfg.evaluate
-    rows = [{"arch": None, "arch_id": None, **compare(teacher, teacher, None, e, ws.cfg.seed)}]
+    rows = [{"role": "teacher", "arch": None, "arch_id": None, **compare(teacher, teacher, None, e, ws.cfg.seed)}]
     for d in student_dirs:
         model, arch = load_student(Path(d))
         floor = ws.evaluate(build_student(arch, ws.teacher, seed=ws.cfg.seed), f"{arch.name} untrained", progress)
         student = ws.evaluate(model, arch.name, progress)
-        rows.append({"arch": arch.name, "arch_id": arch.arch_id, **compare(student, teacher, floor, e, ws.cfg.seed)})
-        rows.append({"arch": arch.name, "arch_id": arch.arch_id, **compare(floor, teacher, None, e, ws.cfg.seed)})
+        rows.append({"role": "student", "arch": arch.name, "arch_id": arch.arch_id, **compare(student, teacher, floor, e, ws.cfg.seed)})
+        rows.append({"role": "floor", "arch": arch.name, "arch_id": arch.arch_id, **compare(floor, teacher, None, e, ws.cfg.seed)})
     table = pd.DataFrame(rows)
     table.attrs["task"] = {"test_texts": len(ws.task.test_texts), "train_texts": len(ws.task.train_texts),
                            "classes": ws.task.classes, "notes": ws.task.notes}

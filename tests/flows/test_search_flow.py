@@ -25,6 +25,18 @@ def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, mo
             assert json.dumps(final[key]) and final[key].endswith(".onnx")
         assert final["registered"]["aliases"]
 
+    # Downstream table: the teacher, then each final student and its untrained floor.
+    rows = out["evaluation"]
+    assert rows[0]["model"].startswith("teacher") and rows[0]["recall@10"] == pytest.approx(1.0)
+    assert len(rows) == 1 + 2 * len(out["final"])
+    assert [r["role"] for r in rows] == ["teacher"] + ["student", "floor"] * len(out["final"])
+    students = [r for r in rows if r["role"] == "student"]
+    assert {r["arch"] for r in students} == set(out["final"])
+    # A random tiny teacher is no better than an untrained student, so gap closed may be
+    # undefined (None) here; the probe and fidelity scores always exist.
+    assert all(0 <= r["probe_acc"] <= 1 and 0 <= r["recall@10"] <= 1 and "gap_closed_acc" in r for r in students)
+    assert (Path(out["search_dir"]) / "evaluation.md").is_file()
+
     # MLflow (embedded default: SQLite beside the results): one parent, one child per candidate.
     from infra.tracking import Tracker
     from kdnas_core.config import load_config
@@ -35,7 +47,9 @@ def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, mo
     evaluated = [r for r in children if r.data.tags.get("kdnas.status") == "evaluated"]
     assert sorted(r.info.run_name for r in evaluated) == sorted({o for o in _arch_ids(out)})
     assert all({"reward", "kd_loss", "latency_ms"} <= set(r.data.metrics) for r in evaluated)
-    assert "search/leaderboard.csv" in {a.path for a in tracker.client.list_artifacts(parent, "search")}
+    assert {"search/leaderboard.csv", "search/evaluation.csv"} <= {a.path for a in tracker.client.list_artifacts(parent, "search")}
+    finals = [r for r in children if r.data.tags.get("kdnas.status") == "final"]
+    assert finals and all("downstream.probe_acc" in r.data.metrics for r in finals)
 
     # The results folder is lost; the same config runs again: every candidate comes from the
     # Prefect task cache (keyed by arch_id + config), nothing is distilled again.
