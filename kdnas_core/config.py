@@ -54,6 +54,9 @@ class DataConfig(_Section):
     min_chars: int = Field(default=8, ge=1)
     dedupe: bool = True
     eval_size: int = Field(default=2000, gt=0)
+    # Cap on the texts the final distillation trains on (None: all that are not eval), so the
+    # corpus size is a knob that leaves the held-out split unchanged.
+    train_size: int | None = Field(default=None, gt=0)
     proxy_size: int = Field(default=1000, gt=0)
     max_length: int = Field(default=64, ge=8, le=4096)
     batch_size: int = Field(default=32, gt=0)

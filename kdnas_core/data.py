@@ -172,6 +172,8 @@ def make_splits(texts: list[str], cfg: DataConfig, seed: int) -> Splits:
     random.Random(seed).shuffle(order)
     n_eval = min(cfg.eval_size, max(1, n // 5))
     eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    if cfg.train_size:
+        train_idx = train_idx[: cfg.train_size]
     proxy_idx = train_idx[: min(cfg.proxy_size, len(train_idx))]
     pick = lambda idx: [texts[i] for i in idx]  # noqa: E731
     h = hashlib.sha1()
@@ -179,6 +181,8 @@ def make_splits(texts: list[str], cfg: DataConfig, seed: int) -> Splits:
         h.update(t.encode())
         h.update(b"\0")
     h.update(f"{seed}:{n_eval}:{len(proxy_idx)}".encode())
+    if cfg.train_size:  # only when set, so existing fingerprints (and caches) stay valid
+        h.update(f":train{len(train_idx)}".encode())
     return Splits(pick(train_idx), pick(proxy_idx), pick(eval_idx), h.hexdigest()[:12])
 
 

