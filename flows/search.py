@@ -37,18 +37,28 @@ DEFAULT_CONFIG = "configs/default.yaml"
 
 
 def _in_waves(calls: list, width: int) -> list:
-    """Submit task calls at most ``width`` at a time and return their results in order.
+    """Run task calls at most ``width`` at a time; results in order, an exception in place of
+    the result of a call that failed (one failed candidate must not stop the search).
 
     With width 1 the tasks are called directly: they then run on the flow's own thread, where
     torch's thread pool is already warm (measured: a worker thread made each proxy
     distillation 10-30 % slower on 2 cores).
     """
+    results: list = []
     if width == 1:
-        return [fn(*args) for fn, args in calls]
-    results = []
+        for fn, args in calls:
+            try:
+                results.append(fn(*args))
+            except Exception as err:  # noqa: BLE001 - recorded as a failed candidate
+                results.append(err)
+        return results
     for i in range(0, len(calls), width):
         futures = [fn.submit(*args) for fn, args in calls[i : i + width]]
-        results += [f.result() for f in futures]
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as err:  # noqa: BLE001
+                results.append(err)
     return results
 
 
@@ -104,10 +114,16 @@ def kdnas(
         calls = [(profile_latency, (c, a.name)) for a in archs] + [(proxy_distill, (c, a.name)) for a in archs]
         res = _in_waves(calls, cfg.search.max_parallel)
         lat, kd = res[: len(archs)], res[len(archs):]
+        out = []
         for a, l, k in zip(archs, lat, kd):
+            err = next((x for x in (k, l) if isinstance(x, BaseException)), None)
+            if err is not None:
+                logger.warning("candidate %s failed: %s", a.name, err)
+                out.append(Evaluation.failure(err))
+                continue
             reports[a.arch_id], curves[a.arch_id] = l["report"], k.get("loss_curve")
-        return [Evaluation(k["kd_loss"], l["latency_ms"], {x: v for x, v in k.items() if x not in ("kd_loss", "loss_curve")})
-                for l, k in zip(lat, kd)]
+            out.append(Evaluation(k["kd_loss"], l["latency_ms"], {x: v for x, v in k.items() if x not in ("kd_loss", "loss_curve")}))
+        return out
 
     def on_observation(o) -> None:
         logger.info("episode %d: %s reward %.4f L_HS %.4f %.2f ms", o.episode, o.arch.name, o.reward, o.kd_loss, o.latency_ms)

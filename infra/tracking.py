@@ -97,7 +97,9 @@ class Tracker:
         arch = obs["arch_dict"]
         tags = [RunTag("mlflow.parentRunId", parent_id), RunTag("kdnas.arch", obs["arch"]),
                 RunTag("kdnas.episode", str(obs["episode"])), RunTag("kdnas.controller", self.cfg.controller.kind),
-                RunTag("kdnas.status", "evaluated")]
+                RunTag("kdnas.status", "failed" if obs.get("extra", {}).get("status") == "failed" else "evaluated")]
+        if obs.get("extra", {}).get("error"):
+            tags.append(RunTag("kdnas.error", str(obs["extra"]["error"])[:5000]))
         run = self.client.create_run(self.experiment_id, run_name=obs["arch_id"])
         rid = run.info.run_id
         params = [Param(k, str(v)) for k, v in arch.items()] + [Param("arch", obs["arch"]), Param("arch_id", obs["arch_id"])]
@@ -122,7 +124,7 @@ class Tracker:
                 q = Path(tmp) / "latency.json"
                 q.write_text(json.dumps(latency_report, indent=2))
                 self.client.log_artifact(rid, str(q))
-        self.client.set_terminated(rid, "FINISHED")
+        self.client.set_terminated(rid, "FAILED" if obs.get("extra", {}).get("status") == "failed" else "FINISHED")
         return rid
 
     def log_search_results(self, parent_id: str, out_dir: Path) -> None:

@@ -98,6 +98,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         return _search_flow(args, cfg)
 
     def show(o):
+        if o.failed:
+            print(f"  episode {o.episode}: {o.arch.name:<24} FAILED: {o.extra.get('error')}", flush=True)
+            return
         print(f"  episode {o.episode}: {o.arch.name:<24} reward {o.reward:.4f}  L_HS {o.kd_loss:.4f}  "
               f"{o.latency_ms:7.2f} ms", flush=True)
 

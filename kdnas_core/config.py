@@ -118,6 +118,8 @@ class DistillConfig(_Section):
     grad_clip: float = Field(default=1.0, gt=0)
     proxy: TrainBudget = TrainBudget(epochs=3)
     final: TrainBudget = TrainBudget(epochs=1)
+    # Final distillation saves a resumable checkpoint every this many steps (0: never).
+    checkpoint_every: int = Field(default=50, ge=0)
     # How many eval-split batches measure the held-out KD loss.
     eval_batches: int = Field(default=8, gt=0)
     # Teacher states: "cache" runs the teacher once and reuses the states every epoch and every

@@ -42,6 +42,12 @@ class Observation:
     context: tuple[str | None, str | None] = (None, None)
     extra: dict = field(default_factory=dict)
 
+    @property
+    def failed(self) -> bool:
+        """The candidate could not be evaluated (``extra["error"]`` says why): it is kept so the
+        controller learns to avoid it, and never recommended."""
+        return self.extra.get("status") == "failed"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["arch"] = self.arch.name

@@ -20,6 +20,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from kdnas_core.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from kdnas_core.config import DistillConfig, LossWeights, TrainBudget
 from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches
 from kdnas_core.errors import KdnasError
@@ -81,6 +83,18 @@ def teacher_layers_needed(
 
 
 # --------------------------------------------------------------------------- teacher states
+
+
+class CorruptCache(KdnasError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -258,7 +272,12 @@ class CachedTeacherStates:
         key = cls.cache_key(teacher, tokens, layers, relation_layer)
         final = cache_root / key if cache_root else None
         if final is not None and (final / "meta.json").is_file():
-            return cls.load(final)
+            try:
+                return cls.load(final)
+            except (CorruptCache, ValueError, OSError, KeyError, json.JSONDecodeError) as err:
+                # Damaged or tampered with (a pickle planted as .npy fails here, unexecuted).
+                warnings.warn(f"teacher-state cache {final} is unusable ({err}); rebuilding it")
+                shutil.rmtree(final, ignore_errors=True)
         n_tok = sum(tokens.lengths)
         offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(tokens.lengths)
@@ -311,6 +330,7 @@ class CachedTeacherStates:
             np.save(tmp / "offsets.npy", offsets)
             np.save(tmp / "stats_mean.npy", stats.mean.numpy())
             np.save(tmp / "stats_std.npy", stats.std.numpy())
+            meta["sha256"] = {p.name: _sha256(p) for p in sorted(tmp.glob("*.npy"))}
             # meta.json last: its presence marks a complete cache.
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             del arrays
@@ -326,8 +346,11 @@ class CachedTeacherStates:
             raise
 
     @classmethod
-    def load(cls, path: Path) -> CachedTeacherStates:
+    def load(cls, path: Path, verify: bool = True) -> CachedTeacherStates:
         meta = json.loads((path / "meta.json").read_text())
+        for name, digest in meta.get("sha256", {}).items() if verify else ():
+            if _sha256(path / name) != digest:
+                raise CorruptCache(f"{path / name}: content does not match its recorded sha256")
         # Plain .npy arrays, memory-mapped; allow_pickle stays False (never unpickle storage).
         names = [f"layer_{l}" for l in meta["layers"]] + (["qkv"] if meta["relation_layer"] is not None else [])
         arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in names}
@@ -513,11 +536,16 @@ def distill(
     seed: int = 0,
     on_step: Callable[[int, float, float], None] | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> DistillResult:
     """Distil ``student`` in place; returns a small, serialisable summary.
 
     ``eval_batches`` (served by ``eval_states``, default ``teacher_states``) measure the
     held-out KD loss before and after training, with the same standardisation statistics.
+    With ``checkpoint`` and ``checkpoint_every`` > 0, the whole training state (weights,
+    projection heads, optimiser moments, scheduler, RNG, losses) is saved every that many steps
+    and a rerun resumes from it, ending where an uninterrupted run would.
     """
     if not batches:
         raise KdnasError("distill: no training batches (is the split empty?)")
@@ -557,21 +585,32 @@ def distill(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     eval_states = eval_states or teacher_states
-    initial = _evaluate(student, loss_fn, eval_states, eval_batches, capture)[0] if eval_batches else None
+    modules = {"student": student, "heads": loss_fn}
+    found = find_checkpoint(checkpoint) if checkpoint is not None and checkpoint_every > 0 else None
+    info = load_checkpoint(found, modules, opt, sched) if found else {}
+    if info and info.get("total_steps") != total_steps:
+        raise KdnasError(f"{found}: checkpoint is for {info.get('total_steps')} steps, this run has {total_steps}; "
+                         "delete it to start over")
+    if info:
+        initial = info["initial_eval_loss"]
+    else:
+        initial = _evaluate(student, loss_fn, eval_states, eval_batches, capture)[0] if eval_batches else None
 
     student.train()
     loss_fn.train()
-    losses: list[float] = []
-    tokens = 0
-    rng = random.Random(seed)
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="distill", disable=not progress, leave=False)
+    losses: list[float] = list(info.get("losses", []))
+    tokens = info.get("tokens", 0)
+    step = info.get("step", 0)
+    start = time.perf_counter() - info.get("seconds", 0.0)
+    bar = tqdm(total=total_steps, initial=step, desc="distill", disable=not progress, leave=False)
     try:
-        step = 0
         while step < total_steps:
+            # Each epoch's batch order depends only on (seed, epoch): a resumed run continues
+            # the same order from the middle of an epoch.
+            epoch, pos = divmod(step, len(batches))
             order = list(range(len(batches)))
-            rng.shuffle(order)
-            for i in order:
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            for i in order[pos:]:
                 if step >= total_steps:
                     break
                 batch = batches[i]
@@ -591,6 +630,10 @@ def distill(
                 bar.set_postfix(loss=f"{value:.4f}")
                 if on_step is not None:
                     on_step(step, value, sched.get_last_lr()[0])
+                if checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0 and step < total_steps:
+                    save_checkpoint(checkpoint, modules, opt, sched, {
+                        "step": step, "total_steps": total_steps, "losses": losses, "tokens": tokens,
+                        "seconds": time.perf_counter() - start, "initial_eval_loss": initial})
         seconds = time.perf_counter() - start
     finally:
         bar.close()

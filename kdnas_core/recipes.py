@@ -28,6 +28,8 @@ from kdnas_core.distill import (
     teacher_layers_needed,
 )
 from kdnas_core.controller import make_controller
+from kdnas_core.checkpoint import remove_checkpoint
+from kdnas_core.lock import exclusive
 from kdnas_core.evaluate import LabelledTask, ModelEval, compare, evaluate_model, load_task
 from kdnas_core.latency import (
     LatencyPredictor,
@@ -169,11 +171,15 @@ def distill_one(
     states = ws.teacher_states(split, layers, passes, progress)
     eval_states = ws.eval_states(layers, progress)
     student = build_student(arch, ws.teacher, seed=cfg.seed)
+    out_dir = Path(out_dir) if out_dir else cfg.paths.output_path() / "students" / arch.arch_id
+    config_hash = cfg.section_hash("seed", "teacher", "data", "distill")
+    # Next to the student folder, keyed by config: a rerun of the same job resumes from it.
+    ckpt = out_dir.with_name(f".{out_dir.name}-{split}-{config_hash}-{budget.max_steps or 0}.ckpt")
     result = distill(
         student, states, batches, cfg.distill, budget,
         eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, progress=progress,
+        checkpoint=ckpt, checkpoint_every=cfg.distill.checkpoint_every,
     )
-    out_dir = Path(out_dir) if out_dir else cfg.paths.output_path() / "students" / arch.arch_id
     meta = {
         "teacher": cfg.teacher.name,
         "teacher_fingerprint": ws.teacher.fingerprint,
@@ -182,6 +188,7 @@ def distill_one(
         "result": result.to_dict(),
     }
     path = save_student(student, ws.teacher.tokenizer, arch, out_dir, meta)
+    remove_checkpoint(ckpt)
     return {
         "arch": arch.name,
         "arch_id": arch.arch_id,
@@ -353,14 +360,15 @@ def search_in_folder(
     out = search_dir(cfg)
     state_path = out / "state.json"
     budgets = budgets_in_ms([parse_budget(x) for x in cfg.reward.budgets], teacher_ms)
-    state = initial_state(cfg, state_path, warm_from, research, fresh)
-    controller = make_controller(space, cfg.controller, cfg.seed)
-    attach_latency_predictor(controller, cfg, budgets)
-    result = run_search(controller, evaluate, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
-                        budgets, on_state=lambda st: st.save(state_path), on_observation=on_observation,
-                        seed=state.seed, evaluate_batch=evaluate_batch)
-    write_search_tables(result, out, teacher_ms)
-    update_latency_predictor(cfg, result.state.history)
+    with exclusive(out, f"the search of this config ({out})"):
+        state = initial_state(cfg, state_path, warm_from, research, fresh)
+        controller = make_controller(space, cfg.controller, cfg.seed)
+        attach_latency_predictor(controller, cfg, budgets)
+        result = run_search(controller, evaluate, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
+                            budgets, on_state=lambda st: st.save(state_path), on_observation=on_observation,
+                            seed=state.seed, evaluate_batch=evaluate_batch)
+        write_search_tables(result, out, teacher_ms)
+        update_latency_predictor(cfg, result.state.history)
     return result
 
 

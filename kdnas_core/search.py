@@ -34,6 +34,22 @@ class Evaluation:
     extra: dict = field(default_factory=dict)
 
 
+    @classmethod
+    def failure(cls, err: BaseException) -> Evaluation:
+        """A candidate that could not be evaluated (NaN loss, out of memory, export error): the
+        worst loss, so its reward is the lowest the controller sees; never recommended."""
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:500]
+        return cls(kd_loss=1.0, latency_ms=0.0, extra={"status": "failed", "error": reason})
+
+    @property
+    def failed(self) -> bool:
+        return self.extra.get("status") == "failed"
+
+
+# A search aborts (with the last error) after this many failures in a row: then the problem is
+# the set-up (teacher, data, disk), not the candidates.
+MAX_CONSECUTIVE_FAILURES = 3
+
 Evaluator = Callable[[StudentArch], Evaluation]
 # Evaluates an episode's pending candidates together (e.g. fanned out as Prefect tasks).
 BatchEvaluator = Callable[[list[StudentArch]], list[Evaluation]]
@@ -170,23 +186,56 @@ def run_search(
             arch = StudentArch.from_name(state.pending[0])
             known = {o.arch.arch_id for o in state.history}
             if arch.arch_id not in known:  # never evaluate an arch twice
-                ev = ready.pop(arch.arch_id) if arch.arch_id in ready else evaluate(arch)
+                ev = ready.pop(arch.arch_id) if arch.arch_id in ready else _evaluate_safely(evaluate, arch)
                 extra = dict(ev.extra)
                 if arch.name in state.pending_predicted:
                     extra["predicted_reward"] = state.pending_predicted[arch.name]
-                obs = Observation(arch, ev.kd_loss, ev.latency_ms, reward_fn(ev.kd_loss, ev.latency_ms),
-                                  state.episode, state.pending_context, extra)
+                value = 0.0 if ev.failed else reward_fn(ev.kd_loss, ev.latency_ms)
+                obs = Observation(arch, ev.kd_loss, ev.latency_ms, value, state.episode, state.pending_context, extra)
                 state.observations.append(obs)
+                _abort_on_failure_streak(state, min(MAX_CONSECUTIVE_FAILURES, cfg.candidates_per_episode), save)
+                save(state)  # the result is on disk before anything else can go wrong
                 if on_observation:
                     on_observation(obs)
+            if len(state.pending) == 1:
+                # The episode's last candidate: it leaves the queue in the same save that ends the
+                # episode, so a crash in between cannot make a resumed search propose again.
+                break
             state.pending.pop(0)
             save(state)
+        state.pending = []
         controller.update(state.history)
         state.controller = controller.state_dict()
         state.episode += 1
         state.rng = _rng_to_json(rng.getstate())
         save(state)
     return summarize(state, budgets_ms)
+
+
+def _evaluate_safely(evaluate: Evaluator, arch: StudentArch) -> Evaluation:
+    try:
+        return evaluate(arch)
+    except Exception as err:  # noqa: BLE001 - any candidate-specific failure is recorded, see below
+        return Evaluation.failure(err)
+
+
+def _abort_on_failure_streak(state: SearchState, limit: int, save: Callable[[SearchState], None]) -> None:
+    """Stop when the last ``limit`` candidates of this episode all failed: then the set-up
+    (teacher, data, disk, memory) is at fault, not the candidates. They go back to the queue
+    unrecorded, so a rerun after the fix evaluates them instead of remembering them as failed."""
+    streak = []
+    for o in reversed(state.observations):
+        if o.episode != state.episode or not o.failed:
+            break
+        streak.append(o)
+    if len(streak) < limit:
+        return
+    streak.reverse()
+    del state.observations[-len(streak):]
+    state.pending = [o.arch.name for o in streak] + state.pending[1:]
+    save(state)
+    raise KdnasError(f"{len(streak)} candidates in a row failed, so the set-up is at fault rather than the "
+                     f"candidates; last: {streak[-1].arch.name}: {streak[-1].extra.get('error')}")
 
 
 # The columns people read first, in tables and reports.
@@ -207,6 +256,7 @@ def leaderboard(observations: Sequence[Observation]) -> pd.DataFrame:
 
 def pareto_front(observations: Sequence[Observation]) -> pd.DataFrame:
     """Candidates no other candidate beats on both KD loss and latency, fastest first."""
+    observations = [o for o in observations if not o.failed]
     front = [
         o for o in observations
         if not any(
@@ -221,13 +271,13 @@ def recommend(observations: Sequence[Observation], budgets_ms: Sequence[tuple[st
     """The best-reward candidate within each budget; an impossible budget says why."""
     out = []
     for label, limit in budgets_ms:
-        ok = [o for o in observations if o.latency_ms <= limit]
+        ok = [o for o in observations if o.latency_ms <= limit and not o.failed]
         if ok:
             b = max(ok, key=lambda o: o.reward)
             out.append({"budget": label, "budget_ms": limit, "arch": b.arch.name, "arch_id": b.arch.arch_id,
                         "reward": b.reward, "kd_loss": b.kd_loss, "latency_ms": b.latency_ms, "reason": ""})
         else:
-            fastest = min(observations, key=lambda o: o.latency_ms, default=None)
+            fastest = min((o for o in observations if not o.failed), key=lambda o: o.latency_ms, default=None)
             why = (f"no evaluated candidate is within {limit:.2f} ms"
                    + (f" (fastest: {fastest.arch.name} at {fastest.latency_ms:.2f} ms)" if fastest else ""))
             out.append({"budget": label, "budget_ms": limit, "arch": None, "arch_id": None,

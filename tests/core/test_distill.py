@@ -179,6 +179,50 @@ def test_two_seeded_runs_give_identical_losses(tiny_setup):
     assert runs[0] == runs[1] and len(runs[0]) == 4
 
 
+def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint_and_ends_identically(tiny_setup, tmp_path):
+    teacher, tokens, layers = tiny_setup
+    cache = CachedTeacherStates.build(teacher, tokens, layers, relation_layer=4, progress=False)
+    batches = length_bucketed_batches(tokens, 8, seed=0)  # 6 batches: 10 steps cross an epoch
+    budget = TrainBudget(epochs=2, max_steps=10)
+    arch = StudentArch(2, 32, 4, 64)
+
+    def run(ckpt, crash_at=None):
+        student = build_student(arch, teacher, seed=1)
+        losses = []
+
+        def on_step(step, loss, lr):
+            losses.append(loss)
+            if step == crash_at:
+                raise KeyboardInterrupt  # stands in for a kill: nothing after this step runs
+
+        r = distill(student, cache, batches, CFG, budget, seed=1, on_step=on_step, progress=False,
+                    checkpoint=ckpt, checkpoint_every=3)
+        return student, r, losses
+
+    ref, ref_result, ref_losses = run(None)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, crash_at=8)  # the last checkpoint is at step 6, in the second epoch
+    assert (ckpt / "state.json").is_file() and not list(tmp_path.glob(".ckpt-*"))
+    resumed, result, losses = run(ckpt)
+    assert losses == ref_losses[6:]  # steps 7..10 only, with the same batches and dropout
+    assert result.steps == 10 and result.initial_eval_loss == ref_result.initial_eval_loss
+    for (name, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_checkpoint_for_another_run_length_is_refused(tiny_setup, tmp_path):
+    teacher, tokens, layers = tiny_setup
+    cache = CachedTeacherStates.build(teacher, tokens, layers, relation_layer=4, progress=False)
+    batches = length_bucketed_batches(tokens, 8, seed=0)
+    arch = StudentArch(2, 32, 4, 64)
+    distill(build_student(arch, teacher), cache, batches, CFG, TrainBudget(max_steps=4), progress=False,
+            checkpoint=tmp_path / "c", checkpoint_every=2)
+    with pytest.raises(KdnasError, match="checkpoint is for 4 steps, this run has 5"):
+        distill(build_student(arch, teacher), cache, batches, CFG, TrainBudget(max_steps=5), progress=False,
+                checkpoint=tmp_path / "c", checkpoint_every=2)
+
+
 def test_distill_refuses_states_that_lack_needed_layers(tiny_setup):
     teacher, tokens, _ = tiny_setup
     live = LiveTeacherStates(teacher, (0, 1))

@@ -1,0 +1,88 @@
+"""Training checkpoints without pickle: tensors in safetensors files, everything else in JSON.
+
+A checkpoint is a folder written next to its final place and renamed into it, so a crash
+(even kill -9) leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdnas_core.errors import KdnasError
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage (tied weights)
+    return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                    scheduler, info: dict) -> Path:
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        for name, module in modules.items():
+            save_file(_tensors(module), str(tmp / f"{name}.safetensors"))
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        opt = {f"{index[id(p)]}.{k}": v.detach().clone().contiguous()
+               for p, st in optimizer.state.items() for k, v in st.items() if torch.is_tensor(v)}
+        opt["rng.torch"] = torch.get_rng_state()
+        save_file(opt, str(tmp / "optimizer.safetensors"))
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        (tmp / "state.json").write_text(json.dumps({"info": info, "param_groups": groups, "scheduler": sched}))
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    """The latest complete checkpoint: the folder, or the previous one if a crash came between
+    the two renames of ``save_checkpoint``."""
+    folder = Path(folder)
+    for f in (folder, folder.with_name(f".{folder.name}.old")):
+        if (f / "state.json").is_file():
+            return f
+    return None
+
+
+def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Restore modules, optimiser moments, scheduler and torch RNG in place; returns ``info``."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        for name, module in modules.items():
+            module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+        raise KdnasError(f"{folder}: unusable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for key, value in tensors.items():
+        if key == "rng.torch":
+            continue
+        i, name = key.split(".", 1)
+        optimizer.state[params[int(i)]][name] = value
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        group.update(saved)
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    torch.set_rng_state(tensors["rng.torch"])
+    return state["info"]
+
+
+def remove_checkpoint(folder: Path) -> None:
+    folder = Path(folder)
+    for f in (folder, folder.with_name(f".{folder.name}.old")):
+        shutil.rmtree(f, ignore_errors=True)
