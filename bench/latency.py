@@ -59,7 +59,7 @@ def main() -> None:
             archs.append(a)
     rows = []
     for arch in tqdm(archs, desc="profiling"):
-        rep = profile_arch(ws, arch)
+        rep = profile_arch(ws, arch, cache=False)  # fresh measurements, side by side
         f32, i8 = rep.results["ort-fp32"][shape], rep.results["ort-int8"][shape]
         rows.append((arch, f32.median_ms, i8.median_ms, f32.noisy or i8.noisy))
 

@@ -69,7 +69,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     lat_cfg = cfg.latency.model_copy(update={"backends": backends})
     ws = Workspace.prepare(cfg)
     arch = StudentArch.from_name(args.arch)
-    student = profile_arch(ws, arch, lat_cfg)
+    student = profile_arch(ws, arch, lat_cfg, cache=False)
     teacher = teacher_latency(ws, lat_cfg)
     vocab, positions = ws.teacher.config.vocab_size, ws.teacher.config.max_position_embeddings
     params = count_params(arch, vocab, positions)
@@ -104,8 +104,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"  episode {o.episode}: {o.arch.name:<24} reward {o.reward:.4f}  L_HS {o.kd_loss:.4f}  "
               f"{o.latency_ms:7.2f} ms", flush=True)
 
+    from kdnas_core.recipes import Workspace
+
+    ws = Workspace.prepare(cfg)
     result, out, teacher_ms = run_kdnas_search(cfg, warm_from=args.warm_from, fresh=args.fresh,
-                                               research=args.research, on_observation=show)
+                                               research=args.research, on_observation=show, ws=ws)
     from kdnas_core.search import SUMMARY_COLUMNS as cols
 
     print(f"\nLeaderboard (teacher {cfg.teacher.name}: {teacher_ms:.2f} ms)")
@@ -117,6 +120,16 @@ def cmd_search(args: argparse.Namespace) -> int:
                   f"reward {r['reward']:.4f}, {r['latency_ms']:.2f} ms, {teacher_ms / r['latency_ms']:.1f}x faster")
         else:
             print(f"  {r['budget']:>8} (<= {r['budget_ms']:.2f} ms): none: {r['reason']}")
+    if not args.no_final:
+        from kdnas_core.recipes import EventLog, evaluate_students, final_students, write_evaluation
+
+        finals = final_students(cfg, ws, result.recommendations, EventLog(out))
+        for arch, final in finals.items():
+            print(f"final student {arch}: {final['path']} (ONNX: {final['onnx']}, int8: {final['onnx_int8']})")
+        if finals and cfg.evaluate.enabled:
+            files = write_evaluation(evaluate_students(ws, [f["path"] for f in finals.values()]), out)
+            print((out / "evaluation.md").read_text())
+            print(f"evaluation: {files['md']}")
     print(f"\nstate and tables: {out}")
     return 0
 

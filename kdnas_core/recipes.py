@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,11 +143,24 @@ def teacher_latency(ws: Workspace, cfg: LatencyConfig | None = None) -> LatencyR
     return report
 
 
-def profile_arch(ws: Workspace, arch: StudentArch, cfg: LatencyConfig | None = None) -> LatencyReport:
+def profile_arch(ws: Workspace, arch: StudentArch, cfg: LatencyConfig | None = None, cache: bool = True) -> LatencyReport:
     """Latency of ``arch`` as a student of this teacher. Weights do not change latency, so an
-    untrained student is timed."""
+    untrained student is timed, and a measurement is kept per hardware, latency settings,
+    teacher vocabulary and arch_id: a resumed or repeated search never re-times an arch."""
+    cfg = cfg or ws.cfg.latency
     ws.space.validate(arch)
-    return profile_model(build_student(arch, ws.teacher, seed=0, init_from_teacher=False), cfg or ws.cfg.latency)
+    t = ws.teacher.config
+    key = hashlib.sha1(f"{cfg.model_dump_json()}:{t.vocab_size}:{t.max_position_embeddings}".encode()).hexdigest()[:10]
+    path = ws.cfg.paths.cache_path() / "latency" / hardware_key(cfg) / "students" / key / f"{arch.arch_id}.json"
+    if cache and path.is_file():
+        try:
+            return LatencyReport.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)  # damaged: measure again
+    report = profile_model(build_student(arch, ws.teacher, seed=0, init_from_teacher=False), cfg)
+    if cache:
+        write_json(path, report.to_dict())
+    return report
 
 
 def distill_one(
@@ -206,8 +220,9 @@ class ProxyEvaluator:
     """The real KD-NAS evaluator: distil a candidate on the proxy split (teacher states from the
     cache, built once for every depth in the space) and measure its latency."""
 
-    def __init__(self, ws: Workspace, progress: bool = True):
+    def __init__(self, ws: Workspace, progress: bool = True, on_event=None):
         self.ws, self.progress = ws, progress
+        self.on_event = on_event or (lambda event, arch: None)
         layers = ws.layers_for(ws.space.layers)
         self.states = ws.cached_states("proxy", layers, progress)
         self.eval_states = ws.eval_states(layers, progress)
@@ -231,8 +246,10 @@ class ProxyEvaluator:
                 "steps": r.steps, "distill_s": round(r.seconds, 1), "loss_curve": r.loss_curve}
 
     def __call__(self, arch: StudentArch) -> Evaluation:
+        self.on_event("proxy-distill", arch)
         d = self.distill(arch)
         d.pop("loss_curve")
+        self.on_event("profile-latency", arch)
         latency = profile_arch(self.ws, arch).median(self.backend, *self.shape)
         return Evaluation(kd_loss=d.pop("kd_loss"), latency_ms=latency, extra=d)
 
@@ -272,6 +289,88 @@ def write_evaluation(table: pd.DataFrame, out: Path) -> dict:
           markdown_table(table[cols]), ""]
     (out / "evaluation.md").write_text("\n".join(md))
     return {"csv": str(out / "evaluation.csv"), "md": str(out / "evaluation.md")}
+
+
+class EventLog:
+    """``events.jsonl`` of a search folder: what started and finished when, one JSON object a
+    line (appended and flushed, so a killed process leaves every line it wrote)."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / "events.jsonl"
+
+    def __call__(self, event: str, arch: StudentArch | None = None, **info) -> None:
+        import os
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = {"time": round(time.time(), 3), "pid": os.getpid(), "event": event,
+                **({"arch": arch.name, "arch_id": arch.arch_id} if arch is not None else {}), **info}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        # The last line may be cut by a kill mid-write; skip what does not parse.
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+
+class RecordedEvaluator:
+    """Keeps each candidate's evaluation in ``<search folder>/evals/<arch_id>.json`` the moment
+    it exists: a search killed after an evaluation but before the state recorded it picks the
+    result up instead of distilling the candidate again."""
+
+    def __init__(self, evaluate: Evaluator, folder: Path, log: EventLog):
+        self.evaluate, self.folder, self.log = evaluate, Path(folder) / "evals", log
+
+    def __call__(self, arch: StudentArch) -> Evaluation:
+        path = self.folder / f"{arch.arch_id}.json"
+        if path.is_file():
+            try:
+                d = json.loads(path.read_text())
+                self.log("evaluation-reused", arch)
+                return Evaluation(d["kd_loss"], d["latency_ms"], d.get("extra", {}))
+            except (ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)
+        self.log("evaluation-start", arch)
+        try:
+            ev = self.evaluate(arch)
+        except Exception as err:
+            self.log("evaluation-failed", arch, error=f"{type(err).__name__}: {err}"[:300])
+            raise
+        write_json(path, {"kd_loss": ev.kd_loss, "latency_ms": ev.latency_ms, "extra": ev.extra})
+        self.log("evaluation-done", arch)
+        return ev
+
+
+def final_students(cfg: KDNASConfig, ws: Workspace, recommendations: list[dict], log: EventLog | None = None,
+                   progress: bool = True) -> dict[str, dict]:
+    """Full-corpus distillation and ONNX export of each recommended architecture, without
+    Prefect. A student already saved for this config is kept; an interrupted one resumes from
+    its checkpoint."""
+    log = log or (lambda *a, **k: None)
+    finals: dict[str, dict] = {}
+    config_hash = cfg.section_hash("teacher", "data", "distill")
+    for name in dict.fromkeys(r["arch"] for r in recommendations if r["arch"]):
+        arch = StudentArch.from_name(name)
+        folder = cfg.paths.output_path() / "students" / arch.arch_id
+        meta_file = folder / "kdnas_arch.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if meta.get("config_hash") == config_hash and meta.get("split") == "train":
+            log("final-reused", arch)
+            summary = {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder)}
+        else:
+            log("final-start", arch)
+            summary = distill_one(cfg, arch, split="train", out_dir=folder, ws=ws, progress=progress)
+            log("final-done", arch)
+        finals[name] = {**summary, **export_student(folder, cfg.latency)}
+    return finals
 
 
 def export_student(student_path: str | Path, cfg: LatencyConfig) -> dict:
@@ -361,6 +460,8 @@ def search_in_folder(
     state_path = out / "state.json"
     budgets = budgets_in_ms([parse_budget(x) for x in cfg.reward.budgets], teacher_ms)
     with exclusive(out, f"the search of this config ({out})"):
+        if fresh:
+            shutil.rmtree(out / "evals", ignore_errors=True)
         state = initial_state(cfg, state_path, warm_from, research, fresh)
         controller = make_controller(space, cfg.controller, cfg.seed)
         attach_latency_predictor(controller, cfg, budgets)
@@ -380,9 +481,12 @@ def run_kdnas_search(cfg: KDNASConfig, warm_from: Path | None = None, fresh: boo
     ws = ws or Workspace.prepare(cfg)
     b, s = cfg.latency.grid[0]
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
-    result = search_in_folder(cfg, ws.space, teacher_ms, evaluate=ProxyEvaluator(ws, progress), warm_from=warm_from,
+    folder = search_dir(cfg)
+    log = EventLog(folder)
+    evaluate = RecordedEvaluator(ProxyEvaluator(ws, progress, on_event=log), folder, log)
+    result = search_in_folder(cfg, ws.space, teacher_ms, evaluate=evaluate, warm_from=warm_from,
                               fresh=fresh, research=research, on_observation=on_observation)
-    return result, search_dir(cfg), teacher_ms
+    return result, folder, teacher_ms
 
 
 def write_search_tables(result: SearchResult, out: Path, teacher_ms: float) -> None:
