@@ -131,7 +131,7 @@ def kdnas(
             log_candidate(c, parent, o.to_dict(), reports.get(o.arch.arch_id), curves.get(o.arch.arch_id))
 
     result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=evaluate_batch,
-                              research=research, on_observation=on_observation)
+                              research=research, on_observation=on_observation, teacher=workspace(cfg).teacher.fingerprint)
     create_markdown_artifact(markdown_table(result.leaderboard[SUMMARY_COLUMNS]), key="kdnas-leaderboard",
                              description=f"KD-NAS leaderboard ({cfg.teacher.name}, {teacher_ms:.2f} ms)")
     recs = result.recommendations

@@ -19,8 +19,34 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from kdnas_core.config import KDNASConfig
+from kdnas_core.errors import KdnasError
 
 _MAX_PARAM = 6000  # MLflow's limit on a parameter value
+
+
+class TrackingError(KdnasError):
+    pass
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer fails here in seconds, with one clear line,
+    instead of after MLflow's minutes of retries deep inside a search."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+            problem = f"HTTP {resp.status}"
+    except urllib.error.HTTPError as err:
+        problem = f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        problem = str(getattr(err, "reason", err))
+    raise TrackingError(f"tracking.uri = {uri!r}: no MLflow server answers ({problem}); start one "
+                        "(infra/mlflow-server.sh) or unset tracking.uri / MLFLOW_TRACKING_URI for the local store")
 
 
 def tracking_uri(cfg: KDNASConfig) -> str:
@@ -65,6 +91,7 @@ class Tracker:
     def __init__(self, cfg: KDNASConfig):
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
+        check_reachable(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         name = cfg.tracking.experiment
         exp = self.client.get_experiment_by_name(name)

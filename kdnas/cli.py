@@ -19,6 +19,9 @@ from pathlib import Path
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Library progress bars (loading weights, reading CSVs) are noise next to ours; errors stay one line.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 # Cold starts of the ephemeral Prefect API take ~20 s on a small box.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
@@ -141,6 +144,10 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
 
     if args.warm_from or args.fresh:
         raise KdnasError("--warm-from and --fresh need --no-prefect (the flow resumes and warm-starts by itself)")
+    if cfg.tracking.enabled:
+        from infra.tracking import check_reachable, tracking_uri
+
+        check_reachable(tracking_uri(cfg))  # seconds, before Prefect starts, rather than deep inside the run
     out = kdnas(config_path=str(args.config), overrides=_parse_set(args.set) or None,
                 research=args.research, final=not args.no_final)
     print((search_dir(cfg) / "report.md").read_text())

