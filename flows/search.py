@@ -21,7 +21,16 @@ from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict, lo
 from kdnas_core.recipes import markdown_table, search_dir, search_in_folder
 from kdnas_core.search import SUMMARY_COLUMNS, Evaluation
 from kdnas_core.search_space import StudentArch
-from tasks.tracking_tasks import finish_search_run, log_candidate, log_search_results, register_student, start_search_run
+from infra.tracking import TrackingError
+from tasks.tracking_tasks import (
+    finish_search_run,
+    flush_spool,
+    log_candidate,
+    log_search_results,
+    register_student,
+    start_search_run,
+    sync_candidates,
+)
 from tasks.search_tasks import (
     evaluate_students_task,
     export_onnx_task,
@@ -107,6 +116,9 @@ def kdnas(
 
     out = search_dir(cfg)
     parent = _tracking_run(cfg, c, out, teacher_ms, prep) if cfg.tracking.enabled else None
+    if parent:
+        flush_spool(c, 0)  # artifacts an earlier run could not upload
+        sync_candidates(c, parent, str(out / "state.json"))
     reports: dict[str, dict] = {}
     curves: dict[str, list] = {}
 
@@ -128,7 +140,10 @@ def kdnas(
     def on_observation(o) -> None:
         logger.info("episode %d: %s reward %.4f L_HS %.4f %.2f ms", o.episode, o.arch.name, o.reward, o.kd_loss, o.latency_ms)
         if parent:
-            log_candidate(c, parent, o.to_dict(), reports.get(o.arch.arch_id), curves.get(o.arch.arch_id))
+            try:
+                log_candidate(c, parent, o.to_dict(), reports.get(o.arch.arch_id), curves.get(o.arch.arch_id))
+            except Exception as err:  # noqa: BLE001 - the result is safe in state.json; synced below
+                logger.warning("tracking unavailable for %s (%s); it is synced at the end of the search", o.arch.name, err)
 
     result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=evaluate_batch,
                               research=research, on_observation=on_observation, teacher=workspace(cfg).teacher.fingerprint)
@@ -153,8 +168,22 @@ def kdnas(
                 metrics = {k: v for k, v in f["result"].items() if isinstance(v, (int, float))}
                 metrics |= (evaluation or {}).get("metrics", {}).get(arch, {})
                 f["registered"] = register_student(c, parent, f["path"], chosen_for, metrics)
+    spool = None
     if parent:
-        log_search_results(c, parent, str(out))
+        try:
+            sync_candidates(c, parent, str(out / "state.json"))
+            log_search_results(c, parent, str(out))
+        except Exception as err:  # noqa: BLE001 - say what is safe and how to finish
+            raise TrackingError(f"tracking server unavailable at the end of the search ({type(err).__name__}); nothing "
+                                f"is lost: results are complete in {out} and the students under "
+                                f"{cfg.paths.output_path() / 'students'}; rerun the same command when it is back to "
+                                "sync them") from err
+        spool = flush_spool(c, cfg.tracking.spool_wait_s)
+        if spool["uploaded"]:
+            logger.warning("artifact store outage: %d artifacts uploaded %.0f s late, none lost", spool["uploaded"], spool["waited_s"])
+        if spool["pending"]:
+            raise TrackingError(f"artifact store still unavailable after {spool['waited_s']:.0f} s: {spool['pending']} artifacts "
+                                f"are kept in {spool['spool']} and are uploaded by the next run of this search")
         finish_search_run(c, parent)
     return {
         "tracking_run_id": parent,
@@ -165,6 +194,7 @@ def kdnas(
         "recommendations": recs,
         "final": finals,
         "evaluation": evaluation["rows"] if evaluation else None,
+        "tracking_spool": spool,
     }
 
 

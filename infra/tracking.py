@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,12 @@ from kdnas_core.config import KDNASConfig
 from kdnas_core.errors import KdnasError
 
 _MAX_PARAM = 6000  # MLflow's limit on a parameter value
+# MLflow retries a failed request 7 times with growing waits by default (minutes per call); an
+# outage is handled here instead: artifacts are spooled and uploaded later.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# Waits between upload attempts of one artifact before it is spooled.
+UPLOAD_BACKOFF_S = (1, 3)
 
 
 class TrackingError(KdnasError):
@@ -92,6 +101,9 @@ class Tracker:
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         check_reachable(self.uri)
+        # Artifacts that could not be uploaded (artifact store down) wait here, complete, until
+        # flush_spool() uploads them: an outage delays artifacts, it never loses them.
+        self.spool = cfg.paths.output_path().resolve() / ".tracking-spool"
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         name = cfg.tracking.experiment
         exp = self.client.get_experiment_by_name(name)
@@ -121,6 +133,10 @@ class Tracker:
     def log_candidate(self, parent_id: str, obs: dict, latency_report: dict | None = None,
                       losses: list[float] | None = None) -> str:
         """A child run named by arch_id: architecture params, KD loss, reward, latency."""
+        existing = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                           f"attributes.run_name = '{obs['arch_id']}'", max_results=1)
+        if existing and existing[0].info.status in ("FINISHED", "FAILED"):
+            return existing[0].info.run_id  # logged already (a retried or resumed call): no duplicate
         arch = obs["arch_dict"]
         tags = [RunTag("mlflow.parentRunId", parent_id), RunTag("kdnas.arch", obs["arch"]),
                 RunTag("kdnas.episode", str(obs["episode"])), RunTag("kdnas.controller", self.cfg.controller.kind),
@@ -146,11 +162,11 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / "arch.json"
             p.write_text(json.dumps({"arch": obs["arch"], "arch_id": obs["arch_id"], **arch}, indent=2))
-            self.client.log_artifact(rid, str(p))
+            self.upload(rid, p)
             if latency_report:
                 q = Path(tmp) / "latency.json"
                 q.write_text(json.dumps(latency_report, indent=2))
-                self.client.log_artifact(rid, str(q))
+                self.upload(rid, q)
         self.client.set_terminated(rid, "FAILED" if obs.get("extra", {}).get("status") == "failed" else "FINISHED")
         return rid
 
@@ -160,7 +176,7 @@ class Tracker:
                      "evaluation.csv", "evaluation.md"):
             f = Path(out_dir) / name
             if f.is_file():
-                self.client.log_artifact(parent_id, str(f), "search")
+                self.upload(parent_id, f, "search")
 
     def register_student(self, parent_id: str, student_dir: Path, budgets: list[str], metrics: dict[str, float]) -> dict:
         """Log a final student folder (safetensors, tokenizer, ONNX) and register it as a new
@@ -172,7 +188,7 @@ class Tracker:
         rid = run.info.run_id
         self.client.log_batch(rid, metrics=[Metric(_metric_key(k), float(v), 0, 0) for k, v in metrics.items()
                                             if isinstance(v, (int, float))])
-        self.client.log_artifacts(rid, str(student_dir), "student")
+        self.upload(rid, Path(student_dir), "student")
         self.client.set_terminated(rid, "FINISHED")
         name = self.model_name
         if not self._model_exists(name):
@@ -183,6 +199,66 @@ class Tracker:
         for alias in aliases:
             self.client.set_registered_model_alias(name, alias, version.version)
         return {"model": name, "version": version.version, "aliases": aliases, "run_id": rid}
+
+    # ------------------------------------------------------------------ artifacts and outages
+
+    def _log(self, run_id: str, local: Path, artifact_path: str | None) -> None:
+        if local.is_dir():
+            self.client.log_artifacts(run_id, str(local), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(local), artifact_path)
+
+    def upload(self, run_id: str, local: Path, artifact_path: str | None = None) -> bool:
+        """Upload a file or folder, retrying with backoff; if the store stays down, keep a copy
+        in the spool and return False (flush_spool uploads it later)."""
+        error: Exception | None = None
+        # Already spooling (the store is down): one attempt, so an outage does not cost every
+        # artifact the whole backoff.
+        waits = (0,) if self.spooled() else (0, *UPLOAD_BACKOFF_S)
+        for wait in waits:
+            time.sleep(wait)
+            try:
+                self._log(run_id, Path(local), artifact_path)
+                return True
+            except Exception as err:  # noqa: BLE001 - boto, HTTP and MLflow errors all mean "not now"
+                error = err
+        self._spool(run_id, Path(local), artifact_path, error)
+        return False
+
+    def _spool(self, run_id: str, local: Path, artifact_path: str | None, error: Exception | None) -> None:
+        self.spool.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.spool, prefix=".entry-"))
+        target = tmp / "files" / local.name
+        target.parent.mkdir()
+        (shutil.copytree if local.is_dir() else shutil.copy2)(local, target)
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if error and str(error) else ''}"[:300]
+        (tmp / "entry.json").write_text(json.dumps({"run_id": run_id, "artifact_path": artifact_path,
+                                                    "name": local.name, "since": time.time(), "error": reason}))
+        tmp.rename(self.spool / uuid.uuid4().hex)  # complete, or absent
+
+    def spooled(self) -> list[Path]:
+        return sorted(p for p in self.spool.glob("*") if (p / "entry.json").is_file()) if self.spool.is_dir() else []
+
+    def flush_spool(self) -> dict:
+        """One attempt at every spooled artifact; returns what was uploaded and what waits."""
+        uploaded, oldest = 0, None
+        for entry in self.spooled():
+            info = json.loads((entry / "entry.json").read_text())
+            try:
+                self._log(info["run_id"], entry / "files" / info["name"], info["artifact_path"])
+            except Exception:  # noqa: BLE001 - still down; stays spooled
+                oldest = min(oldest or info["since"], info["since"])
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            uploaded += 1
+        pending = len(self.spooled())
+        return {"uploaded": uploaded, "pending": pending,
+                "oldest_pending_s": round(time.time() - oldest, 1) if oldest else 0.0}
+
+    def logged_candidates(self, parent_id: str) -> set[str]:
+        """arch_ids of the candidate runs already under ``parent_id``."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=5000)
+        return {r.info.run_name for r in runs if r.data.tags.get("kdnas.status") in ("evaluated", "failed")}
 
     def _model_exists(self, name: str) -> bool:
         from mlflow.exceptions import MlflowException

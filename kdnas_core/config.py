@@ -220,6 +220,9 @@ class TrackingConfig(_Section):
     experiment: str = "kdnas"
     # Registered model holding the final students (None: "kdnas-<teacher>").
     registered_model: str | None = None
+    # At the end of a run, how long to keep retrying artifacts spooled during an artifact-store
+    # outage before failing (they stay spooled and the next run uploads them).
+    spool_wait_s: int = Field(default=600, ge=0)
 
 
 class EvalTaskConfig(_Section):
