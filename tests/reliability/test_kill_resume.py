@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -195,3 +196,39 @@ def test_kill_9_anywhere_then_rerun_resumes_without_redoing_work(setup):
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "reliability-kill.json").write_text(json.dumps(report, indent=2))
+
+
+def test_the_same_search_twice_is_refused_and_two_configs_run_side_by_side(setup):
+    """A second start of a running search exits at once, naming the holder; two different
+    configs sharing one cache run at the same time and both finish with their own results."""
+    root = setup
+    cache = root / "cache-concurrent"
+    a, b = write_config(root, "concurrent-a", cache), write_config(root, "concurrent-b", cache)
+    cfg_a = yaml.safe_load(a.read_text())
+    cfg_a["distill"]["proxy"]["epochs"] = 15  # slow enough to still hold its lock when the second start comes
+    a.write_text(yaml.safe_dump(cfg_a))
+    cfg_b = yaml.safe_load(b.read_text())
+    cfg_b["seed"] = 7  # another search: another folder, same teacher-state and latency caches
+    b.write_text(yaml.safe_dump(cfg_b))
+    first = subprocess.Popen(command(a) + ["--no-final"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    other = subprocess.Popen(command(b) + ["--no-final"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not events(root / "concurrent-a") and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first search holds its lock once it evaluates
+        twice = subprocess.run(command(a) + ["--no-final"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert twice.returncode == 2
+        assert re.search(r"kdnas: error: the search of this config .* is already running \(pid \d+ on .* since",
+                         twice.stderr), twice.stderr
+        assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
+        assert other.wait(timeout=300) == 0, other.stderr.read().decode()[-2000:]
+    finally:
+        for p in (first, other):
+            if p.poll() is None:
+                p.kill()
+    sa = json.loads((search_folder(root / "concurrent-a") / "state.json").read_text())
+    sb = json.loads((search_folder(root / "concurrent-b") / "state.json").read_text())
+    assert sa["seed"] == 0 and sb["seed"] == 7 and len(sa["observations"]) == len(sb["observations"]) == 6
+    # one teacher-state cache entry per text set, complete, nothing half-written beside them
+    entries = list((cache / "teacher_states").iterdir())
+    assert entries and all((e / "meta.json").is_file() for e in entries)
