@@ -287,12 +287,21 @@ class KDNASConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
-    def section_hash(self, *names: str) -> str:
-        """Short, stable hash of the named sections: the cache key part that depends on config."""
+    def section_hash(self, *names: str, exclude: tuple[str, ...] = ()) -> str:
+        """Short, stable hash of the named sections: the cache key part that depends on config.
+        ``exclude`` drops dotted fields that do not change the result being keyed."""
         values = {n: getattr(self, n) for n in names}
         payload = {n: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for n, v in values.items()}
+        for dotted in exclude:
+            section, _, name = dotted.partition(".")
+            if isinstance(payload.get(section), dict):
+                payload[section].pop(name, None)
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
+
+
+# Fields that change the final students but not the search: a new final budget reuses the search.
+NOT_SEARCH = ("distill.final", "distill.checkpoint_every")
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdnas_core.atomic import write_json
-from kdnas_core.config import KDNASConfig, LatencyConfig
+from kdnas_core.config import NOT_SEARCH, KDNASConfig, LatencyConfig
 from kdnas_core.errors import ConfigError, DataError, KdnasError
 from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
 from kdnas_core.distill import (
@@ -413,7 +413,8 @@ def export_student(student_path: str | Path, cfg: LatencyConfig) -> dict:
 
 def search_dir(cfg: KDNASConfig) -> Path:
     """One folder per search configuration: re-running the same config resumes it."""
-    key = cfg.section_hash("seed", "teacher", "data", "search_space", "distill", "latency", "reward", "controller", "search")
+    key = cfg.section_hash("seed", "teacher", "data", "search_space", "distill", "latency", "reward", "controller",
+                           "search", exclude=NOT_SEARCH)
     return cfg.paths.output_path() / "search" / key
 
 

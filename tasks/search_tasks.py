@@ -17,7 +17,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
-from kdnas_core.config import KDNASConfig, config_from_dict
+from kdnas_core.config import NOT_SEARCH, KDNASConfig, config_from_dict
 from kdnas_core.recipes import (
     ProxyEvaluator,
     Workspace,
@@ -63,11 +63,12 @@ class ArchCache(CachePolicy):
     """Cache key = task + arch_id + hash of the config sections that change the result."""
 
     sections: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs) -> str | None:
         cfg = config_from_dict(inputs["cfg"])
         arch = StudentArch.from_name(inputs["arch"])
-        return f"{task_ctx.task.name}-{arch.arch_id}-{cfg.section_hash(*self.sections)}"
+        return f"{task_ctx.task.name}-{arch.arch_id}-{cfg.section_hash(*self.sections, exclude=self.exclude)}"
 
 
 def _arch_run_name(prefix: str):
@@ -95,7 +96,7 @@ def teacher_latency_ms(cfg: dict) -> float:
     return teacher_latency(workspace(c)).median(c.latency.reward_backend, b, s)
 
 
-@task(name="proxy-distill", cache_policy=ArchCache(sections=PROXY_SECTIONS), persist_result=True,
+@task(name="proxy-distill", cache_policy=ArchCache(sections=PROXY_SECTIONS, exclude=NOT_SEARCH), persist_result=True,
       result_serializer="json", task_run_name=_arch_run_name("proxy-distill"))
 def proxy_distill(cfg: dict, arch: str) -> dict:
     return evaluator(config_from_dict(cfg)).distill(StudentArch.from_name(arch))

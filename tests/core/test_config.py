@@ -65,3 +65,14 @@ def test_section_hash_tracks_only_named_sections(tmp_path):
     b = load_config(write(tmp_path, "seed: 2\ndistill: {lr: 0.001}\n"))
     assert a.section_hash("data") == b.section_hash("data")
     assert a.section_hash("distill") != b.section_hash("distill")
+
+
+def test_the_final_budget_does_not_change_the_search_folder():
+    from kdnas_core.config import KDNASConfig
+    from kdnas_core.recipes import search_dir
+
+    base = KDNASConfig()
+    longer_final = KDNASConfig.model_validate({"distill": {"final": {"epochs": 5}, "checkpoint_every": 10}})
+    other_recipe = KDNASConfig.model_validate({"distill": {"lr": 1e-3}})
+    assert search_dir(longer_final) == search_dir(base)
+    assert search_dir(other_recipe) != search_dir(base)
