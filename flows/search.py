@@ -21,7 +21,7 @@ from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict, lo
 from kdnas_core.recipes import markdown_table, search_dir, search_in_folder
 from kdnas_core.search import SUMMARY_COLUMNS, Evaluation
 from kdnas_core.search_space import StudentArch
-from infra.tracking import TrackingError
+from infra.tracking import TrackingError, preflight
 from tasks.tracking_tasks import (
     finish_search_run,
     flush_spool,
@@ -110,6 +110,8 @@ def kdnas(
     else:
         cfg = load_config(config_path, overrides)
     c = cfg.model_dump(mode="json")
+    if cfg.tracking.enabled:
+        preflight(cfg)  # an unreachable server or unwritable bucket fails now, not hours in
     prep = prepare_teacher_states(c)
     teacher_ms = teacher_latency_ms(c)
     logger.info("teacher %s: %.2f ms; proxy cache %s", cfg.teacher.name, teacher_ms, prep["proxy_cache"])

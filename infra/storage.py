@@ -26,6 +26,31 @@ def s3_client(endpoint_url: str | None = None):
     return boto3.client("s3", endpoint_url=endpoint_url, config=_BOTO_CONFIG)
 
 
+def check_access(uri: str, endpoint_url: str | None = None) -> None:
+    """Fail in one line, before a search starts, when an s3:// artifact location cannot be
+    written with the credentials of the AWS chain."""
+    from botocore.exceptions import BotoCoreError, NoCredentialsError
+
+    from kdnas_core.errors import KdnasError
+
+    bucket = uri.removeprefix("s3://").split("/", 1)[0]
+    where = f"tracking.artifact_location = {uri!r}"
+    try:
+        s3_client(endpoint_url).head_bucket(Bucket=bucket)
+    except NoCredentialsError:
+        raise KdnasError(f"{where}: no AWS credentials found (environment, profile or role)") from None
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            raise KdnasError(f"{where}: bucket {bucket!r} does not exist") from None
+        if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+            raise KdnasError(f"{where}: access denied ({code}) with the credentials from the AWS chain; "
+                             "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE") from None
+        raise KdnasError(f"{where}: S3 error {code or err}") from None
+    except BotoCoreError as err:
+        raise KdnasError(f"{where}: S3 endpoint unreachable ({type(err).__name__})") from None
+
+
 def ensure_bucket(bucket: str, endpoint_url: str | None = None) -> None:
     s3 = s3_client(endpoint_url)
     try:

@@ -69,8 +69,21 @@ def tracking_uri(cfg: KDNASConfig) -> str:
 
 
 def _local_artifacts(cfg: KDNASConfig, uri: str) -> str | None:
-    # With a local store, artifacts go beside it; a server decides its own artifact store.
+    # An explicit location wins; with a local store, artifacts go beside it; otherwise the
+    # server decides.
+    if cfg.tracking.artifact_location:
+        return cfg.tracking.artifact_location
     return (cfg.paths.output_path().resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+
+
+def preflight(cfg: KDNASConfig) -> None:
+    """Before a tracked search starts: the tracking server answers and the S3 artifact location
+    is writable with the credentials at hand; each failure is one clear line."""
+    check_reachable(tracking_uri(cfg))
+    if (cfg.tracking.artifact_location or "").startswith("s3://"):
+        from infra.storage import check_access
+
+        check_access(cfg.tracking.artifact_location)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -145,9 +145,9 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
     if args.warm_from or args.fresh:
         raise KdnasError("--warm-from and --fresh need --no-prefect (the flow resumes and warm-starts by itself)")
     if cfg.tracking.enabled:
-        from infra.tracking import check_reachable, tracking_uri
+        from infra.tracking import preflight
 
-        check_reachable(tracking_uri(cfg))  # seconds, before Prefect starts, rather than deep inside the run
+        preflight(cfg)  # seconds, before Prefect starts, rather than deep inside the run
     out = kdnas(config_path=str(args.config), overrides=_parse_set(args.set) or None,
                 research=args.research, final=not args.no_final)
     print((search_dir(cfg) / "report.md").read_text())

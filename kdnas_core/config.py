@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -220,6 +221,22 @@ class TrackingConfig(_Section):
     experiment: str = "kdnas"
     # Registered model holding the final students (None: "kdnas-<teacher>").
     registered_model: str | None = None
+    # Where a new experiment keeps its artifacts, e.g. "s3://bucket/prefix" (clients then upload
+    # straight to S3, MLFLOW_S3_ENDPOINT_URL for MinIO or a local endpoint). None: the server's
+    # choice, or <output_dir>/mlartifacts with the local store.
+    artifact_location: str | None = None
+
+    @field_validator("artifact_location")
+    @classmethod
+    def _s3_uri(cls, uri: str | None) -> str | None:
+        if uri and uri.startswith("s3:"):
+            m = re.fullmatch(r"s3://([^/]+)(/.*)?", uri)
+            if not m or not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", m.group(1)) or ".." in m.group(1):
+                raise ValueError("expected s3://<bucket>/<prefix> with a valid bucket name (3-63 lower-case "
+                                 "letters, digits, dots, hyphens)")
+        elif uri and "://" in uri and not uri.startswith(("file://", "gs://", "wasbs://", "hdfs://")):
+            raise ValueError("expected an s3://, file:// (or other MLflow artifact) URI or a local path")
+        return uri
     # At the end of a run, how long to keep retrying artifacts spooled during an artifact-store
     # outage before failing (they stay spooled and the next run uploads them).
     spool_wait_s: int = Field(default=600, ge=0)

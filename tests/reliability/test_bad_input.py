@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,13 +112,17 @@ CASES = {
                                            r"evaluate.task.label_column = 'label' is not a column .*stars"),
     "tracking server unreachable": (["search"], {"tracking.enabled": True, "tracking.uri": "http://127.0.0.1:9"},
                                     r"tracking.uri = 'http://127.0.0.1:9': no MLflow server answers"),
+    "invalid S3 URI": (["search"], {"tracking.enabled": True, "tracking.artifact_location": "s3://Bad_Bucket!/runs"},
+                       r"tracking.artifact_location = \"s3://Bad_Bucket!/runs\": expected s3://<bucket>/<prefix>"),
+    "wrong S3 credentials": (["search"], {"tracking.enabled": True, "tracking.artifact_location": "s3://kdnas-auth/runs"},
+                             r"tracking.artifact_location = 's3://kdnas-auth/runs': access denied \(InvalidAccessKeyId|403"),
     "warm start from another teacher's search": (SEARCH + ["--warm-from", _state_of_other_teacher], {},
                                                  r"other-teacher-state.json: searched with another teacher"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_bad_input_fails_in_one_clear_line(case, base, tmp_path, capsys, monkeypatch):
+def test_bad_input_fails_in_one_clear_line(case, base, tmp_path, capsys, monkeypatch, request):
     root, valid = base
     command, changes, pattern = CASES[case]
     cfg = json.loads(json.dumps(valid))
@@ -133,6 +138,12 @@ def test_bad_input_fails_in_one_clear_line(case, base, tmp_path, capsys, monkeyp
     argv = [a(root) if callable(a) else a for a in command]
     if argv[0] not in ("arch",):
         argv += ["--config", str(config)]
+    if case == "wrong S3 credentials":
+        endpoint = request.getfixturevalue("s3_with_auth")
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     if case == "eval task without its label column":
         argv = ["evaluate", str(_student(root, tmp_path)), "--config", str(config)]
     capsys.readouterr()
@@ -145,6 +156,33 @@ def test_bad_input_fails_in_one_clear_line(case, base, tmp_path, capsys, monkeyp
     out = Path(cfg["paths"]["output_dir"])
     written = [p for p in out.rglob("*") if p.is_file()] if out.is_dir() else []
     assert written == [], written
+
+
+@pytest.fixture(scope="module")
+def s3_with_auth():
+    """A local S3 endpoint that checks credentials (moto with IAM authentication on)."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from tests.integration.support import free_port
+
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def _student(root: Path, tmp_path: Path) -> Path:
