@@ -355,22 +355,25 @@ def plot(df: pd.DataFrame, path: Path) -> None:
 
     colors = {"teacher": "black", "off-the-shelf": "tab:purple", "hand-picked": "tab:orange",
               "random-search": "tab:green", "kd-nas": "tab:blue", "floor": "tab:gray", "kd-nas int8": "tab:cyan"}
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for _, r in df.iterrows():
         ms = r.fp32_ms if isinstance(r.fp32_ms, float) and np.isfinite(r.fp32_ms) else r.int8_ms
         ax.errorbar([ms], [r.probe_acc], yerr=[1.96 * r.probe_acc_se], fmt="o", color=colors.get(r.kind, "k"),
-                    mfc="none" if r.kind == "floor" else colors.get(r.kind, "k"), capsize=3)
-        ax.annotate(r.model[:48], (ms, r.probe_acc), fontsize=6, xytext=(4, 3), textcoords="offset points")
+                    mfc="none" if r.kind == "floor" else colors.get(r.kind, "k"), capsize=3, alpha=0.5 if r.kind == "floor" else 1)
+        if r.kind != "floor":  # floors sit below their student: the hollow marker says enough
+            label = {"teacher": "teacher", "off-the-shelf": "MiniLM-L6 as shipped"}.get(r.kind, str(r.arch).split(" (")[0])
+            label += " int8" if r.kind == "kd-nas int8" else ""
+            ax.annotate(label, (ms, r.probe_acc), fontsize=7, xytext=(5, 4), textcoords="offset points")
     for kind, c in colors.items():
         if (df.kind == kind).any():
             ax.scatter([], [], color=c, label=kind)
     ax.set_xscale("log")
     ax.set_xlabel("ONNX Runtime CPU latency, 1 thread, ms (log; int8 rows at their int8 latency)")
     ax.set_ylabel("linear-probe accuracy on held-out texts (±95 %)")
-    ax.set_title("Quality vs latency: every row of the headline table")
+    ax.set_title("Quality vs latency: every row of the headline table (hollow: untrained floors)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
 
 
