@@ -280,12 +280,19 @@ def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  n_classes: int, cfg: ProbeConfig | None = None, seed: int = 0) -> Scores:
     """Logistic regression on standardised embeddings: what a linear classifier can read off."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     cfg = cfg or ProbeConfig()
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=cfg.C, max_iter=cfg.max_iter, random_state=seed))
+    if cfg.C is not None:
+        model = LogisticRegression(C=cfg.C, max_iter=cfg.max_iter, random_state=seed)
+    else:
+        folds = min(cfg.cv, int(np.bincount(train_y).min()))
+        model = LogisticRegressionCV(Cs=cfg.Cs, cv=StratifiedKFold(max(2, folds), shuffle=True, random_state=seed),
+                                     scoring="accuracy", l1_ratios=(0.0,), max_iter=cfg.max_iter, random_state=seed)
+    clf = make_pipeline(StandardScaler(), model)
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
