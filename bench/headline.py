@@ -210,15 +210,17 @@ def run_searches(ws: Workspace, cfg: KDNASConfig, teacher_ms: float):
     kdnas = search_in_folder(cfg, ws.space, teacher_ms, evaluate=evaluate)
     rcfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"kind": "random"})})
     rnd = search_in_folder(rcfg, ws.space, teacher_ms, evaluate=evaluate)
-    return kdnas, rnd, len(cache)
+    # distinct archs over both searches (a resumed run evaluates none of them again)
+    return kdnas, rnd, len({o.arch.arch_id for o in kdnas.observations + rnd.observations}), len(cache)
 
 
-def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> None:
+def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:
     """Full-corpus distillation of every student row with one shared teacher-state cache; each
     result is saved (safetensors) so a rerun skips finished students."""
     from transformers import AutoModel
 
     todo = [r for r in rows if r.distil]
+    distilled = 0
     layers = ws.layers_for(sorted({r.model.config.num_hidden_layers for r in todo}))
     states = ws.cached_states("train", layers)
     eval_states = ws.eval_states(layers)
@@ -236,6 +238,8 @@ def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> None:
         r.model.save_pretrained(folder, safe_serialization=True)
         r.result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"}
         done.write_text(json.dumps(r.result, indent=2))
+        distilled += 1
+    return distilled
 
 
 def _slug(name: str) -> str:
@@ -418,8 +422,9 @@ def main(argv: list[str] | None = None) -> Path:
     phase = {}
 
     t0 = time.perf_counter()
-    kdnas, rnd, n_distinct = run_searches(ws, cfg, teacher_ms)
+    kdnas, rnd, n_distinct, n_new = run_searches(ws, cfg, teacher_ms)
     phase["searches"] = time.perf_counter() - t0
+    reused = [] if n_new else ["searches"]
     picks = [r for r in kdnas.recommendations if r["arch"]]
     if not picks:
         raise SystemExit(f"KD-NAS found no student within any budget: {kdnas.recommendations}")
@@ -468,7 +473,8 @@ def main(argv: list[str] | None = None) -> Path:
             r.latency = owner.latency  # same architecture, same latency
     phase["latency"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    distil_rows(ws, rows, work)
+    if not distil_rows(ws, rows, work):
+        reused.append("distillation")
     phase["distillation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     evaluate_rows(ws, all_rows, int8_of, work)
@@ -482,6 +488,14 @@ def main(argv: list[str] | None = None) -> Path:
     task = ws.task
     cmd = "python bench/headline.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     total = time.perf_counter() - start
+    # Phases that did their work in an earlier run of this command (resumed): report that run's
+    # times for them, and say so.
+    timings_file = work / "timings.json"
+    earlier = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    times = {k: (earlier.get(k, v) if k in reused else v) for k, v in phase.items()}
+    timings_file.write_text(json.dumps(times, indent=2))
+    reuse_note = (f" ({' and '.join(reused)} reused from an earlier run of the same command in {work.name}/; "
+                  "their times are that run's)") if reused else ""
     md = [
         f"# Headline benchmark ({variant}): {cfg.teacher.name} teacher",
         "",
@@ -498,7 +512,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"scored on {len(task.test_texts)} held-out texts that no student was distilled on; gap closed = (row - its "
         "untrained floor) / (teacher - floor), ± paired-bootstrap SE [95 % interval].",
         *[f"- note: {n}" for n in task.notes + ([random_note] if random_note else [])],
-        f"- wall time {total / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in phase.items()),
+        f"- time {sum(times.values()) / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + reuse_note,
         "",
         markdown_table(render(df)),
         "",
