@@ -21,6 +21,20 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _isolate_tracking_env():
+    """mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into os.environ; a test that talks to a
+    (since stopped) server must not send the next test's runs there."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The real uncased WordPiece tokenizer that ships with the packaged MiniLM-L6."""
