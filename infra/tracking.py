@@ -250,7 +250,9 @@ class Tracker:
         tmp.rename(self.spool / uuid.uuid4().hex)  # complete, or absent
 
     def spooled(self) -> list[Path]:
-        return sorted(p for p in self.spool.glob("*") if (p / "entry.json").is_file()) if self.spool.is_dir() else []
+        # ".entry-*" folders are spools still being written (or killed midway): never uploaded
+        return sorted(p for p in self.spool.glob("*") if not p.name.startswith(".") and (p / "entry.json").is_file()) \
+            if self.spool.is_dir() else []
 
     def flush_spool(self) -> dict:
         """One attempt at every spooled artifact; returns what was uploaded and what waits."""

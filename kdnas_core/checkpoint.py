@@ -52,8 +52,11 @@ def save_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer: torc
 
 def find_checkpoint(folder: Path) -> Path | None:
     """The latest complete checkpoint: the folder, or the previous one if a crash came between
-    the two renames of ``save_checkpoint``."""
+    the two renames of ``save_checkpoint``. Temporary folders of a save that was killed midway
+    are removed (one process trains a given checkpoint: the search lock sees to that)."""
     folder = Path(folder)
+    for stale in folder.parent.glob(f".{folder.name}-*") if folder.parent.is_dir() else ():
+        shutil.rmtree(stale, ignore_errors=True)
     for f in (folder, folder.with_name(f".{folder.name}.old")):
         if (f / "state.json").is_file():
             return f

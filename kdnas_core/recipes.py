@@ -192,6 +192,12 @@ def profile_arch(ws: Workspace, arch: StudentArch, cfg: LatencyConfig | None = N
     return report
 
 
+def checkpoint_path(cfg: KDNASConfig, out_dir: Path, split: str, max_steps: int | None) -> Path:
+    """Next to the student folder, keyed by config: a rerun of the same job resumes from it."""
+    config_hash = cfg.section_hash("seed", "teacher", "data", "distill")
+    return out_dir.with_name(f".{out_dir.name}-{split}-{config_hash}-{max_steps or 0}.ckpt")
+
+
 def distill_one(
     cfg: KDNASConfig,
     arch: str | StudentArch,
@@ -215,9 +221,7 @@ def distill_one(
     eval_states = ws.eval_states(layers, progress)
     student = build_student(arch, ws.teacher, seed=cfg.seed)
     out_dir = Path(out_dir) if out_dir else cfg.paths.output_path() / "students" / arch.arch_id
-    config_hash = cfg.section_hash("seed", "teacher", "data", "distill")
-    # Next to the student folder, keyed by config: a rerun of the same job resumes from it.
-    ckpt = out_dir.with_name(f".{out_dir.name}-{split}-{config_hash}-{budget.max_steps or 0}.ckpt")
+    ckpt = checkpoint_path(cfg, out_dir, split, budget.max_steps)
     result = distill(
         student, states, batches, cfg.distill, budget,
         eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, progress=progress,
@@ -393,6 +397,8 @@ def final_students(cfg: KDNASConfig, ws: Workspace, recommendations: list[dict],
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         if meta.get("config_hash") == config_hash and meta.get("split") == "train":
             log("final-reused", arch)
+            # killed after saving the student but before removing its checkpoint: tidy up
+            remove_checkpoint(checkpoint_path(cfg, folder, "train", cfg.distill.final.max_steps))
             summary = {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder)}
         else:
             log("final-start", arch)

@@ -99,6 +99,9 @@ def save_student(model: nn.Module, tokenizer, arch: StudentArch, out_dir: Path, 
     renamed, so a crash never leaves a half-saved student behind."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}-*"):  # left by a save that was killed
+        if stale.is_dir() and not stale.name.endswith(".ckpt"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

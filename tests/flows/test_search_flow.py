@@ -82,3 +82,25 @@ def test_typed_config_parameter_is_validated_by_prefect(prefect_harness):
     assert state.is_failed()
     msg = str(state.message) + repr(state.result(raise_on_failure=False))
     assert "learning_rate" in msg and ("extra" in msg.lower() or "not permitted" in msg.lower())
+
+
+def test_candidates_missing_in_mlflow_are_synced_from_the_state(prefect_harness, tiny_config):
+    """A candidate whose run never reached MLflow (tracking outage, crash between saving and
+    logging) is logged by the next run of the same search, from state.json."""
+    from flows.search import kdnas
+    from infra.tracking import Tracker
+    from kdnas_core.config import load_config
+
+    out = kdnas(config_path=str(tiny_config), research=False, final=False)
+    tracker = Tracker(load_config(tiny_config))
+    parent = out["tracking_run_id"]
+    logged = tracker.logged_candidates(parent)
+    assert len(logged) == 4
+    lost = sorted(logged)[0]
+    (run,) = [r for r in tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+              if r.info.run_name == lost]
+    tracker.client.delete_run(run.info.run_id)  # as if it had never been logged
+    assert lost not in tracker.logged_candidates(parent)
+    again = kdnas(config_path=str(tiny_config), research=False, final=False)
+    assert again["tracking_run_id"] == parent and again["evaluated"] == 4
+    assert tracker.logged_candidates(parent) == logged
