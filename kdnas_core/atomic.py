@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,3 +27,12 @@ def write_npy(path: Path, array) -> Path:
         np.save(f, array, allow_pickle=False)
     tmp.replace(path)
     return path
+
+
+def sha256_file(path: Path) -> str:
+    """Content hash of a file, read in 4 MiB chunks: how caches detect damage or tampering."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

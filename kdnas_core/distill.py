@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from kdnas_core.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from kdnas_core.config import DistillConfig, LossWeights, TrainBudget
 from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches
+from kdnas_core.atomic import sha256_file
 from kdnas_core.errors import KdnasError
 from kdnas_core.teachers import Teacher, find_qkv
 
@@ -87,14 +88,6 @@ def teacher_layers_needed(
 
 class CorruptCache(KdnasError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -330,7 +323,7 @@ class CachedTeacherStates:
             np.save(tmp / "offsets.npy", offsets)
             np.save(tmp / "stats_mean.npy", stats.mean.numpy())
             np.save(tmp / "stats_std.npy", stats.std.numpy())
-            meta["sha256"] = {p.name: _sha256(p) for p in sorted(tmp.glob("*.npy"))}
+            meta["sha256"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.npy"))}
             # meta.json last: its presence marks a complete cache.
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             del arrays
@@ -349,7 +342,7 @@ class CachedTeacherStates:
     def load(cls, path: Path, verify: bool = True) -> CachedTeacherStates:
         meta = json.loads((path / "meta.json").read_text())
         for name, digest in meta.get("sha256", {}).items() if verify else ():
-            if _sha256(path / name) != digest:
+            if sha256_file(path / name) != digest:
                 raise CorruptCache(f"{path / name}: content does not match its recorded sha256")
         # Plain .npy arrays, memory-mapped; allow_pickle stays False (never unpickle storage).
         names = [f"layer_{l}" for l in meta["layers"]] + (["qkv"] if meta["relation_layer"] is not None else [])

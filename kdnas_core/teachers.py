@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kdnas_core.config import TeacherConfig
+from kdnas_core.atomic import sha256_file
 from kdnas_core.errors import TeacherError
 from kdnas_core.search_space import TeacherShape
 
@@ -160,19 +161,11 @@ def _find_mpnet_parts() -> list[Path]:
 MANIFEST = ".kdnas-sha256.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _intact(folder: Path) -> bool:
     """Every file of an assembled teacher still matches the sha256 recorded when it was built."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        return bool(manifest) and all(_sha256(folder / name) == digest for name, digest in manifest.items())
+        return bool(manifest) and all(sha256_file(folder / name) == digest for name, digest in manifest.items())
     except (OSError, ValueError):
         return False
 
@@ -206,7 +199,7 @@ def assemble_mpnet(dest_root: Path) -> Path:
         unpacked = Path(tmp) / "unpacked" / MPNET_DIR
         if not (unpacked / "config.json").is_file():
             raise TeacherError(f"teacher 'mpnet-base': zip has no {MPNET_DIR}/config.json")
-        digests = {p.relative_to(unpacked).as_posix(): _sha256(p) for p in sorted(unpacked.rglob("*")) if p.is_file()}
+        digests = {p.relative_to(unpacked).as_posix(): sha256_file(p) for p in sorted(unpacked.rglob("*")) if p.is_file()}
         (unpacked / MANIFEST).write_text(json.dumps(digests, indent=1))
         try:
             unpacked.rename(final)
