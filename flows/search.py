@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from kdnas_core.atomic import write_json
 from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict, load_config
-from kdnas_core.recipes import markdown_table, search_dir, search_in_folder
+from kdnas_core.recipes import EventLog, RecordedEvaluator, markdown_table, search_dir, search_in_folder
 from kdnas_core.search import SUMMARY_COLUMNS, Evaluation
 from kdnas_core.search_space import StudentArch
 from infra.tracking import TrackingError, preflight
@@ -147,7 +147,10 @@ def kdnas(
             except Exception as err:  # noqa: BLE001 - the result is safe in state.json; synced below
                 logger.warning("tracking unavailable for %s (%s); it is synced at the end of the search", o.arch.name, err)
 
-    result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=evaluate_batch,
+    # evals/ and events.jsonl as in the plain loop: a killed flow resumes without sending a
+    # recorded candidate out again, even where Prefect's own result cache is not shared.
+    recorded = RecordedEvaluator.batch(evaluate_batch, out, EventLog(out))
+    result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=recorded,
                               research=research, on_observation=on_observation, teacher=workspace(cfg).teacher.fingerprint)
     create_markdown_artifact(markdown_table(result.leaderboard[SUMMARY_COLUMNS]), key="kdnas-leaderboard",
                              description=f"KD-NAS leaderboard ({cfg.teacher.name}, {teacher_ms:.2f} ms)")
@@ -164,15 +167,17 @@ def kdnas(
             evaluation = evaluate_students_task(c, [f["path"] for f in finals.values()], str(out))
             create_markdown_artifact(Path(evaluation["md"]).read_text(), key="kdnas-evaluation",
                                      description="downstream quality of the final students")
-        if parent:
+    spool = None
+    if parent:
+        # The tracking server may have gone away during the search: every result is already on
+        # disk (state.json, evals/, students/), so one clear failure and a rerun that syncs is
+        # all that is needed; nothing is redone then (evaluations and finals are reused).
+        try:
             for arch, f in finals.items():
                 chosen_for = [r["budget"] for r in recs if r["arch"] == arch]
                 metrics = {k: v for k, v in f["result"].items() if isinstance(v, (int, float))}
                 metrics |= (evaluation or {}).get("metrics", {}).get(arch, {})
                 f["registered"] = register_student(c, parent, f["path"], chosen_for, metrics)
-    spool = None
-    if parent:
-        try:
             sync_candidates(c, parent, str(out / "state.json"))
             log_search_results(c, parent, str(out))
         except Exception as err:  # noqa: BLE001 - say what is safe and how to finish

@@ -196,6 +196,19 @@ class Tracker:
         version, with one alias per budget it was chosen for, e.g. ``budget-0.25x``."""
         budget = ",".join(budgets)
         info = json.loads((Path(student_dir) / "kdnas_arch.json").read_text())
+        name = self.model_name
+        aliases = ["budget-" + re.sub(r"[^A-Za-z0-9_-]", "_", b) for b in budgets]
+        # A rerun of the search (after a tracking outage or a crash) registers nothing twice:
+        # a finished final run that already has a model version is reused as it is.
+        done = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                       f"attributes.run_name = 'final-{info['arch_id']}' and "
+                                       "attributes.status = 'FINISHED'", max_results=1)
+        if done and self._model_exists(name):
+            versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{done[0].info.run_id}'")
+            if versions:
+                for alias in aliases:
+                    self.client.set_registered_model_alias(name, alias, versions[0].version)
+                return {"model": name, "version": versions[0].version, "aliases": aliases, "run_id": done[0].info.run_id}
         run = self.client.create_run(self.experiment_id, run_name=f"final-{info['arch_id']}", tags={
             "mlflow.parentRunId": parent_id, "kdnas.arch": info["name"], "kdnas.status": "final", "kdnas.budget": budget})
         rid = run.info.run_id
@@ -203,12 +216,10 @@ class Tracker:
                                             if isinstance(v, (int, float))])
         self.upload(rid, Path(student_dir), "student")
         self.client.set_terminated(rid, "FINISHED")
-        name = self.model_name
         if not self._model_exists(name):
             self.client.create_registered_model(name, description="kdnas students, one alias per latency budget")
         source = f"{self.client.get_run(rid).info.artifact_uri}/student"
         version = self.client.create_model_version(name, source, run_id=rid, tags={"arch": info["name"], "budget": budget})
-        aliases = ["budget-" + re.sub(r"[^A-Za-z0-9_-]", "_", b) for b in budgets]
         for alias in aliases:
             self.client.set_registered_model_alias(name, alias, version.version)
         return {"model": name, "version": version.version, "aliases": aliases, "run_id": rid}

@@ -362,7 +362,7 @@ class RecordedEvaluator:
     def __init__(self, evaluate: Evaluator, folder: Path, log: EventLog):
         self.evaluate, self.folder, self.log = evaluate, Path(folder) / "evals", log
 
-    def __call__(self, arch: StudentArch) -> Evaluation:
+    def _recorded(self, arch: StudentArch) -> Evaluation | None:
         path = self.folder / f"{arch.arch_id}.json"
         if path.is_file():
             try:
@@ -371,15 +371,44 @@ class RecordedEvaluator:
                 return Evaluation(d["kd_loss"], d["latency_ms"], d.get("extra", {}))
             except (ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)
+        return None
+
+    def _record(self, arch: StudentArch, ev: Evaluation) -> None:
+        if ev.failed:  # not kept: a resumed search tries a failed candidate again
+            self.log("evaluation-failed", arch, error=ev.extra.get("error", ""))
+            return
+        write_json(self.folder / f"{arch.arch_id}.json", {"kd_loss": ev.kd_loss, "latency_ms": ev.latency_ms, "extra": ev.extra})
+        self.log("evaluation-done", arch)
+
+    def __call__(self, arch: StudentArch) -> Evaluation:
+        if (ev := self._recorded(arch)) is not None:
+            return ev
         self.log("evaluation-start", arch)
         try:
             ev = self.evaluate(arch)
         except Exception as err:
             self.log("evaluation-failed", arch, error=f"{type(err).__name__}: {err}"[:300])
             raise
-        write_json(path, {"kd_loss": ev.kd_loss, "latency_ms": ev.latency_ms, "extra": ev.extra})
-        self.log("evaluation-done", arch)
+        self._record(arch, ev)
         return ev
+
+    @classmethod
+    def batch(cls, evaluate_batch: BatchEvaluator, folder: Path, log: EventLog) -> BatchEvaluator:
+        """The same record for a batch evaluator (the Prefect flow's fan-out): recorded
+        candidates are not sent out again, the others are recorded as their results come back."""
+        rec = cls(lambda arch: None, folder, log)
+
+        def run(archs: list[StudentArch]) -> list[Evaluation]:
+            known = {a.arch_id: ev for a in archs if (ev := rec._recorded(a)) is not None}
+            todo = [a for a in archs if a.arch_id not in known]
+            for a in todo:
+                log("evaluation-start", a)
+            for a, ev in zip(todo, evaluate_batch(todo) if todo else []):
+                rec._record(a, ev)
+                known[a.arch_id] = ev
+            return [known[a.arch_id] for a in archs]
+
+        return run
 
 
 def final_students(cfg: KDNASConfig, ws: Workspace, recommendations: list[dict], log: EventLog | None = None,
@@ -387,25 +416,30 @@ def final_students(cfg: KDNASConfig, ws: Workspace, recommendations: list[dict],
     """Full-corpus distillation and ONNX export of each recommended architecture, without
     Prefect. A student already saved for this config is kept; an interrupted one resumes from
     its checkpoint."""
-    log = log or (lambda *a, **k: None)
     finals: dict[str, dict] = {}
-    config_hash = cfg.section_hash("teacher", "data", "distill")
     for name in dict.fromkeys(r["arch"] for r in recommendations if r["arch"]):
-        arch = StudentArch.from_name(name)
-        folder = cfg.paths.output_path() / "students" / arch.arch_id
-        meta_file = folder / "kdnas_arch.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        if meta.get("config_hash") == config_hash and meta.get("split") == "train":
-            log("final-reused", arch)
-            # killed after saving the student but before removing its checkpoint: tidy up
-            remove_checkpoint(checkpoint_path(cfg, folder, "train", cfg.distill.final.max_steps))
-            summary = {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder)}
-        else:
-            log("final-start", arch)
-            summary = distill_one(cfg, arch, split="train", out_dir=folder, ws=ws, progress=progress)
-            log("final-done", arch)
-        finals[name] = {**summary, **export_student(folder, cfg.latency)}
+        summary = final_student(cfg, ws, StudentArch.from_name(name), log, progress)
+        finals[name] = {**summary, **export_student(summary["path"], cfg.latency)}
     return finals
+
+
+def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: EventLog | None = None,
+                  progress: bool = True) -> dict:
+    """One final student: kept if already saved for this config, resumed from its checkpoint
+    if interrupted, distilled otherwise (the plain loop and the flow's task share this)."""
+    log = log or (lambda *a, **k: None)
+    folder = cfg.paths.output_path() / "students" / arch.arch_id
+    meta_file = folder / "kdnas_arch.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("config_hash") == cfg.section_hash("teacher", "data", "distill") and meta.get("split") == "train":
+        log("final-reused", arch)
+        # killed after saving the student but before removing its checkpoint: tidy up
+        remove_checkpoint(checkpoint_path(cfg, folder, "train", cfg.distill.final.max_steps))
+        return {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder)}
+    log("final-start", arch)
+    summary = distill_one(cfg, arch, split="train", out_dir=folder, ws=ws, progress=progress)
+    log("final-done", arch)
+    return summary
 
 
 def export_student(student_path: str | Path, cfg: LatencyConfig) -> dict:

@@ -19,15 +19,17 @@ from prefect.cache_policies import CachePolicy
 
 from kdnas_core.config import NOT_SEARCH, KDNASConfig, config_from_dict
 from kdnas_core.recipes import (
+    EventLog,
     ProxyEvaluator,
     Workspace,
     evaluate_students,
     export_student,
+    final_student,
     profile_arch,
+    search_dir,
     teacher_latency,
     write_evaluation,
 )
-from kdnas_core.recipes import distill_one as core_distill_one
 from kdnas_core.search_space import StudentArch
 
 _LOCK = threading.Lock()
@@ -115,7 +117,7 @@ def profile_latency(cfg: dict, arch: str) -> dict:
       result_serializer="json", task_run_name=_arch_run_name("final-distill"))
 def final_distill(cfg: dict, arch: str) -> dict:
     c = config_from_dict(cfg)
-    return core_distill_one(c, arch, split="train", ws=workspace(c), progress=False)
+    return final_student(c, workspace(c), StudentArch.from_name(arch), EventLog(search_dir(c)), progress=False)
 
 
 @task(name="export-onnx", task_run_name=_arch_run_name("export-onnx"))

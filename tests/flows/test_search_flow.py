@@ -1,6 +1,7 @@
 """The search flow under Prefect's test harness, with a tiny random teacher saved as a folder."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,10 @@ def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, mo
 
     # The results folder is lost; the same config runs again: every candidate comes from the
     # Prefect task cache (keyed by arch_id + config), nothing is distilled again.
-    state_path = tiny_config.parent / "runs" / "search"
-    for p in state_path.rglob("state.json"):
-        p.unlink()
+    events = [json.loads(x) for x in (Path(out["search_dir"]) / "events.jsonl").read_text().splitlines()]
+    assert sorted(e["arch_id"] for e in events if e["event"] == "evaluation-done") == sorted(_arch_ids(out))
+    assert [e["event"] for e in events if e["event"].startswith("final")] == ["final-start", "final-done"] * len(out["final"])
+    shutil.rmtree(out["search_dir"])
     again = kdnas(config_path=str(tiny_config), research=False, final=False)
     assert again["evaluated"] == 4 and len(distilled) == 4
 

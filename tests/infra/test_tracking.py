@@ -64,6 +64,10 @@ def test_registered_student_loads_back_with_the_same_outputs(tracker, tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(loaded(**enc).last_hidden_state, student(**enc).last_hidden_state)
     assert json.loads((Path(local) / "kdnas_arch.json").read_text())["arch_id"] == arch.arch_id
+    # a rerun of the search (after an outage) registers nothing twice
+    again = tracker.register_student(parent, folder, ["0.25x", "50ms"], {"final_eval_loss": 0.5})
+    assert again == reg
+    assert len(tracker.client.search_model_versions(f"name = '{reg['model']}'")) == 1
 
 
 def test_credentials_never_reach_params_tags_or_metrics(tracker):

@@ -1,6 +1,11 @@
-"""The S3 endpoint behind the MLflow server goes away mid-search for ~60 s and comes back: the
-search goes on, artifacts are spooled and uploaded when the endpoint returns, nothing is lost,
-and the flow reports the delay.
+"""Outages mid-search against real local servers.
+
+- The S3 endpoint behind the MLflow server goes away for ~60 s and comes back: the search goes
+  on, artifacts are spooled and uploaded when the endpoint returns, nothing is lost, and the flow
+  reports the delay.
+- The MLflow server itself stops mid-search and stays down: the search finishes on disk, then
+  fails with one clear line saying nothing is lost; once the server is back, rerunning the same
+  command logs what is missing, redoes no candidate and registers nothing twice.
 
 The endpoint is a local S3 server (moto, in memory) behind a TCP switch: switching it off refuses
 connections and cuts open ones, as a stopped server would, while the objects uploaded before the
@@ -101,8 +106,10 @@ def servers(tmp_path, monkeypatch):
         # the MLflow server reaches S3 only through the switch
         mlflow_env = {**env, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{switch.port}"}
         subprocess.run(["bash", "infra/mlflow-server.sh", "start"], cwd=REPO, env=mlflow_env, check=True, timeout=200)
+        mlflow_ctl = lambda action: subprocess.run(["bash", "infra/mlflow-server.sh", action], cwd=REPO,  # noqa: E731
+                                                   env=mlflow_env, check=True, timeout=200)
         yield {"uri": f"http://127.0.0.1:{mlflow_port}", "s3": f"http://127.0.0.1:{s3_port}", "bucket": "kdnas-outage",
-               "switch": switch}
+               "switch": switch, "mlflow": mlflow_ctl}
     finally:
         switch.off()
         subprocess.run(["bash", "infra/mlflow-server.sh", "stop"], cwd=REPO, env=env, timeout=60)
@@ -155,3 +162,60 @@ def test_s3_outage_mid_search_loses_nothing(servers, prefect_harness, tiny_confi
               "waited_at_end_s": spool["waited_s"], "artifacts_lost": 0, "candidates_tracked": len(candidates)}
     (REPO / "runs" / "test-artifacts").mkdir(parents=True, exist_ok=True)
     (REPO / "runs" / "test-artifacts" / "reliability-outage.json").write_text(json.dumps(report, indent=2))
+
+
+def test_mlflow_server_down_mid_search_fails_clearly_and_the_rerun_syncs(servers, prefect_harness, tiny_config):
+    from mlflow.tracking import MlflowClient
+
+    from flows.search import kdnas
+    from infra.tracking import TrackingError
+
+    client = MlflowClient(servers["uri"])
+    overrides = {"tracking.uri": servers["uri"], "distill.proxy.epochs": 15}  # candidates slow enough to miss
+    stopped: dict = {}
+
+    def stop_after_first_candidate():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            exp = client.get_experiment_by_name("kdnas")
+            if exp and client.search_runs([exp.experiment_id], "tags.`kdnas.status` = 'evaluated'"):
+                break
+            time.sleep(0.2)
+        servers["mlflow"]("stop")
+        stopped["at"] = time.monotonic()
+
+    watcher = threading.Thread(target=stop_after_first_candidate, daemon=True)
+    watcher.start()
+    with pytest.raises(TrackingError, match=r"tracking server unavailable at the end of the search .* nothing is lost: "
+                                            r"results are complete in .*rerun the same command"):
+        kdnas(config_path=str(tiny_config), research=False, overrides=overrides)
+    watcher.join(timeout=60)
+    assert stopped.get("at"), "the server was never stopped: the first candidate was never tracked"
+
+    runs_dir = tiny_config.parent / "runs"
+    (folder,) = [p.parent for p in (runs_dir / "search").glob("*/state.json")]
+    observed = json.loads((folder / "state.json").read_text())["observations"]
+    assert len(observed) == 4 and len(list((runs_dir / "students").glob("*/model.safetensors"))) >= 1
+
+    servers["mlflow"]("start")  # same SQLite store: what was logged before the outage is still there
+    exp = client.get_experiment_by_name("kdnas")
+    before = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kdnas.status") == "evaluated"]
+    assert len(before) < 4  # the outage really cost the tracking of candidates
+
+    out = kdnas(config_path=str(tiny_config), research=False, overrides=overrides)
+    parent = out["tracking_run_id"]
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    candidates = [r.info.run_name for r in runs if r.data.tags.get("kdnas.status") == "evaluated"]
+    assert sorted(candidates) == sorted(o["arch_id"] for o in observed)  # all there, each once
+    finals = [r for r in runs if r.data.tags.get("kdnas.status") == "final"]
+    assert len(finals) == len(out["final"]) and all(r.info.status == "FINISHED" for r in finals)
+    model = next(iter(out["final"].values()))["registered"]["model"]
+    assert len(client.search_model_versions(f"name = '{model}'")) == len(out["final"])
+    # the rerun reused every evaluation and final student
+    events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+    done = [e["arch_id"] for e in events if e["event"] == "evaluation-done"]
+    assert len(done) == len(set(done)) == 4
+    report = {"candidates_logged_before_outage": len(before), "candidates_synced_by_rerun": 4 - len(before),
+              "candidates_redone": 0, "finals_registered_twice": 0}
+    (REPO / "runs" / "test-artifacts").mkdir(parents=True, exist_ok=True)
+    (REPO / "runs" / "test-artifacts" / "reliability-mlflow-outage.json").write_text(json.dumps(report, indent=2))
