@@ -61,8 +61,8 @@ def write_config(root: Path, name: str, cache: Path) -> Path:
     return path
 
 
-def command(config: Path) -> list[str]:
-    return [sys.executable, "-m", "kdnas", "search", "--no-prefect", "--config", str(config)]
+def command(config: Path, prefect: bool = False) -> list[str]:
+    return [sys.executable, "-m", "kdnas", "search", *([] if prefect else ["--no-prefect"]), "--config", str(config)]
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
@@ -94,17 +94,20 @@ def episode(out: Path) -> int:
         return 0
 
 
-def run_and_kill(config: Path, out: Path, trigger, rng: random.Random, timeout: float = 300) -> str | None:
-    """Start the search; when ``trigger(out)`` first holds, wait a random moment and SIGKILL it.
-    Returns the phase the kill landed in, or None if the run finished first."""
-    proc = subprocess.Popen(command(config), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def run_and_kill(config: Path, out: Path, trigger, rng: random.Random, timeout: float = 300,
+                 prefect: bool = False, env: dict | None = None) -> str | None:
+    """Start the search; when ``trigger(out)`` first holds, wait a random moment and SIGKILL it
+    (with its process group: the Prefect flow's ephemeral API server dies with it). Returns the
+    phase the kill landed in, or None if the run finished first."""
+    proc = subprocess.Popen(command(config, prefect), cwd=ROOT, env=env or ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
     start = time.monotonic()
     try:
         while proc.poll() is None and time.monotonic() - start < timeout:
             if trigger(out):
                 time.sleep(rng.uniform(0, 0.4))
                 if proc.poll() is None:
-                    proc.send_signal(signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                     last = events(out)[-1]["event"] if events(out) else "start-up"
                     return last
@@ -115,7 +118,7 @@ def run_and_kill(config: Path, out: Path, trigger, rng: random.Random, timeout: 
         return None
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def count(evs: list[dict], name: str) -> int:
@@ -141,26 +144,46 @@ def final_weights(out: Path) -> dict[str, np.ndarray]:
     return load_file(str(student))
 
 
-def test_kill_9_anywhere_then_rerun_resumes_without_redoing_work(setup):
+@pytest.fixture(scope="module")
+def reference(setup) -> dict:
+    """An uninterrupted run of the plain loop: what every killed-and-rerun search must end with."""
     root = setup
-    cache = root / "cache"
-    ref_cfg = write_config(root, "reference", cache)
+    ref_cfg = write_config(root, "reference", root / "cache")
     subprocess.run(command(ref_cfg), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
-    ref_state = json.loads((search_folder(root / "reference") / "state.json").read_text())
+    return json.loads((search_folder(root / "reference") / "state.json").read_text())
+
+
+def cache_as_reference_began(root: Path, name: str) -> Path:
+    """A copy of the reference's cache as it was when the reference began searching: the same
+    teacher states and latency measurements, but not the latency predictor the reference saved
+    at its end (it would steer the controller differently), so the outcome must be identical."""
+    own_cache = root / name
+    shutil.copytree(root / "cache", own_cache)
+    for p in own_cache.rglob("predictor-*.json"):
+        p.unlink()
+    return own_cache
+
+
+def same_outcome(root: Path, out: Path, state: dict, ref_state: dict) -> None:
+    strip = lambda obs: [(o["arch"], o["kd_loss"], o["latency_ms"], o["reward"]) for o in obs]  # noqa: E731
+    assert strip(state["observations"]) == strip(ref_state["observations"])
+    ref_recs = (search_folder(root / "reference") / "recommendations.csv").read_text()
+    assert (search_folder(out) / "recommendations.csv").read_text() == ref_recs
+    ref_w, w = final_weights(root / "reference"), final_weights(out)
+    assert ref_w.keys() == w.keys()
+    for name in ref_w:
+        np.testing.assert_allclose(w[name], ref_w[name], atol=1e-6, err_msg=name)
+
+
+def test_kill_9_anywhere_then_rerun_resumes_without_redoing_work(setup, reference):
+    root, ref_state = setup, reference
 
     report = {"runs": []}
     for seed in (0, 1):
         rng = random.Random(seed)
-        # Seed 0 starts from a copy of the reference's cache as it was when the reference began
-        # searching: the same teacher states and latency measurements, but not the latency
-        # predictor the reference saved at its end (it would steer the controller differently),
-        # so the outcome must be identical. Seed 1 has its own cache, so kills also land inside
-        # real latency measurements.
-        own_cache = root / f"cache-{seed}"
-        if seed == 0:
-            shutil.copytree(cache, own_cache)
-            for p in own_cache.rglob("predictor-*.json"):
-                p.unlink()
+        # Seed 0 starts from the reference's cache, so its outcome must be identical; seed 1 has
+        # its own cache, so kills also land inside real latency measurements.
+        own_cache = cache_as_reference_began(root, f"cache-{seed}") if seed == 0 else root / f"cache-{seed}"
         cfg = write_config(root, f"killed-{seed}", own_cache)
         out = root / f"killed-{seed}"
         phases = []
@@ -185,17 +208,46 @@ def test_kill_9_anywhere_then_rerun_resumes_without_redoing_work(setup):
         assert len(state["observations"]) == len(ref_state["observations"]) == 6
         assert not leftovers, leftovers
         if seed == 0:
-            strip = lambda obs: [(o["arch"], o["kd_loss"], o["latency_ms"], o["reward"]) for o in obs]  # noqa: E731
-            assert strip(state["observations"]) == strip(ref_state["observations"])
-            ref_recs = (search_folder(root / "reference") / "recommendations.csv").read_text()
-            assert (search_folder(out) / "recommendations.csv").read_text() == ref_recs
-            ref_w, w = final_weights(root / "reference"), final_weights(out)
-            assert ref_w.keys() == w.keys()
-            for name in ref_w:
-                np.testing.assert_allclose(w[name], ref_w[name], atol=1e-6, err_msg=name)
+            same_outcome(root, out, state, ref_state)
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "reliability-kill.json").write_text(json.dumps(report, indent=2))
+
+
+def test_kill_9_the_prefect_flow_then_rerun_resumes_without_redoing_work(setup, reference, tmp_path):
+    """The same for `kdnas search` under Prefect (ephemeral API, tracking on the local store):
+    killed while candidates are distilled, between episodes and during the final distillation;
+    the rerun redoes nothing and ends as the uninterrupted plain loop did."""
+    root, rng = setup, random.Random(2)
+    cfg = write_config(root, "flow-killed", cache_as_reference_began(root, "cache-flow"))
+    out = root / "flow-killed"
+    # tracking on: the local MLflow store under the output folder
+    env = {**{k: v for k, v in ENV.items() if k != "MLFLOW_TRACKING_URI"}, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    k = rng.randint(1, 2)
+    phases = []
+    for label, trigger in [
+        ("proxy distillation", lambda out: count(events(out), "evaluation-start") >= k),
+        ("between episodes", lambda out: episode(out) >= 2),
+        ("final distillation", lambda out: count(events(out), "final-start") >= 1),
+    ]:
+        landed = run_and_kill(cfg, out, trigger, rng, timeout=400, prefect=True, env=env)
+        if landed is not None:
+            phases.append({"aimed_at": label, "last_event": landed})
+    assert run_and_kill(cfg, out, lambda out: False, rng, timeout=400, prefect=True, env=env) is None
+
+    evs = events(out)
+    done = [e["arch_id"] for e in evs if e["event"] == "evaluation-done"]
+    finals = [e["arch_id"] for e in evs if e["event"] == "final-done"]
+    state = json.loads((search_folder(out) / "state.json").read_text())
+    assert len(phases) == 3, phases
+    assert len(done) == len(set(done)) == 6 and len(finals) == len(set(finals)) == 1
+    assert not list((out / "students").glob(".*"))
+    same_outcome(root, out, state, reference)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "reliability-kill-flow.json").write_text(json.dumps(
+        {"kills": len(phases), "phases": phases, "candidates_redone": len(done) - len(set(done)),
+         "finals_redone": len(finals) - len(set(finals)),
+         "same_outcome_as_uninterrupted_checked": True}, indent=2))
 
 
 def test_the_same_search_twice_is_refused_and_two_configs_run_side_by_side(setup):
