@@ -77,7 +77,7 @@ def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer: torc
         if key == "rng.torch":
             continue
         i, name = key.split(".", 1)
-        optimizer.state[params[int(i)]][name] = value
+        optimizer.state[params[int(i)]][name] = value.to(params[int(i)].device)
     for group, saved in zip(optimizer.param_groups, state["param_groups"]):
         group.update(saved)
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})

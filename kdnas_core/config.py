@@ -131,6 +131,13 @@ class DistillConfig(_Section):
     # Keep cached teacher states as memory-mapped files under paths.cache_dir, so later runs
     # (and other processes) reuse them; False keeps them in RAM for this process only.
     cache_on_disk: bool = True
+    # Student dropout (hidden and attention) while distilling; None keeps BERT's 0.1.
+    dropout: float | None = Field(default=None, ge=0, lt=1)
+    # Where students train: "auto" is CUDA when torch sees a GPU, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Processes of the final distillation: > 1 launches torchrun (data parallel; gloo on the CPU,
+    # NCCL on GPUs), each process taking a slice of every batch, so the result matches one process.
+    world_size: int = Field(default=1, ge=1)
 
 
 Backend = Literal["ort-fp32", "ort-int8", "torch", "cuda"]
@@ -211,6 +218,28 @@ class SearchConfig(_Section):
     # Prefect tasks run at once (latency profiling and proxy distillation each count): torch
     # already uses every core for one candidate, so 1 is right for a small box.
     max_parallel: int = Field(default=1, gt=0)
+
+
+class RunnerConfig(_Section):
+    """Where the candidates of an episode run: in the flow's process (local) or fanned out over
+    a Dask cluster through prefect-dask's DaskTaskRunner."""
+
+    kind: Literal["local", "dask"] = "local"
+    # Scheduler of an existing Dask cluster, e.g. "tcp://scheduler:8786"; None with kind dask:
+    # a local cluster of n_workers processes for the length of the search.
+    address: str | None = None
+    n_workers: int = Field(default=2, gt=0)
+    threads_per_worker: int = Field(default=1, gt=0)
+    # Dask worker resources each proxy distillation holds, e.g. {GPU: 1} with workers started
+    # as `dask worker ... --resources GPU=1`: one candidate per GPU.
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, address: str | None) -> str | None:
+        if address is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", address):
+            raise ValueError("expected a Dask scheduler address such as tcp://host:8786")
+        return address
 
 
 class TrackingConfig(_Section):
@@ -306,8 +335,14 @@ class KDNASConfig(_Section):
     reward: RewardConfig = RewardConfig()
     controller: ControllerConfig = ControllerConfig()
     search: SearchConfig = SearchConfig()
+    runner: RunnerConfig = RunnerConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @field_validator("runner", mode="before")
+    @classmethod
+    def _runner_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value  # `runner: dask`
 
     def section_hash(self, *names: str, exclude: tuple[str, ...] = ()) -> str:
         """Short, stable hash of the named sections: the cache key part that depends on config.
@@ -323,7 +358,7 @@ class KDNASConfig(_Section):
 
 
 # Fields that change the final students but not the search: a new final budget reuses the search.
-NOT_SEARCH = ("distill.final", "distill.checkpoint_every")
+NOT_SEARCH = ("distill.final", "distill.checkpoint_every", "distill.world_size")
 
 
 def _format_error(source: str, err: ValidationError) -> str:

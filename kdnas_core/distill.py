@@ -364,7 +364,8 @@ def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def relation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
+def relation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, heads: int,
+                n_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
     """MiniLMv2 self-attention relation loss for one of Q, K or V.
 
     Both sides are split into the same number of relation heads (so student and teacher may have
@@ -383,7 +384,7 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
     log_s, log_t = log_relations(student), log_relations(teacher)
     kl = (log_t.exp() * (log_t - log_s)).nan_to_num(0.0).sum(-1)  # [B, R, T]
     q = mask.to(kl.dtype)[:, None, :]
-    return (kl * q).sum() / (q.sum() * heads)
+    return (kl * q).sum() / ((q.sum() if n_tokens is None else n_tokens) * heads)
 
 
 class HiddenStateDistillLoss(nn.Module):
@@ -442,10 +443,15 @@ class HiddenStateDistillLoss(nn.Module):
         targets: Targets,
         mask: torch.Tensor,
         student_qkv: tuple[torch.Tensor, ...] | None = None,
+        norm: tuple[float, float] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``norm`` = (tokens, texts) of the whole batch when this call sees only a slice of it
+        (data parallel): each term is then this slice's share of the whole batch's mean, so the
+        shares summed over processes equal the loss one process computes on the whole batch."""
         if len(student_states) != len(self.mapping):
             raise KdnasError(f"loss expects {len(self.mapping)} student states, got {len(student_states)}")
         m = mask.to(student_states[0].dtype)
+        n_tokens, n_texts = norm if norm is not None else (m.sum(), mask.shape[0])
         parts: dict[str, torch.Tensor] = {}
         total = student_states[0].new_zeros(())
         if self.weights.hidden_mse > 0:
@@ -454,20 +460,20 @@ class HiddenStateDistillLoss(nn.Module):
                 pred = proj(s).unflatten(-1, (len(layers), self.d_teacher))  # [B, T, k, d]
                 target = torch.stack([self._standardise(l, targets.states[l]) for l in layers], dim=2)
                 se = (pred - target).pow(2).mean(dim=(-1, -2))  # [B, T]
-                per_layer.append((se * m).sum() / m.sum())
+                per_layer.append((se * m).sum() / n_tokens)
             parts["hidden_mse"] = torch.stack(per_layer).mean()
             total = total + self.weights.hidden_mse * parts["hidden_mse"]
         if self.pool_proj is not None:
             last_t = targets.states[max(targets.states)]
             s_pool = self.pool_proj(masked_mean_pool(student_states[-1], mask))
             t_pool = masked_mean_pool(last_t, mask)
-            parts["pooled_cosine"] = (1 - F.cosine_similarity(s_pool, t_pool, dim=-1)).mean()
+            parts["pooled_cosine"] = (1 - F.cosine_similarity(s_pool, t_pool, dim=-1)).sum() / n_texts
             total = total + self.weights.pooled_cosine * parts["pooled_cosine"]
         if self.weights.attention_relation > 0:
             if student_qkv is None or targets.qkv is None:
                 raise KdnasError("attention_relation weight > 0 needs student and teacher Q/K/V states")
             t_qkv = targets.qkv.chunk(3, dim=-1)
-            rel = [relation_kl(s, t, mask, self.relation_heads) for s, t in zip(student_qkv, t_qkv)]
+            rel = [relation_kl(s, t, mask, self.relation_heads, n_tokens) for s, t in zip(student_qkv, t_qkv)]
             parts["attention_relation"] = torch.stack(rel).mean()
             total = total + self.weights.attention_relation * parts["attention_relation"]
         return total, {k: float(v.detach()) for k, v in parts.items()}
@@ -511,10 +517,64 @@ def _evaluate(student, loss_fn, teacher_states, batches, capture) -> tuple[float
     return total / tokens, {k: v / tokens for k, v in parts_sum.items()}
 
 
-def _step_loss(student, loss_fn, teacher_states: TeacherStates, batch: Batch, capture: _QKVCapture):
+def _step_loss(student, loss_fn, teacher_states: TeacherStates, batch: Batch, capture: _QKVCapture,
+               norm: tuple[float, float] | None = None):
     targets = teacher_states.targets(batch)
+    device = next(student.parameters()).device
+    if device.type != "cpu":
+        targets = Targets({k: v.to(device) for k, v in targets.states.items()},
+                          targets.qkv.to(device) if targets.qkv is not None else None)
+        batch = Batch(batch.index, batch.input_ids.to(device), batch.attention_mask.to(device))
     out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
-    return loss_fn(out.hidden_states, targets, batch.attention_mask, capture.take())
+    return loss_fn(out.hidden_states, targets, batch.attention_mask, capture.take(), norm)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KdnasError("distill.device = 'cuda' but torch sees no GPU (use 'auto' or 'cpu')")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+class DataParallel:
+    """Data parallelism over an initialised ``torch.distributed`` group (torchrun: gloo on the
+    CPU, NCCL on GPUs). Every process holds the whole model and every batch; each takes its slice
+    of the rows of each batch, computes its share of the batch's loss (normalised by the whole
+    batch's tokens and texts) and the gradients are summed: the update is the one a single
+    process makes on the whole batch. Plain DistributedDataParallel averages per-process means,
+    which differs when slices hold different numbers of tokens (they do: texts vary in length)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @staticmethod
+    def active() -> DataParallel | None:
+        import torch.distributed as dist
+
+        return DataParallel() if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: Batch) -> Batch:
+        rows = slice(self.rank, None, self.world)
+        return Batch(batch.index[rows], batch.input_ids[rows], batch.attention_mask[rows])
+
+    def sum_gradients(self, params: list[torch.Tensor], loss: torch.Tensor) -> float:
+        """All-reduce every gradient and the loss share in one flat buffer; returns the loss of
+        the whole batch."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+        self.dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+        return float(flat[-1])
 
 
 def distill(
@@ -553,13 +613,16 @@ def distill(
     if relation and teacher_states.relation_layer is None:
         raise KdnasError("distill.weights.attention_relation > 0 but teacher states were built without Q/K/V")
 
+    device = resolve_device(cfg.device)
+    parallel = DataParallel.active()
+    student.to(device)
     torch.manual_seed(seed)
     stats = teacher_states.stats if cfg.standardize_targets else None
     if cfg.standardize_targets and stats is None:
         raise KdnasError("distill.standardize_targets needs teacher-state statistics")
     loss_fn = HiddenStateDistillLoss(
         student.config.hidden_size, teacher_states.hidden, mapping, cfg.weights, stats, cfg.relation_heads
-    )
+    ).to(device)
     capture = _QKVCapture(student, n_student if relation else None)
     params = [p for p in list(student.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     lr = budget.lr or cfg.lr
@@ -595,7 +658,8 @@ def distill(
     tokens = info.get("tokens", 0)
     step = info.get("step", 0)
     start = time.perf_counter() - info.get("seconds", 0.0)
-    bar = tqdm(total=total_steps, initial=step, desc="distill", disable=not progress, leave=False)
+    bar = tqdm(total=total_steps, initial=step, desc="distill", disable=not progress or (parallel and not parallel.main),
+               leave=False)
     try:
         while step < total_steps:
             # Each epoch's batch order depends only on (seed, epoch): a resumed run continues
@@ -607,13 +671,22 @@ def distill(
                 if step >= total_steps:
                     break
                 batch = batches[i]
-                loss, _ = _step_loss(student, loss_fn, teacher_states, batch, capture)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if parallel is None:
+                    loss, _ = _step_loss(student, loss_fn, teacher_states, batch, capture)
+                    loss.backward()
+                    value = float(loss.detach())
+                else:
+                    part = parallel.shard(batch)
+                    loss = torch.zeros((), device=device)
+                    if len(part.index):  # a batch with fewer rows than processes leaves some idle
+                        loss, _ = _step_loss(student, loss_fn, teacher_states, part, capture,
+                                             norm=(batch.n_tokens, len(batch.index)))
+                        loss.backward()
+                    value = parallel.sum_gradients(params, loss)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 sched.step()
-                value = float(loss.detach())
                 if not math.isfinite(value):
                     raise KdnasError(f"distill: loss became {value} at step {step} (lower distill.lr?)")
                 losses.append(value)
@@ -623,7 +696,8 @@ def distill(
                 bar.set_postfix(loss=f"{value:.4f}")
                 if on_step is not None:
                     on_step(step, value, sched.get_last_lr()[0])
-                if checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0 and step < total_steps:
+                if (checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0 and step < total_steps
+                        and (parallel is None or parallel.main)):
                     save_checkpoint(checkpoint, modules, opt, sched, {
                         "step": step, "total_steps": total_steps, "losses": losses, "tokens": tokens,
                         "seconds": time.perf_counter() - start, "initial_eval_loss": initial})
@@ -632,6 +706,7 @@ def distill(
         bar.close()
     final, parts = _evaluate(student, loss_fn, eval_states, eval_batches, capture) if eval_batches else (None, {})
     capture.close()
+    student.to("cpu")  # saving, ONNX export and evaluation work on the CPU copy
     tail = losses[-max(1, len(losses) // 10):]
     return DistillResult(
         initial_eval_loss=initial,

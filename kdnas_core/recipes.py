@@ -24,6 +24,7 @@ from kdnas_core.config import NOT_SEARCH, KDNASConfig, LatencyConfig
 from kdnas_core.errors import ConfigError, DataError, KdnasError
 from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
 from kdnas_core.distill import (
+    DataParallel,
     CachedTeacherStates,
     TeacherStates,
     distill,
@@ -198,6 +199,11 @@ def checkpoint_path(cfg: KDNASConfig, out_dir: Path, split: str, max_steps: int 
     return out_dir.with_name(f".{out_dir.name}-{split}-{config_hash}-{max_steps or 0}.ckpt")
 
 
+def final_config_hash(cfg: KDNASConfig) -> str:
+    """What a saved student depends on; the number of processes that trained it is not."""
+    return cfg.section_hash("teacher", "data", "distill", exclude=("distill.world_size",))
+
+
 def distill_one(
     cfg: KDNASConfig,
     arch: str | StudentArch,
@@ -219,7 +225,7 @@ def distill_one(
     layers = ws.layers_for([arch.layers])
     states = ws.teacher_states(split, layers, passes, progress)
     eval_states = ws.eval_states(layers, progress)
-    student = build_student(arch, ws.teacher, seed=cfg.seed)
+    student = build_student(arch, ws.teacher, seed=cfg.seed, dropout=cfg.distill.dropout)
     out_dir = Path(out_dir) if out_dir else cfg.paths.output_path() / "students" / arch.arch_id
     ckpt = checkpoint_path(cfg, out_dir, split, budget.max_steps)
     result = distill(
@@ -231,11 +237,14 @@ def distill_one(
         "teacher": cfg.teacher.name,
         "teacher_fingerprint": ws.teacher.fingerprint,
         "split": split,
-        "config_hash": cfg.section_hash("teacher", "data", "distill"),
+        "config_hash": final_config_hash(cfg),
+        "world_size": (parallel := DataParallel.active()) and parallel.world or 1,
         "result": result.to_dict(),
     }
-    path = save_student(student, ws.teacher.tokenizer, arch, out_dir, meta)
-    remove_checkpoint(ckpt)
+    path = out_dir
+    if parallel is None or parallel.main:  # every process holds the same weights: one saves
+        path = save_student(student, ws.teacher.tokenizer, arch, out_dir, meta)
+        remove_checkpoint(ckpt)
     return {
         "arch": arch.name,
         "arch_id": arch.arch_id,
@@ -268,7 +277,7 @@ class ProxyEvaluator:
         """Proxy-distil ``arch``; returns the normalised loss L_HS and details (JSON-able)."""
         cfg = self.ws.cfg
         self.ws.space.validate(arch)
-        student = build_student(arch, self.ws.teacher, seed=cfg.seed)
+        student = build_student(arch, self.ws.teacher, seed=cfg.seed, dropout=cfg.distill.dropout)
         r = distill(
             student, self.states, self.batches, cfg.distill, cfg.distill.proxy,
             eval_batches=self.eval_batches, eval_states=self.eval_states, seed=cfg.seed, progress=self.progress,
@@ -431,13 +440,27 @@ def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: Event
     folder = cfg.paths.output_path() / "students" / arch.arch_id
     meta_file = folder / "kdnas_arch.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if meta.get("config_hash") == cfg.section_hash("teacher", "data", "distill") and meta.get("split") == "train":
+    if meta.get("config_hash") == final_config_hash(cfg) and meta.get("split") == "train":
         log("final-reused", arch)
         # killed after saving the student but before removing its checkpoint: tidy up
         remove_checkpoint(checkpoint_path(cfg, folder, "train", cfg.distill.final.max_steps))
         return {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder)}
-    log("final-start", arch)
-    summary = distill_one(cfg, arch, split="train", out_dir=folder, ws=ws, progress=progress)
+    log("final-start", arch, world_size=cfg.distill.world_size)
+    if cfg.distill.world_size > 1:
+        from kdnas_core.ddp import launch
+
+        # The teacher states are built once here; the processes only read them.
+        budget = cfg.distill.final
+        batches = ws.batches("train")
+        passes = budget.epochs if not budget.max_steps else min(budget.epochs, budget.max_steps / len(batches))
+        ws.teacher_states("train", ws.layers_for([arch.layers]), passes, progress)
+        ws.eval_states(ws.layers_for([arch.layers]), progress)
+        launch(cfg, arch, folder)
+        meta = json.loads(meta_file.read_text())
+        summary = {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder),
+                   "world_size": meta["world_size"]}
+    else:
+        summary = distill_one(cfg, arch, split="train", out_dir=folder, ws=ws, progress=progress)
     log("final-done", arch)
     return summary
 

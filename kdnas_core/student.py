@@ -23,10 +23,12 @@ ARCH_FILE = "kdnas_arch.json"
 INIT_STD = 0.02
 
 
-def student_config(arch: StudentArch, teacher_config, pad_token_id: int | None):
+def student_config(arch: StudentArch, teacher_config, pad_token_id: int | None, dropout: float | None = None):
     from transformers import BertConfig
 
+    extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     return BertConfig(
+        **extra,
         vocab_size=teacher_config.vocab_size,
         hidden_size=arch.hidden,
         num_hidden_layers=arch.layers,
@@ -39,11 +41,12 @@ def student_config(arch: StudentArch, teacher_config, pad_token_id: int | None):
     )
 
 
-def build_student(arch: StudentArch, teacher, seed: int = 0, init_from_teacher: bool = True) -> nn.Module:
+def build_student(arch: StudentArch, teacher, seed: int = 0, init_from_teacher: bool = True,
+                  dropout: float | None = None) -> nn.Module:
     """A randomly initialised BERT student; embeddings start from the teacher's where possible."""
     from transformers import BertModel
 
-    cfg = student_config(arch, teacher.config, teacher.tokenizer.pad_token_id)
+    cfg = student_config(arch, teacher.config, teacher.tokenizer.pad_token_id, dropout)
     torch.manual_seed(seed)
     # SDPA attention: the fastest exact kernel on CPU for training and inference.
     cfg._attn_implementation = "sdpa"
