@@ -2,8 +2,8 @@
 
 Control flow only: the episode loop is kdnas_core's ``run_search``; here each episode's
 candidates fan out as ``profile-latency`` and ``proxy-distill`` tasks (at most
-``search.max_parallel`` at once), and the chosen students go through a ``final-distill``
-subflow. Results land in ``<paths.output_dir>/search/<config hash>/`` and as Prefect artifacts.
+``search.max_parallel`` at once, or over a Dask cluster with ``runner.kind: dask``), and the
+chosen students go through a ``final-distill`` subflow. Results land in ``<paths.output_dir>/search/<config hash>/`` and as Prefect artifacts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict, lo
 from kdnas_core.recipes import EventLog, RecordedEvaluator, markdown_table, search_dir, search_in_folder
 from kdnas_core.search import SUMMARY_COLUMNS, Evaluation
 from kdnas_core.search_space import StudentArch
+from infra.dask_runner import dask_cluster, task_runner
+from infra.dask_runner import resources as dask_resources
 from infra.tracking import TrackingError, preflight
 from tasks.tracking_tasks import (
     finish_search_run,
@@ -81,6 +83,21 @@ def _tracking_run(cfg: KDNASConfig, c: dict, out: Path, teacher_ms: float, prep:
     return parent
 
 
+@flow(name="evaluate-candidates")
+def evaluate_candidates(cfg: dict, archs: list[str], resources: dict[str, float]) -> list:
+    """One episode's proxy distillations fanned out on the task runner this subflow is given
+    (prefect-dask's DaskTaskRunner): all at once, the cluster decides where and how many run."""
+    with dask_resources(resources):
+        futures = [proxy_distill.submit(cfg, a) for a in archs]
+    out: list = []
+    for f in futures:
+        try:
+            out.append(f.result())
+        except Exception as err:  # noqa: BLE001 - a failed candidate, recorded as such
+            out.append(err)
+    return out
+
+
 @flow(name="final-distill", log_prints=True)
 def final_distill_flow(cfg: dict, arch: str) -> dict:
     """Full-corpus distillation of one chosen architecture, then ONNX fp32 + int8 export."""
@@ -125,9 +142,16 @@ def kdnas(
     curves: dict[str, list] = {}
 
     def evaluate_batch(archs: list[StudentArch]) -> list[Evaluation]:
-        calls = [(profile_latency, (c, a.name)) for a in archs] + [(proxy_distill, (c, a.name)) for a in archs]
-        res = _in_waves(calls, cfg.search.max_parallel)
-        lat, kd = res[: len(archs)], res[len(archs):]
+        if dask_address is None:
+            calls = [(profile_latency, (c, a.name)) for a in archs] + [(proxy_distill, (c, a.name)) for a in archs]
+            res = _in_waves(calls, cfg.search.max_parallel)
+            lat, kd = res[: len(archs)], res[len(archs):]
+        else:
+            # Latency first, here, one at a time, while the workers are idle: every candidate is
+            # timed on the same machine and never next to a distillation on the same cores.
+            lat = _in_waves([(profile_latency, (c, a.name)) for a in archs], 1)
+            kd = evaluate_candidates.with_options(task_runner=task_runner(dask_address))(
+                c, [a.name for a in archs], dict(cfg.runner.resources))
         out = []
         for a, l, k in zip(archs, lat, kd):
             err = next((x for x in (k, l) if isinstance(x, BaseException)), None)
@@ -150,8 +174,11 @@ def kdnas(
     # evals/ and events.jsonl as in the plain loop: a killed flow resumes without sending a
     # recorded candidate out again, even where Prefect's own result cache is not shared.
     recorded = RecordedEvaluator.batch(evaluate_batch, out, EventLog(out))
-    result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=recorded,
-                              research=research, on_observation=on_observation, teacher=workspace(cfg).teacher.fingerprint)
+    with dask_cluster(cfg.runner) as dask_address:
+        if dask_address:
+            logger.info("candidates fan out over the Dask cluster at %s", dask_address)
+        result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=recorded, research=research,
+                                  on_observation=on_observation, teacher=workspace(cfg).teacher.fingerprint)
     create_markdown_artifact(markdown_table(result.leaderboard[SUMMARY_COLUMNS]), key="kdnas-leaderboard",
                              description=f"KD-NAS leaderboard ({cfg.teacher.name}, {teacher_ms:.2f} ms)")
     recs = result.recommendations

@@ -9,6 +9,8 @@ JSON (never pickle), so re-running a flow does not redo finished candidates.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +103,17 @@ def teacher_latency_ms(cfg: dict) -> float:
 @task(name="proxy-distill", cache_policy=ArchCache(sections=PROXY_SECTIONS, exclude=NOT_SEARCH), persist_result=True,
       result_serializer="json", task_run_name=_arch_run_name("proxy-distill"))
 def proxy_distill(cfg: dict, arch: str) -> dict:
-    return evaluator(config_from_dict(cfg)).distill(StudentArch.from_name(arch))
+    return {**evaluator(config_from_dict(cfg)).distill(StudentArch.from_name(arch)), "worker": _where()}
+
+
+def _where() -> str:
+    """Which process distilled a candidate: the Dask worker's name, else host and pid."""
+    try:
+        from distributed import get_worker
+
+        return f"dask:{get_worker().name}"
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @task(name="profile-latency", cache_policy=ArchCache(sections=LATENCY_SECTIONS), persist_result=True,
