@@ -26,15 +26,15 @@ def s3_client(endpoint_url: str | None = None):
     return boto3.client("s3", endpoint_url=endpoint_url, config=_BOTO_CONFIG)
 
 
-def check_access(uri: str, endpoint_url: str | None = None) -> None:
-    """Fail in one line, before a search starts, when an s3:// artifact location cannot be
-    written with the credentials of the AWS chain."""
+def check_access(uri: str, endpoint_url: str | None = None, field: str = "tracking.artifact_location") -> None:
+    """Fail in one line, before a search starts, when an s3:// location (named by its config
+    ``field``) cannot be reached with the credentials of the AWS chain."""
     from botocore.exceptions import BotoCoreError, NoCredentialsError
 
     from kdnas_core.errors import KdnasError
 
     bucket = uri.removeprefix("s3://").split("/", 1)[0]
-    where = f"tracking.artifact_location = {uri!r}"
+    where = f"{field} = {uri!r}"
     try:
         s3_client(endpoint_url).head_bucket(Bucket=bucket)
     except NoCredentialsError:
@@ -75,6 +75,62 @@ def list_keys(bucket: str, prefix: str = "", endpoint_url: str | None = None) ->
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys += [o["Key"] for o in page.get("Contents", [])]
     return keys
+
+
+class S3SharedStates:
+    """Teacher-state caches under ``s3://bucket/prefix/teacher_states/<key>/`` (``paths.shared_cache``).
+
+    A cache is published with its ``meta.json`` last, so a reader never takes a half-uploaded
+    one for complete; fetched files land in a temporary folder renamed into place, and the
+    caller then verifies them against the sha256 manifest in ``meta.json`` like any local cache.
+    """
+
+    def __init__(self, uri: str, endpoint_url: str | None = None):
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        self.bucket, self.prefix = bucket, f"{prefix.strip('/')}/teacher_states".lstrip("/")
+        self.s3 = s3_client(endpoint_url)
+
+    def _key(self, key: str, name: str = "") -> str:
+        return f"{self.prefix}/{key}/{name}"
+
+    def _published(self, key: str) -> bool:
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=self._key(key, "meta.json"))
+            return True
+        except ClientError:
+            return False
+
+    def fetch(self, key: str, dest: Path) -> bool:
+        import shutil
+        import tempfile
+
+        if not self._published(key):
+            return False
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{key}-"))
+        try:
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(key))
+            names = [o["Key"].removeprefix(self._key(key)) for page in pages for o in page.get("Contents", [])]
+            for name in names:
+                # Flat folders of .npy and meta.json only: no path from storage is trusted.
+                if "/" in name or name in ("", ".", ".."):
+                    continue
+                self.s3.download_file(self.bucket, self._key(key, name), str(tmp / name), Config=TRANSFER)
+            tmp.rename(dest)
+            return True
+        except OSError:  # another process put it there first
+            return (dest / "meta.json").is_file()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def publish(self, key: str, src: Path) -> None:
+        if self._published(key):
+            return
+        files = sorted(p for p in Path(src).iterdir() if p.is_file() and p.name != "meta.json")
+        for f in files:
+            self.s3.upload_file(str(f), self.bucket, self._key(key, f.name), Config=TRANSFER)
+        self.s3.upload_file(str(Path(src) / "meta.json"), self.bucket, self._key(key, "meta.json"))
 
 
 if __name__ == "__main__":  # used by infra/s3-server.sh: python -m infra.storage ensure-bucket NAME

@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdnas_core.errors import ConfigError
 
 
+def _valid_s3_uri(uri: str) -> bool:
+    m = re.fullmatch(r"s3://([^/]+)(/.*)?", uri)
+    return bool(m and re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", m.group(1)) and ".." not in m.group(1))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -27,6 +32,17 @@ class PathsConfig(_Section):
     cache_dir: str = "~/.cache/kdnas"
     # Per-run outputs (student folders, tables).
     output_dir: str = "runs"
+    # "s3://bucket/prefix" where teacher-state caches are published for machines that do not
+    # share cache_dir (Dask workers elsewhere): fetched and verified instead of recomputed.
+    shared_cache: str | None = None
+
+    @field_validator("shared_cache")
+    @classmethod
+    def _shared_cache(cls, uri: str | None) -> str | None:
+        if uri is not None and not _valid_s3_uri(uri):
+            raise ValueError("expected s3://<bucket>/<prefix> with a valid bucket name (3-63 lower-case "
+                             "letters, digits, dots, hyphens)")
+        return uri
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser()
@@ -259,8 +275,7 @@ class TrackingConfig(_Section):
     @classmethod
     def _s3_uri(cls, uri: str | None) -> str | None:
         if uri and uri.startswith("s3:"):
-            m = re.fullmatch(r"s3://([^/]+)(/.*)?", uri)
-            if not m or not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", m.group(1)) or ".." in m.group(1):
+            if not _valid_s3_uri(uri):
                 raise ValueError("expected s3://<bucket>/<prefix> with a valid bucket name (3-63 lower-case "
                                  "letters, digits, dots, hyphens)")
         elif uri and "://" in uri and not uri.startswith(("file://", "gs://", "wasbs://", "hdfs://")):

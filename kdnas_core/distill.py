@@ -105,6 +105,19 @@ class Targets:
     qkv: torch.Tensor | None = None  # [B, T, 3 * d] of the relation layer, or None
 
 
+class SharedStates(Protocol):
+    """Teacher-state caches shared between machines (e.g. an S3 prefix), so that Dask workers
+    elsewhere do not each run the teacher again."""
+
+    def fetch(self, key: str, dest: Path) -> bool:
+        """Put the complete cache ``key`` at ``dest`` (atomically) if it was published."""
+        ...
+
+    def publish(self, key: str, src: Path) -> None:
+        """Make the complete local cache ``src`` available as ``key`` (no-op if it is)."""
+        ...
+
+
 class TeacherStates(Protocol):
     """Where distillation targets come from: a live teacher or the cache."""
 
@@ -259,14 +272,22 @@ class CachedTeacherStates:
         cache_root: Path | None = None,
         batch_size: int = 64,
         progress: bool = True,
+        shared: SharedStates | None = None,
     ) -> CachedTeacherStates:
-        """Run the teacher once over ``tokens``; reuse a finished cache under ``cache_root``."""
+        """Run the teacher once over ``tokens``; reuse a finished cache under ``cache_root``,
+        or one another machine published to ``shared`` (verified like a local one), and
+        publish what is built here."""
         layers = tuple(sorted(set(layers)))
         key = cls.cache_key(teacher, tokens, layers, relation_layer)
         final = cache_root / key if cache_root else None
+        if final is not None and not (final / "meta.json").is_file() and shared is not None:
+            shared.fetch(key, final)
         if final is not None and (final / "meta.json").is_file():
             try:
-                return cls.load(final)
+                states = cls.load(final)
+                if shared is not None:
+                    shared.publish(key, final)
+                return states
             except (CorruptCache, ValueError, OSError, KeyError, json.JSONDecodeError) as err:
                 # Damaged or tampered with (a pickle planted as .npy fails here, unexecuted).
                 warnings.warn(f"teacher-state cache {final} is unusable ({err}); rebuilding it")
@@ -332,7 +353,10 @@ class CachedTeacherStates:
             except OSError:  # another process finished the same cache first
                 shutil.rmtree(tmp, ignore_errors=True)
             tmp = None
-            return cls.load(final)
+            states = cls.load(final)
+            if shared is not None:
+                shared.publish(key, final)
+            return states
         except BaseException:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -730,12 +754,14 @@ def make_teacher_states(
     passes: int,
     stats_batches: list[Batch] | None = None,
     progress: bool = True,
+    shared: SharedStates | None = None,
 ) -> TeacherStates:
     """Cached states when the texts are seen more than once (or when asked), live otherwise."""
     relation_layer = teacher.num_layers if cfg.weights.attention_relation > 0 else None
     use_cache = cfg.teacher_states == "cache" or (cfg.teacher_states == "auto" and passes > 1)
     if use_cache:
         root = cache_root if cfg.cache_on_disk else None
-        return CachedTeacherStates.build(teacher, tokens, layers, relation_layer, root, progress=progress)
+        return CachedTeacherStates.build(teacher, tokens, layers, relation_layer, root, progress=progress,
+                                         shared=shared if root is not None else None)
     stats = compute_stats(teacher, stats_batches or [], layers) if cfg.standardize_targets and stats_batches else None
     return LiveTeacherStates(teacher, layers, relation_layer, stats)

@@ -314,6 +314,9 @@ def hardware_fingerprint(cfg: LatencyConfig) -> str:
         pass
     parts = [cpu, f"cores={os.cpu_count()}", f"intra={cfg.intra_op_threads}", f"inter={cfg.inter_op_threads}",
              f"ort={ort.__version__}", f"torch={torch.__version__}"]
+    if "cuda" in cfg.backends and torch.cuda.is_available():
+        # GPU latencies are reported next to CPU ones: they transfer only between equal GPUs.
+        parts.append(f"gpu={torch.cuda.get_device_name(0)}")
     return " | ".join(parts)
 
 

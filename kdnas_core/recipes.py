@@ -24,8 +24,9 @@ from kdnas_core.config import NOT_SEARCH, KDNASConfig, LatencyConfig
 from kdnas_core.errors import ConfigError, DataError, KdnasError
 from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
 from kdnas_core.distill import (
-    DataParallel,
     CachedTeacherStates,
+    DataParallel,
+    SharedStates,
     TeacherStates,
     distill,
     make_teacher_states,
@@ -65,6 +66,9 @@ class Workspace:
     cfg: KDNASConfig
     teacher: Teacher
     _tokens: dict[str, TokenizedTexts] = field(default_factory=dict)
+    # Where teacher-state caches are shared with other machines (set by the orchestration
+    # layer from paths.shared_cache; None: this machine's cache folder only).
+    shared_states: SharedStates | None = None
 
     @classmethod
     def prepare(cls, cfg: KDNASConfig) -> Workspace:
@@ -122,14 +126,15 @@ class Workspace:
         stats_batches = self.batches(split)[:20]
         return make_teacher_states(
             self.teacher, self.tokens(split), layers, self.cfg.distill,
-            self.state_cache_root, math.ceil(passes), stats_batches, progress,
+            self.state_cache_root, math.ceil(passes), stats_batches, progress, self.shared_states,
         )
 
     def cached_states(self, split: str, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
         """Teacher states of ``split`` computed once (reused from disk when present)."""
         relation = self.teacher.num_layers if self.cfg.distill.weights.attention_relation > 0 else None
         root = self.state_cache_root if self.cfg.distill.cache_on_disk else None
-        return CachedTeacherStates.build(self.teacher, self.tokens(split), layers, relation, root, progress=progress)
+        return CachedTeacherStates.build(self.teacher, self.tokens(split), layers, relation, root, progress=progress,
+                                         shared=self.shared_states if root is not None else None)
 
     def eval_states(self, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
         # Evaluated twice per candidate and shared by all of them: always worth caching.

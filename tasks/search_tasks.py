@@ -49,7 +49,13 @@ def workspace(cfg: KDNASConfig) -> Workspace:
     key = cfg.section_hash("seed", "teacher", "data", "search_space", "distill", "paths")
     with _LOCK:
         if key not in _WORKSPACES:
-            _WORKSPACES[key] = Workspace.prepare(cfg).validate()
+            ws = Workspace.prepare(cfg).validate()
+            if cfg.paths.shared_cache:
+                # Dask workers on other machines fetch the teacher states the flow published.
+                from infra.storage import S3SharedStates
+
+                ws.shared_states = S3SharedStates(cfg.paths.shared_cache)
+            _WORKSPACES[key] = ws
         return _WORKSPACES[key]
 
 
