@@ -41,7 +41,8 @@ distill: install
 test: install
 	$(BIN)/python -m pytest -q -m "not reliability"
 
-# kill -9 at every phase of a search, concurrent searches, a 60 s S3 outage (~10 minutes).
+# kill -9 at every phase of a search (plain loop and Prefect flow), concurrent searches, a 60 s
+# S3 outage, an MLflow server stopped mid-search (~12 minutes).
 test-reliability: install
 	$(BIN)/python -m pytest -q -m reliability tests/reliability
 
@@ -49,6 +50,7 @@ bench: install
 	$(BIN)/python bench/distill_step.py
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/search_efficiency.py
+	$(BIN)/python bench/dask_scaling.py
 
 # The headline table (teacher vs off-the-shelf vs hand-picked vs random vs KD-NAS): about 1.5 h
 # with the mpnet-base teacher on 2 cores; `--small` uses MiniLM-L6.

@@ -22,6 +22,7 @@ from kdnas_core.recipes import EventLog, RecordedEvaluator, markdown_table, sear
 from kdnas_core.search import SUMMARY_COLUMNS, Evaluation
 from kdnas_core.search_space import StudentArch
 from infra.dask_runner import dask_cluster, task_runner
+from infra.dask_runner import preflight as runner_preflight
 from infra.dask_runner import resources as dask_resources
 from infra.storage import check_access
 from infra.tracking import TrackingError, preflight
@@ -132,6 +133,7 @@ def kdnas(
         preflight(cfg)  # an unreachable server or unwritable bucket fails now, not hours in
     if cfg.paths.shared_cache:
         check_access(cfg.paths.shared_cache, field="paths.shared_cache")
+    runner_preflight(cfg.runner)  # an unreachable Dask scheduler, before the teacher runs
     prep = prepare_teacher_states(c)
     teacher_ms = teacher_latency_ms(c)
     logger.info("teacher %s: %.2f ms; proxy cache %s", cfg.teacher.name, teacher_ms, prep["proxy_cache"])

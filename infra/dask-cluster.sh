@@ -10,6 +10,10 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 export KDNAS_DASK_PORT="${KDNAS_DASK_PORT:-8786}" KDNAS_DASK_WORKERS="${KDNAS_DASK_WORKERS:-2}"
 address="tcp://127.0.0.1:$KDNAS_DASK_PORT"
+# Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in every worker, which switches off glibc's adaptive
+# mmap threshold: each large tensor is then mmapped afresh and a proxy distillation takes twice
+# as long (measured, infra/dask_runner.py). A fixed 32 MiB mmap threshold gets that back.
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-33554432}"
 pids="$RUN_DIR/dask-$KDNAS_DASK_PORT.pids"
 
 workers_up() {

@@ -99,6 +99,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _parse_set(args.set))
     if not args.no_prefect:
         return _search_flow(args, cfg)
+    if cfg.runner.kind != "local":
+        from kdnas_core.errors import ConfigError
+
+        raise ConfigError(f"runner.kind = {cfg.runner.kind!r} fans candidates out through the Prefect flow; "
+                          "drop --no-prefect (or set runner.kind: local)")
 
     def show(o):
         if o.failed:
@@ -148,6 +153,9 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
         from infra.tracking import preflight
 
         preflight(cfg)  # seconds, before Prefect starts, rather than deep inside the run
+    from infra import dask_runner
+
+    dask_runner.preflight(cfg.runner)
     out = kdnas(config_path=str(args.config), overrides=_parse_set(args.set) or None,
                 research=args.research, final=not args.no_final)
     print((search_dir(cfg) / "report.md").read_text())

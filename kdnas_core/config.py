@@ -249,6 +249,10 @@ class RunnerConfig(_Section):
     # Dask worker resources each proxy distillation holds, e.g. {GPU: 1} with workers started
     # as `dask worker ... --resources GPU=1`: one candidate per GPU.
     resources: dict[str, float] = Field(default_factory=dict)
+    # torch threads of a candidate on a worker of an existing cluster (None: the worker's
+    # environment decides, and Dask's nanny sets OMP_NUM_THREADS=1); a local cluster gives each
+    # worker its share of this machine's cores.
+    torch_threads: int | None = Field(default=None, gt=0)
 
     @field_validator("address")
     @classmethod

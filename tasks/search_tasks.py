@@ -109,7 +109,13 @@ def teacher_latency_ms(cfg: dict) -> float:
 @task(name="proxy-distill", cache_policy=ArchCache(sections=PROXY_SECTIONS, exclude=NOT_SEARCH), persist_result=True,
       result_serializer="json", task_run_name=_arch_run_name("proxy-distill"))
 def proxy_distill(cfg: dict, arch: str) -> dict:
-    return {**evaluator(config_from_dict(cfg)).distill(StudentArch.from_name(arch)), "worker": _where()}
+    c = config_from_dict(cfg)
+    where = _where()
+    if where.startswith("dask:") and c.runner.torch_threads:
+        import torch
+
+        torch.set_num_threads(c.runner.torch_threads)  # Dask's nanny pins workers to 1 thread
+    return {**evaluator(c).distill(StudentArch.from_name(arch)), "worker": where}
 
 
 def _where() -> str:

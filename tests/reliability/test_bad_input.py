@@ -116,6 +116,12 @@ CASES = {
                        r"tracking.artifact_location = \"s3://Bad_Bucket!/runs\": expected s3://<bucket>/<prefix>"),
     "wrong S3 credentials": (["search"], {"tracking.enabled": True, "tracking.artifact_location": "s3://kdnas-auth/runs"},
                              r"tracking.artifact_location = 's3://kdnas-auth/runs': access denied \(InvalidAccessKeyId|403"),
+    "Dask scheduler address malformed": (["search"], {"runner.kind": "dask", "runner.address": "localhost:8786"},
+                                         r"runner.address = \"localhost:8786\": expected a Dask scheduler address"),
+    "Dask scheduler unreachable": (["search"], {"runner.kind": "dask", "runner.address": "tcp://127.0.0.1:9"},
+                                   r"runner.address = 'tcp://127.0.0.1:9': no Dask scheduler answers"),
+    "Dask runner without the Prefect flow": (SEARCH, {"runner.kind": "dask"}, r"runner.kind = 'dask' fans candidates out through the Prefect flow"),
+    "shared cache not an S3 URI": (SEARCH, {"paths.shared_cache": "/mnt/nfs/cache"}, r"paths.shared_cache = \"/mnt/nfs/cache\": expected s3://"),
     "warm start from another teacher's search": (SEARCH + ["--warm-from", _state_of_other_teacher], {},
                                                  r"other-teacher-state.json: searched with another teacher"),
 }
