@@ -13,17 +13,12 @@ Writes bench/results/dask-scaling.{md,csv}.
 
 from __future__ import annotations
 
-import os
+from common import ROOT, flow_bench_env
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+flow_bench_env()
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
@@ -35,8 +30,6 @@ from pathlib import Path  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
 
 
 def _search_seconds(folder: Path) -> float:

@@ -12,15 +12,9 @@ Writes runs/bench/orchestration_overhead.md.
 
 from __future__ import annotations
 
-import os
+from common import ROOT, flow_bench_env, publish
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-# Every task really runs: a cache hit would make the flow look cheaper than it is.
-os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+flow_bench_env()
 
 import argparse  # noqa: E402
 import shutil  # noqa: E402
@@ -29,10 +23,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
-from common import publish  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
 
 
 def main() -> None:

@@ -90,6 +90,15 @@ class Switch:
                     pass
 
 
+def wait_for_first_tracked_candidate(client, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name("kdnas")
+        if exp and client.search_runs([exp.experiment_id], "tags.`kdnas.status` = 'evaluated'"):
+            return
+        time.sleep(0.2)
+
+
 @pytest.fixture()
 def servers(tmp_path, monkeypatch):
     s3_port, mlflow_port = free_port(), free_port()
@@ -126,12 +135,7 @@ def test_s3_outage_mid_search_loses_nothing(servers, prefect_harness, tiny_confi
     outage: dict = {}
 
     def cut_after_first_candidate():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            exp = client.get_experiment_by_name("kdnas")
-            if exp and client.search_runs([exp.experiment_id], "tags.`kdnas.status` = 'evaluated'"):
-                break
-            time.sleep(0.2)
+        wait_for_first_tracked_candidate(client)
         servers["switch"].off()
         outage["start"] = time.monotonic()
         time.sleep(OUTAGE_S)
@@ -175,12 +179,7 @@ def test_mlflow_server_down_mid_search_fails_clearly_and_the_rerun_syncs(servers
     stopped: dict = {}
 
     def stop_after_first_candidate():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            exp = client.get_experiment_by_name("kdnas")
-            if exp and client.search_runs([exp.experiment_id], "tags.`kdnas.status` = 'evaluated'"):
-                break
-            time.sleep(0.2)
+        wait_for_first_tracked_candidate(client)
         servers["mlflow"]("stop")
         stopped["at"] = time.monotonic()
 
