@@ -113,6 +113,9 @@ class Tracker:
     def __init__(self, cfg: KDNASConfig):
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
+        # Every tracking task checks again: when the server goes away mid-search, a task fails
+        # in milliseconds with a clear line instead of after MLflow's request timeout, and the
+        # search goes on (results stay in state.json and are synced later).
         check_reachable(self.uri)
         # Artifacts that could not be uploaded (artifact store down) wait here, complete, until
         # flush_spool() uploads them: an outage delays artifacts, it never loses them.
