@@ -7,12 +7,14 @@ come from the standard AWS chain (environment, profile, instance role), never fr
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from boto3.exceptions import S3UploadFailedError
+from botocore.exceptions import BotoCoreError, ClientError
 
 # Adaptive retries ride out throttling and brief outages; path-style addressing works with
 # MinIO and local endpoints as well as AWS.
@@ -29,7 +31,7 @@ def s3_client(endpoint_url: str | None = None):
 def check_access(uri: str, endpoint_url: str | None = None, field: str = "tracking.artifact_location") -> None:
     """Fail in one line, before a search starts, when an s3:// location (named by its config
     ``field``) cannot be reached with the credentials of the AWS chain."""
-    from botocore.exceptions import BotoCoreError, NoCredentialsError
+    from botocore.exceptions import NoCredentialsError
 
     from kdnas_core.errors import KdnasError
 
@@ -104,11 +106,19 @@ class S3SharedStates:
         import shutil
         import tempfile
 
-        if not self._published(key):
-            return False
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{key}-"))
+        try:
+            return self._published(key) and self._download(key, dest, tmp)
+        except (ClientError, BotoCoreError) as err:  # the store went away: run the teacher here instead
+            warnings.warn(f"{self.bucket}/{self._key(key)}: could not fetch shared teacher states ({type(err).__name__}); "
+                          "computing them locally")
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _download(self, key: str, dest: Path, tmp: Path) -> bool:
         try:
             pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(key))
             names = [o["Key"].removeprefix(self._key(key)) for page in pages for o in page.get("Contents", [])]
@@ -121,16 +131,17 @@ class S3SharedStates:
             return True
         except OSError:  # another process put it there first
             return (dest / "meta.json").is_file()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def publish(self, key: str, src: Path) -> None:
-        if self._published(key):
-            return
-        files = sorted(p for p in Path(src).iterdir() if p.is_file() and p.name != "meta.json")
-        for f in files:
-            self.s3.upload_file(str(f), self.bucket, self._key(key, f.name), Config=TRANSFER)
-        self.s3.upload_file(str(Path(src) / "meta.json"), self.bucket, self._key(key, "meta.json"))
+        try:
+            if self._published(key):
+                return
+            files = sorted(p for p in Path(src).iterdir() if p.is_file() and p.name != "meta.json")
+            for f in files:
+                self.s3.upload_file(str(f), self.bucket, self._key(key, f.name), Config=TRANSFER)
+            self.s3.upload_file(str(Path(src) / "meta.json"), self.bucket, self._key(key, "meta.json"))
+        except (ClientError, BotoCoreError, S3UploadFailedError) as err:  # workers then run the teacher themselves
+            warnings.warn(f"{self.bucket}/{self._key(key)}: could not publish teacher states ({type(err).__name__})")
 
 
 if __name__ == "__main__":  # used by infra/s3-server.sh: python -m infra.storage ensure-bucket NAME

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdnas_core.atomic import write_json
-from kdnas_core.config import NOT_SEARCH, KDNASConfig, LatencyConfig
+from kdnas_core.config import NOT_SEARCH, KDNASConfig, LatencyConfig, TrainBudget
 from kdnas_core.errors import ConfigError, DataError, KdnasError
 from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
 from kdnas_core.distill import (
@@ -129,6 +129,14 @@ class Workspace:
             self.state_cache_root, math.ceil(passes), stats_batches, progress, self.shared_states,
         )
 
+    def distill_inputs(self, split: str, budget: TrainBudget, student_layers: int, progress: bool = True
+                       ) -> tuple[list[Batch], TeacherStates, CachedTeacherStates]:
+        """Batches, teacher states and held-out states of a distillation of ``budget`` on ``split``."""
+        batches = self.batches(split)
+        passes = budget.epochs if not budget.max_steps else min(budget.epochs, budget.max_steps / len(batches))
+        layers = self.layers_for([student_layers])
+        return batches, self.teacher_states(split, layers, passes, progress), self.eval_states(layers, progress)
+
     def cached_states(self, split: str, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
         """Teacher states of ``split`` computed once (reused from disk when present)."""
         relation = self.teacher.num_layers if self.cfg.distill.weights.attention_relation > 0 else None
@@ -225,11 +233,7 @@ def distill_one(
     budget = cfg.distill.final if split == "train" else cfg.distill.proxy
     if max_steps:
         budget = budget.model_copy(update={"max_steps": max_steps})
-    batches = ws.batches(split)
-    passes = budget.epochs if not budget.max_steps else min(budget.epochs, budget.max_steps / len(batches))
-    layers = ws.layers_for([arch.layers])
-    states = ws.teacher_states(split, layers, passes, progress)
-    eval_states = ws.eval_states(layers, progress)
+    batches, states, eval_states = ws.distill_inputs(split, budget, arch.layers, progress)
     student = build_student(arch, ws.teacher, seed=cfg.seed, dropout=cfg.distill.dropout)
     out_dir = Path(out_dir) if out_dir else cfg.paths.output_path() / "students" / arch.arch_id
     ckpt = checkpoint_path(cfg, out_dir, split, budget.max_steps)
@@ -238,12 +242,13 @@ def distill_one(
         eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, progress=progress,
         checkpoint=ckpt, checkpoint_every=cfg.distill.checkpoint_every,
     )
+    parallel = DataParallel.active()
     meta = {
         "teacher": cfg.teacher.name,
         "teacher_fingerprint": ws.teacher.fingerprint,
         "split": split,
         "config_hash": final_config_hash(cfg),
-        "world_size": (parallel := DataParallel.active()) and parallel.world or 1,
+        "world_size": parallel.world if parallel else 1,
         "result": result.to_dict(),
     }
     path = out_dir
@@ -454,12 +459,7 @@ def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: Event
     if cfg.distill.world_size > 1:
         from kdnas_core.ddp import launch
 
-        # The teacher states are built once here; the processes only read them.
-        budget = cfg.distill.final
-        batches = ws.batches("train")
-        passes = budget.epochs if not budget.max_steps else min(budget.epochs, budget.max_steps / len(batches))
-        ws.teacher_states("train", ws.layers_for([arch.layers]), passes, progress)
-        ws.eval_states(ws.layers_for([arch.layers]), progress)
+        ws.distill_inputs("train", cfg.distill.final, arch.layers, progress)  # built once; the processes read them
         launch(cfg, arch, folder)
         meta = json.loads(meta_file.read_text())
         summary = {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder),

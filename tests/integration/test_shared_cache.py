@@ -76,3 +76,20 @@ def test_a_worker_fetches_published_teacher_states_instead_of_running_the_teache
         rebuilt = _workspace(tiny_config, "cache-c").cached_states("proxy", layers, progress=False)
     np.testing.assert_array_equal(rebuilt._arrays[f"layer_{built.layers[0]}"], built._arrays[f"layer_{built.layers[0]}"])
     assert not (tiny_config.parent / "pwned").exists()
+
+
+def test_an_unreachable_shared_cache_costs_time_not_the_search(tiny_config, monkeypatch):
+    """S3 gone after the preflight: the states are computed here, with a warning, not a crash."""
+    from infra.storage import S3SharedStates
+    from kdnas_core.config import load_config
+    from kdnas_core.recipes import Workspace
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(tiny_config, {"paths.shared_cache": "s3://kdnas-share/team"})
+    ws = Workspace.prepare(cfg)
+    ws.shared_states = S3SharedStates(cfg.paths.shared_cache, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.warns(UserWarning, match="could not (fetch|publish)"):
+        states = ws.cached_states("proxy", ws.layers_for([1, 2]), progress=False)
+    assert (states.path / "meta.json").is_file()
