@@ -45,6 +45,29 @@ def preflight(cfg: RunnerConfig, timeout: str = "10s") -> None:
     if not workers:
         raise KdnasError(f"runner.address = {cfg.address!r}: the Dask scheduler has no workers; "
                          "start some (infra/dask-cluster.sh start, or `dask worker <address>`)")
+    remote = remote_workers(list(workers))
+    if remote and not os.environ.get("PREFECT_API_URL"):
+        raise KdnasError(f"runner.address = {cfg.address!r}: workers on other machines ({remote[0]}"
+                         f"{', ...' if len(remote) > 1 else ''}) cannot reach the ephemeral Prefect API of this "
+                         "process; start a Prefect server (infra/prefect-server.sh) and set PREFECT_API_URL here "
+                         "and on the workers")
+
+
+def remote_workers(addresses: list[str]) -> list[str]:
+    """Worker addresses that are not on this machine's loopback."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    out = []
+    for address in addresses:
+        host = urlparse(address).hostname or ""
+        try:
+            local = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = host == "localhost"
+        if not local:
+            out.append(address)
+    return out
 
 
 @contextlib.contextmanager
