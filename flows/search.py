@@ -3,7 +3,8 @@
 Control flow only: the episode loop is kdnas_core's ``run_search``; here each episode's
 candidates fan out as ``profile-latency`` and ``proxy-distill`` tasks (at most
 ``search.max_parallel`` at once, or over a Dask cluster with ``runner.kind: dask``), and the
-chosen students go through a ``final-distill`` subflow. Results land in ``<paths.output_dir>/search/<config hash>/`` and as Prefect artifacts.
+chosen students go through a ``final-distill`` subflow. Results land in
+``<paths.output_dir>/search/<config hash>/`` and as Prefect artifacts.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def dask_cluster(cfg: RunnerConfig) -> Iterator[str | None]:
     if cfg.kind != "dask":
         yield None
         return
-    preflight(cfg)
+    _require()  # the scheduler itself was checked by preflight() when the search started
     from distributed import LocalCluster
 
     if cfg.address:

@@ -7,6 +7,8 @@ come from the standard AWS chain (environment, profile, instance role), never fr
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -103,9 +105,6 @@ class S3SharedStates:
             return False
 
     def fetch(self, key: str, dest: Path) -> bool:
-        import shutil
-        import tempfile
-
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{key}-"))
