@@ -58,6 +58,41 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                         "(infra/mlflow-server.sh) or unset tracking.uri / MLFLOW_TRACKING_URI for the local store")
 
 
+# Stores MLflow 3 can track to; a plain folder (the file store) is retired and refuses to start.
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+OTHER_SCHEMES = ("http", "https", "databricks", "databricks-uc")
+
+
+def check_tracking_uri(uri: str, field: str = "tracking.uri") -> None:
+    """Every kind of tracking URI is checked before a search starts, each failure one line:
+    a server that does not answer, an SQLite file that cannot be written, a plain folder (the
+    retired file store), a scheme MLflow does not know."""
+    scheme = uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][\w+.-]*:", uri) else ""
+    if scheme in ("http", "https"):
+        check_reachable(uri)
+        return
+    if scheme in ("", "file"):
+        raise TrackingError(f"{field} = {uri!r}: a plain folder is MLflow's file store, which MLflow 3 no longer "
+                            "supports; use sqlite:///<folder>/mlflow.db or a server URL (http://...)")
+    if scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if path is None or not str(path):
+            raise TrackingError(f"{field} = {uri!r}: expected sqlite:///<path to a .db file>")
+        folder = path.parent if path.parent != Path("") else Path(".")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".kdnas-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise TrackingError(f"{field} = {uri!r}: cannot write the SQLite store in {folder} "
+                                f"({err.strerror or type(err).__name__})") from None
+        return
+    if scheme.split("+")[0] not in DATABASE_SCHEMES + OTHER_SCHEMES:
+        raise TrackingError(f"{field} = {uri!r}: unknown tracking store {scheme!r}; expected http(s)://host:port, "
+                            "sqlite:///<path>.db or a database URL (postgresql://, mysql://, mssql://)")
+
+
 def tracking_uri(cfg: KDNASConfig) -> str:
     if cfg.tracking.uri:
         return cfg.tracking.uri
@@ -79,7 +114,8 @@ def _local_artifacts(cfg: KDNASConfig, uri: str) -> str | None:
 def preflight(cfg: KDNASConfig) -> None:
     """Before a tracked search starts: the tracking server answers and the S3 artifact location
     is writable with the credentials at hand; each failure is one clear line."""
-    check_reachable(tracking_uri(cfg))
+    field = "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI"
+    check_tracking_uri(tracking_uri(cfg), field)
     if (cfg.tracking.artifact_location or "").startswith("s3://"):
         from infra.storage import check_access
 

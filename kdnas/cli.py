@@ -34,10 +34,23 @@ def _parse_set(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise KdnasError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.lr=1e-4")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise KdnasError(f"--set {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err})") from None
     return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -156,6 +169,7 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
     from infra import dask_runner
 
     dask_runner.preflight(cfg.runner)
+    _quiet_flow_tracebacks(getattr(args, "debug", False))
     out = kdnas(config_path=str(args.config), overrides=_parse_set(args.set) or None,
                 research=args.research, final=not args.no_final)
     print((search_dir(cfg) / "report.md").read_text())
@@ -164,14 +178,53 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+class _NoTraceback:
+    """Prefect logs every exception that ends a flow or task run with its traceback. The CLI
+    says what went wrong in one line afterwards, so a kdnas error (or Ctrl-C) is not logged at
+    all, and any other error is logged without its traceback (``--debug`` shows it)."""
+
+    def filter(self, record) -> bool:
+        if not record.exc_info:
+            return True
+        err = record.exc_info[1]
+        if isinstance(err, (KdnasError, KeyboardInterrupt)):
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_flow_tracebacks(debug: bool) -> None:
+    import logging
+
+    if debug:
+        return
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTraceback) for f in logger.filters):
+            logger.addFilter(_NoTraceback())
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Downstream table of saved students against the configured teacher and task."""
     from kdnas_core.config import load_config
-    from kdnas_core.recipes import EVAL_COLUMNS, Workspace, evaluate_students, markdown_table, write_evaluation
+    from kdnas_core.recipes import (
+        EVAL_COLUMNS,
+        Workspace,
+        check_writable,
+        evaluate_students,
+        markdown_table,
+        write_evaluation,
+    )
+
+    from kdnas_core.student import verify_student
 
     cfg = load_config(args.config, _parse_set(args.set))
-    table = evaluate_students(Workspace.prepare(cfg), args.students)
+    # Arguments first: a mistyped path must not cost the teacher's evaluation.
+    for path in args.students:
+        verify_student(path)
     out = args.out or cfg.paths.output_path() / "evaluation"
+    check_writable(out, "--out")
+    table = evaluate_students(Workspace.prepare(cfg), args.students)
     files = write_evaluation(table, out)
     task = table.attrs["task"]
     print(f"task: {task['train_texts']} probe-train / {task['test_texts']} held-out texts, classes {task['classes']}")
@@ -184,10 +237,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve deployment kdnas/search from this process (no work pool needed), with a cron schedule."""
+    from kdnas_core.config import load_config
+
+    load_config(args.config)  # a deployment whose every scheduled run would fail is refused now
+    _check_cron(args.cron)
     from flows.search import kdnas
 
-    kdnas.serve(name="search", cron=args.cron, parameters={"config_path": str(args.config), "research": True})
+    kdnas.serve(name="search", cron=args.cron, parameters={"config_path": str(args.config.resolve()), "research": True})
     return 0
+
+
+def _check_cron(cron: str) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError as err:  # pydantic's ValidationError is a ValueError
+        raise KdnasError(f"--cron {cron!r}: not a valid cron expression (e.g. '0 3 * * 0': Sundays 03:00)") from None
 
 
 def cmd_arch(args: argparse.Namespace) -> int:
@@ -198,28 +264,39 @@ def cmd_arch(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdnas", description="Knowledge-distillation neural architecture search")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (argparse prints the whole usage before its message)."""
 
-    d = sub.add_parser("distill", help="distil one student architecture from the configured teacher")
+    def error(self, message: str):
+        raise KdnasError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kdnas", description="Knowledge-distillation neural architecture search")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # accepted after the sub-command too (kdnas search --debug); SUPPRESS keeps a flag given first
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    d = sub.add_parser("distill", parents=[common], help="distil one student architecture from the configured teacher")
     d.add_argument("--config", default="configs/default.yaml", type=Path)
     d.add_argument("--arch", required=True, help="e.g. L4-H384-A6-F1536-gelu")
     d.add_argument("--split", choices=["train", "proxy"], default="train",
                    help="train: full-corpus budget (distill.final); proxy: search budget (distill.proxy)")
-    d.add_argument("--steps", type=int, default=None, help="cap on optimiser steps (overrides the budget)")
+    d.add_argument("--steps", type=_positive_int, default=None, help="cap on optimiser steps (overrides the budget)")
     d.add_argument("--out", type=Path, default=None, help="student folder (default: <output_dir>/students/<arch_id>)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     d.add_argument("--json", action="store_true", help="also print the summary as JSON")
     d.set_defaults(func=cmd_distill)
 
-    pr = sub.add_parser("profile", help="latency of an architecture and of the teacher (ORT fp32/int8, PyTorch)")
+    pr = sub.add_parser("profile", parents=[common], help="latency of an architecture and of the teacher (ORT fp32/int8, PyTorch)")
     pr.add_argument("--config", default="configs/default.yaml", type=Path)
     pr.add_argument("--arch", required=True, help="e.g. L4-H384-A6-F1536-gelu")
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     pr.set_defaults(func=cmd_profile)
 
-    se = sub.add_parser("search", help="run (or resume) a KD-NAS search on this machine")
+    se = sub.add_parser("search", parents=[common], help="run (or resume) a KD-NAS search on this machine")
     se.add_argument("--config", default="configs/default.yaml", type=Path)
     se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     se.add_argument("--warm-from", type=Path, default=None, help="state.json of a previous search to warm-start from")
@@ -231,19 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--no-final", action="store_true", help="skip the final distillation of the recommended students")
     se.set_defaults(func=cmd_search)
 
-    ev = sub.add_parser("evaluate", help="downstream probe, gap closed and fidelity of saved students")
+    ev = sub.add_parser("evaluate", parents=[common], help="downstream probe, gap closed and fidelity of saved students")
     ev.add_argument("students", nargs="+", type=Path, help="student folders (kdnas distill / search output)")
     ev.add_argument("--config", default="configs/default.yaml", type=Path)
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ev.add_argument("--out", type=Path, default=None, help="folder for evaluation.md/csv (default: <output_dir>/evaluation)")
     ev.set_defaults(func=cmd_evaluate)
 
-    sv = sub.add_parser("serve", help="serve the Prefect deployment kdnas/search with a cron schedule")
+    sv = sub.add_parser("serve", parents=[common], help="serve the Prefect deployment kdnas/search with a cron schedule")
     sv.add_argument("--config", default="configs/default.yaml", type=Path)
     sv.add_argument("--cron", default="0 3 * * 0", help="re-search schedule (default: Sundays 03:00 UTC)")
     sv.set_defaults(func=cmd_serve)
 
-    a = sub.add_parser("arch", help="print an architecture's canonical name and arch_id")
+    a = sub.add_parser("arch", parents=[common], help="print an architecture's canonical name and arch_id")
     a.add_argument("name")
     a.set_defaults(func=cmd_arch)
     return p
@@ -265,14 +342,43 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _one_line_warnings() -> None:
+    """Warnings as one ``kdnas: warning:`` line each, without the source line Python adds."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        first = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        print(f"kdnas: warning: {first}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
     try:
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
+        _one_line_warnings()
         return args.func(args)
     except KdnasError as err:
+        if debug:
+            raise
         print(f"kdnas: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - never a traceback for the user, unless asked for
+        if debug:
+            raise
+        from kdnas_core.atomic import DiskFullError, is_disk_full, disk_full_message
+
+        if is_disk_full(err):
+            where = getattr(err, "filename", None) or "."
+            print(f"kdnas: error: {DiskFullError(disk_full_message(Path(where), 'results'))}", file=sys.stderr)
+            return 2
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"kdnas: error: unexpected {type(err).__name__}: {text} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

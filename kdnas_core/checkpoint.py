@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdnas_core.atomic import commit_dir, discard_partial, disk_full_is_one_line, partial_dir, remove_stale_partials
 from kdnas_core.errors import KdnasError
+
+
+class UnusableCheckpoint(KdnasError):
+    pass
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -26,26 +30,26 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                     scheduler, info: dict) -> Path:
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    tmp = partial_dir(folder.parent, f".{folder.name}-")
     try:
-        for name, module in modules.items():
-            save_file(_tensors(module), str(tmp / f"{name}.safetensors"))
-        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-        opt = {f"{index[id(p)]}.{k}": v.detach().clone().contiguous()
-               for p, st in optimizer.state.items() for k, v in st.items() if torch.is_tensor(v)}
-        opt["rng.torch"] = torch.get_rng_state()
-        save_file(opt, str(tmp / "optimizer.safetensors"))
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        (tmp / "state.json").write_text(json.dumps({"info": info, "param_groups": groups, "scheduler": sched}))
+        with disk_full_is_one_line(folder, "a training checkpoint"):
+            for name, module in modules.items():
+                save_file(_tensors(module), str(tmp / f"{name}.safetensors"))
+            index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+            opt = {f"{index[id(p)]}.{k}": v.detach().clone().contiguous()
+                   for p, st in optimizer.state.items() for k, v in st.items() if torch.is_tensor(v)}
+            opt["rng.torch"] = torch.get_rng_state()
+            save_file(opt, str(tmp / "optimizer.safetensors"))
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+            (tmp / "state.json").write_text(json.dumps({"info": info, "param_groups": groups, "scheduler": sched}))
         old = folder.with_name(f".{folder.name}.old")
         if folder.exists():
             folder.rename(old)
-        tmp.rename(folder)
+        commit_dir(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_partial(tmp)
         raise
     return folder
 
@@ -53,10 +57,9 @@ def save_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer: torc
 def find_checkpoint(folder: Path) -> Path | None:
     """The latest complete checkpoint: the folder, or the previous one if a crash came between
     the two renames of ``save_checkpoint``. Temporary folders of a save that was killed midway
-    are removed (one process trains a given checkpoint: the search lock sees to that)."""
+    are removed."""
     folder = Path(folder)
-    for stale in folder.parent.glob(f".{folder.name}-*") if folder.parent.is_dir() else ():
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_partials(folder.parent, f".{folder.name}-")
     for f in (folder, folder.with_name(f".{folder.name}.old")):
         if (f / "state.json").is_file():
             return f
@@ -65,13 +68,17 @@ def find_checkpoint(folder: Path) -> Path | None:
 
 def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, scheduler) -> dict:
     """Restore modules, optimiser moments, scheduler and torch RNG in place; returns ``info``."""
+    # Everything is read before anything is applied: a damaged checkpoint leaves the modules as
+    # they were, so the caller can start over with them.
     try:
         state = json.loads((folder / "state.json").read_text())
-        for name, module in modules.items():
-            module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+        weights = {name: load_file(str(folder / f"{name}.safetensors")) for name in modules}
         tensors = load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
-        raise KdnasError(f"{folder}: unusable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        for name, module in modules.items():
+            module.load_state_dict(weights[name])
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and json each raise their own types
+        raise UnusableCheckpoint(f"{folder}: unusable checkpoint ({type(err).__name__}: "
+                                 f"{(str(err).splitlines() or [''])[0]})") from None
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for key, value in tensors.items():
         if key == "rng.torch":

@@ -192,7 +192,7 @@ class RewardConfig(_Section):
     alpha: float = Field(default=-0.07, le=0)
     beta: float = Field(default=0.6, gt=0)
     # Latency budgets: "0.25x" (fraction of the teacher's latency) or "30ms".
-    budgets: list[str] = Field(default_factory=lambda: ["0.1x", "0.25x", "0.5x"])
+    budgets: list[str] = Field(default_factory=lambda: ["0.1x", "0.25x", "0.5x"], min_length=1)
     # A candidate over a hard budget: excluded from that budget, or its reward scaled down.
     over_budget: Literal["exclude", "penalize"] = "exclude"
     penalty: float = Field(default=0.5, ge=0, le=1)
@@ -344,7 +344,8 @@ class EvaluateConfig(_Section):
 
 
 class KDNASConfig(_Section):
-    seed: int = 0
+    # numpy, scikit-learn and torch all accept seeds in [0, 2**32).
+    seed: int = Field(default=0, ge=0, lt=2**32)
     paths: PathsConfig = PathsConfig()
     teacher: TeacherConfig = TeacherConfig()
     data: DataConfig = DataConfig()
@@ -404,17 +405,32 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>") -> KDNASCon
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> KDNASConfig:
-    """Load a YAML config; ``overrides`` are dotted keys, e.g. ``{"distill.lr": 1e-4}``."""
+    """Load a YAML config; ``overrides`` are dotted keys, e.g. ``{"distill.lr": 1e-4}``.
+
+    The file is validated on its own first, so an error names the file or the ``--set`` that
+    caused it.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        what = "is a folder, expected a YAML file" if path.is_dir() else "config file not found"
+        raise ConfigError(f"{path}: {what}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected YAML)") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: config file is empty; start from configs/default.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return config_from_dict(apply_overrides(data, overrides), source=str(path))
+    cfg = config_from_dict(data, source=str(path))
+    if not overrides:
+        return cfg
+    return config_from_dict(apply_overrides(data, overrides), source="--set")
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -422,9 +438,11 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
+        if not all(parents) or not leaf:
+            raise ConfigError(f"--set {dotted!r}: expected a dotted field name such as distill.lr")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+                raise ConfigError(f"--set {dotted!r}: {p!r} is not a section")
         node[leaf] = value
     return data

@@ -238,9 +238,18 @@ class TokenizedTexts:
         return len(self.ids)
 
 
+CHARS_PER_TOKEN_BOUND = 128
+
+
 def tokenize(texts: list[str], tokenizer, max_length: int) -> TokenizedTexts:
     if not texts:
         raise DataError("cannot tokenise an empty list of texts")
+    # Cut each text to what max_length tokens can cover before the tokenizer sees it: a 20 MB
+    # one-line "text" otherwise takes 4x its size in memory to be cut to max_length tokens.
+    # A token never covers more than ~100 characters (WordPiece's longest word), so the kept
+    # tokens are the same.
+    limit = max_length * CHARS_PER_TOKEN_BOUND
+    texts = [t if len(t) <= limit else t[:limit] for t in texts]
     enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
     ids = enc["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

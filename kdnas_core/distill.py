@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,10 +31,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdnas_core.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from kdnas_core.checkpoint import UnusableCheckpoint, find_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from kdnas_core.config import DistillConfig, LossWeights, TrainBudget
 from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches
-from kdnas_core.atomic import sha256_file
+from kdnas_core.atomic import (
+    check_free_space,
+    commit_dir,
+    discard_partial,
+    disk_full_is_one_line,
+    partial_dir,
+    remove_stale_partials,
+    sha256_file,
+)
 from kdnas_core.errors import KdnasError
 from kdnas_core.teachers import Teacher, find_qkv
 
@@ -298,12 +306,22 @@ class CachedTeacherStates:
         tmp = None
         if final is not None:
             final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}-"))
+            remove_stale_partials(final.parent, f".{key}-")
+            widths = len(layers) * teacher.hidden + (3 * teacher.hidden if relation_layer is not None else 0)
+            check_free_space(final.parent, n_tok * widths * 2 + (1 << 20), "the teacher-state cache (paths.cache_dir)")
+            tmp = partial_dir(final.parent, f".{key}-")
         try:
             def alloc(name: str, width: int) -> np.ndarray:
                 if tmp is None:
                     return np.zeros((n_tok, width), dtype=np.float16)
-                return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float16, shape=(n_tok, width))
+                path = tmp / f"{name}.npy"
+                with disk_full_is_one_line(path, "the teacher-state cache (paths.cache_dir)"):
+                    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n_tok, width))
+                    # open_memmap leaves a sparse file: writing into it on a full device kills
+                    # the process with SIGBUS. Reserving the blocks now fails with ENOSPC instead.
+                    with open(path, "r+b") as f:
+                        os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+                return array
 
             arrays: dict[str, np.ndarray] = {f"layer_{l}": alloc(f"layer_{l}", teacher.hidden) for l in layers}
             if relation_layer is not None:
@@ -339,17 +357,18 @@ class CachedTeacherStates:
             if tmp is None:
                 arrays["offsets"] = offsets
                 return cls(meta, arrays, stats, None)
-            for a in arrays.values():
-                a.flush()
-            np.save(tmp / "offsets.npy", offsets)
-            np.save(tmp / "stats_mean.npy", stats.mean.numpy())
-            np.save(tmp / "stats_std.npy", stats.std.numpy())
-            meta["sha256"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.npy"))}
-            # meta.json last: its presence marks a complete cache.
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            with disk_full_is_one_line(tmp, "the teacher-state cache (paths.cache_dir)"):
+                for a in arrays.values():
+                    a.flush()
+                np.save(tmp / "offsets.npy", offsets)
+                np.save(tmp / "stats_mean.npy", stats.mean.numpy())
+                np.save(tmp / "stats_std.npy", stats.std.numpy())
+                meta["sha256"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.npy"))}
+                # meta.json last: its presence marks a complete cache.
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             del arrays
             try:
-                tmp.rename(final)
+                commit_dir(tmp, final)
             except OSError:  # another process finished the same cache first
                 shutil.rmtree(tmp, ignore_errors=True)
             tmp = None
@@ -359,7 +378,7 @@ class CachedTeacherStates:
             return states
         except BaseException:
             if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+                discard_partial(tmp)
             raise
 
     @classmethod
@@ -667,7 +686,12 @@ def distill(
     eval_states = eval_states or teacher_states
     modules = {"student": student, "heads": loss_fn}
     found = find_checkpoint(checkpoint) if checkpoint is not None and checkpoint_every > 0 else None
-    info = load_checkpoint(found, modules, opt, sched) if found else {}
+    try:
+        info = load_checkpoint(found, modules, opt, sched) if found else {}
+    except UnusableCheckpoint as err:  # damaged on disk: starting over loses only time
+        warnings.warn(f"{err}; starting this distillation over")
+        remove_checkpoint(checkpoint)
+        info = {}
     if info and info.get("total_steps") != total_steps:
         raise KdnasError(f"{found}: checkpoint is for {info.get('total_steps')} steps, this run has {total_steps}; "
                          "delete it to start over")

@@ -14,14 +14,15 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from kdnas_core.atomic import write_json
+from kdnas_core.atomic import write_json, write_text
 from kdnas_core.config import NOT_SEARCH, KDNASConfig, LatencyConfig, TrainBudget
-from kdnas_core.errors import ConfigError, DataError, KdnasError
+from kdnas_core.errors import ArchError, ConfigError, DataError, KdnasError
 from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
 from kdnas_core.distill import (
     CachedTeacherStates,
@@ -57,7 +58,17 @@ from kdnas_core.search import (
     run_search,
 )
 from kdnas_core.search_space import SearchSpace, StudentArch
-from kdnas_core.student import build_student, count_parameters, load_student, save_student
+from kdnas_core.student import (
+    TRAINING_BYTES_PER_PARAM,
+    DamagedStudent,
+    build_student,
+    check_fits_in_memory,
+    check_student_destination,
+    count_parameters,
+    load_student,
+    save_student,
+    verify_student,
+)
 from kdnas_core.teachers import Teacher, load_teacher
 
 
@@ -230,12 +241,15 @@ def distill_one(
     ws = ws or Workspace.prepare(cfg).validate()
     arch = StudentArch.from_name(arch) if isinstance(arch, str) else arch
     ws.space.validate(arch)
+    check_fits_in_memory(arch, ws.teacher.config, TRAINING_BYTES_PER_PARAM)  # before the teacher runs
+    out_dir = Path(out_dir) if out_dir else cfg.paths.output_path() / "students" / arch.arch_id
+    check_student_destination(out_dir)  # a user's folder is refused before, not after, the work
     budget = cfg.distill.final if split == "train" else cfg.distill.proxy
     if max_steps:
         budget = budget.model_copy(update={"max_steps": max_steps})
     batches, states, eval_states = ws.distill_inputs(split, budget, arch.layers, progress)
-    student = build_student(arch, ws.teacher, seed=cfg.seed, dropout=cfg.distill.dropout)
-    out_dir = Path(out_dir) if out_dir else cfg.paths.output_path() / "students" / arch.arch_id
+    student = build_student(arch, ws.teacher, seed=cfg.seed, dropout=cfg.distill.dropout,
+                            bytes_per_param=TRAINING_BYTES_PER_PARAM)
     ckpt = checkpoint_path(cfg, out_dir, split, budget.max_steps)
     result = distill(
         student, states, batches, cfg.distill, budget,
@@ -287,7 +301,8 @@ class ProxyEvaluator:
         """Proxy-distil ``arch``; returns the normalised loss L_HS and details (JSON-able)."""
         cfg = self.ws.cfg
         self.ws.space.validate(arch)
-        student = build_student(arch, self.ws.teacher, seed=cfg.seed, dropout=cfg.distill.dropout)
+        student = build_student(arch, self.ws.teacher, seed=cfg.seed, dropout=cfg.distill.dropout,
+                                bytes_per_param=TRAINING_BYTES_PER_PARAM)
         r = distill(
             student, self.states, self.batches, cfg.distill, cfg.distill.proxy,
             eval_batches=self.eval_batches, eval_states=self.eval_states, seed=cfg.seed, progress=self.progress,
@@ -331,7 +346,7 @@ EVAL_COLUMNS = ["model", "params_m", "probe_acc", "probe_f1", "pct_teacher_acc",
 def write_evaluation(table: pd.DataFrame, out: Path) -> dict:
     """``evaluation.csv`` and ``evaluation.md`` next to a search's other tables."""
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "evaluation.csv", index=False)
+    write_text(out / "evaluation.csv", table.to_csv(index=False))
     task = table.attrs.get("task", {})
     cols = [c for c in EVAL_COLUMNS if c in table.columns]
     md = ["# Downstream evaluation\n",
@@ -339,7 +354,7 @@ def write_evaluation(table: pd.DataFrame, out: Path) -> dict:
           f"texts, classes {task.get('classes')}. Gap closed = (student - untrained floor) / (teacher - floor), "
           "± bootstrap standard error.\n", *[f"- note: {n}" for n in task.get("notes", [])], "",
           markdown_table(table[cols]), ""]
-    (out / "evaluation.md").write_text("\n".join(md))
+    write_text(out / "evaluation.md", "\n".join(md))
     return {"csv": str(out / "evaluation.csv"), "md": str(out / "evaluation.md")}
 
 
@@ -449,7 +464,7 @@ def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: Event
     log = log or (lambda *a, **k: None)
     folder = cfg.paths.output_path() / "students" / arch.arch_id
     meta_file = folder / "kdnas_arch.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = saved_student_meta(folder, log)
     if meta.get("config_hash") == final_config_hash(cfg) and meta.get("split") == "train":
         log("final-reused", arch)
         # killed after saving the student but before removing its checkpoint: tidy up
@@ -468,6 +483,24 @@ def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: Event
         summary = distill_one(cfg, arch, split="train", out_dir=folder, ws=ws, progress=progress)
     log("final-done", arch)
     return summary
+
+
+def saved_student_meta(folder: Path, log=None) -> dict:
+    """The metadata of the student saved in ``folder`` when it is intact; {} when there is none,
+    or when it was damaged since it was saved (then it is distilled again, resuming from its
+    checkpoint where one is left)."""
+    if not folder.is_dir():
+        return {}
+    try:
+        verify_student(folder)
+        return json.loads((folder / "kdnas_arch.json").read_text())
+    except DamagedStudent as err:
+        warnings.warn(f"{err}; distilling it again")
+        if log:
+            log("final-damaged", None, folder=str(folder))
+        return {}
+    except ArchError:
+        return {}
 
 
 def export_student(student_path: str | Path, cfg: LatencyConfig) -> dict:
@@ -609,16 +642,16 @@ def run_kdnas_search(cfg: KDNASConfig, warm_from: Path | None = None, fresh: boo
 
 def write_search_tables(result: SearchResult, out: Path, teacher_ms: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    result.leaderboard.to_csv(out / "leaderboard.csv", index=False)
-    result.pareto.to_csv(out / "pareto.csv", index=False)
+    write_text(out / "leaderboard.csv", result.leaderboard.to_csv(index=False))
+    write_text(out / "pareto.csv", result.pareto.to_csv(index=False))
     recs = pd.DataFrame(result.recommendations)
-    recs.to_csv(out / "recommendations.csv", index=False)
+    write_text(out / "recommendations.csv", recs.to_csv(index=False))
     cols = SUMMARY_COLUMNS
     md = [f"# KD-NAS search\n\nteacher latency: {teacher_ms:.2f} ms\n", "## Leaderboard\n",
           markdown_table(result.leaderboard[cols]), "\n## Pareto front (KD loss vs latency)\n",
           markdown_table(result.pareto[cols]), "\n## Recommendations per budget\n",
           markdown_table(recs.drop(columns=["arch_id"])), ""]
-    (out / "report.md").write_text("\n".join(md))
+    write_text(out / "report.md", "\n".join(md))
     pareto_plot(result, out / "pareto.png")
 
 

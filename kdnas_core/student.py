@@ -7,17 +7,28 @@ student without touching their preprocessing.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from kdnas_core.atomic import (
+    commit_dir,
+    damaged_files,
+    discard_partial,
+    disk_full_is_one_line,
+    partial_dir,
+    remove_stale_partials,
+    write_manifest,
+)
 from kdnas_core.errors import ArchError
 from kdnas_core.search_space import StudentArch
 
 ARCH_FILE = "kdnas_arch.json"
+
+
+class DamagedStudent(ArchError):
+    pass
 # BERT's initializer_range: embeddings projected from the teacher are rescaled to this std so the
 # student starts in the numeric range its LayerNorms and attention were initialised for.
 INIT_STD = 0.02
@@ -41,11 +52,40 @@ def student_config(arch: StudentArch, teacher_config, pad_token_id: int | None, 
     )
 
 
+# Training holds weights, gradients and Adam's two moments: 16 bytes a parameter, before activations.
+TRAINING_BYTES_PER_PARAM = 16
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_fits_in_memory(arch: StudentArch, teacher_config, bytes_per_param: int = 4) -> None:
+    """Refuse, in one line, a student that cannot fit in this machine's free memory, before
+    the allocator or the OOM killer meets it (a search space without ``cap_to_teacher``
+    admits students far larger than the teacher)."""
+    from kdnas_core.latency import count_params
+
+    params = count_params(arch, teacher_config.vocab_size, teacher_config.max_position_embeddings)["total"]
+    need, free = params * bytes_per_param, _available_memory()
+    if free is not None and need > free:
+        raise ArchError(f"arch {arch.name}: {params / 1e6:.0f} M parameters need about {need / 2**30:.1f} GiB "
+                        f"{'to train' if bytes_per_param > 4 else 'to build'}, more than the {free / 2**30:.1f} GiB "
+                        "of memory available; choose a smaller architecture")
+
+
 def build_student(arch: StudentArch, teacher, seed: int = 0, init_from_teacher: bool = True,
-                  dropout: float | None = None) -> nn.Module:
-    """A randomly initialised BERT student; embeddings start from the teacher's where possible."""
+                  dropout: float | None = None, bytes_per_param: int = 4) -> nn.Module:
+    """A randomly initialised BERT student; embeddings start from the teacher's where possible.
+    ``bytes_per_param``: the memory each parameter will need (checked before building)."""
     from transformers import BertModel
 
+    check_fits_in_memory(arch, teacher.config, bytes_per_param)
     cfg = student_config(arch, teacher.config, teacher.tokenizer.pad_token_id, dropout)
     torch.manual_seed(seed)
     # SDPA attention: the fastest exact kernel on CPU for training and inference.
@@ -97,37 +137,72 @@ def init_embeddings_from_teacher(student: nn.Module, teacher: nn.Module) -> None
         s_pos.weight[:rows].copy_((p - p.mean(0)) @ basis * scale if d_s < d_t else p)
 
 
-def save_student(model: nn.Module, tokenizer, arch: StudentArch, out_dir: Path, meta: dict | None = None) -> Path:
-    """Save as safetensors + tokenizer + ``kdnas_arch.json``; written to a temporary folder and
-    renamed, so a crash never leaves a half-saved student behind."""
+def is_student_folder(path: Path) -> bool:
+    return (Path(path) / ARCH_FILE).is_file()
+
+
+def check_student_destination(out_dir: Path) -> None:
+    """``out_dir`` may hold a student kdnas saved (replaced) or nothing; anything else is the
+    user's and is never deleted."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}-*"):  # left by a save that was killed
-        if stale.is_dir() and not stale.name.endswith(".ckpt"):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ArchError(f"{out_dir}: is a file, expected a folder for the student")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_student_folder(out_dir):
+        raise ArchError(f"{out_dir}: folder exists and is not a kdnas student (no {ARCH_FILE}); "
+                        "choose an empty or new folder")
+
+
+def save_student(model: nn.Module, tokenizer, arch: StudentArch, out_dir: Path, meta: dict | None = None) -> Path:
+    """Save as safetensors + tokenizer + ``kdnas_arch.json`` + a sha256 manifest; written to a
+    marked temporary folder and renamed, so a crash never leaves a half-saved student behind,
+    and a student damaged later is noticed before it is reused."""
+    out_dir = Path(out_dir)
+    check_student_destination(out_dir)
+    remove_stale_partials(out_dir.parent, f".{out_dir.name}-")
+    tmp = partial_dir(out_dir.parent, f".{out_dir.name}-")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        info = {"arch": arch.to_dict(), "arch_id": arch.arch_id, "name": arch.name} | (meta or {})
-        (tmp / ARCH_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        with disk_full_is_one_line(out_dir, f"student {arch.name}"):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            info = {"arch": arch.to_dict(), "arch_id": arch.arch_id, "name": arch.name} | (meta or {})
+            (tmp / ARCH_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+            write_manifest(tmp)
+        old = None
+        if out_dir.exists():  # a student kdnas saved earlier (checked above): replaced
+            old = partial_dir(out_dir.parent, f".{out_dir.name}-")
+            out_dir.rename(old / "replaced")
+        commit_dir(tmp, out_dir)
+        if old is not None:
+            discard_partial(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_partial(tmp)
         raise
     return out_dir
 
 
-def load_student(path: Path) -> tuple[nn.Module, StudentArch]:
+def verify_student(path: Path) -> None:
+    """Raise a one-line error when a saved student is incomplete or its files changed since it
+    was saved (truncated weights, edited ``kdnas_arch.json``)."""
+    path = Path(path)
+    if not is_student_folder(path):
+        what = "no such folder" if not path.exists() else f"not a kdnas student folder (no {ARCH_FILE})"
+        raise ArchError(f"{path}: {what}")
+    bad = damaged_files(path)
+    if bad:
+        raise DamagedStudent(f"{path}: damaged student ({', '.join(bad)} changed since it was saved)")
+    try:
+        StudentArch.from_dict(json.loads((path / ARCH_FILE).read_text())["arch"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise DamagedStudent(f"{path}: damaged student ({ARCH_FILE} unreadable: {err})") from None
+
+
+def load_student(path: Path, verify: bool = True) -> tuple[nn.Module, StudentArch]:
     from transformers import AutoModel
 
     path = Path(path)
-    arch_file = path / ARCH_FILE
-    if not arch_file.is_file():
-        raise ArchError(f"{path}: not a kdnas student folder (no {ARCH_FILE})")
-    arch = StudentArch.from_dict(json.loads(arch_file.read_text())["arch"])
+    if verify:
+        verify_student(path)
+    arch = StudentArch.from_dict(json.loads((path / ARCH_FILE).read_text())["arch"])
     return AutoModel.from_pretrained(path, use_safetensors=True), arch
 
 

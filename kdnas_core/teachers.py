@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from kdnas_core.config import TeacherConfig
-from kdnas_core.atomic import sha256_file
+from kdnas_core.atomic import damaged_files, write_manifest
 from kdnas_core.errors import TeacherError
 from kdnas_core.search_space import TeacherShape
 
@@ -158,16 +157,9 @@ def _find_mpnet_parts() -> list[Path]:
     return parts
 
 
-MANIFEST = ".kdnas-sha256.json"
-
-
 def _intact(folder: Path) -> bool:
     """Every file of an assembled teacher still matches the sha256 recorded when it was built."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        return bool(manifest) and all(sha256_file(folder / name) == digest for name, digest in manifest.items())
-    except (OSError, ValueError):
-        return False
+    return damaged_files(folder) == []
 
 
 def assemble_mpnet(dest_root: Path) -> Path:
@@ -199,8 +191,7 @@ def assemble_mpnet(dest_root: Path) -> Path:
         unpacked = Path(tmp) / "unpacked" / MPNET_DIR
         if not (unpacked / "config.json").is_file():
             raise TeacherError(f"teacher 'mpnet-base': zip has no {MPNET_DIR}/config.json")
-        digests = {p.relative_to(unpacked).as_posix(): sha256_file(p) for p in sorted(unpacked.rglob("*")) if p.is_file()}
-        (unpacked / MANIFEST).write_text(json.dumps(digests, indent=1))
+        write_manifest(unpacked)
         try:
             unpacked.rename(final)
         except OSError:

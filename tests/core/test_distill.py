@@ -211,6 +211,36 @@ def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint_and_ends_identically
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_a_damaged_checkpoint_is_dropped_and_the_run_starts_over(tiny_setup, tmp_path):
+    teacher, tokens, layers = tiny_setup
+    cache = CachedTeacherStates.build(teacher, tokens, layers, relation_layer=4, progress=False)
+    batches = length_bucketed_batches(tokens, 8, seed=0)
+    arch, budget = StudentArch(2, 32, 4, 64), TrainBudget(max_steps=6)
+
+    def run(ckpt, crash_at=None):
+        student, losses = build_student(arch, teacher, seed=1), []
+
+        def on_step(step, loss, lr):
+            losses.append(loss)
+            if step == crash_at:
+                raise KeyboardInterrupt
+
+        distill(student, cache, batches, CFG, budget, seed=1, on_step=on_step, progress=False,
+                checkpoint=ckpt, checkpoint_every=2)
+        return student, losses
+
+    ref, ref_losses = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "c", crash_at=5)
+    optimizer = tmp_path / "c" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:64])
+    with pytest.warns(UserWarning, match="unusable checkpoint .*starting this distillation over"):
+        student, losses = run(tmp_path / "c")
+    assert losses == ref_losses  # all 6 steps again, from the same start
+    for (name, a), (_, b) in zip(ref.state_dict().items(), student.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_a_checkpoint_for_another_run_length_is_refused(tiny_setup, tmp_path):
     teacher, tokens, layers = tiny_setup
     cache = CachedTeacherStates.build(teacher, tokens, layers, relation_layer=4, progress=False)

@@ -54,3 +54,22 @@ def test_narrow_student_embeddings_keep_the_teachers_geometry(minilm_teacher):
     random_init = build_student(StudentArch(3, 128, 4, 512), minilm_teacher, init_from_teacher=False)
     r = cos(random_init.embeddings.word_embeddings.weight.detach())[tri[0], tri[1]]
     assert torch.corrcoef(torch.stack([r, b]))[0, 1] < 0.2
+
+
+def test_saving_never_deletes_a_folder_kdnas_did_not_create(bert_teacher, tmp_path):
+    from kdnas_core.errors import ArchError
+    from kdnas_core.search_space import StudentArch
+    from kdnas_core.student import build_student, load_student, save_student
+
+    arch = StudentArch(1, 32, 2, 64)
+    user = tmp_path / "precious"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(ArchError, match="precious: folder exists and is not a kdnas student"):
+        save_student(build_student(arch, bert_teacher), bert_teacher.tokenizer, arch, user)
+    assert (user / "notes.txt").read_text() == "mine" and (user / "sub").is_dir()
+    # a student kdnas saved is replaced, and the replacement is verified on load
+    path = save_student(build_student(arch, bert_teacher, seed=1), bert_teacher.tokenizer, arch, tmp_path / "s")
+    save_student(build_student(arch, bert_teacher, seed=2), bert_teacher.tokenizer, arch, path)
+    load_student(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious", "s"]

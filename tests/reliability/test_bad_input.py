@@ -72,6 +72,32 @@ def _file(root: Path, name: str, content: bytes) -> str:
     return str(root / name)
 
 
+def _precious(root: Path) -> str:
+    """A user's folder, and a sibling whose name looks like a kdnas temporary folder."""
+    (root / "precious" / "sub").mkdir(parents=True, exist_ok=True)
+    (root / "precious" / "notes.txt").write_text("notes")
+    (root / ".precious-backup").mkdir(exist_ok=True)
+    (root / ".precious-backup" / "keep.txt").write_text("backup")
+    return str(root / "precious")
+
+
+def _student_at(root: Path) -> Path:
+    if not (root / "student" / "kdnas_arch.json").is_file():
+        _student(root, root)
+    return root / "student"
+
+
+def _damaged_student(root: Path) -> Path:
+    import shutil
+
+    path = root / "damaged-student"
+    if not path.is_dir():
+        shutil.copytree(_student_at(root), path)
+        weights = path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return path
+
+
 def _state_of_other_teacher(root: Path) -> str:
     path = root / "other-teacher-state.json"
     path.write_text(json.dumps({"seed": 0, "episode": 1, "pending": [], "pending_context": [None, None],
@@ -80,6 +106,7 @@ def _state_of_other_teacher(root: Path) -> str:
 
 
 SEARCH = ["search", "--no-prefect"]
+CONFIG_COMMANDS = ("search", "distill", "profile", "evaluate", "serve")
 # id: (command, {dotted config key: value or f(root)}, expected message pattern)
 CASES = {
     "unknown top-level key": (SEARCH, {"distil": {}}, r"unknown field 'distil' \(allowed here: seed, paths"),
@@ -124,6 +151,40 @@ CASES = {
     "shared cache not an S3 URI": (SEARCH, {"paths.shared_cache": "/mnt/nfs/cache"}, r"paths.shared_cache = \"/mnt/nfs/cache\": expected s3://"),
     "warm start from another teacher's search": (SEARCH + ["--warm-from", _state_of_other_teacher], {},
                                                  r"other-teacher-state.json: searched with another teacher"),
+    # faults found by trying kdnas as a new user would (issue: faults after validation)
+    "no latency budget": (SEARCH, {"reward.budgets": []}, r"reward.budgets = \[\]: List should have at least 1 item"),
+    "negative seed": (SEARCH, {"seed": -1}, r"seed = -1: Input should be greater than or equal to 0"),
+    "seed beyond 2**32": (SEARCH, {"seed": 2**70}, r"seed = 1180591620717411303424: Input should be less than 4294967296"),
+    "tracking store of an unknown kind": (["search"], {"tracking.enabled": True, "tracking.uri": "foo://bar"},
+                                          r"tracking.uri = 'foo://bar': unknown tracking store 'foo'"),
+    "tracking store in an unwritable folder": (["search"], {"tracking.enabled": True,
+                                                            "tracking.uri": lambda r: "sqlite:///" + _file(r, "plain-file", b"x") + "/m.db"},
+                                               r"tracking.uri = 'sqlite:///.*plain-file/m.db': cannot write the SQLite store"),
+    "tracking store as a plain folder": (["search"], {"tracking.enabled": True, "tracking.uri": "/tmp/kdnas-mlruns"},
+                                         r"tracking.uri = '/tmp/kdnas-mlruns': a plain folder is MLflow's file store"),
+    "distill --steps 0": (["distill", "--arch", "L1-H32-A2-F64-gelu", "--steps", "0"], {}, r"argument --steps: expected at least 1, got 0"),
+    "distill --steps -1": (["distill", "--arch", "L1-H32-A2-F64-gelu", "--steps", "-1"], {}, r"argument --steps: expected at least 1, got -1"),
+    "distill --out over a user's folder": (["distill", "--arch", "L1-H32-A2-F64-gelu", "--steps", "1", "--out", _precious], {},
+                                           r"precious: folder exists and is not a kdnas student \(no kdnas_arch.json\)"),
+    "distill --out onto a file": (["distill", "--arch", "L1-H32-A2-F64-gelu", "--steps", "1", "--out",
+                                   lambda r: _file(r, "notes.txt", b"mine")], {}, r"notes.txt: is a file, expected a folder"),
+    "student larger than memory": (["distill", "--arch", "L48-H4096-A64-F16384-gelu"],
+                                   {"search_space.cap_to_teacher": False, "search_space.layers": [48], "search_space.hidden": [4096],
+                                    "search_space.heads": [64], "search_space.ffn": [16384]},
+                                   r"arch L48-H4096-A64-F16384-gelu: 98\d\d M parameters need about .* GiB to train, more than"),
+    "evaluate a mistyped student path": (["evaluate", lambda r: str(r / "no-such-student")], {}, r"no-such-student: no such folder"),
+    "evaluate a folder that is no student": (["evaluate", lambda r: str(r / "teacher")], {}, r"teacher: not a kdnas student folder"),
+    "evaluate --out under a file": (["evaluate", lambda r: str(_student_at(r)), "--out", lambda r: _file(r, "f", b"x") + "/eval"], {},
+                                    r"--out = '.*f/eval': not writable"),
+    "evaluate a damaged student": (["evaluate", lambda r: str(_damaged_student(r))], {},
+                                   r"damaged-student: damaged student \(model.safetensors changed since it was saved\)"),
+    "--set without a key": (SEARCH + ["--set", "=3"], {}, r"--set '=3': expected KEY=VALUE"),
+    "--set with a wrong value names --set": (SEARCH + ["--set", "distill.lr=-1"], {}, r"^kdnas: error: --set: distill.lr = -1"),
+    "--set with a value that is not YAML": (SEARCH + ["--set", "data.batch_size=[1"], {}, r"--set 'data.batch_size=\[1': the value is not valid YAML"),
+    "serve with an invalid cron": (["serve", "--cron", "every sunday"], {}, r"--cron 'every sunday': not a valid cron expression"),
+    "unknown sub-command": (["srch"], {}, r"argument command: invalid choice: 'srch'"),
+    "corpus is a device that never ends": (SEARCH, {"data.path": "/dev/zero"}, r"/dev/zero"),
+    "corpus path is a folder": (SEARCH, {"data.path": lambda r: str(r / "teacher")}, r"data.path = .*teacher"),
 }
 
 
@@ -142,7 +203,7 @@ def test_bad_input_fails_in_one_clear_line(case, base, tmp_path, capsys, monkeyp
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     argv = [a(root) if callable(a) else a for a in command]
-    if argv[0] not in ("arch",):
+    if argv[0] in CONFIG_COMMANDS:
         argv += ["--config", str(config)]
     if case == "wrong S3 credentials":
         endpoint = request.getfixturevalue("s3_with_auth")
@@ -162,6 +223,10 @@ def test_bad_input_fails_in_one_clear_line(case, base, tmp_path, capsys, monkeyp
     out = Path(cfg["paths"]["output_dir"])
     written = [p for p in out.rglob("*") if p.is_file()] if out.is_dir() else []
     assert written == [], written
+    if case == "distill --out over a user's folder":  # nothing of the user's was touched
+        assert (root / "precious" / "notes.txt").read_text() == "notes"
+        assert (root / "precious" / "sub").is_dir()
+        assert (root / ".precious-backup" / "keep.txt").read_text() == "backup"
 
 
 @pytest.fixture(scope="module")
