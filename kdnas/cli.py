@@ -162,6 +162,7 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
 
     if args.warm_from or args.fresh:
         raise KdnasError("--warm-from and --fresh need --no-prefect (the flow resumes and warm-starts by itself)")
+    _check_prefect_home()
     if cfg.tracking.enabled:
         from infra.tracking import preflight
 
@@ -176,6 +177,18 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
     for arch, final in out["final"].items():
         print(f"final student {arch}: {final['path']} (ONNX: {final['onnx']}, int8: {final['onnx_int8']})")
     return 0
+
+
+def _check_prefect_home() -> None:
+    """Prefect's temporary API keeps its database under PREFECT_HOME: an unwritable one fails
+    here in one line, not as a server that cannot start and is retried for minutes."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.settings import get_current_settings
+
+    from kdnas_core.recipes import check_writable
+
+    check_writable(Path(os.environ.get("PREFECT_HOME") or get_current_settings().home).expanduser(), "PREFECT_HOME")
 
 
 class _NoTraceback:

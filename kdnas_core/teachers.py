@@ -120,6 +120,12 @@ def load_teacher(cfg: TeacherConfig, cache_dir: Path) -> Teacher:
         ) from None
     if not hasattr(model, "encoder") or not hasattr(model.config, "num_hidden_layers"):
         raise TeacherError(f"teacher.name = {cfg.name!r}: {type(model).__name__} is not an encoder")
+    # A folder without tokenizer files still loads: transformers builds an empty tokenizer that
+    # maps every word to [UNK], and the whole search would distil nothing but unknown tokens.
+    if len(tokenizer) < model.config.vocab_size // 2:
+        raise TeacherError(f"teacher.name = {cfg.name!r}: its tokenizer has {len(tokenizer)} tokens for a "
+                           f"{model.config.vocab_size}-token vocabulary; the tokenizer files (tokenizer.json, "
+                           "vocab.txt or sentencepiece model) are missing from the folder")
     return Teacher.from_model(model, tokenizer, cfg.name)
 
 

@@ -72,6 +72,25 @@ def _file(root: Path, name: str, content: bytes) -> str:
     return str(root / name)
 
 
+def _teacher_without_tokenizer(root: Path) -> str:
+    import shutil
+
+    path = root / "teacher-no-tokenizer"
+    if not path.is_dir():
+        path.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(root / "teacher" / name, path / name)
+    return str(path)
+
+
+# Cases whose config file itself is broken: written as these bytes instead of the valid config.
+RAW_CONFIG = {
+    "config file that is not text": b"\x00\xff\xfe garbage",
+    "config file that is empty": b"",
+    "config file with a YAML syntax error": b"seed: [1\n",
+}
+
+
 def _precious(root: Path) -> str:
     """A user's folder, and a sibling whose name looks like a kdnas temporary folder."""
     (root / "precious" / "sub").mkdir(parents=True, exist_ok=True)
@@ -184,6 +203,12 @@ CASES = {
     "serve with an invalid cron": (["serve", "--cron", "every sunday"], {}, r"--cron 'every sunday': not a valid cron expression"),
     "unknown sub-command": (["srch"], {}, r"argument command: invalid choice: 'srch'"),
     "corpus is a device that never ends": (SEARCH, {"data.path": "/dev/zero"}, r"/dev/zero"),
+    "config file that is not text": (SEARCH, {}, r"config.yaml: not a text file \(expected YAML\)"),
+    "config file that is empty": (SEARCH, {}, r"config.yaml: config file is empty"),
+    "config file with a YAML syntax error": (SEARCH, {}, r"config.yaml: not valid YAML at line 2, column 1"),
+    "teacher folder without tokenizer files": (SEARCH, {"teacher.name": _teacher_without_tokenizer},
+                                               r"its tokenizer has \d+ tokens for a 30522-token vocabulary; the tokenizer files"),
+    "unwritable PREFECT_HOME": (["search"], {}, r"PREFECT_HOME = '.*prefect-home-file/home': not writable"),
     "corpus path is a folder": (SEARCH, {"data.path": lambda r: str(r / "teacher")}, r"data.path = .*teacher"),
 }
 
@@ -198,6 +223,11 @@ def test_bad_input_fails_in_one_clear_line(case, base, tmp_path, capsys, monkeyp
         _set(cfg, key, value(root) if callable(value) else value)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
+    if case in RAW_CONFIG:
+        config.write_bytes(RAW_CONFIG[case])
+    if case == "unwritable PREFECT_HOME":
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        monkeypatch.setenv("PREFECT_HOME", _file(root, "prefect-home-file", b"x") + "/home")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # as the CLI sets them when it starts (already imported here): library progress bars off
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,0 +1,59 @@
+"""Every cache key kdnas uses, each built from the config sections its result depends on.
+
+A key that misses a section silently reuses a stale result; a key with a section too many
+redoes work for nothing. So the sections of every key are listed here and nowhere else, and
+``tests/core/test_keys.py`` changes every config field in turn and checks exactly which keys
+move. A field in no key must be listed in ``NO_KEY`` with the reason it cannot change a result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdnas_core.config import KDNASConfig
+
+
+@dataclass(frozen=True)
+class Key:
+    sections: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+    why: str = ""
+
+    def of(self, cfg: KDNASConfig) -> str:
+        return cfg.section_hash(*self.sections, exclude=self.exclude)
+
+
+# Fields that change the final students but not the search: a new final budget reuses the search.
+NOT_SEARCH = ("distill.final", "distill.checkpoint_every", "distill.world_size")
+
+KEYS: dict[str, Key] = {
+    # One teacher, one set of splits and tokenised texts per process (tasks on worker threads share it).
+    "workspace": Key(("seed", "teacher", "data", "search_space", "distill", "paths"),
+                     why="the loaded teacher, splits and cached states of a process"),
+    # A candidate's proxy distillation (Prefect's task cache and the flow's evaluator).
+    "proxy": Key(("seed", "teacher", "data", "search_space", "distill"), exclude=NOT_SEARCH,
+                 why="the KD loss of one proxy distillation"),
+    # A candidate's latency measurement (Prefect's task cache).
+    "latency": Key(("teacher", "latency"), why="one candidate's measured latency"),
+    # The latency of the teacher, and of students of its vocabulary, on this hardware.
+    "latency_settings": Key(("latency",), why="how latency is measured"),
+    # A final student: saved once, reused by every rerun of any search with the same recipe.
+    "final": Key(("seed", "teacher", "data", "distill"), exclude=("distill.world_size",),
+                 why="a final student's weights (not how many processes trained it)"),
+    # A final distillation's checkpoint (next to its student folder).
+    "checkpoint": Key(("seed", "teacher", "data", "distill"), why="a resumable training run"),
+    # The search folder: re-running the same config resumes it.
+    "search": Key(("seed", "teacher", "data", "search_space", "distill", "latency", "reward", "controller", "search"),
+                  exclude=NOT_SEARCH, why="the search's observations, controller and tables"),
+}
+
+# Sections and fields in no key, and why none of them can change a cached result.
+NO_KEY = {
+    "runner": "where candidates run: every runner gives the same results (tested in tests/integration/test_dask_runner.py)",
+    "tracking": "what is logged to MLflow, not what is computed",
+    "evaluate": "downstream evaluation is not cached by config: embeddings are cached by model weights and texts",
+}
+
+
+def key(name: str, cfg: KDNASConfig) -> str:
+    return KEYS[name].of(cfg)

@@ -1,0 +1,118 @@
+"""Every config field changes exactly the cache keys it should: each field is either in a key
+or listed in keys.NO_KEY with the reason it cannot change a cached result."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from kdnas_core.config import KDNASConfig
+from kdnas_core.keys import KEYS, NO_KEY, NOT_SEARCH, key
+
+
+def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += leaf_fields(annotation, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def get(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def candidates(value, annotation) -> list:
+    """Other values a field could take; the first one the config accepts is used."""
+    args = typing.get_args(annotation)
+    literals = [a for a in args if not isinstance(a, type)] if typing.get_origin(annotation) is typing.Literal else []
+    if literals:
+        return [v for v in literals if v != value]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, (int, float)):
+        return [value + 1, value / 2, value * 2, value - 1, 0.5]
+    if isinstance(value, str):
+        return [value + "-other", "s3://kdnas-bucket/other", "gelu", "ort-int8"]
+    if isinstance(value, list):
+        return [value[:1], value + value[-1:], [[2, 64]], ["ort-int8", "ort-fp32"], ["1ms"]] if value else [["x"]]
+    if value is None:
+        return [3, 0.1, "s3://kdnas-bucket/x", "tcp://127.0.0.1:8786", "other", 1000, {"epochs": 1}]
+    if isinstance(value, dict):
+        return [{**value, "GPU": 1}, {"GPU": 1}]
+    return []
+
+
+# Fields whose other values are only valid together with another field of the same section.
+ALSO = {"latency.reward_backend": {"backends": ["ort-fp32", "ort-int8"]}}
+
+
+def changed(field: str) -> KDNASConfig:
+    base = KDNASConfig().model_dump(mode="json")
+    section, *rest = field.split(".")
+    model = KDNASConfig
+    for part in field.split(".")[:-1]:
+        model = model.model_fields[part].annotation
+    annotation = model.model_fields[field.split(".")[-1]].annotation
+    for value in candidates(get(base, field), annotation):
+        data = KDNASConfig().model_dump(mode="json")
+        node = data
+        for part in field.split(".")[:-1]:
+            node = node[part]
+        node[field.split(".")[-1]] = value
+        node.update(ALSO.get(field, {}))
+        try:
+            cfg = KDNASConfig.model_validate(data)
+        except ValidationError:
+            continue
+        if cfg != KDNASConfig():
+            return cfg
+    raise AssertionError(f"no other valid value found for {field}")
+
+
+def expected_keys(field: str) -> set[str]:
+    out = set()
+    for name, k in KEYS.items():
+        in_section = field.split(".")[0] in k.sections
+        excluded = any(field == e or field.startswith(e + ".") for e in k.exclude)
+        if in_section and not excluded:
+            out.add(name)
+    return out
+
+
+FIELDS = leaf_fields(KDNASConfig)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_each_field_moves_exactly_the_keys_that_depend_on_it(field):
+    base, cfg = KDNASConfig(), changed(field)
+    moved = {name for name in KEYS if key(name, cfg) != key(name, base)}
+    assert moved == expected_keys(field), field
+    if not moved:
+        assert field.split(".")[0] in NO_KEY, f"{field} is in no cache key: add it to one, or to keys.NO_KEY with a reason"
+
+
+def test_the_table_is_complete_and_has_no_stale_entries():
+    sections = set(KDNASConfig.model_fields)
+    keyed = {s for k in KEYS.values() for s in k.sections}
+    assert keyed | set(NO_KEY) == sections and not keyed & set(NO_KEY)
+    for k in KEYS.values():
+        for dotted in k.exclude:
+            assert dotted in FIELDS or any(f.startswith(dotted + ".") for f in FIELDS), dotted
+
+
+def test_a_new_final_budget_reuses_the_search_but_not_the_final_students():
+    base = KDNASConfig()
+    longer = KDNASConfig.model_validate({"distill": {"final": {"epochs": 3}}})
+    assert key("search", longer) == key("search", base) and key("proxy", longer) == key("proxy", base)
+    assert key("final", longer) != key("final", base)
+    assert "distill.final" in NOT_SEARCH
+    more_processes = KDNASConfig.model_validate({"distill": {"world_size": 2}})
+    assert key("final", more_processes) == key("final", base)
