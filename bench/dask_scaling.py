@@ -51,7 +51,7 @@ def main() -> None:
     from flows.search import kdnas
     from kdnas_core.config import load_config
     from kdnas_core.latency import predictor_path
-    from kdnas_core.recipes import run_kdnas_search
+    from kdnas_core.searching import search_without_prefect
 
     tmp = Path(tempfile.mkdtemp(prefix="kdnas-dask-"))
     data = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
@@ -64,7 +64,7 @@ def main() -> None:
 
     # Warm-up, untimed: teacher states, teacher latency and every candidate's latency cached,
     # so that what differs between the variants is only where distillation runs.
-    run_kdnas_search(cfg, fresh=True, progress=False)
+    search_without_prefect(cfg, fresh=True, progress=False)
     pred = predictor_path(cfg.paths.cache_path(), cfg.latency)
     saved = pred.read_bytes() if pred.is_file() else None
 

@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 
 from kdnas_core.config import load_config  # noqa: E402
 from kdnas_core.distill import CachedTeacherStates, LiveTeacherStates, distill  # noqa: E402
-from kdnas_core.recipes import Workspace  # noqa: E402
+from kdnas_core.workspace import Workspace  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
 from kdnas_core.student import build_student, count_parameters  # noqa: E402
 from common import publish  # noqa: E402

@@ -48,7 +48,10 @@ from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict  # 
 from kdnas_core.distill import distill  # noqa: E402
 from kdnas_core.evaluate import ModelEval, compare, embed_onnx, evaluate_model, linear_probe  # noqa: E402
 from kdnas_core.latency import export_onnx, profile_model, quantize_onnx  # noqa: E402
-from kdnas_core.recipes import ProxyEvaluator, Workspace, markdown_table, search_in_folder, teacher_latency  # noqa: E402
+from kdnas_core.evaluators import ProxyEvaluator, teacher_latency  # noqa: E402
+from kdnas_core.reports import markdown_table  # noqa: E402
+from kdnas_core.searching import search_in_folder  # noqa: E402
+from kdnas_core.workspace import Workspace  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
 from kdnas_core.student import build_student  # noqa: E402
 from kdnas_core.teachers import load_teacher  # noqa: E402

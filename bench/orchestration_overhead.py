@@ -33,7 +33,7 @@ def main() -> None:
 
     from kdnas_core.config import load_config
     from kdnas_core.latency import predictor_path
-    from kdnas_core.recipes import run_kdnas_search
+    from kdnas_core.searching import search_without_prefect
 
     tmp = Path(tempfile.mkdtemp(prefix="kdnas-orch-"))
     data = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
@@ -44,7 +44,7 @@ def main() -> None:
     cfg = load_config(cfg_path)
 
     # Warm both paths alike: teacher states and teacher latency cached before either is timed.
-    run_kdnas_search(cfg.model_copy(update={"search": cfg.search.model_copy(update={"episodes": 1, "candidates_per_episode": 1})}),
+    search_without_prefect(cfg.model_copy(update={"search": cfg.search.model_copy(update={"episodes": 1, "candidates_per_episode": 1})}),
                      fresh=True, progress=False)
 
     # Each search refits the saved latency predictor, which steers the next search's pool:
@@ -60,7 +60,7 @@ def main() -> None:
 
     shutil.rmtree(tmp / "runs", ignore_errors=True)
     t0 = time.perf_counter()
-    plain, _, _ = run_kdnas_search(cfg, fresh=True, progress=False)
+    plain, _, _ = search_without_prefect(cfg, fresh=True, progress=False)
     plain_s = time.perf_counter() - t0
     shutil.rmtree(tmp / "runs", ignore_errors=True)
     restore_predictor()

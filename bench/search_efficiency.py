@@ -78,7 +78,9 @@ def synthetic(args) -> str:
 
 
 def real(args) -> str:
-    from kdnas_core.recipes import ProxyEvaluator, Workspace, make_reward_fn, teacher_latency
+    from kdnas_core.evaluators import ProxyEvaluator, teacher_latency
+    from kdnas_core.searching import make_reward_fn
+    from kdnas_core.workspace import Workspace
     from kdnas_core.reward import parse_budget
     from kdnas_core.search import budgets_in_ms
 

@@ -1,5 +1,5 @@
 """Prefect flows: control flow only (order, fan-out, subflows, deployment entry points).
 
-The search flow ``kdnas`` (deployment ``search``) lands with the orchestration issue; until then
-``kdnas distill`` runs the core recipe directly.
+``kdnas`` (deployment ``search``) is the search; ``kdnas distill`` runs one final distillation
+without Prefect.
 """

@@ -9,7 +9,7 @@ chosen students go through a ``final-distill`` subflow. Results land in
 
 from __future__ import annotations
 
-import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +17,19 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from kdnas_core.atomic import write_json
-from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict, load_config
-from kdnas_core.recipes import EventLog, RecordedEvaluator, markdown_table, search_dir, search_in_folder
+from kdnas_core.config import KDNASConfig, config_from_parameters
+from kdnas_core.evaluators import EventLog, RecordedEvaluator
+from kdnas_core.reports import markdown_table
 from kdnas_core.search import SUMMARY_COLUMNS, Evaluation
 from kdnas_core.search_space import StudentArch
+from kdnas_core.searching import search_dir, search_in_folder
 from infra.dask_runner import dask_cluster, task_runner
-from infra.dask_runner import preflight as runner_preflight
 from infra.dask_runner import resources as dask_resources
-from infra.storage import check_access
-from infra.tracking import TrackingError, preflight
-from tasks.tracking_tasks import (
-    finish_search_run,
-    flush_spool,
-    log_candidate,
-    log_search_results,
-    register_student,
-    start_search_run,
-    sync_candidates,
-)
+from infra.preflight import check_services
+from tasks.tracking_tasks import close_search_run, open_search_run, track_candidate
 from tasks.search_tasks import (
     evaluate_students_task,
+    evaluation_from,
     export_onnx_task,
     final_distill,
     prepare_teacher_states,
@@ -76,16 +68,6 @@ def _in_waves(calls: list, width: int) -> list:
     return results
 
 
-def _tracking_run(cfg: KDNASConfig, c: dict, out: Path, teacher_ms: float, prep: dict) -> str:
-    """The parent MLflow run of this search folder, created once and reused on resume."""
-    marker = out / "tracking.json"
-    known = json.loads(marker.read_text()) if marker.is_file() else {}
-    info = {"splits_fingerprint": workspace(cfg).splits.fingerprint, **prep}
-    parent = start_search_run(c, out.name, teacher_ms, info, known.get("parent_run_id"))
-    write_json(marker, {"parent_run_id": parent})
-    return parent
-
-
 @flow(name="evaluate-candidates")
 def evaluate_candidates(cfg: dict, archs: list[str], resources: dict[str, float]) -> list:
     """One episode's proxy distillations fanned out on the task runner this subflow is given
@@ -109,6 +91,31 @@ def final_distill_flow(cfg: dict, arch: str) -> dict:
     return {**student, **exported}
 
 
+def evaluate_episode(c: dict, cfg: KDNASConfig, archs: list[StudentArch], dask_address: str | None,
+                     side: dict[str, dict]) -> list[Evaluation]:
+    """One episode's candidates: latency and proxy distillation as tasks, in waves on this
+    process or, with a Dask cluster, latency here one at a time (every candidate timed on the
+    same machine, never next to a distillation) and the distillations fanned out. ``side``
+    collects each candidate's latency report and loss curve for its tracking run."""
+    if dask_address is None:
+        calls = [(profile_latency, (c, a.name)) for a in archs] + [(proxy_distill, (c, a.name)) for a in archs]
+        res = _in_waves(calls, cfg.search.max_parallel)
+        lat, kd = res[: len(archs)], res[len(archs):]
+    else:
+        lat = _in_waves([(profile_latency, (c, a.name)) for a in archs], 1)
+        kd = evaluate_candidates.with_options(task_runner=task_runner(dask_address))(
+            c, [a.name for a in archs], dict(cfg.runner.resources))
+    out = []
+    for a, latency, proxy in zip(archs, lat, kd):
+        ev = evaluation_from(latency, proxy)
+        if ev.failed:
+            get_run_logger().warning("candidate %s failed: %s", a.name, ev.extra.get("error"))
+        else:
+            side[a.arch_id] = {"report": latency["report"], "curve": proxy.get("loss_curve")}
+        out.append(ev)
+    return out
+
+
 @flow(name="kdnas", log_prints=True, validate_parameters=True)
 def kdnas(
     config_path: str = DEFAULT_CONFIG,
@@ -116,73 +123,43 @@ def kdnas(
     config: KDNASConfig | None = None,
     research: bool = True,
     final: bool = True,
+    preflight: bool = True,
 ) -> dict:
     """Search student architectures for the configured teacher and latency budgets.
 
     config_path: YAML config; overrides: dotted keys, e.g. {"search.episodes": 2}; config: the
     whole typed config instead of a file (validated by Prefect against its schema); research:
     when this config's search already finished, run a new round warm-started from it (what a
-    scheduled re-search does); final: distil and export the recommended students.
+    scheduled re-search does); final: distil and export the recommended students; preflight:
+    check tracking, storage and the Dask scheduler first (the CLI has checked them already).
     """
     logger = get_run_logger()
-    if config is not None:
-        cfg = config_from_dict(apply_overrides(config.model_dump(mode="json"), overrides), "config parameter")
-    else:
-        cfg = load_config(config_path, overrides)
+    cfg = config_from_parameters(config_path, overrides, config)
     c = cfg.model_dump(mode="json")
-    if cfg.tracking.enabled:
-        preflight(cfg)  # an unreachable server or unwritable bucket fails now, not hours in
-    if cfg.paths.shared_cache:
-        check_access(cfg.paths.shared_cache, field="paths.shared_cache")
-    runner_preflight(cfg.runner)  # an unreachable Dask scheduler, before the teacher runs
+    if preflight:
+        check_services(cfg)  # an unreachable server, bucket or scheduler fails now, not hours in
     prep = prepare_teacher_states(c)
     teacher_ms = teacher_latency_ms(c)
     logger.info("teacher %s: %.2f ms; proxy cache %s", cfg.teacher.name, teacher_ms, prep["proxy_cache"])
 
     out = search_dir(cfg)
-    parent = _tracking_run(cfg, c, out, teacher_ms, prep) if cfg.tracking.enabled else None
-    if parent:
-        flush_spool(c, 0)  # artifacts an earlier run could not upload
-        sync_candidates(c, parent, str(out / "state.json"))
-    reports: dict[str, dict] = {}
-    curves: dict[str, list] = {}
-
-    def evaluate_batch(archs: list[StudentArch]) -> list[Evaluation]:
-        if dask_address is None:
-            calls = [(profile_latency, (c, a.name)) for a in archs] + [(proxy_distill, (c, a.name)) for a in archs]
-            res = _in_waves(calls, cfg.search.max_parallel)
-            lat, kd = res[: len(archs)], res[len(archs):]
-        else:
-            # Latency first, here, one at a time, while the workers are idle: every candidate is
-            # timed on the same machine and never next to a distillation on the same cores.
-            lat = _in_waves([(profile_latency, (c, a.name)) for a in archs], 1)
-            kd = evaluate_candidates.with_options(task_runner=task_runner(dask_address))(
-                c, [a.name for a in archs], dict(cfg.runner.resources))
-        out = []
-        for a, l, k in zip(archs, lat, kd):
-            err = next((x for x in (k, l) if isinstance(x, BaseException)), None)
-            if err is not None:
-                logger.warning("candidate %s failed: %s", a.name, err)
-                out.append(Evaluation.failure(err))
-                continue
-            reports[a.arch_id], curves[a.arch_id] = l["report"], k.get("loss_curve")
-            out.append(Evaluation(k["kd_loss"], l["latency_ms"], {x: v for x, v in k.items() if x not in ("kd_loss", "loss_curve")}))
-        return out
+    info = {"splits_fingerprint": workspace(cfg).splits.fingerprint, **prep}
+    parent = open_search_run(c, out, teacher_ms, info) if cfg.tracking.enabled else None
+    side: dict[str, dict] = {}
 
     def on_observation(o) -> None:
         logger.info("episode %d: %s reward %.4f L_HS %.4f %.2f ms", o.episode, o.arch.name, o.reward, o.kd_loss, o.latency_ms)
         if parent:
-            try:
-                log_candidate(c, parent, o.to_dict(), reports.get(o.arch.arch_id), curves.get(o.arch.arch_id))
-            except Exception as err:  # noqa: BLE001 - the result is safe in state.json; synced below
-                logger.warning("tracking unavailable for %s (%s); it is synced at the end of the search", o.arch.name, err)
+            extra = side.get(o.arch.arch_id, {})
+            track_candidate(c, parent, o.to_dict(), extra.get("report"), extra.get("curve"))
 
-    # evals/ and events.jsonl as in the plain loop: a killed flow resumes without sending a
-    # recorded candidate out again, even where Prefect's own result cache is not shared.
-    recorded = RecordedEvaluator.batch(evaluate_batch, out, EventLog(out))
     with dask_cluster(cfg.runner) as dask_address:
         if dask_address:
             logger.info("candidates fan out over the Dask cluster at %s", dask_address)
+        # evals/ and events.jsonl as in the plain loop: a killed flow resumes without sending a
+        # recorded candidate out again, even where Prefect's own result cache is not shared.
+        recorded = RecordedEvaluator.batch(partial(evaluate_episode, c, cfg, dask_address=dask_address, side=side),
+                                           out, EventLog(out))
         result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=recorded, research=research,
                                   on_observation=on_observation, teacher=workspace(cfg).teacher.fingerprint)
     create_markdown_artifact(markdown_table(result.leaderboard[SUMMARY_COLUMNS]), key="kdnas-leaderboard",
@@ -200,31 +177,7 @@ def kdnas(
             evaluation = evaluate_students_task(c, [f["path"] for f in finals.values()], str(out))
             create_markdown_artifact(Path(evaluation["md"]).read_text(), key="kdnas-evaluation",
                                      description="downstream quality of the final students")
-    spool = None
-    if parent:
-        # The tracking server may have gone away during the search: every result is already on
-        # disk (state.json, evals/, students/), so one clear failure and a rerun that syncs is
-        # all that is needed; nothing is redone then (evaluations and finals are reused).
-        try:
-            for arch, f in finals.items():
-                chosen_for = [r["budget"] for r in recs if r["arch"] == arch]
-                metrics = {k: v for k, v in f["result"].items() if isinstance(v, (int, float))}
-                metrics |= (evaluation or {}).get("metrics", {}).get(arch, {})
-                f["registered"] = register_student(c, parent, f["path"], chosen_for, metrics)
-            sync_candidates(c, parent, str(out / "state.json"))
-            log_search_results(c, parent, str(out))
-        except Exception as err:  # noqa: BLE001 - say what is safe and how to finish
-            raise TrackingError(f"tracking server unavailable at the end of the search ({type(err).__name__}); nothing "
-                                f"is lost: results are complete in {out} and the students under "
-                                f"{cfg.paths.output_path() / 'students'}; rerun the same command when it is back to "
-                                "sync them") from err
-        spool = flush_spool(c, cfg.tracking.spool_wait_s)
-        if spool["uploaded"]:
-            logger.warning("artifact store outage: %d artifacts uploaded %.0f s late, none lost", spool["uploaded"], spool["waited_s"])
-        if spool["pending"]:
-            raise TrackingError(f"artifact store still unavailable after {spool['waited_s']:.0f} s: {spool['pending']} artifacts "
-                                f"are kept in {spool['spool']} and are uploaded by the next run of this search")
-        finish_search_run(c, parent)
+    spool = close_search_run(c, parent, out, finals, recs, (evaluation or {}).get("metrics", {})) if parent else None
     return {
         "tracking_run_id": parent,
         "search_dir": str(out),

@@ -22,7 +22,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from kdnas_core.config import KDNASConfig
-from kdnas_core.errors import KdnasError
+from kdnas_core.errors import ConfigError, KdnasError
+from kdnas_core.workspace import check_writable
 
 _MAX_PARAM = 6000  # MLflow's limit on a parameter value
 # MLflow retries a failed request 7 times with growing waits by default (minutes per call); an
@@ -80,13 +81,10 @@ def check_tracking_uri(uri: str, field: str = "tracking.uri") -> None:
             raise TrackingError(f"{field} = {uri!r}: expected sqlite:///<path to a .db file>")
         folder = path.parent if path.parent != Path("") else Path(".")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".kdnas-write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise TrackingError(f"{field} = {uri!r}: cannot write the SQLite store in {folder} "
-                                f"({err.strerror or type(err).__name__})") from None
+            check_writable(folder, "folder")
+        except ConfigError as err:
+            why = str(err).rsplit("not writable ", 1)[-1]
+            raise TrackingError(f"{field} = {uri!r}: cannot write the SQLite store in {folder} {why}") from None
         return
     if scheme.split("+")[0] not in DATABASE_SCHEMES + OTHER_SCHEMES:
         raise TrackingError(f"{field} = {uri!r}: unknown tracking store {scheme!r}; expected http(s)://host:port, "

@@ -55,10 +55,10 @@ def _positive_int(text: str) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from kdnas_core.config import load_config
-    from kdnas_core.recipes import distill_one
+    from kdnas_core.final import distill_student
 
     cfg = load_config(args.config, _parse_set(args.set))
-    summary = distill_one(cfg, args.arch, split=args.split, out_dir=args.out, max_steps=args.steps)
+    summary = distill_student(cfg, args.arch, split=args.split, out_dir=args.out, max_steps=args.steps)
     r = summary["result"]
     print(f"student   {summary['arch']} (arch_id {summary['arch_id']}, {summary['params'] / 1e6:.1f} M params)")
     print(f"teacher   {summary['teacher']} ({summary['teacher_params'] / 1e6:.1f} M params)")
@@ -77,7 +77,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from kdnas_core.config import load_config
     from kdnas_core.latency import count_flops, count_params
-    from kdnas_core.recipes import Workspace, profile_arch, teacher_latency
+    from kdnas_core.evaluators import profile_arch, teacher_latency
+    from kdnas_core.workspace import Workspace
     from kdnas_core.search_space import StudentArch
 
     cfg = load_config(args.config, _parse_set(args.set))
@@ -107,7 +108,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from kdnas_core.config import load_config
-    from kdnas_core.recipes import markdown_table, run_kdnas_search
+    from kdnas_core.reports import markdown_table
+    from kdnas_core.search_space import StudentArch
+    from kdnas_core.searching import search_without_prefect
 
     cfg = load_config(args.config, _parse_set(args.set))
     if not args.no_prefect:
@@ -125,10 +128,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"  episode {o.episode}: {o.arch.name:<24} reward {o.reward:.4f}  L_HS {o.kd_loss:.4f}  "
               f"{o.latency_ms:7.2f} ms", flush=True)
 
-    from kdnas_core.recipes import Workspace
+    from kdnas_core.workspace import Workspace
 
     ws = Workspace.prepare(cfg)
-    result, out, teacher_ms = run_kdnas_search(cfg, warm_from=args.warm_from, fresh=args.fresh,
+    result, out, teacher_ms = search_without_prefect(cfg, warm_from=args.warm_from, fresh=args.fresh,
                                                research=args.research, on_observation=show, ws=ws)
     from kdnas_core.search import SUMMARY_COLUMNS as cols
 
@@ -142,11 +145,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         else:
             print(f"  {r['budget']:>8} (<= {r['budget_ms']:.2f} ms): none: {r['reason']}")
     if not args.no_final:
-        from kdnas_core.recipes import EventLog, evaluate_students, final_students, write_evaluation
+        from kdnas_core.evaluators import EventLog
+        from kdnas_core.final import export_student, final_student
+        from kdnas_core.student_eval import evaluate_students, write_evaluation
 
-        finals = final_students(cfg, ws, result.recommendations, EventLog(out))
-        for arch, final in finals.items():
-            print(f"final student {arch}: {final['path']} (ONNX: {final['onnx']}, int8: {final['onnx_int8']})")
+        finals = {}
+        for name in dict.fromkeys(r["arch"] for r in result.recommendations if r["arch"]):
+            final = final_student(cfg, ws, StudentArch.from_name(name), EventLog(out))
+            finals[name] = {**final, **export_student(final["path"], cfg.latency)}
+            print(f"final student {name}: {final['path']} (ONNX: {finals[name]['onnx']}, int8: {finals[name]['onnx_int8']})")
         if finals and cfg.evaluate.enabled:
             files = write_evaluation(evaluate_students(ws, [f["path"] for f in finals.values()]), out)
             print((out / "evaluation.md").read_text())
@@ -158,21 +165,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _search_flow(args: argparse.Namespace, cfg) -> int:
     """The search as the Prefect flow `kdnas` (ephemeral API unless PREFECT_API_URL is set)."""
     from flows.search import kdnas
-    from kdnas_core.recipes import search_dir
+    from kdnas_core.searching import search_dir
 
     if args.warm_from or args.fresh:
         raise KdnasError("--warm-from and --fresh need --no-prefect (the flow resumes and warm-starts by itself)")
     _check_prefect_home()
-    if cfg.tracking.enabled:
-        from infra.tracking import preflight
+    from infra.preflight import check_services
 
-        preflight(cfg)  # seconds, before Prefect starts, rather than deep inside the run
-    from infra import dask_runner
-
-    dask_runner.preflight(cfg.runner)
+    check_services(cfg)  # seconds, before Prefect starts, rather than deep inside the run
     _quiet_flow_tracebacks(getattr(args, "debug", False))
     out = kdnas(config_path=str(args.config), overrides=_parse_set(args.set) or None,
-                research=args.research, final=not args.no_final)
+                research=args.research, final=not args.no_final, preflight=False)
     print((search_dir(cfg) / "report.md").read_text())
     for arch, final in out["final"].items():
         print(f"final student {arch}: {final['path']} (ONNX: {final['onnx']}, int8: {final['onnx_int8']})")
@@ -186,7 +189,7 @@ def _check_prefect_home() -> None:
         return
     from prefect.settings import get_current_settings
 
-    from kdnas_core.recipes import check_writable
+    from kdnas_core.workspace import check_writable
 
     check_writable(Path(os.environ.get("PREFECT_HOME") or get_current_settings().home).expanduser(), "PREFECT_HOME")
 
@@ -220,14 +223,9 @@ def _quiet_flow_tracebacks(debug: bool) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Downstream table of saved students against the configured teacher and task."""
     from kdnas_core.config import load_config
-    from kdnas_core.recipes import (
-        EVAL_COLUMNS,
-        Workspace,
-        check_writable,
-        evaluate_students,
-        markdown_table,
-        write_evaluation,
-    )
+    from kdnas_core.reports import markdown_table
+    from kdnas_core.student_eval import EVAL_COLUMNS, evaluate_students, write_evaluation
+    from kdnas_core.workspace import Workspace, check_writable
 
     from kdnas_core.student import verify_student
 
@@ -265,7 +263,7 @@ def _check_cron(cron: str) -> None:
 
     try:
         CronSchedule(cron=cron)
-    except ValueError as err:  # pydantic's ValidationError is a ValueError
+    except ValueError:  # pydantic's ValidationError is a ValueError
         raise KdnasError(f"--cron {cron!r}: not a valid cron expression (e.g. '0 3 * * 0': Sundays 03:00)") from None
 
 
@@ -314,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     se.add_argument("--warm-from", type=Path, default=None, help="state.json of a previous search to warm-start from")
     se.add_argument("--fresh", action="store_true", help="start over, ignoring an earlier run of the same config")
-    se.add_argument("--research", action="store_true",
-                    help="if this config's search has finished, run a new round warm-started from it")
+    se.add_argument("--new-round", "--research", dest="research", action="store_true",
+                    help="if this config's search has finished, start a new search round warm-started from it")
     se.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
     se.add_argument("--no-prefect", action="store_true", help="run the plain core loop instead of the Prefect flow")
     se.add_argument("--no-final", action="store_true", help="skip the final distillation of the recommended students")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -99,6 +99,22 @@ class Controller(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+# Optional abilities a controller declares by having the method (archai's objectives are the
+# model): the search asks with isinstance, not hasattr.
+
+
+@runtime_checkable
+class FiltersProposals(Protocol):
+    def set_feasible(self, feasible: Callable[[StudentArch], bool]) -> None:
+        """Keep proposals to architectures for which ``feasible`` holds (e.g. predicted within budget)."""
+
+
+@runtime_checkable
+class PredictsRewards(Protocol):
+    def predicted_rewards(self, history: Sequence[Observation], archs: Sequence[StudentArch]) -> list[float] | None:
+        """The reward expected of each proposal (None until the controller has learned)."""
 
 
 class _Stateless:
@@ -291,6 +307,9 @@ class LSTMRewardController:
         self.opt.load_state_dict(full)
         self.updates = state.get("updates", 0)
         self.reward_mean, self.reward_std = state.get("reward_mean", 0.0), state.get("reward_std", 1.0)
+
+    def set_feasible(self, feasible: Callable[[StudentArch], bool]) -> None:
+        self.feasible = feasible
 
     def predicted_rewards(self, history: Sequence[Observation], archs: Sequence[StudentArch]) -> list[float] | None:
         """What the controller expects each proposal to score, in reward units (None before it

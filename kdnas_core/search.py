@@ -19,7 +19,7 @@ import pandas as pd
 
 from kdnas_core.atomic import write_json
 from kdnas_core.config import SearchConfig
-from kdnas_core.controller import Controller, Observation, context_for
+from kdnas_core.controller import Controller, Observation, PredictsRewards, context_for
 from kdnas_core.errors import KdnasError
 from kdnas_core.reward import Budget
 from kdnas_core.search_space import StudentArch
@@ -176,8 +176,7 @@ def run_search(
                 break  # the space is exhausted
             state.pending = [a.name for a in proposals]
             state.pending_context = context_for(history)
-            predict = getattr(controller, "predicted_rewards", None)
-            predicted = predict(history, proposals) if predict else None
+            predicted = controller.predicted_rewards(history, proposals) if isinstance(controller, PredictsRewards) else None
             state.pending_predicted = dict(zip(state.pending, predicted)) if predicted else {}
             state.rng = _rng_to_json(rng.getstate())
             save(state)

@@ -1,4 +1,4 @@
 """Thin Prefect tasks around kdnas_core calls (teacher states, proxy distillation, latency
-profiling, final distillation). They return small serialisable results, never models or tensors.
-Lands with the orchestration issue.
+profiling, final distillation, evaluation, tracking). They return small serialisable results,
+never models or tensors.
 """

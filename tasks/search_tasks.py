@@ -1,4 +1,4 @@
-"""Thin Prefect tasks around kdnas_core recipes.
+"""Thin Prefect tasks around kdnas_core jobs.
 
 Each task takes the config as a plain dict plus small values, calls one core function and
 returns a small JSON-serialisable dict. Proxy distillation and latency profiling are cached
@@ -17,68 +17,68 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
-from kdnas_core.config import NOT_SEARCH, KDNASConfig, config_from_dict
-from kdnas_core.recipes import (
-    EventLog,
-    ProxyEvaluator,
-    Workspace,
-    evaluate_students,
-    export_student,
-    final_student,
-    profile_arch,
-    search_dir,
-    teacher_latency,
-    write_evaluation,
-)
+from kdnas_core.config import KDNASConfig, config_from_dict
+from kdnas_core.evaluators import EventLog, ProxyEvaluator, profile_arch, teacher_latency
+from kdnas_core.final import export_student, final_student
+from kdnas_core.keys import KEYS, key
+from kdnas_core.search import Evaluation
+from kdnas_core.searching import search_dir
+from kdnas_core.student_eval import evaluate_students, write_evaluation
+from kdnas_core.workspace import Workspace
 from kdnas_core.search_space import StudentArch
 
 _LOCK = threading.Lock()
 _WORKSPACES: dict[str, Workspace] = {}
 _EVALUATORS: dict[str, ProxyEvaluator] = {}
 
-PROXY_SECTIONS = ("seed", "teacher", "data", "search_space", "distill")
-LATENCY_SECTIONS = ("teacher", "latency")
-FINAL_SECTIONS = ("seed", "teacher", "data", "distill", "latency")
-
-
 def workspace(cfg: KDNASConfig) -> Workspace:
     """One teacher and one set of splits per process and config: tasks on worker threads share
     them instead of reloading the teacher for every candidate."""
-    key = cfg.section_hash("seed", "teacher", "data", "search_space", "distill", "paths")
+    name = key("workspace", cfg)
     with _LOCK:
-        if key not in _WORKSPACES:
+        if name not in _WORKSPACES:
             ws = Workspace.prepare(cfg).validate()
             if cfg.paths.shared_cache:
                 # Dask workers on other machines fetch the teacher states the flow published.
                 from infra.storage import S3SharedStates
 
                 ws.shared_states = S3SharedStates(cfg.paths.shared_cache)
-            _WORKSPACES[key] = ws
-        return _WORKSPACES[key]
+            _WORKSPACES[name] = ws
+        return _WORKSPACES[name]
 
 
 def evaluator(cfg: KDNASConfig) -> ProxyEvaluator:
-    key = cfg.section_hash(*PROXY_SECTIONS, "latency", "paths")
+    name = f"{key('workspace', cfg)}-{key('latency', cfg)}"
     ws = workspace(cfg)
     with _LOCK:
-        if key not in _EVALUATORS:
-            _EVALUATORS[key] = ProxyEvaluator(ws, progress=False)
-        return _EVALUATORS[key]
+        if name not in _EVALUATORS:
+            _EVALUATORS[name] = ProxyEvaluator(ws, progress=False)
+        return _EVALUATORS[name]
 
 
 @dataclass
 class ArchCache(CachePolicy):
-    """Cache key = task + arch_id + hash of the config sections that change the result."""
+    """Cache key = task + arch_id + the named key of kdnas_core.keys (the config sections that
+    change the result)."""
 
-    sections: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+    key: str = ""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs) -> str | None:
         cfg = config_from_dict(inputs["cfg"])
         arch = StudentArch.from_name(inputs["arch"])
-        return f"{task_ctx.task.name}-{arch.arch_id}-{cfg.section_hash(*self.sections, exclude=self.exclude)}"
+        return f"{task_ctx.task.name}-{arch.arch_id}-{KEYS[self.key].of(cfg)}"
+
+
+def evaluation_from(latency: dict | BaseException, proxy: dict | BaseException) -> Evaluation:
+    """A candidate's evaluation from its two task results; an exception in either makes it a
+    failed candidate (recorded, never recommended)."""
+    err = next((x for x in (proxy, latency) if isinstance(x, BaseException)), None)
+    if err is not None:
+        return Evaluation.failure(err)
+    extra = {k: v for k, v in proxy.items() if k not in ("kd_loss", "loss_curve")}
+    return Evaluation(proxy["kd_loss"], latency["latency_ms"], extra)
 
 
 def _arch_run_name(prefix: str):
@@ -106,7 +106,7 @@ def teacher_latency_ms(cfg: dict) -> float:
     return teacher_latency(workspace(c)).median(c.latency.reward_backend, b, s)
 
 
-@task(name="proxy-distill", cache_policy=ArchCache(sections=PROXY_SECTIONS, exclude=NOT_SEARCH), persist_result=True,
+@task(name="proxy-distill", cache_policy=ArchCache("proxy"), persist_result=True,
       result_serializer="json", task_run_name=_arch_run_name("proxy-distill"))
 def proxy_distill(cfg: dict, arch: str) -> dict:
     c = config_from_dict(cfg)
@@ -128,7 +128,7 @@ def _where() -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@task(name="profile-latency", cache_policy=ArchCache(sections=LATENCY_SECTIONS), persist_result=True,
+@task(name="profile-latency", cache_policy=ArchCache("latency"), persist_result=True,
       result_serializer="json", task_run_name=_arch_run_name("profile-latency"))
 def profile_latency(cfg: dict, arch: str) -> dict:
     c = config_from_dict(cfg)
@@ -137,9 +137,11 @@ def profile_latency(cfg: dict, arch: str) -> dict:
     return {"latency_ms": report.median(c.latency.reward_backend, b, s), "report": report.to_dict()}
 
 
-@task(name="final-distill", cache_policy=ArchCache(sections=FINAL_SECTIONS), persist_result=True,
+@task(name="final-distill", cache_policy=NO_CACHE, persist_result=True,
       result_serializer="json", task_run_name=_arch_run_name("final-distill"))
 def final_distill(cfg: dict, arch: str) -> dict:
+    # Not cached by Prefect: final_student reuses a saved student itself, after checking it
+    # against its sha256 manifest (a cached task result would hand out a damaged one).
     c = config_from_dict(cfg)
     return final_student(c, workspace(c), StudentArch.from_name(arch), EventLog(search_dir(c)), progress=False)
 

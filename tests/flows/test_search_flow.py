@@ -11,11 +11,11 @@ pytestmark = pytest.mark.slow
 
 def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, monkeypatch):
     from flows.search import kdnas
-    from kdnas_core import recipes
+    from kdnas_core import evaluators
 
     distilled = []
-    original = recipes.ProxyEvaluator.distill
-    monkeypatch.setattr(recipes.ProxyEvaluator, "distill", lambda self, arch: (distilled.append(arch.name), original(self, arch))[1])
+    original = evaluators.ProxyEvaluator.distill
+    monkeypatch.setattr(evaluators.ProxyEvaluator, "distill", lambda self, arch: (distilled.append(arch.name), original(self, arch))[1])
 
     out = kdnas(config_path=str(tiny_config), research=False)
     assert out["evaluated"] == 4 and len(distilled) == 4 == len(set(distilled))

@@ -40,14 +40,14 @@ def test_candidates_fan_out_over_two_dask_workers_and_match_the_local_search(das
 
     from flows.search import kdnas
     from kdnas_core.config import load_config
-    from kdnas_core.recipes import run_kdnas_search
+    from kdnas_core.searching import search_without_prefect
 
     four = {"search.candidates_per_episode": 4}  # two per worker each episode
     # The same search on this machine alone (plain loop, so no Prefect task cache is shared with
     # the Dask run); it also measures every candidate's latency into the shared cache, which the
     # Dask run then reads: the comparison is about distillation, not timing noise.
     local_cfg = load_config(tiny_config, {**four, "paths.output_dir": str(tiny_config.parent / "local")})
-    _, local_folder, _ = run_kdnas_search(local_cfg, progress=False)
+    _, local_folder, _ = search_without_prefect(local_cfg, progress=False)
 
     overrides = {**four, "paths.output_dir": str(tiny_config.parent / "dask"), "runner.kind": "dask",
                  "runner.address": dask_cluster}

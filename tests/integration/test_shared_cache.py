@@ -33,7 +33,7 @@ def s3(tmp_path, monkeypatch):
 def _workspace(tiny_config, cache: str):
     from infra.storage import S3SharedStates
     from kdnas_core.config import load_config
-    from kdnas_core.recipes import Workspace
+    from kdnas_core.workspace import Workspace
 
     cfg = load_config(tiny_config, {"paths.cache_dir": str(tiny_config.parent / cache),
                                     "paths.shared_cache": "s3://kdnas-share/team"})
@@ -82,7 +82,7 @@ def test_an_unreachable_shared_cache_costs_time_not_the_search(tiny_config, monk
     """S3 gone after the preflight: the states are computed here, with a warning, not a crash."""
     from infra.storage import S3SharedStates
     from kdnas_core.config import load_config
-    from kdnas_core.recipes import Workspace
+    from kdnas_core.workspace import Workspace
 
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_MAX_ATTEMPTS": "1"}.items():

@@ -1,0 +1,166 @@
+"""Final students: one architecture distilled on the full train split (or the proxy split), saved,
+reused while intact, resumed from its checkpoint, and exported to ONNX fp32 and int8."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from kdnas_core.config import KDNASConfig, LatencyConfig
+from kdnas_core.errors import ArchError, KdnasError
+from kdnas_core.checkpoint import remove_checkpoint
+from kdnas_core.distill import DataParallel, distill
+from kdnas_core.keys import key
+from kdnas_core.latency import export_onnx, quantize_onnx
+from kdnas_core.search_space import StudentArch
+from kdnas_core.student import (
+    TRAINING_BYTES_PER_PARAM,
+    DamagedStudent,
+    build_student,
+    check_fits_in_memory,
+    check_student_destination,
+    count_parameters,
+    load_student,
+    save_student,
+    verify_student,
+)
+from kdnas_core.workspace import Workspace
+from kdnas_core.evaluators import EventLog
+
+
+def checkpoint_path(cfg: KDNASConfig, out_dir: Path, split: str, max_steps: int | None) -> Path:
+    """Next to the student folder, keyed by config: a rerun of the same job resumes from it."""
+    return out_dir.with_name(f".{out_dir.name}-{split}-{key('checkpoint', cfg)}-{max_steps or 0}.ckpt")
+
+
+def distill_student(
+    cfg: KDNASConfig,
+    arch: str | StudentArch,
+    split: str = "train",
+    out_dir: Path | None = None,
+    max_steps: int | None = None,
+    ws: Workspace | None = None,
+    progress: bool = True,
+) -> dict:
+    """Distil one architecture on ``split`` and save it; returns a JSON-able summary."""
+    ws = ws or Workspace.prepare(cfg).validate()
+    arch = StudentArch.from_name(arch) if isinstance(arch, str) else arch
+    ws.space.validate(arch)
+    check_fits_in_memory(arch, ws.teacher.config, TRAINING_BYTES_PER_PARAM)  # before the teacher runs
+    out_dir = Path(out_dir) if out_dir else cfg.paths.output_path() / "students" / arch.arch_id
+    check_student_destination(out_dir)  # a user's folder is refused before, not after, the work
+    budget = cfg.distill.final if split == "train" else cfg.distill.proxy
+    if max_steps:
+        budget = budget.model_copy(update={"max_steps": max_steps})
+    batches, states, eval_states = ws.distill_inputs(split, budget, arch.layers, progress)
+    student = build_student(arch, ws.teacher, seed=cfg.seed, dropout=cfg.distill.dropout,
+                            bytes_per_param=TRAINING_BYTES_PER_PARAM)
+    ckpt = checkpoint_path(cfg, out_dir, split, budget.max_steps)
+    result = distill(
+        student, states, batches, cfg.distill, budget,
+        eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, progress=progress,
+        checkpoint=ckpt, checkpoint_every=cfg.distill.checkpoint_every,
+    )
+    parallel = DataParallel.active()
+    meta = {
+        "teacher": cfg.teacher.name,
+        "teacher_fingerprint": ws.teacher.fingerprint,
+        "split": split,
+        "config_hash": key("final", cfg),
+        "world_size": parallel.world if parallel else 1,
+        "result": result.to_dict(),
+    }
+    path = out_dir
+    if parallel is None or parallel.main:  # every process holds the same weights: one saves
+        path = save_student(student, ws.teacher.tokenizer, arch, out_dir, meta)
+        remove_checkpoint(ckpt)
+    return {
+        "arch": arch.name,
+        "arch_id": arch.arch_id,
+        "params": count_parameters(student),
+        "teacher": cfg.teacher.name,
+        "teacher_params": count_parameters(ws.teacher.model),
+        "n_texts": len(ws.splits.get(split)),
+        "result": result.to_dict(),
+        "path": str(path),
+    }
+
+
+def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: EventLog | None = None,
+                  progress: bool = True) -> dict:
+    """One final student: kept if already saved for this config, resumed from its checkpoint
+    if interrupted, distilled otherwise (the plain loop and the flow's task share this)."""
+    log = log or (lambda *a, **k: None)
+    folder = cfg.paths.output_path() / "students" / arch.arch_id
+    meta_file = folder / "kdnas_arch.json"
+    meta = saved_student_meta(folder, log)
+    if meta.get("config_hash") == key("final", cfg) and meta.get("split") == "train":
+        log("final-reused", arch)
+        # killed after saving the student but before removing its checkpoint: tidy up
+        remove_checkpoint(checkpoint_path(cfg, folder, "train", cfg.distill.final.max_steps))
+        return {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder)}
+    log("final-start", arch, world_size=cfg.distill.world_size)
+    if cfg.distill.world_size > 1:
+        ws.distill_inputs("train", cfg.distill.final, arch.layers, progress)  # built once; the processes read them
+        launch_torchrun(cfg, arch, folder)
+        meta = json.loads(meta_file.read_text())
+        summary = {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder),
+                   "world_size": meta["world_size"]}
+    else:
+        summary = distill_student(cfg, arch, split="train", out_dir=folder, ws=ws, progress=progress)
+    log("final-done", arch)
+    return summary
+
+
+def saved_student_meta(folder: Path, log=None) -> dict:
+    """The metadata of the student saved in ``folder`` when it is intact; {} when there is none,
+    or when it was damaged since it was saved (then it is distilled again, resuming from its
+    checkpoint where one is left)."""
+    if not folder.is_dir():
+        return {}
+    try:
+        verify_student(folder)
+        return json.loads((folder / "kdnas_arch.json").read_text())
+    except DamagedStudent as err:
+        warnings.warn(f"{err}; distilling it again")
+        if log:
+            log("final-damaged", None, folder=str(folder))
+        return {}
+    except ArchError:
+        return {}
+
+
+def export_student(student_path: str | Path, cfg: LatencyConfig) -> dict:
+    """ONNX (fp32) and dynamic-int8 ONNX files next to a saved student."""
+    path = Path(student_path)
+    model, arch = load_student(path)
+    onnx = export_onnx(model, path / "model.onnx", cfg.opset)
+    int8 = quantize_onnx(onnx, path / "model.int8.onnx")
+    return {"arch": arch.name, "arch_id": arch.arch_id, "onnx": str(onnx), "onnx_int8": str(int8)}
+
+
+def launch_torchrun(cfg: KDNASConfig, arch: StudentArch, out_dir: Path, timeout: float | None = None) -> None:
+    """Run ``torchrun --standalone --nproc_per_node=<distill.world_size>`` on this machine and
+    wait; the student lands in ``out_dir`` (written by rank 0, renamed into place)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".ddp-") as tmp:
+        config = Path(tmp) / "config.json"
+        config.write_text(json.dumps(cfg.model_dump(mode="json")))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={cfg.distill.world_size}", "-m", "kdnas_core.ddp",
+               "--config", str(config), "--arch", arch.name, "--out", str(out_dir)]
+        # torchrun gives each process one thread unless told otherwise: right when processes
+        # share the cores of one machine, as here.
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        # The last line torchrun's processes printed is the error; the rest is their traceback.
+        last = ((proc.stderr or proc.stdout).strip().splitlines() or [""])[-1]
+        raise KdnasError(f"final distillation of {arch.name} on {cfg.distill.world_size} processes failed "
+                         f"(torchrun exit {proc.returncode}): {last}")

@@ -1,0 +1,137 @@
+"""What every job of a search shares: the teacher, the splits, tokenised texts and cached teacher
+states, built once per process."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+from kdnas_core.config import KDNASConfig, TrainBudget
+from kdnas_core.errors import ConfigError, DataError
+from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
+from kdnas_core.distill import (
+    CachedTeacherStates,
+    SharedStates,
+    TeacherStates,
+    make_teacher_states,
+    teacher_layers_needed,
+)
+from kdnas_core.evaluate import LabelledTask, ModelEval, evaluate_model, load_task
+from kdnas_core.search_space import SearchSpace
+from kdnas_core.teachers import Teacher, load_teacher
+
+
+@dataclass
+class Workspace:
+    cfg: KDNASConfig
+    teacher: Teacher
+    _tokens: dict[str, TokenizedTexts] = field(default_factory=dict)
+    # Where teacher-state caches are shared with other machines (set by the orchestration
+    # layer from paths.shared_cache; None: this machine's cache folder only).
+    shared_states: SharedStates | None = None
+
+    @classmethod
+    def prepare(cls, cfg: KDNASConfig) -> Workspace:
+        return cls(cfg, load_teacher(cfg.teacher, cfg.paths.cache_path()))
+
+    def validate(self) -> Workspace:
+        """Fail fast, before anything is written, on inputs that would only fail later."""
+        cfg, t = self.cfg, self.teacher.config
+        # RoBERTa-family position ids start after the padding index, so two positions are unusable.
+        usable = t.max_position_embeddings - (2 if t.model_type in ("roberta", "xlm-roberta", "mpnet", "camembert") else 0)
+        if cfg.data.max_length > usable:
+            raise DataError(f"data.max_length = {cfg.data.max_length} is longer than the teacher accepts "
+                            f"({usable} positions for {cfg.teacher.name})")
+        splits = self.splits
+        if cfg.data.proxy_size > len(splits.train):
+            raise DataError(f"data.proxy_size = {cfg.data.proxy_size} is larger than the train split "
+                            f"({len(splits.train)} texts after holding out {len(splits.eval)} eval texts); "
+                            "lower it or give a larger corpus")
+        for name, path in (("paths.output_dir", cfg.paths.output_path()), ("paths.cache_dir", cfg.paths.cache_path())):
+            check_writable(path, name)
+        return self
+
+    @functools.cached_property
+    def splits(self) -> Splits:
+        # Lazy: latency profiling needs the teacher but no text.
+        return load_splits(self.cfg.data, self.cfg.seed)
+
+    @functools.cached_property
+    def space(self) -> SearchSpace:
+        return SearchSpace(self.cfg.search_space, self.teacher.shape)
+
+    @property
+    def state_cache_root(self) -> Path:
+        return self.cfg.paths.cache_path() / "teacher_states"
+
+    def tokens(self, split: str) -> TokenizedTexts:
+        if split not in self._tokens:
+            texts = self.splits.get(split)
+            if split == "eval":  # the held-out KD loss needs only a slice of the eval split
+                texts = texts[: self.cfg.distill.eval_batches * self.cfg.data.batch_size]
+            self._tokens[split] = tokenize(texts, self.teacher.tokenizer, self.cfg.data.max_length)
+        return self._tokens[split]
+
+    def batches(self, split: str, seed: int | None = None) -> list[Batch]:
+        shuffle = split != "eval"
+        seed = self.cfg.seed if seed is None else seed
+        return length_bucketed_batches(self.tokens(split), self.cfg.data.batch_size, seed, shuffle)
+
+    def layers_for(self, student_layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+        d = self.cfg.distill
+        return teacher_layers_needed(student_layers, self.teacher.num_layers, d.mapping, d.weights)
+
+    def teacher_states(self, split: str, layers: tuple[int, ...], passes: float, progress: bool = True) -> TeacherStates:
+        # Standardisation statistics for a live teacher come from the first few training batches.
+        stats_batches = self.batches(split)[:20]
+        return make_teacher_states(
+            self.teacher, self.tokens(split), layers, self.cfg.distill,
+            self.state_cache_root, math.ceil(passes), stats_batches, progress, self.shared_states,
+        )
+
+    def distill_inputs(self, split: str, budget: TrainBudget, student_layers: int, progress: bool = True
+                       ) -> tuple[list[Batch], TeacherStates, CachedTeacherStates]:
+        """Batches, teacher states and held-out states of a distillation of ``budget`` on ``split``."""
+        batches = self.batches(split)
+        passes = budget.epochs if not budget.max_steps else min(budget.epochs, budget.max_steps / len(batches))
+        layers = self.layers_for([student_layers])
+        return batches, self.teacher_states(split, layers, passes, progress), self.eval_states(layers, progress)
+
+    def cached_states(self, split: str, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
+        """Teacher states of ``split`` computed once (reused from disk when present)."""
+        relation = self.teacher.num_layers if self.cfg.distill.weights.attention_relation > 0 else None
+        root = self.state_cache_root if self.cfg.distill.cache_on_disk else None
+        return CachedTeacherStates.build(self.teacher, self.tokens(split), layers, relation, root, progress=progress,
+                                         shared=self.shared_states if root is not None else None)
+
+    def eval_states(self, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
+        # Evaluated twice per candidate and shared by all of them: always worth caching.
+        return self.cached_states("eval", layers, progress)
+
+    @functools.cached_property
+    def task(self) -> LabelledTask:
+        """The downstream task, its test texts outside everything a student is distilled on."""
+        return load_task(self.cfg.evaluate, self.cfg.data, self.splits.train, self.cfg.seed)
+
+    def evaluate(self, model, name: str, progress: bool = True) -> ModelEval:
+        e = self.cfg.evaluate
+        return evaluate_model(model, self.teacher.tokenizer, name, self.task, e, e.max_length or self.cfg.data.max_length,
+                              self.cfg.paths.cache_path() / "embeddings", self.cfg.seed, progress)
+
+    @functools.cached_property
+    def teacher_eval(self) -> ModelEval:
+        return self.evaluate(self.teacher.model, f"teacher {self.cfg.teacher.name}")
+
+
+def check_writable(path: Path, name: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".kdnas-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{name} = {str(path)!r}: not writable ({err.strerror or type(err).__name__})") from None
