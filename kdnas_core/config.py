@@ -108,6 +108,23 @@ class SearchSpaceConfig(_Section):
 LayerMapping = Literal["uniform", "last", "uniform+last", "all-to-one"]
 
 
+class StudentConfig(_Section):
+    """How a student starts before it is distilled."""
+
+    # teacher: the teacher's own model class, cut from its weights (the layers below, and the
+    # heads, FFN neurons and hidden dimensions that matter most on the proxy texts); random:
+    # a BERT student initialised at random apart from its word embeddings (kept to compare).
+    init: Literal["teacher", "random"] = "teacher"
+    # Which teacher layers a teacher-initialised student keeps. Measured on all-MiniLM-L6-v2
+    # without training (cosine to the teacher's embedding on held-out tweets): uniform keeps both
+    # ends and wins at 2 and 3 layers, importance (least-redundant layers) wins at 4, first is
+    # far behind everywhere; uniform is the safe default.
+    layers: Literal["uniform", "first", "importance"] = "uniform"
+    # Proxy texts whose forward passes rank heads, neurons and dimensions (computed once per
+    # teacher and text set, cached like the teacher states).
+    importance_texts: int = Field(default=256, gt=0)
+
+
 class LossWeights(_Section):
     # MSE between projected student layers and (standardised) teacher layers.
     hidden_mse: float = Field(default=1.0, ge=0)
@@ -350,6 +367,7 @@ class KDNASConfig(_Section):
     teacher: TeacherConfig = TeacherConfig()
     data: DataConfig = DataConfig()
     search_space: SearchSpaceConfig = SearchSpaceConfig()
+    student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
     latency: LatencyConfig = LatencyConfig()
     reward: RewardConfig = RewardConfig()
@@ -358,6 +376,13 @@ class KDNASConfig(_Section):
     runner: RunnerConfig = RunnerConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _inherited_students_fit_the_teacher(self) -> KDNASConfig:
+        if self.student.init == "teacher" and not self.search_space.cap_to_teacher:
+            raise ValueError("student.init = 'teacher' cuts students out of the teacher, so they cannot be "
+                             "larger than it: keep search_space.cap_to_teacher true, or set student.init: random")
+        return self
 
     @field_validator("runner", mode="before")
     @classmethod

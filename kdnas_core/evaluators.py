@@ -29,7 +29,6 @@ from kdnas_core.search import (
 from kdnas_core.search_space import StudentArch
 from kdnas_core.student import (
     TRAINING_BYTES_PER_PARAM,
-    build_student,
     count_parameters,
 )
 from kdnas_core.workspace import Workspace
@@ -56,14 +55,15 @@ def profile_arch(ws: Workspace, arch: StudentArch, cfg: LatencyConfig | None = N
     ws.space.validate(arch)
     t = ws.teacher.config
     settings = key("latency_settings", ws.cfg.model_copy(update={"latency": cfg}))
-    folder = f"{settings}-v{t.vocab_size}-p{t.max_position_embeddings}"
+    kind = t.model_type if ws.inheritance is None else "bert"  # the student's model class
+    folder = f"{settings}-{kind}-v{t.vocab_size}-p{t.max_position_embeddings}"
     path = ws.cfg.paths.cache_path() / "latency" / hardware_key(cfg) / "students" / folder / f"{arch.arch_id}.json"
     if cache and path.is_file():
         try:
             return LatencyReport.from_dict(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)  # damaged: measure again
-    report = profile_model(build_student(arch, ws.teacher, seed=0, init_from_teacher=False), cfg)
+    report = profile_model(ws.untrained_student(arch), cfg)
     if cache:
         write_json(path, report.to_dict())
     return report
@@ -88,8 +88,7 @@ class ProxyEvaluator:
         """Proxy-distil ``arch``; returns the normalised loss L_HS and details (JSON-able)."""
         cfg = self.ws.cfg
         self.ws.space.validate(arch)
-        student = build_student(arch, self.ws.teacher, seed=cfg.seed, dropout=cfg.distill.dropout,
-                                bytes_per_param=TRAINING_BYTES_PER_PARAM)
+        student = self.ws.build_student(arch, TRAINING_BYTES_PER_PARAM, cfg.distill.dropout)
         r = distill(
             student, self.states, self.batches, cfg.distill, cfg.distill.proxy,
             eval_batches=self.eval_batches, eval_states=self.eval_states, seed=cfg.seed, progress=self.progress,

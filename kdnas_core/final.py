@@ -21,7 +21,6 @@ from kdnas_core.search_space import StudentArch
 from kdnas_core.student import (
     TRAINING_BYTES_PER_PARAM,
     DamagedStudent,
-    build_student,
     check_fits_in_memory,
     check_student_destination,
     count_parameters,
@@ -58,8 +57,7 @@ def distill_student(
     if max_steps:
         budget = budget.model_copy(update={"max_steps": max_steps})
     batches, states, eval_states = ws.distill_inputs(split, budget, arch.layers, progress)
-    student = build_student(arch, ws.teacher, seed=cfg.seed, dropout=cfg.distill.dropout,
-                            bytes_per_param=TRAINING_BYTES_PER_PARAM)
+    student = ws.build_student(arch, TRAINING_BYTES_PER_PARAM, cfg.distill.dropout)
     ckpt = checkpoint_path(cfg, out_dir, split, budget.max_steps)
     result = distill(
         student, states, batches, cfg.distill, budget,
@@ -73,6 +71,7 @@ def distill_student(
         "split": split,
         "config_hash": key("final", cfg),
         "world_size": parallel.world if parallel else 1,
+        "init": "teacher" if ws.inheritance is None else "random",
         "result": result.to_dict(),
     }
     path = out_dir

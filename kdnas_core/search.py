@@ -268,15 +268,26 @@ def pareto_front(observations: Sequence[Observation]) -> pd.DataFrame:
     return leaderboard(front).sort_values("latency_ms").reset_index(drop=True)
 
 
+# A budget whose pick is faster than this share of it had no candidate near it: the search
+# explored too little there, and the report says so.
+NEAR_BUDGET = 0.75
+
+
 def recommend(observations: Sequence[Observation], budgets_ms: Sequence[tuple[str, float]]) -> list[dict]:
-    """The best-reward candidate within each budget; an impossible budget says why."""
+    """The best-quality candidate (lowest L_HS, then fastest) within each budget. Not the best
+    reward: the reward's alpha term also pays for being faster than the budget asks, which costs
+    quality the user's budget allows. An impossible budget says why; a budget with no candidate
+    within 25 % below it says so."""
     out = []
     for label, limit in budgets_ms:
         ok = [o for o in observations if o.latency_ms <= limit and not o.failed]
         if ok:
-            b = max(ok, key=lambda o: o.reward)
+            b = min(ok, key=lambda o: (o.kd_loss, o.latency_ms))
+            near = max(o.latency_ms for o in ok)
+            note = "" if near >= NEAR_BUDGET * limit else (
+                f"no candidate within 25 % below {limit:.2f} ms (slowest within it: {near:.2f} ms)")
             out.append({"budget": label, "budget_ms": limit, "arch": b.arch.name, "arch_id": b.arch.arch_id,
-                        "reward": b.reward, "kd_loss": b.kd_loss, "latency_ms": b.latency_ms, "reason": ""})
+                        "reward": b.reward, "kd_loss": b.kd_loss, "latency_ms": b.latency_ms, "reason": note})
         else:
             fastest = min((o for o in observations if not o.failed), key=lambda o: o.latency_ms, default=None)
             why = (f"no evaluated candidate is within {limit:.2f} ms"

@@ -196,6 +196,11 @@ def verify_student(path: Path) -> None:
         raise DamagedStudent(f"{path}: damaged student ({ARCH_FILE} unreadable: {err})") from None
 
 
+def saved_meta(path: Path) -> dict:
+    """What ``save_student`` recorded beside the weights (arch, teacher, init, result)."""
+    return json.loads((Path(path) / ARCH_FILE).read_text())
+
+
 def load_student(path: Path, verify: bool = True) -> tuple[nn.Module, StudentArch]:
     from transformers import AutoModel
 

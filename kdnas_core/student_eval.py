@@ -10,6 +10,7 @@ from kdnas_core.atomic import write_text
 from kdnas_core.evaluate import compare
 from kdnas_core.student import (
     build_student,
+    saved_meta,
     load_student,
 )
 from kdnas_core.workspace import Workspace
@@ -24,10 +25,16 @@ def evaluate_students(ws: Workspace, student_dirs: list[str | Path], progress: b
     rows = [{"role": "teacher", "arch": None, "arch_id": None, **compare(teacher, teacher, None, e, ws.cfg.seed)}]
     for d in student_dirs:
         model, arch = load_student(Path(d))
+        # The floor is the same architecture random and untrained whatever the student's init,
+        # so knowledge copied from the teacher counts as transferred, as distilled knowledge does.
         floor = ws.evaluate(build_student(arch, ws.teacher, seed=ws.cfg.seed), f"{arch.name} untrained", progress)
         student = ws.evaluate(model, arch.name, progress)
-        rows.append({"role": "student", "arch": arch.name, "arch_id": arch.arch_id, **compare(student, teacher, floor, e, ws.cfg.seed)})
-        rows.append({"role": "floor", "arch": arch.name, "arch_id": arch.arch_id, **compare(floor, teacher, None, e, ws.cfg.seed)})
+        row = {"arch": arch.name, "arch_id": arch.arch_id}
+        rows.append({"role": "student", **row, **compare(student, teacher, floor, e, ws.cfg.seed)})
+        if saved_meta(Path(d)).get("init") == "teacher":  # what inheritance alone gave, before distillation
+            inherited = ws.evaluate(ws.build_student(arch), f"{arch.name} inherited, not distilled", progress)
+            rows.append({"role": "inherited", **row, **compare(inherited, teacher, floor, e, ws.cfg.seed)})
+        rows.append({"role": "floor", **row, **compare(floor, teacher, None, e, ws.cfg.seed)})
     table = pd.DataFrame(rows)
     table.attrs["task"] = {"test_texts": len(ws.task.test_texts), "train_texts": len(ws.task.train_texts),
                            "classes": ws.task.classes, "notes": ws.task.notes}

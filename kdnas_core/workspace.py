@@ -4,14 +4,18 @@ states, built once per process."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch import nn
 
+from kdnas_core.atomic import write_json
 from kdnas_core.config import KDNASConfig, TrainBudget
-from kdnas_core.errors import ConfigError, DataError
+from kdnas_core.errors import ArchError, ConfigError, DataError
 from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
 from kdnas_core.distill import (
     CachedTeacherStates,
@@ -21,7 +25,17 @@ from kdnas_core.distill import (
     teacher_layers_needed,
 )
 from kdnas_core.evaluate import LabelledTask, ModelEval, evaluate_model, load_task
-from kdnas_core.search_space import SearchSpace
+from kdnas_core.inherit import (
+    IMPORTANCE_VERSION,
+    Importance,
+    compute_importance,
+    inherit_student,
+    select_layers,
+    student_config_like,
+    supports_inheritance,
+)
+from kdnas_core.search_space import SearchSpace, StudentArch
+from kdnas_core.student import build_student, check_fits_in_memory
 from kdnas_core.teachers import Teacher, load_teacher
 
 
@@ -121,6 +135,61 @@ class Workspace:
         e = self.cfg.evaluate
         return evaluate_model(model, self.teacher.tokenizer, name, self.task, e, e.max_length or self.cfg.data.max_length,
                               self.cfg.paths.cache_path() / "embeddings", self.cfg.seed, progress)
+
+    # ---- students
+
+    @functools.cached_property
+    def inheritance(self) -> str | None:
+        """None when students are cut from the teacher, else why they start as BERT students
+        (random init asked for, or a teacher family that cannot be cut), said once."""
+        if self.cfg.student.init == "random":
+            return "student.init: random"
+        reason = supports_inheritance(self.teacher.model)
+        if reason is not None:
+            warnings.warn(f"students of {self.cfg.teacher.name} start as random BERT students: {reason}")
+        return reason
+
+    @functools.cached_property
+    def importance(self) -> Importance:
+        """Activation importance of the teacher's layers, heads, neurons and dimensions on the
+        first ``student.importance_texts`` proxy texts: forward passes only, computed once per
+        teacher and text set and kept as JSON under ``<cache_dir>/importance/``."""
+        texts = self.splits.proxy[: self.cfg.student.importance_texts]
+        tokens = tokenize(texts, self.teacher.tokenizer, self.cfg.data.max_length)
+        name = f"{self.teacher.fingerprint}-{tokens.fingerprint}-v{IMPORTANCE_VERSION}.json"
+        path = self.cfg.paths.cache_path() / "importance" / name
+        if path.is_file():
+            try:
+                return Importance.from_dict(json.loads(path.read_text()))
+            except (ValueError, KeyError, TypeError, ArchError):
+                pass  # damaged: computed again below
+        batches = length_bucketed_batches(tokens, self.cfg.data.batch_size, seed=0, shuffle=False)
+        importance = compute_importance(self.teacher.model, batches)
+        write_json(path, importance.to_dict())
+        return importance
+
+    def build_student(self, arch: StudentArch, bytes_per_param: int = 4, dropout: float | None = None) -> nn.Module:
+        """The student ``arch`` as a distillation starts it: cut from the teacher
+        (``student.init: teacher``: the configured layers, the most important heads, neurons and
+        dimensions), or today's random BERT student."""
+        cfg = self.cfg
+        if self.inheritance is not None:
+            return build_student(arch, self.teacher, seed=cfg.seed, dropout=dropout, bytes_per_param=bytes_per_param)
+        check_fits_in_memory(arch, self.teacher.config, bytes_per_param)
+        importance = self.importance
+        layers = select_layers(self.teacher.num_layers, arch.layers, cfg.student.layers, importance)
+        return inherit_student(self.teacher.model, arch, importance, layers, dropout)
+
+    def untrained_student(self, arch: StudentArch) -> nn.Module:
+        """An untrained student of the model class a distillation would use, weights random:
+        what latency is measured on (weights do not change it)."""
+        if self.inheritance is not None:
+            return build_student(arch, self.teacher, seed=0, init_from_teacher=False)
+        from transformers import AutoModel
+
+        check_fits_in_memory(arch, self.teacher.config)
+        config = student_config_like(self.teacher.config, arch)
+        return AutoModel.from_config(config)
 
     @functools.cached_property
     def teacher_eval(self) -> ModelEval:
