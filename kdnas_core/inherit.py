@@ -484,6 +484,32 @@ def selection_projection(selection: InheritedSelection, teacher_hidden: int) -> 
     return proj
 
 
+@torch.no_grad()
+def init_projections(loss_fn: nn.Module, selection: InheritedSelection, teacher_hidden: int) -> None:
+    """Start a distillation loss's projection heads as the selection: each kept student dim
+    predicts the teacher dim it was cut from, put on the loss's standardised scale
+    ((x - mean) / std of that teacher layer), and every dim it does not hold predicts its mean
+    (0 after standardising), as a zero-initialised head would. The pooled head (cosine on the
+    raw teacher embedding) starts as the plain selection. Duck-typed on
+    ``distill.HiddenStateDistillLoss`` (``proj``, ``mapping``, ``stat_index``, ``mean``, ``std``,
+    ``pool_proj``) so that this module does not import the trainer."""
+    p = selection_projection(selection, teacher_hidden).to(loss_fn.proj[0].weight.device)
+    kept = p.sum(1)  # 1 on the teacher dims a student dim maps to
+    for lin, layers in zip(loss_fn.proj, loss_fn.mapping):
+        weights, biases = [], []
+        for layer in layers:
+            k = loss_fn.stat_index.get(layer)
+            mean = loss_fn.mean[k] if k is not None else torch.zeros_like(kept)
+            std = loss_fn.std[k] if k is not None else torch.ones_like(kept)
+            weights.append(p / std[:, None])
+            biases.append(-kept * mean / std)
+        lin.weight.copy_(torch.cat(weights))
+        lin.bias.copy_(torch.cat(biases))
+    if loss_fn.pool_proj is not None:
+        loss_fn.pool_proj.weight.copy_(p)
+        loss_fn.pool_proj.bias.zero_()
+
+
 # --------------------------------------------------------------------------- building the student
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,15 +29,25 @@ from kdnas_core.evaluate import LabelledTask, ModelEval, evaluate_model, load_ta
 from kdnas_core.inherit import (
     IMPORTANCE_VERSION,
     Importance,
+    build_inherited,
     compute_importance,
-    inherit_student,
+    init_projections,
     select_layers,
+    select_width,
     student_config_like,
     supports_inheritance,
 )
 from kdnas_core.search_space import SearchSpace, StudentArch
 from kdnas_core.student import build_student, check_fits_in_memory
 from kdnas_core.teachers import Teacher, load_teacher
+
+
+@dataclass
+class StudentStart:
+    """A student before distillation, and how its loss's projection heads start (None: at zero)."""
+
+    model: nn.Module
+    init_heads: Callable[[nn.Module], None] | None = None
 
 
 @dataclass
@@ -169,16 +180,24 @@ class Workspace:
         return importance
 
     def build_student(self, arch: StudentArch, bytes_per_param: int = 4, dropout: float | None = None) -> nn.Module:
+        """The student ``arch`` as a distillation starts it (see ``start_student``)."""
+        return self.start_student(arch, bytes_per_param, dropout).model
+
+    def start_student(self, arch: StudentArch, bytes_per_param: int = 4, dropout: float | None = None) -> StudentStart:
         """The student ``arch`` as a distillation starts it: cut from the teacher
         (``student.init: teacher``: the configured layers, the most important heads, neurons and
-        dimensions), or today's random BERT student."""
+        dimensions), with the loss's projection heads starting as that selection; or today's
+        random BERT student with zero-initialised heads."""
         cfg = self.cfg
         if self.inheritance is not None:
-            return build_student(arch, self.teacher, seed=cfg.seed, dropout=dropout, bytes_per_param=bytes_per_param)
+            model = build_student(arch, self.teacher, seed=cfg.seed, dropout=dropout, bytes_per_param=bytes_per_param)
+            return StudentStart(model)
         check_fits_in_memory(arch, self.teacher.config, bytes_per_param)
         importance = self.importance
         layers = select_layers(self.teacher.num_layers, arch.layers, cfg.student.layers, importance)
-        return inherit_student(self.teacher.model, arch, importance, layers, dropout)
+        selection = select_width(self.teacher.model, arch, importance, layers)
+        model = build_inherited(self.teacher.model, arch, selection, dropout)
+        return StudentStart(model, functools.partial(init_projections, selection=selection, teacher_hidden=self.teacher.hidden))
 
     def untrained_student(self, arch: StudentArch) -> nn.Module:
         """An untrained student of the model class a distillation would use, weights random:
