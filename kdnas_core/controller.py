@@ -27,6 +27,7 @@ from torch import nn
 
 from kdnas_core.config import ControllerConfig
 from kdnas_core.search_space import SearchSpace, StudentArch
+from kdnas_core.seeding import seed_torch
 
 
 @dataclass
@@ -217,7 +218,7 @@ class LSTMRewardController:
         # candidates failing it are only scored when too few pass.
         self.feasible: Callable[[StudentArch], bool] | None = None
         self.encode = ArchEncoder(space)
-        torch.manual_seed(seed)
+        seed_torch(seed)
         self.model = RewardLSTM(self.encode.dim, cfg.lstm_hidden)
         self.opt = torch.optim.RMSprop(self.model.parameters(), lr=cfg.lr)
         self.updates = 0

@@ -44,6 +44,8 @@ from kdnas_core.atomic import (
     sha256_file,
 )
 from kdnas_core.errors import KdnasError
+from kdnas_core.pooling import masked_mean_pool
+from kdnas_core.seeding import seed_torch
 from kdnas_core.teachers import Teacher, find_qkv
 
 MAPPINGS = ("uniform", "last", "uniform+last", "all-to-one")
@@ -284,102 +286,56 @@ class CachedTeacherStates:
     ) -> CachedTeacherStates:
         """Run the teacher once over ``tokens``; reuse a finished cache under ``cache_root``,
         or one another machine published to ``shared`` (verified like a local one), and
-        publish what is built here."""
+        publish what is built here. Without ``cache_root`` the states stay in memory."""
         layers = tuple(sorted(set(layers)))
         key = cls.cache_key(teacher, tokens, layers, relation_layer)
-        final = cache_root / key if cache_root else None
-        if final is not None and not (final / "meta.json").is_file() and shared is not None:
-            shared.fetch(key, final)
-        if final is not None and (final / "meta.json").is_file():
-            try:
-                states = cls.load(final)
-                if shared is not None:
-                    shared.publish(key, final)
-                return states
-            except (CorruptCache, ValueError, OSError, KeyError, json.JSONDecodeError) as err:
-                # Damaged or tampered with (a pickle planted as .npy fails here, unexecuted).
-                warnings.warn(f"teacher-state cache {final} is unusable ({err}); rebuilding it")
-                shutil.rmtree(final, ignore_errors=True)
-        n_tok = sum(tokens.lengths)
-        offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum(tokens.lengths)
-        tmp = None
-        if final is not None:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_partials(final.parent, f".{key}-")
-            widths = len(layers) * teacher.hidden + (3 * teacher.hidden if relation_layer is not None else 0)
-            check_free_space(final.parent, n_tok * widths * 2 + (1 << 20), "the teacher-state cache (paths.cache_dir)")
-            tmp = partial_dir(final.parent, f".{key}-")
+        if cache_root is None:
+            return cls(*_compute_states(teacher, tokens, layers, relation_layer, key, None, batch_size, progress), None)
+        final = cache_root / key
+        reused = cls._reuse(final, key, shared)
+        if reused is not None:
+            return reused
+        widths = _array_widths(layers, teacher.hidden, relation_layer)
+        tmp = _partial_cache_dir(final, key, sum(tokens.lengths) * sum(widths.values()) * 2 + (1 << 20))
         try:
-            def alloc(name: str, width: int) -> np.ndarray:
-                if tmp is None:
-                    return np.zeros((n_tok, width), dtype=np.float16)
-                path = tmp / f"{name}.npy"
-                with disk_full_is_one_line(path, "the teacher-state cache (paths.cache_dir)"):
-                    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n_tok, width))
-                    # open_memmap leaves a sparse file: writing into it on a full device kills
-                    # the process with SIGBUS. Reserving the blocks now fails with ENOSPC instead.
-                    with open(path, "r+b") as f:
-                        os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
-                return array
+            meta, arrays, stats = _compute_states(teacher, tokens, layers, relation_layer, key, tmp, batch_size,
+                                                  progress)
+            _finish_partial(tmp, meta, arrays, stats)
+        except BaseException:
+            discard_partial(tmp)
+            raise
+        return cls._commit(tmp, final, key, shared)
 
-            arrays: dict[str, np.ndarray] = {f"layer_{l}": alloc(f"layer_{l}", teacher.hidden) for l in layers}
-            if relation_layer is not None:
-                arrays["qkv"] = alloc("qkv", 3 * teacher.hidden)
-            acc = _StatsAccumulator(layers, teacher.hidden)
-            capture = _QKVCapture(teacher.model, relation_layer)
-            batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
-            try:
-                for b in tqdm(batches, desc=f"teacher states {key[:8]}", disable=not progress, leave=False):
-                    t = _teacher_forward(teacher, b, layers, capture)
-                    acc.add(t, b.attention_mask)
-                    m = b.attention_mask.bool()
-                    rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in b.index.tolist()])
-                    for l in layers:
-                        arrays[f"layer_{l}"][rows] = t.states[l][m].numpy().astype(np.float16)
-                    if t.qkv is not None:
-                        arrays["qkv"][rows] = t.qkv[m].numpy().astype(np.float16)
-            finally:
-                capture.close()
-            stats = acc.result()
-            meta = {
-                "key": key,
-                "teacher": teacher.name,
-                "teacher_fingerprint": teacher.fingerprint,
-                "tokens_fingerprint": tokens.fingerprint,
-                "n_texts": len(tokens),
-                "n_tokens": int(n_tok),
-                "n_layers": teacher.num_layers,
-                "hidden": teacher.hidden,
-                "layers": list(layers),
-                "relation_layer": relation_layer,
-            }
-            if tmp is None:
-                arrays["offsets"] = offsets
-                return cls(meta, arrays, stats, None)
-            with disk_full_is_one_line(tmp, "the teacher-state cache (paths.cache_dir)"):
-                for a in arrays.values():
-                    a.flush()
-                np.save(tmp / "offsets.npy", offsets)
-                np.save(tmp / "stats_mean.npy", stats.mean.numpy())
-                np.save(tmp / "stats_std.npy", stats.std.numpy())
-                meta["sha256"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.npy"))}
-                # meta.json last: its presence marks a complete cache.
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            del arrays
-            try:
-                commit_dir(tmp, final)
-            except OSError:  # another process finished the same cache first
-                shutil.rmtree(tmp, ignore_errors=True)
-            tmp = None
+    @classmethod
+    def _reuse(cls, final: Path, key: str, shared: SharedStates | None) -> CachedTeacherStates | None:
+        """The verified cache at ``final``, fetched from ``shared`` first if only published there;
+        None when there is none or it is unusable (then it is removed)."""
+        if not (final / "meta.json").is_file() and shared is not None:
+            shared.fetch(key, final)
+        if not (final / "meta.json").is_file():
+            return None
+        try:
             states = cls.load(final)
             if shared is not None:
                 shared.publish(key, final)
             return states
-        except BaseException:
-            if tmp is not None:
-                discard_partial(tmp)
-            raise
+        except (CorruptCache, ValueError, OSError, KeyError, json.JSONDecodeError) as err:
+            # Damaged or tampered with (a pickle planted as .npy fails here, unexecuted).
+            warnings.warn(f"teacher-state cache {final} is unusable ({err}); rebuilding it")
+            shutil.rmtree(final, ignore_errors=True)
+            return None
+
+    @classmethod
+    def _commit(cls, tmp: Path, final: Path, key: str, shared: SharedStates | None) -> CachedTeacherStates:
+        """Move the finished ``tmp`` into place as ``final``, load it and publish it to ``shared``."""
+        try:
+            commit_dir(tmp, final)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+        states = cls.load(final)
+        if shared is not None:
+            shared.publish(key, final)
+        return states
 
     @classmethod
     def load(cls, path: Path, verify: bool = True) -> CachedTeacherStates:
@@ -399,12 +355,97 @@ class CachedTeacherStates:
         return cls(meta, arrays, stats, path)
 
 
+_CACHE_SETTING = "the teacher-state cache (paths.cache_dir)"
+
+
+def _array_widths(layers: tuple[int, ...], hidden: int, relation_layer: int | None) -> dict[str, int]:
+    """Name and width of each packed array of a teacher-state cache."""
+    widths = {f"layer_{l}": hidden for l in layers}
+    if relation_layer is not None:
+        widths["qkv"] = 3 * hidden
+    return widths
+
+
+def _partial_cache_dir(final: Path, key: str, n_bytes: int) -> Path:
+    """A marked temporary folder next to ``final``, once ``n_bytes`` are known to fit there."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(final.parent, f".{key}-")
+    check_free_space(final.parent, n_bytes, _CACHE_SETTING)
+    return partial_dir(final.parent, f".{key}-")
+
+
+def _allocate(folder: Path | None, name: str, rows: int, width: int) -> np.ndarray:
+    """A zeroed fp16 array: in memory, or a memory-mapped ``name``.npy in ``folder``."""
+    if folder is None:
+        return np.zeros((rows, width), dtype=np.float16)
+    path = folder / f"{name}.npy"
+    with disk_full_is_one_line(path, _CACHE_SETTING):
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, width))
+        # open_memmap leaves a sparse file: writing into it on a full device kills
+        # the process with SIGBUS. Reserving the blocks now fails with ENOSPC instead.
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+    return array
+
+
+def _compute_states(teacher: Teacher, tokens: TokenizedTexts, layers: tuple[int, ...], relation_layer: int | None,
+                    key: str, folder: Path | None, batch_size: int,
+                    progress: bool) -> tuple[dict, dict[str, np.ndarray], LayerStats]:
+    """Run the teacher over ``tokens`` into packed arrays (files in ``folder``, or memory when it is
+    None); returns the cache's meta, its arrays (``offsets`` last) and the layer statistics."""
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(tokens.lengths)
+    n_tok = sum(tokens.lengths)
+    widths = _array_widths(layers, teacher.hidden, relation_layer)
+    arrays = {name: _allocate(folder, name, n_tok, width) for name, width in widths.items()}
+    acc = _StatsAccumulator(layers, teacher.hidden)
+    capture = _QKVCapture(teacher.model, relation_layer)
+    batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
+    try:
+        for b in tqdm(batches, desc=f"teacher states {key[:8]}", disable=not progress, leave=False):
+            t = _teacher_forward(teacher, b, layers, capture)
+            acc.add(t, b.attention_mask)
+            m = b.attention_mask.bool()
+            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in b.index.tolist()])
+            for l in layers:
+                arrays[f"layer_{l}"][rows] = t.states[l][m].numpy().astype(np.float16)
+            if t.qkv is not None:
+                arrays["qkv"][rows] = t.qkv[m].numpy().astype(np.float16)
+    finally:
+        capture.close()
+    meta = {
+        "key": key,
+        "teacher": teacher.name,
+        "teacher_fingerprint": teacher.fingerprint,
+        "tokens_fingerprint": tokens.fingerprint,
+        "n_texts": len(tokens),
+        "n_tokens": int(n_tok),
+        "n_layers": teacher.num_layers,
+        "hidden": teacher.hidden,
+        "layers": list(layers),
+        "relation_layer": relation_layer,
+    }
+    arrays["offsets"] = offsets
+    return meta, arrays, acc.result()
+
+
+def _finish_partial(tmp: Path, meta: dict, arrays: dict[str, np.ndarray], stats: LayerStats) -> None:
+    """Write the rest of a computed cache into ``tmp``, checksummed, ``meta.json`` last."""
+    with disk_full_is_one_line(tmp, _CACHE_SETTING):
+        offsets = arrays.pop("offsets")
+        for a in arrays.values():
+            a.flush()
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "stats_mean.npy", stats.mean.numpy())
+        np.save(tmp / "stats_std.npy", stats.std.numpy())
+        meta["sha256"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.npy"))}
+        # meta.json last: its presence marks a complete cache.
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    # Unmap the files before their folder is renamed; the cache is read back through load().
+    arrays.clear()
+
+
 # --------------------------------------------------------------------------- the loss
-
-
-def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def relation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, heads: int,
@@ -620,6 +661,206 @@ class DataParallel:
         return float(flat[-1])
 
 
+@dataclass
+class _Trainer:
+    """What set-up builds for one distillation and every training step uses."""
+
+    student: nn.Module
+    loss_fn: HiddenStateDistillLoss
+    teacher_states: TeacherStates
+    capture: _QKVCapture
+    device: torch.device
+    parallel: DataParallel | None
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    grad_clip: float
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """The modules a checkpoint holds, by the names it stores them under."""
+        return {"student": self.student, "heads": self.loss_fn}
+
+    @property
+    def main(self) -> bool:
+        """Whether this process shows progress and writes checkpoints (one process of several does)."""
+        return self.parallel is None or self.parallel.main
+
+
+@dataclass
+class _RunState:
+    """Where training stands: all of it goes into a checkpoint, so a resumed run carries on from it."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    initial_eval_loss: float | None = None
+
+    def info(self, total_steps: int) -> dict:
+        return {"step": self.step, "total_steps": total_steps, "losses": self.losses, "tokens": self.tokens,
+                "seconds": self.seconds, "initial_eval_loss": self.initial_eval_loss}
+
+
+def _check_targets(student: nn.Module, teacher_states: TeacherStates, batches: list[Batch],
+                   cfg: DistillConfig) -> tuple[list[tuple[int, ...]], bool]:
+    """The layer mapping and whether the relation loss is on, once ``teacher_states`` can serve both."""
+    if not batches:
+        raise KdnasError("distill: no training batches (is the split empty?)")
+    mapping = layer_mapping(student.config.num_hidden_layers, teacher_states.n_layers, cfg.mapping)
+    missing = {l for m in mapping for l in m} - set(teacher_states.layers)
+    if cfg.weights.pooled_cosine > 0:
+        missing |= {teacher_states.n_layers} - set(teacher_states.layers)
+    if missing:
+        raise KdnasError(f"teacher states lack layers {sorted(missing)} needed by mapping {cfg.mapping!r}")
+    relation = cfg.weights.attention_relation > 0
+    if relation and teacher_states.relation_layer is None:
+        raise KdnasError("distill.weights.attention_relation > 0 but teacher states were built without Q/K/V")
+    return mapping, relation
+
+
+def _optimiser(params: list[nn.Parameter], cfg: DistillConfig, budget: TrainBudget,
+               n_batches: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
+    """AdamW with linear warm-up and decay, and the number of steps the schedule spans."""
+    lr = budget.lr or cfg.lr
+    # The fused kernel updates all tensors in one pass: ~6x cheaper than the default per-tensor
+    # loop on CPU, which matters because the vocabulary-sized embedding dominates the update.
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
+    total_steps = budget.epochs * n_batches
+    if budget.max_steps:
+        total_steps = min(total_steps, budget.max_steps)
+    warmup = max(1, int(cfg.warmup_frac * total_steps))
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), total_steps
+
+
+def _set_up(student: nn.Module, teacher_states: TeacherStates, cfg: DistillConfig, budget: TrainBudget,
+            mapping: list[tuple[int, ...]], relation: bool, n_batches: int, seed: int) -> _Trainer:
+    """Device, data parallelism, projection heads and loss, optimiser and schedule."""
+    device = resolve_device(cfg.device)
+    parallel = DataParallel.active()
+    student.to(device)
+    # Seeds the heads' initialisation here and dropout during training.
+    seed_torch(seed)
+    stats = teacher_states.stats if cfg.standardize_targets else None
+    if cfg.standardize_targets and stats is None:
+        raise KdnasError("distill.standardize_targets needs teacher-state statistics")
+    loss_fn = HiddenStateDistillLoss(
+        student.config.hidden_size, teacher_states.hidden, mapping, cfg.weights, stats, cfg.relation_heads
+    ).to(device)
+    capture = _QKVCapture(student, student.config.num_hidden_layers if relation else None)
+    params = [p for p in list(student.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    opt, sched, total_steps = _optimiser(params, cfg, budget, n_batches)
+    return _Trainer(student, loss_fn, teacher_states, capture, device, parallel, params, opt, sched, total_steps,
+                    cfg.grad_clip)
+
+
+def _resume(trainer: _Trainer, checkpoint: Path | None, checkpoint_every: int, eval_states: TeacherStates,
+            eval_batches: list[Batch] | None) -> _RunState:
+    """The state saved in ``checkpoint`` (modules, optimiser, schedule and RNG restored in place),
+    or a fresh start with the held-out loss measured before training."""
+    found = find_checkpoint(checkpoint) if checkpoint is not None and checkpoint_every > 0 else None
+    try:
+        info = load_checkpoint(found, trainer.modules, trainer.opt, trainer.sched) if found else {}
+    except UnusableCheckpoint as err:  # damaged on disk: starting over loses only time
+        warnings.warn(f"{err}; starting this distillation over")
+        remove_checkpoint(checkpoint)
+        info = {}
+    if info and info.get("total_steps") != trainer.total_steps:
+        raise KdnasError(f"{found}: checkpoint is for {info.get('total_steps')} steps, this run has "
+                         f"{trainer.total_steps}; delete it to start over")
+    if info:
+        return _RunState(info.get("step", 0), list(info.get("losses", [])), info.get("tokens", 0),
+                         info.get("seconds", 0.0), info["initial_eval_loss"])
+    if not eval_batches:
+        return _RunState()
+    return _RunState(initial_eval_loss=_evaluate(trainer.student, trainer.loss_fn, eval_states, eval_batches,
+                                                 trainer.capture)[0])
+
+
+def _train_step(trainer: _Trainer, batch: Batch) -> float:
+    """One optimiser step on ``batch``; returns the batch's training loss."""
+    t = trainer
+    t.opt.zero_grad(set_to_none=True)
+    if t.parallel is None:
+        loss, _ = _step_loss(t.student, t.loss_fn, t.teacher_states, batch, t.capture)
+        loss.backward()
+        value = float(loss.detach())
+    else:
+        part = t.parallel.shard(batch)
+        loss = torch.zeros((), device=t.device)
+        if len(part.index):  # a batch with fewer rows than processes leaves some idle
+            loss, _ = _step_loss(t.student, t.loss_fn, t.teacher_states, part, t.capture,
+                                 norm=(batch.n_tokens, len(batch.index)))
+            loss.backward()
+        value = t.parallel.sum_gradients(t.params, loss)
+    torch.nn.utils.clip_grad_norm_(t.params, t.grad_clip)
+    t.opt.step()
+    t.sched.step()
+    return value
+
+
+def _train(trainer: _Trainer, run: _RunState, batches: list[Batch], seed: int,
+           on_step: Callable[[int, float, float], None] | None, progress: bool, checkpoint: Path | None,
+           checkpoint_every: int) -> None:
+    """Train from ``run.step`` to the end of the schedule, updating ``run`` and saving it with the
+    model every ``checkpoint_every`` steps."""
+    trainer.student.train()
+    trainer.loss_fn.train()
+    start = time.perf_counter() - run.seconds
+    bar = tqdm(total=trainer.total_steps, initial=run.step, desc="distill", disable=not progress or not trainer.main,
+               leave=False)
+    try:
+        while run.step < trainer.total_steps:
+            # Each epoch's batch order depends only on (seed, epoch): a resumed run continues
+            # the same order from the middle of an epoch.
+            epoch, pos = divmod(run.step, len(batches))
+            order = list(range(len(batches)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            for i in order[pos:]:
+                if run.step >= trainer.total_steps:
+                    break
+                value = _train_step(trainer, batches[i])
+                if not math.isfinite(value):
+                    raise KdnasError(f"distill: loss became {value} at step {run.step} (lower distill.lr?)")
+                run.losses.append(value)
+                run.tokens += batches[i].n_tokens
+                run.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+                if on_step is not None:
+                    on_step(run.step, value, trainer.sched.get_last_lr()[0])
+                if (checkpoint is not None and checkpoint_every > 0 and run.step % checkpoint_every == 0
+                        and run.step < trainer.total_steps and trainer.main):
+                    run.seconds = time.perf_counter() - start
+                    save_checkpoint(checkpoint, trainer.modules, trainer.opt, trainer.sched,
+                                    run.info(trainer.total_steps))
+        run.seconds = time.perf_counter() - start
+    finally:
+        bar.close()
+
+
+def _result(run: _RunState, final: float | None, parts: dict[str, float]) -> DistillResult:
+    tail = run.losses[-max(1, len(run.losses) // 10):]
+    return DistillResult(
+        initial_eval_loss=run.initial_eval_loss,
+        final_eval_loss=final,
+        first_train_loss=run.losses[0],
+        last_train_loss=sum(tail) / len(tail),
+        steps=len(run.losses),
+        tokens_per_s=run.tokens / run.seconds if run.seconds > 0 else float("inf"),
+        seconds=run.seconds,
+        eval_parts=parts,
+        loss_curve=[(i + 1, run.losses[i]) for i in range(0, len(run.losses), max(1, len(run.losses) // 200))],
+    )
+
+
 def distill(
     student: nn.Module,
     teacher_states: TeacherStates,
@@ -643,130 +884,18 @@ def distill(
     projection heads, optimiser moments, scheduler, RNG, losses) is saved every that many steps
     and a rerun resumes from it, ending where an uninterrupted run would.
     """
-    if not batches:
-        raise KdnasError("distill: no training batches (is the split empty?)")
-    n_student = student.config.num_hidden_layers
-    mapping = layer_mapping(n_student, teacher_states.n_layers, cfg.mapping)
-    missing = {l for m in mapping for l in m} - set(teacher_states.layers)
-    if cfg.weights.pooled_cosine > 0:
-        missing |= {teacher_states.n_layers} - set(teacher_states.layers)
-    if missing:
-        raise KdnasError(f"teacher states lack layers {sorted(missing)} needed by mapping {cfg.mapping!r}")
-    relation = cfg.weights.attention_relation > 0
-    if relation and teacher_states.relation_layer is None:
-        raise KdnasError("distill.weights.attention_relation > 0 but teacher states were built without Q/K/V")
-
-    device = resolve_device(cfg.device)
-    parallel = DataParallel.active()
-    student.to(device)
-    torch.manual_seed(seed)
-    stats = teacher_states.stats if cfg.standardize_targets else None
-    if cfg.standardize_targets and stats is None:
-        raise KdnasError("distill.standardize_targets needs teacher-state statistics")
-    loss_fn = HiddenStateDistillLoss(
-        student.config.hidden_size, teacher_states.hidden, mapping, cfg.weights, stats, cfg.relation_heads
-    ).to(device)
-    capture = _QKVCapture(student, n_student if relation else None)
-    params = [p for p in list(student.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    lr = budget.lr or cfg.lr
-    # The fused kernel updates all tensors in one pass: ~6x cheaper than the default per-tensor
-    # loop on CPU, which matters because the vocabulary-sized embedding dominates the update.
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
-    total_steps = budget.epochs * len(batches)
-    if budget.max_steps:
-        total_steps = min(total_steps, budget.max_steps)
-    warmup = max(1, int(cfg.warmup_frac * total_steps))
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    mapping, relation = _check_targets(student, teacher_states, batches, cfg)
+    trainer = _set_up(student, teacher_states, cfg, budget, mapping, relation, len(batches), seed)
     eval_states = eval_states or teacher_states
-    modules = {"student": student, "heads": loss_fn}
-    found = find_checkpoint(checkpoint) if checkpoint is not None and checkpoint_every > 0 else None
-    try:
-        info = load_checkpoint(found, modules, opt, sched) if found else {}
-    except UnusableCheckpoint as err:  # damaged on disk: starting over loses only time
-        warnings.warn(f"{err}; starting this distillation over")
-        remove_checkpoint(checkpoint)
-        info = {}
-    if info and info.get("total_steps") != total_steps:
-        raise KdnasError(f"{found}: checkpoint is for {info.get('total_steps')} steps, this run has {total_steps}; "
-                         "delete it to start over")
-    if info:
-        initial = info["initial_eval_loss"]
+    run = _resume(trainer, checkpoint, checkpoint_every, eval_states, eval_batches)
+    _train(trainer, run, batches, seed, on_step, progress, checkpoint, checkpoint_every)
+    if eval_batches:
+        final, parts = _evaluate(student, trainer.loss_fn, eval_states, eval_batches, trainer.capture)
     else:
-        initial = _evaluate(student, loss_fn, eval_states, eval_batches, capture)[0] if eval_batches else None
-
-    student.train()
-    loss_fn.train()
-    losses: list[float] = list(info.get("losses", []))
-    tokens = info.get("tokens", 0)
-    step = info.get("step", 0)
-    start = time.perf_counter() - info.get("seconds", 0.0)
-    bar = tqdm(total=total_steps, initial=step, desc="distill", disable=not progress or (parallel and not parallel.main),
-               leave=False)
-    try:
-        while step < total_steps:
-            # Each epoch's batch order depends only on (seed, epoch): a resumed run continues
-            # the same order from the middle of an epoch.
-            epoch, pos = divmod(step, len(batches))
-            order = list(range(len(batches)))
-            random.Random(seed * 1_000_003 + epoch).shuffle(order)
-            for i in order[pos:]:
-                if step >= total_steps:
-                    break
-                batch = batches[i]
-                opt.zero_grad(set_to_none=True)
-                if parallel is None:
-                    loss, _ = _step_loss(student, loss_fn, teacher_states, batch, capture)
-                    loss.backward()
-                    value = float(loss.detach())
-                else:
-                    part = parallel.shard(batch)
-                    loss = torch.zeros((), device=device)
-                    if len(part.index):  # a batch with fewer rows than processes leaves some idle
-                        loss, _ = _step_loss(student, loss_fn, teacher_states, part, capture,
-                                             norm=(batch.n_tokens, len(batch.index)))
-                        loss.backward()
-                    value = parallel.sum_gradients(params, loss)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                if not math.isfinite(value):
-                    raise KdnasError(f"distill: loss became {value} at step {step} (lower distill.lr?)")
-                losses.append(value)
-                tokens += batch.n_tokens
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}")
-                if on_step is not None:
-                    on_step(step, value, sched.get_last_lr()[0])
-                if (checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0 and step < total_steps
-                        and (parallel is None or parallel.main)):
-                    save_checkpoint(checkpoint, modules, opt, sched, {
-                        "step": step, "total_steps": total_steps, "losses": losses, "tokens": tokens,
-                        "seconds": time.perf_counter() - start, "initial_eval_loss": initial})
-        seconds = time.perf_counter() - start
-    finally:
-        bar.close()
-    final, parts = _evaluate(student, loss_fn, eval_states, eval_batches, capture) if eval_batches else (None, {})
-    capture.close()
+        final, parts = None, {}
+    trainer.capture.close()
     student.to("cpu")  # saving, ONNX export and evaluation work on the CPU copy
-    tail = losses[-max(1, len(losses) // 10):]
-    return DistillResult(
-        initial_eval_loss=initial,
-        final_eval_loss=final,
-        first_train_loss=losses[0],
-        last_train_loss=sum(tail) / len(tail),
-        steps=len(losses),
-        tokens_per_s=tokens / seconds if seconds > 0 else float("inf"),
-        seconds=seconds,
-        eval_parts=parts,
-        loss_curve=[(i + 1, losses[i]) for i in range(0, len(losses), max(1, len(losses) // 200))],
-    )
+    return _result(run, final, parts)
 
 
 def make_teacher_states(

