@@ -875,8 +875,12 @@ def distill(
     progress: bool = True,
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
+    init_heads: Callable[[nn.Module], None] | None = None,
 ) -> DistillResult:
     """Distil ``student`` in place; returns a small, serialisable summary.
+
+    ``init_heads`` starts the loss's projection heads (default: at zero); a teacher-initialised
+    student starts them as its selection of the teacher's dimensions.
 
     ``eval_batches`` (served by ``eval_states``, default ``teacher_states``) measure the
     held-out KD loss before and after training, with the same standardisation statistics.
@@ -886,6 +890,8 @@ def distill(
     """
     mapping, relation = _check_targets(student, teacher_states, batches, cfg)
     trainer = _set_up(student, teacher_states, cfg, budget, mapping, relation, len(batches), seed)
+    if init_heads is not None:  # before resuming: a checkpoint's heads replace these
+        init_heads(trainer.loss_fn)
     eval_states = eval_states or teacher_states
     run = _resume(trainer, checkpoint, checkpoint_every, eval_states, eval_batches)
     _train(trainer, run, batches, seed, on_step, progress, checkpoint, checkpoint_every)

@@ -88,10 +88,12 @@ class ProxyEvaluator:
         """Proxy-distil ``arch``; returns the normalised loss L_HS and details (JSON-able)."""
         cfg = self.ws.cfg
         self.ws.space.validate(arch)
-        student = self.ws.build_student(arch, TRAINING_BYTES_PER_PARAM, cfg.distill.dropout)
+        start = self.ws.start_student(arch, TRAINING_BYTES_PER_PARAM, cfg.distill.dropout)
+        student = start.model
         r = distill(
             student, self.states, self.batches, cfg.distill, cfg.distill.proxy,
             eval_batches=self.eval_batches, eval_states=self.eval_states, seed=cfg.seed, progress=self.progress,
+            init_heads=start.init_heads,
         )
         hidden = r.eval_parts.get("hidden_mse", r.final_eval_loss)
         return {"kd_loss": normalised_loss(hidden), "final_eval_loss": r.final_eval_loss,

@@ -57,12 +57,13 @@ def distill_student(
     if max_steps:
         budget = budget.model_copy(update={"max_steps": max_steps})
     batches, states, eval_states = ws.distill_inputs(split, budget, arch.layers, progress)
-    student = ws.build_student(arch, TRAINING_BYTES_PER_PARAM, cfg.distill.dropout)
+    start = ws.start_student(arch, TRAINING_BYTES_PER_PARAM, cfg.distill.dropout)
+    student = start.model
     ckpt = checkpoint_path(cfg, out_dir, split, budget.max_steps)
     result = distill(
         student, states, batches, cfg.distill, budget,
         eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, progress=progress,
-        checkpoint=ckpt, checkpoint_every=cfg.distill.checkpoint_every,
+        checkpoint=ckpt, checkpoint_every=cfg.distill.checkpoint_every, init_heads=start.init_heads,
     )
     parallel = DataParallel.active()
     meta = {

