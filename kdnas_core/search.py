@@ -81,6 +81,8 @@ class SearchState:
     controller: dict = field(default_factory=dict)
     rng: list | None = None
     teacher: str = ""  # fingerprint of the teacher whose students these observations are
+    # How those students started (student.init); searches from before it existed were random.
+    student_init: str = "random"
 
     @property
     def history(self) -> list[Observation]:
@@ -99,6 +101,7 @@ class SearchState:
             "controller": self.controller,
             "rng": self.rng,
             "teacher": self.teacher,
+            "student_init": self.student_init,
         }
 
     @classmethod
@@ -110,6 +113,7 @@ class SearchState:
             observations=[Observation.from_dict(o) for o in d["observations"]],
             prior=[Observation.from_dict(o) for o in d.get("prior", [])],
             controller=d.get("controller", {}), rng=d.get("rng"), teacher=d.get("teacher", ""),
+            student_init=d.get("student_init", "random"),
         )
 
     def save(self, path: Path) -> Path:
@@ -127,7 +131,8 @@ class SearchState:
         """A new search that knows a previous one's results and controller weights. Known archs
         are never re-evaluated, and exploration continues from where the previous schedule was."""
         return cls(seed=seed, episode=previous.episode, start_episode=previous.episode,
-                   prior=previous.history, controller=previous.controller, teacher=previous.teacher)
+                   prior=previous.history, controller=previous.controller, teacher=previous.teacher,
+                   student_init=previous.student_init)
 
 
 @dataclass

@@ -53,16 +53,21 @@ def initial_state(cfg: KDNASConfig, state_path: Path, warm_from: Path | None = N
                   research: bool = False, fresh: bool = False, teacher: str = "") -> SearchState:
     state = _initial_state(cfg, state_path, warm_from, research, fresh)
     source = warm_from if warm_from is not None and not state.observations else state_path
-    _check_teacher(state, teacher, cfg, source)
+    _check_compatible(state, teacher, cfg, source)
     state.teacher = teacher or state.teacher
+    state.student_init = cfg.student.init
     return state
 
 
-def _check_teacher(state: SearchState, teacher: str, cfg: KDNASConfig, source: Path) -> None:
+def _check_compatible(state: SearchState, teacher: str, cfg: KDNASConfig, source: Path) -> None:
     if teacher and state.teacher and state.teacher != teacher:
         raise KdnasError(f"{source}: searched with another teacher (fingerprint {state.teacher}, this config's "
                          f"teacher {cfg.teacher.name!r} is {teacher}); its rewards do not apply here "
                          "(use --fresh, or warm-start from a search of this teacher)")
+    if state.history and state.student_init != cfg.student.init:
+        raise KdnasError(f"{source}: searched with student.init = {state.student_init!r}, this config has "
+                         f"{cfg.student.init!r}; its rewards do not apply here (use --fresh, or warm-start from a "
+                         "search with the same student.init)")
 
 
 def _initial_state(cfg: KDNASConfig, state_path: Path, warm_from: Path | None = None,
@@ -145,7 +150,7 @@ def search_without_prefect(cfg: KDNASConfig, warm_from: Path | None = None, fres
     config, or warm-starts from another search's ``state.json``."""
     ws = (ws or Workspace.prepare(cfg)).validate()
     if warm_from is not None:  # before any work: a state of another teacher is refused at once
-        _check_teacher(SearchState.load(warm_from), ws.teacher.fingerprint, cfg, warm_from)
+        _check_compatible(SearchState.load(warm_from), ws.teacher.fingerprint, cfg, warm_from)
     b, s = cfg.latency.grid[0]
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
     folder = search_dir(cfg)

@@ -117,6 +117,17 @@ def _damaged_student(root: Path) -> Path:
     return path
 
 
+def _state_of_random_init(root: Path) -> str:
+    from kdnas_core.controller import Observation
+    from kdnas_core.search import SearchState
+    from kdnas_core.search_space import StudentArch
+
+    path = root / "random-init-state.json"
+    obs = Observation(StudentArch(1, 32, 2, 64), 0.5, 1.0, 0.5, 0)
+    SearchState(seed=0, episode=1, observations=[obs], student_init="random").save(path)
+    return str(path)
+
+
 def _state_of_other_teacher(root: Path) -> str:
     path = root / "other-teacher-state.json"
     path.write_text(json.dumps({"seed": 0, "episode": 1, "pending": [], "pending_context": [None, None],
@@ -170,6 +181,8 @@ CASES = {
     "shared cache not an S3 URI": (SEARCH, {"paths.shared_cache": "/mnt/nfs/cache"}, r"paths.shared_cache = \"/mnt/nfs/cache\": expected s3://"),
     "warm start from another teacher's search": (SEARCH + ["--warm-from", _state_of_other_teacher], {},
                                                  r"other-teacher-state.json: searched with another teacher"),
+    "warm start from a search of random-init students": (SEARCH + ["--warm-from", _state_of_random_init], {},
+                                                         r"random-init-state.json: searched with student.init = 'random', this config has 'teacher'"),
     # faults found by trying kdnas as a new user would (issue: faults after validation)
     "no latency budget": (SEARCH, {"reward.budgets": []}, r"reward.budgets = \[\]: List should have at least 1 item"),
     "negative seed": (SEARCH, {"seed": -1}, r"seed = -1: Input should be greater than or equal to 0"),
