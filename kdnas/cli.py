@@ -25,6 +25,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 # Cold starts of the ephemeral Prefect API take ~20 s on a small box.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+from kdnas import interrupt  # noqa: E402
 from kdnas_core.errors import KdnasError  # noqa: E402
 
 
@@ -246,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("arch", help="print an architecture's canonical name and arch_id")
     a.add_argument("name")
     a.set_defaults(func=cmd_arch)
+
+    # --debug before or after the command; SUPPRESS: a subcommand without it keeps the global value
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error or of Ctrl-C")
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -267,12 +273,16 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    try:
-        return args.func(args)
-    except KdnasError as err:
-        print(f"kdnas: error: {err}", file=sys.stderr)
-        return 2
+    with interrupt.Handler(debug=args.debug) as interrupted:
+        try:
+            _quiet_libraries()
+            return args.func(args)
+        except KdnasError as err:
+            if args.debug:
+                raise
+            print(f"kdnas: error: {err}", file=sys.stderr)
+            return 2
+    return interrupted.exit_code  # Ctrl-C: "kdnas: interrupted; ..." is printed, once
 
 
 if __name__ == "__main__":
