@@ -25,6 +25,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 # Cold starts of the ephemeral Prefect API take ~20 s on a small box.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+from kdnas import interrupt  # noqa: E402
 from kdnas_core.errors import KdnasError  # noqa: E402
 
 
@@ -284,7 +285,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kdnas", description="Knowledge-distillation neural architecture search")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error or of Ctrl-C")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     # accepted after the sub-command too (kdnas search --debug); SUPPRESS keeps a flag given first
     common = _Parser(add_help=False)
@@ -367,29 +368,34 @@ def _one_line_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
-    try:
-        args = build_parser().parse_args(argv)
-        _quiet_libraries()
-        _one_line_warnings()
-        return args.func(args)
-    except KdnasError as err:
-        if debug:
-            raise
+    with interrupt.Handler(debug=debug) as interrupted:
+        try:
+            args = build_parser().parse_args(argv)
+            _quiet_libraries()
+            _one_line_warnings()
+            return args.func(args)
+        except Exception as err:  # noqa: BLE001 - never a traceback for the user, unless asked for
+            if debug or interrupt.requested():  # after Ctrl-C, the handler says the one line
+                raise
+            return _report(err)
+    return interrupted.exit_code  # Ctrl-C: "kdnas: interrupted; ..." is printed, once
+
+
+def _report(err: Exception) -> int:
+    """One line for an error: kdnas's own (exit 2), a full disk (2), anything else (1)."""
+    from kdnas_core.atomic import DiskFullError, disk_full_message, is_disk_full
+
+    if isinstance(err, KdnasError):
         print(f"kdnas: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # noqa: BLE001 - never a traceback for the user, unless asked for
-        if debug:
-            raise
-        from kdnas_core.atomic import DiskFullError, is_disk_full, disk_full_message
-
-        if is_disk_full(err):
-            where = getattr(err, "filename", None) or "."
-            print(f"kdnas: error: {DiskFullError(disk_full_message(Path(where), 'results'))}", file=sys.stderr)
-            return 2
-        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"kdnas: error: unexpected {type(err).__name__}: {text} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+    if is_disk_full(err):
+        where = getattr(err, "filename", None) or "."
+        print(f"kdnas: error: {DiskFullError(disk_full_message(Path(where), 'results'))}", file=sys.stderr)
+        return 2
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    print(f"kdnas: error: unexpected {type(err).__name__}: {text} (rerun with --debug for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""kdnas.interrupt on its own, in seconds: Ctrl-C gives one line and exit code 130, a thread still
+busy cannot hold the process past the deadline, a second Ctrl-C stops at once, --debug keeps the
+traceback, and Prefect's ephemeral server is started with SIGINT blocked. (A whole search
+interrupted under Prefect and resumed: tests/reliability/test_interrupt.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from kdnas import interrupt
+
+ROOT = Path(__file__).resolve().parents[2]
+# main() in miniature: a command that sleeps (optionally next to a busy non-daemon thread, as a
+# candidate distilled on a task-runner thread), under the same Handler as the CLI.
+SCRIPT = """
+import sys, threading, time
+from kdnas import interrupt
+
+def main():
+    with interrupt.Handler(debug="debug" in sys.argv) as handled:
+        if "busy-thread" in sys.argv:
+            threading.Thread(target=time.sleep, args=(60,)).start()
+        print("ready", flush=True)
+        time.sleep(60)
+        return 0
+    return handled.exit_code
+
+sys.exit(main())
+"""
+
+
+def run_and_interrupt(*flags: str, signals: int = 1) -> tuple[int, float, str]:
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        start = time.monotonic()
+        for i in range(signals):
+            if i:
+                time.sleep(0.3)
+            os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=20)
+        return rc, time.monotonic() - start, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_ctrl_c_prints_one_line_and_exits_130():
+    rc, took, err = run_and_interrupt()
+    assert (rc, err) == (130, interrupt.MESSAGE + "\n") and took < 2
+
+
+def test_a_busy_thread_cannot_hold_the_process_past_the_deadline():
+    rc, took, err = run_and_interrupt("busy-thread")
+    assert (rc, err) == (130, interrupt.MESSAGE + "\n")
+    assert interrupt.DEADLINE_S - 0.5 < took < 5
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    rc, took, err = run_and_interrupt("busy-thread", signals=2)
+    assert (rc, err) == (130, interrupt.MESSAGE + "\n") and took < 2
+
+
+def test_debug_keeps_the_traceback():
+    rc, _, err = run_and_interrupt("debug")
+    assert rc == 130 and "Traceback" in err and "KeyboardInterrupt" in err
+
+
+def sigint_blocked(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    blocked = int(next(x for x in status.splitlines() if x.startswith("SigBlk:")).split()[1], 16)
+    return bool(blocked & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc")
+def test_the_server_process_starts_with_sigint_blocked_and_this_thread_keeps_its_mask():
+    class SubprocessASGIServer:  # stands in for Prefect's: its method starts the server process
+        def _run_uvicorn_command(self):
+            return subprocess.Popen(["sleep", "30"])
+
+    interrupt._patch(types.SimpleNamespace(SubprocessASGIServer=SubprocessASGIServer))
+    proc = SubprocessASGIServer()._run_uvicorn_command()
+    try:
+        assert sigint_blocked(proc.pid)
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_prefects_own_server_class_is_patched_when_it_is_imported():
+    """Guards a Prefect upgrade: the method that starts the server must still be there."""
+    code = ("import sys; from kdnas import interrupt; interrupt.shield_prefect_server()\n"
+            "assert 'prefect.server.api.server' not in sys.modules\n"
+            "from prefect.server.api.server import SubprocessASGIServer as S\n"
+            "assert S._run_uvicorn_command._kdnas_shielded")
+    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]

