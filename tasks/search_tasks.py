@@ -106,7 +106,7 @@ def teacher_latency_ms(cfg: dict) -> float:
     return teacher_latency(workspace(c)).median(c.latency.reward_backend, b, s)
 
 
-@task(name="proxy-distill", cache_policy=ArchCache("proxy"), persist_result=True,
+@task(name="proxy-distill", cache_policy=ArchCache(key="proxy"), persist_result=True,
       result_serializer="json", task_run_name=_arch_run_name("proxy-distill"))
 def proxy_distill(cfg: dict, arch: str) -> dict:
     c = config_from_dict(cfg)
@@ -128,7 +128,7 @@ def _where() -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@task(name="profile-latency", cache_policy=ArchCache("latency"), persist_result=True,
+@task(name="profile-latency", cache_policy=ArchCache(key="latency"), persist_result=True,
       result_serializer="json", task_run_name=_arch_run_name("profile-latency"))
 def profile_latency(cfg: dict, arch: str) -> dict:
     c = config_from_dict(cfg)

@@ -9,10 +9,11 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
-def _config(tiny_config, name: str, world_size: int, dropout: float | None):
+def _config(tiny_config, name: str, world_size: int, dropout: float | None, init: str = "teacher"):
     from kdnas_core.config import config_from_dict
 
     data = yaml.safe_load(tiny_config.read_text())
+    data["student"] = {"init": init}
     data["paths"]["output_dir"] = str(tiny_config.parent / name)
     data["distill"] = {**data["distill"], "final": {"epochs": 2}, "world_size": world_size, "dropout": dropout,
                        "checkpoint_every": 0}
@@ -49,8 +50,10 @@ def test_two_processes_match_one_process(tiny_config):
 
 def test_with_dropout_two_processes_land_within_noise_of_one(tiny_config):
     """BERT's default dropout draws other masks when a batch is split (measured: final eval loss
-    1.3273 vs 1.3260 with one process at 1.3257 without dropout), so only the outcome is compared."""
-    one, _ = _run(_config(tiny_config, "one", 1, dropout=None))
-    two, _ = _run(_config(tiny_config, "two", 2, dropout=None))
+    1.3273 vs 1.3260 with one process at 1.3257 without dropout), so only the outcome is compared.
+    Random-init students: a student cut from the tiny teacher starts near its loss floor, where
+    dropout noise is most of what is left to compare."""
+    one, _ = _run(_config(tiny_config, "one", 1, dropout=None, init="random"))
+    two, _ = _run(_config(tiny_config, "two", 2, dropout=None, init="random"))
     assert two["result"]["final_eval_loss"] == pytest.approx(one["result"]["final_eval_loss"], rel=0.02)
     assert two["result"]["final_eval_loss"] < 0.8 * two["result"]["initial_eval_loss"]

@@ -26,11 +26,12 @@ def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, mo
             assert json.dumps(final[key]) and final[key].endswith(".onnx")
         assert final["registered"]["aliases"]
 
-    # Downstream table: the teacher, then each final student and its untrained floor.
+    # Downstream table: the teacher, then each final student, what it inherited before
+    # distillation (students are cut from the teacher by default) and its untrained floor.
     rows = out["evaluation"]
     assert rows[0]["model"].startswith("teacher") and rows[0]["recall@10"] == pytest.approx(1.0)
-    assert len(rows) == 1 + 2 * len(out["final"])
-    assert [r["role"] for r in rows] == ["teacher"] + ["student", "floor"] * len(out["final"])
+    assert len(rows) == 1 + 3 * len(out["final"])
+    assert [r["role"] for r in rows] == ["teacher"] + ["student", "inherited", "floor"] * len(out["final"])
     students = [r for r in rows if r["role"] == "student"]
     assert {r["arch"] for r in students} == set(out["final"])
     # A random tiny teacher is no better than an untrained student, so gap closed may be
