@@ -144,7 +144,7 @@ def make_config(args, scale: dict, work: Path) -> KDNASConfig:
 def quick_latency(model, cfg: KDNASConfig) -> float:
     """fp32 latency at the first grid shape with few runs: only to choose hand-picked shapes."""
     lat = cfg.latency.model_copy(update={"backends": ["ort-fp32"], "runs": 8, "reward_backend": "ort-fp32"})
-    b, s = lat.grid[0]
+    b, s = lat.reward_shape
     return profile_model(model, lat).median("ort-fp32", b, s)
 
 
@@ -290,7 +290,7 @@ def evaluate_rows(ws: Workspace, rows: list[Row], int8_of: Row | None, work: Pat
 
 
 def table(rows: list[Row], teacher: Row, cfg: KDNASConfig) -> pd.DataFrame:
-    b, s = cfg.latency.grid[0]
+    b, s = cfg.latency.reward_shape
     shape = f"{b}x{s}"
     t_fp32 = teacher.latency["ort-fp32"][shape]
     out = []
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> Path:
     torch.manual_seed(0)
     cfg = make_config(args, scale, work)
     ws = Workspace.prepare(cfg)
-    b, s = cfg.latency.grid[0]
+    b, s = cfg.latency.reward_shape
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
     phase = {}
 

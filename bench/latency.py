@@ -46,7 +46,7 @@ def main() -> None:
     cfg = load_config(args.config, {"latency.backends": ["ort-fp32", "ort-int8"], "latency.runs": args.runs})
     start = time.perf_counter()
     ws = Workspace.prepare(cfg)
-    b, s = cfg.latency.grid[0]
+    b, s = cfg.latency.reward_shape
     shape = f"{b}x{s}"
     teacher = teacher_latency(ws)
     t32, t8 = teacher.median("ort-fp32", b, s), teacher.median("ort-int8", b, s)

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             "evaluate.task.train_size": args.probe_train, "evaluate.task.test_size": args.test_texts,
             "tracking.enabled": False}), args.config)
         ws = Workspace.prepare(cfg).validate()
-        b, s = cfg.latency.grid[0]
+        b, s = cfg.latency.reward_shape
         teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
         ev = ProxyEvaluator(ws)
         archs = spread_archs(ws, args.archs)

@@ -86,7 +86,7 @@ def real(args) -> str:
 
     cfg = load_config(ROOT / "configs/default.yaml")
     ws = Workspace.prepare(cfg)
-    b, s = cfg.latency.grid[0]
+    b, s = cfg.latency.reward_shape
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
     budgets = budgets_in_ms([parse_budget(x) for x in cfg.reward.budgets], teacher_ms)
     proxy = ProxyEvaluator(ws, progress=False)

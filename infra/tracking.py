@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from kdnas_core.config import KDNASConfig
+from kdnas_core.controller import observation_status
 from kdnas_core.errors import ConfigError, KdnasError
 from kdnas_core.workspace import check_writable
 
@@ -190,7 +191,7 @@ class Tracker:
         arch = obs["arch_dict"]
         tags = [RunTag("mlflow.parentRunId", parent_id), RunTag("kdnas.arch", obs["arch"]),
                 RunTag("kdnas.episode", str(obs["episode"])), RunTag("kdnas.controller", self.cfg.controller.kind),
-                RunTag("kdnas.status", "failed" if obs.get("extra", {}).get("status") == "failed" else "evaluated")]
+                RunTag("kdnas.status", "failed" if observation_status(obs) == "failed" else "evaluated")]
         if obs.get("extra", {}).get("error"):
             tags.append(RunTag("kdnas.error", str(obs["extra"]["error"])[:5000]))
         run = self.client.create_run(self.experiment_id, run_name=obs["arch_id"])
@@ -217,7 +218,7 @@ class Tracker:
                 q = Path(tmp) / "latency.json"
                 q.write_text(json.dumps(latency_report, indent=2))
                 self.upload(rid, q)
-        self.client.set_terminated(rid, "FAILED" if obs.get("extra", {}).get("status") == "failed" else "FINISHED")
+        self.client.set_terminated(rid, "FAILED" if observation_status(obs) == "failed" else "FINISHED")
         return rid
 
     def log_search_results(self, parent_id: str, out_dir: Path) -> None:

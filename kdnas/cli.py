@@ -102,7 +102,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             t_ms = f"{t.median_ms:11.2f}" if t else f"{'-':>11}"
             ratio = f"{t.median_ms / s.median_ms:8.1f}x" if t else f"{'-':>9}"
             print(f"{backend:<10} {shape:>7} {s.median_ms:11.2f} {s.p90_ms:7.2f} {s.cv:5.2f} {t_ms} {ratio}{flag}")
-    b, q = cfg.latency.grid[0]
+    b, q = cfg.latency.reward_shape
     print(f"forward GFLOPs at {b}x{q}: {count_flops(arch, b, q)['total'] / 1e9:.2f}")
     return 0
 

@@ -193,6 +193,11 @@ class LatencyConfig(_Section):
     inter_op_threads: int = Field(default=1, gt=0)
     opset: int = Field(default=17, ge=13, le=21)
 
+    @property
+    def reward_shape(self) -> tuple[int, int]:
+        """The (batch, sequence length) whose latency the reward and the budgets use."""
+        return tuple(self.grid[0])
+
     @model_validator(mode="after")
     def _reward_backend_is_measured(self) -> LatencyConfig:
         if self.reward_backend not in self.backends:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -42,12 +42,13 @@ class Observation:
     episode: int
     context: tuple[str | None, str | None] = (None, None)
     extra: dict = field(default_factory=dict)
+    status: Literal["ok", "failed"] = "ok"
 
     @property
     def failed(self) -> bool:
         """The candidate could not be evaluated (``extra["error"]`` says why): it is kept so the
         controller learns to avoid it, and never recommended."""
-        return self.extra.get("status") == "failed"
+        return self.status == "failed"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -60,7 +61,15 @@ class Observation:
     def from_dict(cls, d: dict) -> Observation:
         d = dict(d)
         d.pop("arch_id", None)
+        d["status"] = observation_status(d)
+        d["extra"] = {k: v for k, v in d.get("extra", {}).items() if k != "status"}
         return cls(arch=StudentArch.from_name(d.pop("arch")), context=tuple(d.pop("context")), **d)
+
+
+def observation_status(d: dict) -> str:
+    """Status of an observation saved as a dict; states written before it had its own field
+    kept it in ``extra``."""
+    return d.get("status") or ("failed" if d.get("extra", {}).get("status") == "failed" else "ok")
 
 
 def best_of(observations: Sequence[Observation]) -> Observation | None:

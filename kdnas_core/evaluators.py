@@ -82,7 +82,7 @@ class ProxyEvaluator:
         self.batches = ws.batches("proxy")
         self.eval_batches = ws.batches("eval")
         self.backend = ws.cfg.latency.reward_backend
-        self.shape = ws.cfg.latency.grid[0]
+        self.shape = ws.cfg.latency.reward_shape
 
     def distill(self, arch: StudentArch) -> dict:
         """Proxy-distil ``arch``; returns the normalised loss L_HS and details (JSON-able)."""

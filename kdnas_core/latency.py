@@ -426,7 +426,7 @@ class LatencyPredictor:
 def predictor_path(cache_root: Path, cfg: LatencyConfig) -> Path:
     """Where this hardware's predictor for the reward's backend and shape lives: a later search
     on the same machine and settings reuses it."""
-    b, s = cfg.grid[0]
+    b, s = cfg.reward_shape
     return Path(cache_root) / "latency" / hardware_key(cfg) / f"predictor-{cfg.reward_backend}-{b}x{s}.json"
 
 

@@ -13,7 +13,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import pandas as pd
 
@@ -32,6 +32,7 @@ class Evaluation:
     kd_loss: float  # normalised hidden-state loss L_HS in [0, 1]
     latency_ms: float
     extra: dict = field(default_factory=dict)
+    status: Literal["ok", "failed"] = "ok"
 
 
     @classmethod
@@ -39,11 +40,11 @@ class Evaluation:
         """A candidate that could not be evaluated (NaN loss, out of memory, export error): the
         worst loss, so its reward is the lowest the controller sees; never recommended."""
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:500]
-        return cls(kd_loss=1.0, latency_ms=0.0, extra={"status": "failed", "error": reason})
+        return cls(kd_loss=1.0, latency_ms=0.0, extra={"error": reason}, status="failed")
 
     @property
     def failed(self) -> bool:
-        return self.extra.get("status") == "failed"
+        return self.status == "failed"
 
 
 # A search aborts (with the last error) after this many failures in a row: then the problem is
@@ -174,17 +175,8 @@ def run_search(
     save = on_state or (lambda s: None)
     end = state.start_episode + cfg.episodes
     while state.episode < end:
-        if not state.pending:
-            history = state.history
-            proposals = controller.propose(history, cfg.candidates_per_episode, rng)
-            if not proposals:
-                break  # the space is exhausted
-            state.pending = [a.name for a in proposals]
-            state.pending_context = context_for(history)
-            predicted = controller.predicted_rewards(history, proposals) if isinstance(controller, PredictsRewards) else None
-            state.pending_predicted = dict(zip(state.pending, predicted)) if predicted else {}
-            state.rng = _rng_to_json(rng.getstate())
-            save(state)
+        if not state.pending and not _propose(controller, state, cfg, rng, save):
+            break  # the space is exhausted
         known = {o.arch.arch_id for o in state.history}
         todo = [a for a in map(StudentArch.from_name, state.pending) if a.arch_id not in known]
         ready = dict(zip([a.arch_id for a in todo], evaluate_batch(todo))) if evaluate_batch and todo else {}
@@ -197,7 +189,8 @@ def run_search(
                 if arch.name in state.pending_predicted:
                     extra["predicted_reward"] = state.pending_predicted[arch.name]
                 value = 0.0 if ev.failed else reward_fn(ev.kd_loss, ev.latency_ms)
-                obs = Observation(arch, ev.kd_loss, ev.latency_ms, value, state.episode, state.pending_context, extra)
+                obs = Observation(arch, ev.kd_loss, ev.latency_ms, value, state.episode, state.pending_context, extra,
+                                  ev.status)
                 state.observations.append(obs)
                 _abort_on_failure_streak(state, min(MAX_CONSECUTIVE_FAILURES, cfg.candidates_per_episode), save)
                 save(state)  # the result is on disk before anything else can go wrong
@@ -216,6 +209,23 @@ def run_search(
         state.rng = _rng_to_json(rng.getstate())
         save(state)
     return summarize(state, budgets_ms)
+
+
+def _propose(controller: Controller, state: SearchState, cfg: SearchConfig, rng: random.Random,
+             save: Callable[[SearchState], None]) -> bool:
+    """Queue the next episode's proposals (saved before any is evaluated, so a resumed search
+    evaluates the same ones); False when the space has nothing new left."""
+    history = state.history
+    proposals = controller.propose(history, cfg.candidates_per_episode, rng)
+    if not proposals:
+        return False
+    state.pending = [a.name for a in proposals]
+    state.pending_context = context_for(history)
+    predicted = controller.predicted_rewards(history, proposals) if isinstance(controller, PredictsRewards) else None
+    state.pending_predicted = dict(zip(state.pending, predicted)) if predicted else {}
+    state.rng = _rng_to_json(rng.getstate())
+    save(state)
+    return True
 
 
 def _evaluate_safely(evaluate: Evaluator, arch: StudentArch) -> Evaluation:

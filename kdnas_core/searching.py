@@ -105,7 +105,7 @@ def update_latency_predictor(cfg: KDNASConfig, observations, hardware: str = "")
     measured = [o for o in observations if o.latency_ms > 0]
     if len(measured) < 3:
         return None
-    b, s = cfg.latency.grid[0]
+    b, s = cfg.latency.reward_shape
     pred = LatencyPredictor.fit([o.arch for o in measured], [o.latency_ms for o in measured], b, s,
                                 cfg.latency.reward_backend, hardware)
     return pred.save(predictor_path(cfg.paths.cache_path(), cfg.latency))
@@ -151,7 +151,7 @@ def search_without_prefect(cfg: KDNASConfig, warm_from: Path | None = None, fres
     ws = (ws or Workspace.prepare(cfg)).validate()
     if warm_from is not None:  # before any work: a state of another teacher is refused at once
         _check_compatible(SearchState.load(warm_from), ws.teacher.fingerprint, cfg, warm_from)
-    b, s = cfg.latency.grid[0]
+    b, s = cfg.latency.reward_shape
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
     folder = search_dir(cfg)
     log = EventLog(folder)

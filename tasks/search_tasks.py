@@ -102,7 +102,7 @@ def prepare_teacher_states(cfg: dict) -> dict:
 @task(name="teacher-latency")
 def teacher_latency_ms(cfg: dict) -> float:
     c = config_from_dict(cfg)
-    b, s = c.latency.grid[0]
+    b, s = c.latency.reward_shape
     return teacher_latency(workspace(c)).median(c.latency.reward_backend, b, s)
 
 
@@ -133,7 +133,7 @@ def _where() -> str:
 def profile_latency(cfg: dict, arch: str) -> dict:
     c = config_from_dict(cfg)
     report = profile_arch(workspace(c), StudentArch.from_name(arch))
-    b, s = c.latency.grid[0]
+    b, s = c.latency.reward_shape
     return {"latency_ms": report.median(c.latency.reward_backend, b, s), "report": report.to_dict()}
 
 

@@ -27,7 +27,7 @@ def start_search_run(cfg: dict, search_key: str, teacher_ms: float, info: dict, 
 def _candidate_record(c: KDNASConfig, obs: dict) -> dict:
     """An observation as its MLflow run shows it: with the architecture's fields and FLOPs."""
     arch = StudentArch.from_name(obs["arch"])
-    b, s = c.latency.grid[0]
+    b, s = c.latency.reward_shape
     return {**obs, "arch_dict": arch.to_dict(), "flops_g": count_flops(arch, b, s)["total"] / 1e9,
             "params_m": obs.get("extra", {}).get("params_m")}
 
