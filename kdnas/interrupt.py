@@ -122,6 +122,11 @@ def _mute() -> None:
     if logging.lastResort is not None:
         logging.lastResort.setLevel(logging.CRITICAL + 1)
     warnings.simplefilter("ignore")
+    # A progress bar being unwound clears its line on close ("\r<spaces>\r"); a disabled bar
+    # writes nothing.
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.disable = True
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
 
