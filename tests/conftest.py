@@ -62,6 +62,16 @@ def tiny_teacher(kind: str, tokenizer, layers: int = 4, hidden: int = 64, seed: 
     return Teacher.from_model(model_cls(config), tokenizer, f"tiny-{kind}")
 
 
+def teacher_folder_and_corpus(root: Path, tokenizer, texts: list[str], n_texts: int) -> Path:
+    """A tiny random BERT teacher saved as a folder and ``n_texts`` real texts as a corpus file
+    under ``root``: what the end-to-end CLI tests search with."""
+    t = tiny_teacher("bert", tokenizer)
+    t.model.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    (root / "corpus.txt").write_text("\n".join(texts[:n_texts]))
+    return root
+
+
 @pytest.fixture(scope="session")
 def bert_teacher(tokenizer):
     return tiny_teacher("bert", tokenizer)

