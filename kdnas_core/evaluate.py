@@ -291,7 +291,10 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     else:
         folds = min(cfg.cv, int(np.bincount(train_y).min()))
         model = LogisticRegressionCV(Cs=cfg.Cs, cv=StratifiedKFold(max(2, folds), shuffle=True, random_state=seed),
-                                     scoring="accuracy", l1_ratios=(0.0,), max_iter=cfg.max_iter, random_state=seed)
+                                     scoring="accuracy", l1_ratios=(0.0,), max_iter=cfg.max_iter, random_state=seed,
+                                     # scikit-learn 1.9 warns on every fit until the new fitted
+                                     # attributes are chosen; only predict() is used here
+                                     use_legacy_attributes=False)
     clf = make_pipeline(StandardScaler(), model)
     import warnings
 
