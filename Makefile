@@ -42,7 +42,7 @@ test: install
 	$(BIN)/python -m pytest -q -m "not reliability"
 
 # kill -9 at every phase of a search (plain loop and Prefect flow), concurrent searches, a 60 s
-# S3 outage, an MLflow server stopped mid-search (~12 minutes).
+# S3 outage, an MLflow server stopped mid-search, Ctrl-C during a search (~11 minutes).
 test-reliability: install
 	$(BIN)/python -m pytest -q -m reliability tests/reliability
 
