@@ -8,29 +8,15 @@ import json
 import os
 from pathlib import Path
 
-
 from kdnas_core.atomic import write_json
-from kdnas_core.keys import key
 from kdnas_core.config import LatencyConfig
-from kdnas_core.distill import (
-    distill,
-)
-from kdnas_core.latency import (
-    LatencyReport,
-    hardware_key,
-    profile_model,
-)
+from kdnas_core.distill import distill
+from kdnas_core.keys import key
+from kdnas_core.latency import LatencyReport, hardware_key, profile_model
 from kdnas_core.reward import normalised_loss
-from kdnas_core.search import (
-    BatchEvaluator,
-    Evaluation,
-    Evaluator,
-)
+from kdnas_core.search import BatchEvaluator, Evaluation, Evaluator
 from kdnas_core.search_space import StudentArch
-from kdnas_core.student import (
-    TRAINING_BYTES_PER_PARAM,
-    count_parameters,
-)
+from kdnas_core.student import TRAINING_BYTES_PER_PARAM, count_parameters
 from kdnas_core.workspace import Workspace
 
 

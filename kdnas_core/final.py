@@ -11,10 +11,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from kdnas_core.config import KDNASConfig, LatencyConfig
-from kdnas_core.errors import ArchError, KdnasError
 from kdnas_core.checkpoint import remove_checkpoint
+from kdnas_core.config import KDNASConfig, LatencyConfig
 from kdnas_core.distill import DataParallel, distill
+from kdnas_core.errors import ArchError, KdnasError
+from kdnas_core.evaluators import EventLog
 from kdnas_core.keys import key
 from kdnas_core.latency import export_onnx, quantize_onnx
 from kdnas_core.search_space import StudentArch
@@ -26,10 +27,10 @@ from kdnas_core.student import (
     count_parameters,
     load_student,
     save_student,
+    saved_meta,
     verify_student,
 )
 from kdnas_core.workspace import Workspace
-from kdnas_core.evaluators import EventLog
 
 
 def checkpoint_path(cfg: KDNASConfig, out_dir: Path, split: str, max_steps: int | None) -> Path:
@@ -97,7 +98,6 @@ def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: Event
     if interrupted, distilled otherwise (the plain loop and the flow's task share this)."""
     log = log or (lambda *a, **k: None)
     folder = cfg.paths.output_path() / "students" / arch.arch_id
-    meta_file = folder / "kdnas_arch.json"
     meta = saved_student_meta(folder, log)
     if meta.get("config_hash") == key("final", cfg) and meta.get("split") == "train":
         log("final-reused", arch)
@@ -108,7 +108,7 @@ def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: Event
     if cfg.distill.world_size > 1:
         ws.distill_inputs("train", cfg.distill.final, arch.layers, progress)  # built once; the processes read them
         launch_torchrun(cfg, arch, folder)
-        meta = json.loads(meta_file.read_text())
+        meta = saved_meta(folder)
         summary = {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder),
                    "world_size": meta["world_size"]}
     else:
@@ -125,7 +125,7 @@ def saved_student_meta(folder: Path, log=None) -> dict:
         return {}
     try:
         verify_student(folder)
-        return json.loads((folder / "kdnas_arch.json").read_text())
+        return saved_meta(folder)
     except DamagedStudent as err:
         warnings.warn(f"{err}; distilling it again")
         if log:

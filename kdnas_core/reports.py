@@ -8,10 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdnas_core.atomic import write_text
-from kdnas_core.search import (
-    SUMMARY_COLUMNS,
-    SearchResult,
-)
+from kdnas_core.search import SUMMARY_COLUMNS, SearchResult
 
 
 def write_search_tables(result: SearchResult, out: Path, teacher_ms: float) -> None:

@@ -6,16 +6,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-
 from kdnas_core.config import KDNASConfig
-from kdnas_core.errors import KdnasError
 from kdnas_core.controller import FiltersProposals, make_controller
-from kdnas_core.keys import key
-from kdnas_core.lock import exclusive
-from kdnas_core.latency import (
-    LatencyPredictor,
-    predictor_path,
+from kdnas_core.errors import KdnasError
+from kdnas_core.evaluators import (
+    EventLog,
+    ProxyEvaluator,
+    RecordedEvaluator,
+    teacher_latency,
 )
+from kdnas_core.keys import key
+from kdnas_core.latency import LatencyPredictor, predictor_path
+from kdnas_core.lock import exclusive
+from kdnas_core.reports import write_search_tables
 from kdnas_core.reward import budgeted_reward, parse_budget, reward
 from kdnas_core.search import (
     BatchEvaluator,
@@ -27,8 +30,6 @@ from kdnas_core.search import (
 )
 from kdnas_core.search_space import SearchSpace
 from kdnas_core.workspace import Workspace
-from kdnas_core.evaluators import EventLog, RecordedEvaluator, ProxyEvaluator, teacher_latency
-from kdnas_core.reports import write_search_tables
 
 
 def search_dir(cfg: KDNASConfig) -> Path:

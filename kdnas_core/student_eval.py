@@ -8,13 +8,9 @@ import pandas as pd
 
 from kdnas_core.atomic import write_text
 from kdnas_core.evaluate import compare
-from kdnas_core.student import (
-    build_student,
-    saved_meta,
-    load_student,
-)
-from kdnas_core.workspace import Workspace
 from kdnas_core.reports import markdown_table
+from kdnas_core.student import build_student, load_student, saved_meta
+from kdnas_core.workspace import Workspace
 
 
 def evaluate_students(ws: Workspace, student_dirs: list[str | Path], progress: bool = True) -> pd.DataFrame:

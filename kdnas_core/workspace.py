@@ -16,8 +16,14 @@ from torch import nn
 
 from kdnas_core.atomic import write_json
 from kdnas_core.config import KDNASConfig, TrainBudget
-from kdnas_core.errors import ArchError, ConfigError, DataError
-from kdnas_core.data import Batch, Splits, TokenizedTexts, length_bucketed_batches, load_splits, tokenize
+from kdnas_core.data import (
+    Batch,
+    Splits,
+    TokenizedTexts,
+    length_bucketed_batches,
+    load_splits,
+    tokenize,
+)
 from kdnas_core.distill import (
     CachedTeacherStates,
     SharedStates,
@@ -25,6 +31,7 @@ from kdnas_core.distill import (
     make_teacher_states,
     teacher_layers_needed,
 )
+from kdnas_core.errors import ArchError, ConfigError, DataError
 from kdnas_core.evaluate import LabelledTask, ModelEval, evaluate_model, load_task
 from kdnas_core.inherit import (
     IMPORTANCE_VERSION,
