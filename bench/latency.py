@@ -24,12 +24,13 @@ import random  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from common import publish  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from kdnas_core.config import load_config  # noqa: E402
+from kdnas_core.evaluators import profile_arch, teacher_latency  # noqa: E402
 from kdnas_core.latency import LatencyPredictor, params_baseline, predictor_error  # noqa: E402
-from kdnas_core.workspace import Workspace, profile_arch, teacher_latency  # noqa: E402
-from common import publish  # noqa: E402
+from kdnas_core.workspace import Workspace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kdnas_core.config import apply_overrides, config_from_dict  # noqa: E402
-from kdnas_core.evaluators import ProxyEvaluator, profile_arch, teacher_latency  # noqa: E402
+from kdnas_core.evaluators import ProxyEvaluator, latency_profile, teacher_latency  # noqa: E402
 from kdnas_core.final import final_student  # noqa: E402
 from kdnas_core.latency import count_params  # noqa: E402
 from kdnas_core.reports import markdown_table  # noqa: E402
@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> None:
         archs = spread_archs(ws, args.archs)
         for arch in archs:
             proxy = ev.distill(arch)
-            latency = profile_arch(ws, arch).median(cfg.latency.reward_backend, b, s)
+            latency = latency_profile(ws, arch).latency_ms
             final = final_student(cfg, ws, arch)
             t = ws.teacher.config
-            rows.append({"init": init, "arch": arch.name, "path": final["path"],
+            rows.append({"init": init, "arch": arch.name, "path": final.path,
                          "params_m": count_params(arch, t.vocab_size, t.max_position_embeddings)["encoder"] / 1e6,
-                         "proxy_L_HS": proxy["kd_loss"], "latency_ms": latency,
-                         "reward": reward(proxy["kd_loss"], latency, teacher_ms, cfg.reward.alpha, cfg.reward.beta),
-                         "final_L_HS": final["result"]["final_eval_loss"]})
+                         "proxy_L_HS": proxy.kd_loss, "latency_ms": latency,
+                         "reward": reward(proxy.kd_loss, latency, teacher_ms, cfg.reward.alpha, cfg.reward.beta),
+                         "final_L_HS": final.result["final_eval_loss"]})
         table = evaluate_students(ws, [r["path"] for r in rows if r["init"] == init])
         students = table[table["role"] == "student"].set_index("arch")
         for r in rows:

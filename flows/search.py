@@ -13,20 +13,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
-from kdnas_core.config import KDNASConfig, config_from_parameters
-from kdnas_core.evaluators import EventLog, RecordedEvaluator
-from kdnas_core.reports import markdown_table
-from kdnas_core.search import SUMMARY_COLUMNS, Evaluation
-from kdnas_core.search_space import StudentArch
-from kdnas_core.searching import search_dir, search_in_folder
 from infra.dask_runner import dask_cluster, task_runner
 from infra.dask_runner import resources as dask_resources
 from infra.preflight import check_services
-from tasks.tracking_tasks import close_search_run, open_search_run, track_candidate
+from kdnas_core.config import KDNASConfig, config_from_parameters
+from kdnas_core.evaluators import EventLog, RecordedEvaluator
+from kdnas_core.search import Evaluation
+from kdnas_core.search_space import StudentArch
+from kdnas_core.searching import search_dir, search_in_folder
 from tasks.search_tasks import (
     evaluate_students_task,
     evaluation_from,
@@ -35,9 +31,11 @@ from tasks.search_tasks import (
     prepare_teacher_states,
     profile_latency,
     proxy_distill,
+    publish_search_tables,
     teacher_latency_ms,
     workspace,
 )
+from tasks.tracking_tasks import close_search_run, open_search_run, track_candidate
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -91,6 +89,15 @@ def final_distill_flow(cfg: dict, arch: str) -> dict:
     return {**student, **exported}
 
 
+@flow(name="final-students", log_prints=True)
+def final_students_flow(cfg: dict, recommendations: list[dict], out: str, evaluate: bool) -> tuple[dict, dict | None]:
+    """Each recommended architecture distilled once (a student can win several budgets), then
+    the students evaluated downstream together."""
+    finals = {arch: final_distill_flow(cfg, arch) for arch in dict.fromkeys(r["arch"] for r in recommendations if r["arch"])}
+    evaluation = evaluate_students_task(cfg, [f["path"] for f in finals.values()], out) if finals and evaluate else None
+    return finals, evaluation
+
+
 def evaluate_episode(c: dict, cfg: KDNASConfig, archs: list[StudentArch], dask_address: str | None,
                      side: dict[str, dict]) -> list[Evaluation]:
     """One episode's candidates: latency and proxy distillation as tasks, in waves on this
@@ -114,6 +121,15 @@ def evaluate_episode(c: dict, cfg: KDNASConfig, archs: list[StudentArch], dask_a
             side[a.arch_id] = {"report": latency["report"], "curve": proxy.get("loss_curve")}
         out.append(ev)
     return out
+
+
+def observed(c: dict, parent: str | None, side: dict[str, dict], o) -> None:
+    """Each candidate the search records: logged, and tracked as a child run of ``parent``."""
+    get_run_logger().info("episode %d: %s reward %.4f L_HS %.4f %.2f ms", o.episode, o.arch.name, o.reward,
+                          o.kd_loss, o.latency_ms)
+    if parent:
+        extra = side.get(o.arch.arch_id, {})
+        track_candidate(c, parent, o.to_dict(), extra.get("report"), extra.get("curve"))
 
 
 @flow(name="kdnas", log_prints=True, validate_parameters=True)
@@ -145,13 +161,8 @@ def kdnas(
     out = search_dir(cfg)
     info = {"splits_fingerprint": workspace(cfg).splits.fingerprint, **prep}
     parent = open_search_run(c, out, teacher_ms, info) if cfg.tracking.enabled else None
-    side: dict[str, dict] = {}
-
-    def on_observation(o) -> None:
-        logger.info("episode %d: %s reward %.4f L_HS %.4f %.2f ms", o.episode, o.arch.name, o.reward, o.kd_loss, o.latency_ms)
-        if parent:
-            extra = side.get(o.arch.arch_id, {})
-            track_candidate(c, parent, o.to_dict(), extra.get("report"), extra.get("curve"))
+    side: dict[str, dict] = {}  # filled by evaluate_episode, read by observed
+    on_observation = partial(observed, c, parent, side)
 
     with dask_cluster(cfg.runner) as dask_address:
         if dask_address:
@@ -162,21 +173,9 @@ def kdnas(
                                            out, EventLog(out))
         result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=recorded, research=research,
                                   on_observation=on_observation, teacher=workspace(cfg).teacher.fingerprint)
-    create_markdown_artifact(markdown_table(result.leaderboard[SUMMARY_COLUMNS]), key="kdnas-leaderboard",
-                             description=f"KD-NAS leaderboard ({cfg.teacher.name}, {teacher_ms:.2f} ms)")
+    publish_search_tables(result, cfg.teacher.name, teacher_ms)
     recs = result.recommendations
-    create_markdown_artifact(markdown_table(pd.DataFrame(recs).drop(columns=["arch_id"])),
-                             key="kdnas-recommendations", description="best student per latency budget")
-
-    finals: dict[str, dict] = {}
-    evaluation: dict | None = None
-    if final:
-        for arch in dict.fromkeys(r["arch"] for r in recs if r["arch"]):
-            finals[arch] = final_distill_flow(c, arch)
-        if finals and cfg.evaluate.enabled:
-            evaluation = evaluate_students_task(c, [f["path"] for f in finals.values()], str(out))
-            create_markdown_artifact(Path(evaluation["md"]).read_text(), key="kdnas-evaluation",
-                                     description="downstream quality of the final students")
+    finals, evaluation = final_students_flow(c, recs, str(out), cfg.evaluate.enabled) if final else ({}, None)
     spool = close_search_run(c, parent, out, finals, recs, (evaluation or {}).get("metrics", {})) if parent else None
     return {
         "tracking_run_id": parent,

@@ -60,27 +60,27 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _parse_set(args.set))
     summary = distill_student(cfg, args.arch, split=args.split, out_dir=args.out, max_steps=args.steps)
-    r = summary["result"]
-    print(f"student   {summary['arch']} (arch_id {summary['arch_id']}, {summary['params'] / 1e6:.1f} M params)")
-    print(f"teacher   {summary['teacher']} ({summary['teacher_params'] / 1e6:.1f} M params)")
-    print(f"data      {summary['n_texts']} {args.split} texts, {r['steps']} steps, {r['tokens_per_s']:.0f} tokens/s")
+    r = summary.result
+    print(f"student   {summary.arch} (arch_id {summary.arch_id}, {summary.params / 1e6:.1f} M params)")
+    print(f"teacher   {summary.teacher} ({summary.teacher_params / 1e6:.1f} M params)")
+    print(f"data      {summary.n_texts} {args.split} texts, {r['steps']} steps, {r['tokens_per_s']:.0f} tokens/s")
     if r["initial_eval_loss"] is not None:
         ratio = r["final_eval_loss"] / r["initial_eval_loss"]
         print(f"KD loss   held-out {r['initial_eval_loss']:.4f} -> {r['final_eval_loss']:.4f} (x{ratio:.2f})")
         parts = ", ".join(f"{k} {v:.4f}" for k, v in r["eval_parts"].items())
         print(f"          after: {parts}")
-    print(f"saved     {summary['path']}")
+    print(f"saved     {summary.path}")
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(summary.to_dict(), indent=2, default=str))
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from kdnas_core.config import load_config
-    from kdnas_core.latency import count_flops, count_params
     from kdnas_core.evaluators import profile_arch, teacher_latency
-    from kdnas_core.workspace import Workspace
+    from kdnas_core.latency import count_flops, count_params
     from kdnas_core.search_space import StudentArch
+    from kdnas_core.workspace import Workspace
 
     cfg = load_config(args.config, _parse_set(args.set))
     backends = list(dict.fromkeys(cfg.latency.backends + ["ort-fp32", "ort-int8", "torch"]))
@@ -147,16 +147,16 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"  {r['budget']:>8} (<= {r['budget_ms']:.2f} ms): none: {r['reason']}")
     if not args.no_final:
         from kdnas_core.evaluators import EventLog
-        from kdnas_core.final import export_student, final_student
+        from kdnas_core.final import final_student
         from kdnas_core.student_eval import evaluate_students, write_evaluation
 
         finals = {}
         for name in dict.fromkeys(r["arch"] for r in result.recommendations if r["arch"]):
-            final = final_student(cfg, ws, StudentArch.from_name(name), EventLog(out))
-            finals[name] = {**final, **export_student(final["path"], cfg.latency)}
-            print(f"final student {name}: {final['path']} (ONNX: {finals[name]['onnx']}, int8: {finals[name]['onnx_int8']})")
+            final = final_student(cfg, ws, StudentArch.from_name(name), EventLog(out)).exported(cfg.latency)
+            finals[name] = final
+            print(f"final student {name}: {final.path} (ONNX: {final.onnx}, int8: {final.onnx_int8})")
         if finals and cfg.evaluate.enabled:
-            files = write_evaluation(evaluate_students(ws, [f["path"] for f in finals.values()]), out)
+            files = write_evaluation(evaluate_students(ws, [f.path for f in finals.values()]), out)
             print((out / "evaluation.md").read_text())
             print(f"evaluation: {files['md']}")
     print(f"\nstate and tables: {out}")
@@ -225,10 +225,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Downstream table of saved students against the configured teacher and task."""
     from kdnas_core.config import load_config
     from kdnas_core.reports import markdown_table
-    from kdnas_core.student_eval import EVAL_COLUMNS, evaluate_students, write_evaluation
-    from kdnas_core.workspace import Workspace, check_writable
-
     from kdnas_core.student import verify_student
+    from kdnas_core.student_eval import (
+        EVAL_COLUMNS,
+        evaluate_students,
+        write_evaluation,
+    )
+    from kdnas_core.workspace import Workspace, check_writable
 
     cfg = load_config(args.config, _parse_set(args.set))
     # Arguments first: a mistyped path must not cost the teacher's evaluation.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from kdnas_core.atomic import write_json
@@ -55,6 +56,52 @@ def profile_arch(ws: Workspace, arch: StudentArch, cfg: LatencyConfig | None = N
     return report
 
 
+@dataclass(frozen=True)
+class LatencyProfile:
+    """A candidate's latency: the reward's number and the full report it was read from."""
+
+    latency_ms: float  # median at latency.reward_shape on latency.reward_backend
+    report: LatencyReport
+
+    def to_dict(self) -> dict:
+        return {"latency_ms": self.latency_ms, "report": self.report.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyProfile:
+        return cls(d["latency_ms"], LatencyReport.from_dict(d["report"]))
+
+
+def latency_profile(ws: Workspace, arch: StudentArch) -> LatencyProfile:
+    """``arch``'s latency as the reward reads it (cached, see ``profile_arch``)."""
+    report = profile_arch(ws, arch)
+    return LatencyProfile(report.median(ws.cfg.latency.reward_backend, *ws.cfg.latency.reward_shape), report)
+
+
+@dataclass(frozen=True)
+class ProxyResult:
+    """A candidate's proxy distillation."""
+
+    kd_loss: float  # normalised hidden-state loss L_HS in [0, 1], the reward's quality term
+    final_eval_loss: float
+    pooled_cosine: float | None
+    params_m: float
+    steps: int
+    distill_s: float
+    loss_curve: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProxyResult:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def evaluation(self, latency_ms: float, **extra) -> Evaluation:
+        """What the search records: the loss curve goes to tracking, not into the state."""
+        details = {k: v for k, v in self.to_dict().items() if k not in ("kd_loss", "loss_curve")}
+        return Evaluation(self.kd_loss, latency_ms, {**details, **extra})
+
+
 class ProxyEvaluator:
     """The real KD-NAS evaluator: distil a candidate on the proxy split (teacher states from the
     cache, built once for every depth in the space) and measure its latency."""
@@ -67,11 +114,9 @@ class ProxyEvaluator:
         self.eval_states = ws.eval_states(layers, progress)
         self.batches = ws.batches("proxy")
         self.eval_batches = ws.batches("eval")
-        self.backend = ws.cfg.latency.reward_backend
-        self.shape = ws.cfg.latency.reward_shape
 
-    def distill(self, arch: StudentArch) -> dict:
-        """Proxy-distil ``arch``; returns the normalised loss L_HS and details (JSON-able)."""
+    def distill(self, arch: StudentArch) -> ProxyResult:
+        """Proxy-distil ``arch`` from its start (teacher slice or random) on the proxy split."""
         cfg = self.ws.cfg
         self.ws.space.validate(arch)
         start = self.ws.start_student(arch, TRAINING_BYTES_PER_PARAM, cfg.distill.dropout)
@@ -82,17 +127,14 @@ class ProxyEvaluator:
             init_heads=start.init_heads,
         )
         hidden = r.eval_parts.get("hidden_mse", r.final_eval_loss)
-        return {"kd_loss": normalised_loss(hidden), "final_eval_loss": r.final_eval_loss,
-                "pooled_cosine": r.eval_parts.get("pooled_cosine"), "params_m": count_parameters(student) / 1e6,
-                "steps": r.steps, "distill_s": round(r.seconds, 1), "loss_curve": r.loss_curve}
+        return ProxyResult(normalised_loss(hidden), r.final_eval_loss, r.eval_parts.get("pooled_cosine"),
+                           count_parameters(student) / 1e6, r.steps, round(r.seconds, 1), r.loss_curve)
 
     def __call__(self, arch: StudentArch) -> Evaluation:
         self.on_event("proxy-distill", arch)
-        d = self.distill(arch)
-        d.pop("loss_curve")
+        proxy = self.distill(arch)
         self.on_event("profile-latency", arch)
-        latency = profile_arch(self.ws, arch).median(self.backend, *self.shape)
-        return Evaluation(kd_loss=d.pop("kd_loss"), latency_ms=latency, extra=d)
+        return proxy.evaluation(latency_profile(self.ws, arch).latency_ms)
 
 
 class EventLog:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kdnas_core.checkpoint import remove_checkpoint
@@ -33,6 +34,30 @@ from kdnas_core.student import (
 from kdnas_core.workspace import Workspace
 
 
+@dataclass(frozen=True)
+class FinalStudent:
+    """A distilled student saved in ``path``; ``onnx``/``onnx_int8`` once exported."""
+
+    arch: str
+    arch_id: str
+    path: str
+    result: dict  # the DistillResult of its distillation, as saved in kdnas_arch.json
+    world_size: int = 1
+    teacher: str | None = None
+    params: int | None = None
+    teacher_params: int | None = None
+    n_texts: int | None = None
+    onnx: str | None = None
+    onnx_int8: str | None = None
+
+    def exported(self, latency: LatencyConfig) -> FinalStudent:
+        files = export_student(self.path, latency)
+        return replace(self, onnx=files["onnx"], onnx_int8=files["onnx_int8"])
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 def checkpoint_path(cfg: KDNASConfig, out_dir: Path, split: str, max_steps: int | None) -> Path:
     """Next to the student folder, keyed by config: a rerun of the same job resumes from it."""
     return out_dir.with_name(f".{out_dir.name}-{split}-{key('checkpoint', cfg)}-{max_steps or 0}.ckpt")
@@ -46,8 +71,9 @@ def distill_student(
     max_steps: int | None = None,
     ws: Workspace | None = None,
     progress: bool = True,
-) -> dict:
-    """Distil one architecture on ``split`` and save it; returns a JSON-able summary."""
+) -> FinalStudent:
+    """Distil one architecture on ``split`` and save it (the one entry point of a distillation
+    that is kept: ``kdnas distill``, final students, each torchrun process)."""
     ws = ws or Workspace.prepare(cfg).validate()
     arch = StudentArch.from_name(arch) if isinstance(arch, str) else arch
     ws.space.validate(arch)
@@ -80,20 +106,12 @@ def distill_student(
     if parallel is None or parallel.main:  # every process holds the same weights: one saves
         path = save_student(student, ws.teacher.tokenizer, arch, out_dir, meta)
         remove_checkpoint(ckpt)
-    return {
-        "arch": arch.name,
-        "arch_id": arch.arch_id,
-        "params": count_parameters(student),
-        "teacher": cfg.teacher.name,
-        "teacher_params": count_parameters(ws.teacher.model),
-        "n_texts": len(ws.splits.get(split)),
-        "result": result.to_dict(),
-        "path": str(path),
-    }
+    return FinalStudent(arch.name, arch.arch_id, str(path), result.to_dict(), meta["world_size"],
+                        cfg.teacher.name, count_parameters(student), count_parameters(ws.teacher.model), len(ws.splits.get(split)))
 
 
 def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: EventLog | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True) -> FinalStudent:
     """One final student: kept if already saved for this config, resumed from its checkpoint
     if interrupted, distilled otherwise (the plain loop and the flow's task share this)."""
     log = log or (lambda *a, **k: None)
@@ -103,14 +121,13 @@ def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: Event
         log("final-reused", arch)
         # killed after saving the student but before removing its checkpoint: tidy up
         remove_checkpoint(checkpoint_path(cfg, folder, "train", cfg.distill.final.max_steps))
-        return {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder)}
+        return FinalStudent(arch.name, arch.arch_id, str(folder), meta["result"], meta.get("world_size", 1))
     log("final-start", arch, world_size=cfg.distill.world_size)
     if cfg.distill.world_size > 1:
         ws.distill_inputs("train", cfg.distill.final, arch.layers, progress)  # built once; the processes read them
         launch_torchrun(cfg, arch, folder)
         meta = saved_meta(folder)
-        summary = {"arch": arch.name, "arch_id": arch.arch_id, "result": meta["result"], "path": str(folder),
-                   "world_size": meta["world_size"]}
+        summary = FinalStudent(arch.name, arch.arch_id, str(folder), meta["result"], meta["world_size"])
     else:
         summary = distill_student(cfg, arch, split="train", out_dir=folder, ws=ws, progress=progress)
     log("final-done", arch)

@@ -17,17 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from kdnas_core.config import KDNASConfig, config_from_dict
-from kdnas_core.evaluators import EventLog, ProxyEvaluator, profile_arch, teacher_latency
+from kdnas_core.evaluators import (
+    EventLog,
+    LatencyProfile,
+    ProxyEvaluator,
+    ProxyResult,
+    latency_profile,
+    teacher_latency,
+)
 from kdnas_core.final import export_student, final_student
 from kdnas_core.keys import KEYS, key
 from kdnas_core.search import Evaluation
+from kdnas_core.search_space import StudentArch
 from kdnas_core.searching import search_dir
 from kdnas_core.student_eval import evaluate_students, write_evaluation
 from kdnas_core.workspace import Workspace
-from kdnas_core.search_space import StudentArch
 
 _LOCK = threading.Lock()
 _WORKSPACES: dict[str, Workspace] = {}
@@ -77,8 +85,7 @@ def evaluation_from(latency: dict | BaseException, proxy: dict | BaseException) 
     err = next((x for x in (proxy, latency) if isinstance(x, BaseException)), None)
     if err is not None:
         return Evaluation.failure(err)
-    extra = {k: v for k, v in proxy.items() if k not in ("kd_loss", "loss_curve")}
-    return Evaluation(proxy["kd_loss"], latency["latency_ms"], extra)
+    return ProxyResult.from_dict(proxy).evaluation(LatencyProfile.from_dict(latency).latency_ms, worker=proxy["worker"])
 
 
 def _arch_run_name(prefix: str):
@@ -115,7 +122,7 @@ def proxy_distill(cfg: dict, arch: str) -> dict:
         import torch
 
         torch.set_num_threads(c.runner.torch_threads)  # Dask's nanny pins workers to 1 thread
-    return {**evaluator(c).distill(StudentArch.from_name(arch)), "worker": where}
+    return {**evaluator(c).distill(StudentArch.from_name(arch)).to_dict(), "worker": where}
 
 
 def _where() -> str:
@@ -132,9 +139,7 @@ def _where() -> str:
       result_serializer="json", task_run_name=_arch_run_name("profile-latency"))
 def profile_latency(cfg: dict, arch: str) -> dict:
     c = config_from_dict(cfg)
-    report = profile_arch(workspace(c), StudentArch.from_name(arch))
-    b, s = c.latency.reward_shape
-    return {"latency_ms": report.median(c.latency.reward_backend, b, s), "report": report.to_dict()}
+    return latency_profile(workspace(c), StudentArch.from_name(arch)).to_dict()
 
 
 @task(name="final-distill", cache_policy=NO_CACHE, persist_result=True,
@@ -143,13 +148,26 @@ def final_distill(cfg: dict, arch: str) -> dict:
     # Not cached by Prefect: final_student reuses a saved student itself, after checking it
     # against its sha256 manifest (a cached task result would hand out a damaged one).
     c = config_from_dict(cfg)
-    return final_student(c, workspace(c), StudentArch.from_name(arch), EventLog(search_dir(c)), progress=False)
+    return final_student(c, workspace(c), StudentArch.from_name(arch), EventLog(search_dir(c)), progress=False).to_dict()
 
 
 @task(name="export-onnx", task_run_name=_arch_run_name("export-onnx"))
 def export_onnx_task(cfg: dict, arch: str, student_path: str) -> dict:
     c = config_from_dict(cfg)
     return export_student(student_path, c.latency)
+
+
+def publish_search_tables(result, teacher: str, teacher_ms: float) -> None:
+    """The leaderboard and the recommendations as Prefect artifacts (shown in Prefect's UI)."""
+    import pandas as pd
+
+    from kdnas_core.reports import markdown_table
+    from kdnas_core.search import SUMMARY_COLUMNS
+
+    create_markdown_artifact(markdown_table(result.leaderboard[SUMMARY_COLUMNS]), key="kdnas-leaderboard",
+                             description=f"KD-NAS leaderboard ({teacher}, {teacher_ms:.2f} ms)")
+    create_markdown_artifact(markdown_table(pd.DataFrame(result.recommendations).drop(columns=["arch_id"])),
+                             key="kdnas-recommendations", description="best student per latency budget")
 
 
 @task(name="evaluate-students")
@@ -159,6 +177,8 @@ def evaluate_students_task(cfg: dict, student_dirs: list[str], out_dir: str) -> 
     c = config_from_dict(cfg)
     table = evaluate_students(workspace(c), student_dirs, progress=False)
     files = write_evaluation(table, Path(out_dir))
+    create_markdown_artifact(Path(files["md"]).read_text(), key="kdnas-evaluation",
+                             description="downstream quality of the final students")
     # via JSON: NaN becomes None, numpy scalars become plain numbers
     rows = json.loads(table.to_json(orient="records"))
     # Each student's own row (not its floor's) as MLflow metrics.

