@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -157,6 +158,12 @@ def example_inputs(model: nn.Module, batch: int, seq: int, seed: int = 0) -> tup
     return ids, torch.ones(batch, seq, dtype=torch.long)
 
 
+# torch.onnx's TorchScript exporter keeps global state (GLOBALS.in_onnx_export), and
+# warnings.catch_warnings is process-wide: two exports on two threads (search.max_parallel > 1)
+# crashed each other, so exports in one process take turns.
+_EXPORT_LOCK = threading.Lock()
+
+
 def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
     """Export with dynamic batch and sequence axes; written next to ``path`` and renamed."""
     path = Path(path)
@@ -168,7 +175,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
     try:
         # The tracer warns about shape-dependent Python branches in transformers' masking code;
         # they are benign here (tests check outputs at other batch sizes and lengths).
-        with torch.no_grad(), warnings.catch_warnings():
+        with _EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 _EncoderForExport(model), (ids, mask), str(tmp),

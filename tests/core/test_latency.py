@@ -76,6 +76,18 @@ def test_onnx_export_matches_pytorch(kind, tokenizer, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_exports_on_two_threads_at_once_both_succeed(bert_teacher, tmp_path):
+    """search.max_parallel > 1 profiles candidates on worker threads; torch's exporter has global
+    state, and two overlapping exports used to fail with an error about GLOBALS.in_onnx_export."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [build_student(StudentArch(2, 32, 4, 64), bert_teacher) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda im: export_onnx(im[1], tmp_path / f"m{im[0]}.onnx"), enumerate(models)))
+    for path in paths:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 def test_profile_reports_every_backend_and_shape(bert_teacher, tmp_path):
     report = profile_model(build_student(StudentArch(2, 32, 4, 64), bert_teacher), QUICK, tmp_path)
     assert set(report.results) == {"ort-fp32", "ort-int8", "torch"}
