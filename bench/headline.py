@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.distill import distill  # noqa: E402
-from kdnas_core.evaluate import ModelEval, compare, embed_onnx, evaluate_model, linear_probe  # noqa: E402
+from kdnas_core.evaluate import ModelEval, compare, embed_onnx, evaluate_encoder, evaluate_model  # noqa: E402
+from kdnas_core.student_eval import PRIMARY, describe_tasks  # noqa: E402
 from kdnas_core.latency import export_onnx, profile_model, quantize_onnx  # noqa: E402
 from kdnas_core.evaluators import ProxyEvaluator, teacher_latency  # noqa: E402
 from kdnas_core.reports import markdown_table  # noqa: E402
@@ -62,12 +63,13 @@ from kdnas_core.config import TeacherConfig  # noqa: E402
 VARIANTS = {
     "full": dict(config="configs/benchmark.yaml", train_texts=4000, final_epochs=2, proxy_texts=500,
                  proxy_epochs=2, episodes=3, candidates=4, probe_train=3000, test_texts=5000,
-                 budgets=["0.1x", "0.2x"], runs=20),
+                 pairs=2000, budgets=["0.1x", "0.2x"], runs=20),
     "small": dict(config="configs/default.yaml", train_texts=4000, final_epochs=2, proxy_texts=256,
                   proxy_epochs=2, episodes=3, candidates=4, probe_train=3000, test_texts=5000,
-                  budgets=["0.25x", "0.5x"], runs=20),
+                  pairs=2000, budgets=["0.25x", "0.5x"], runs=20),
     "smoke": dict(config=None, train_texts=160, final_epochs=1, proxy_texts=48, proxy_epochs=1,
-                  episodes=2, candidates=2, probe_train=200, test_texts=150, budgets=["0.9x", "1000ms"], runs=3),
+                  episodes=2, candidates=2, probe_train=200, test_texts=150, pairs=150, budgets=["0.9x", "1000ms"],
+                  runs=3),
 }
 
 
@@ -132,8 +134,12 @@ def make_config(args, scale: dict, work: Path) -> KDNASConfig:
         "latency.backends": ["ort-fp32", "ort-int8"],
         "latency.runs": scale["runs"],
         "reward.budgets": scale["budgets"],
-        "evaluate.task.test_size": scale["test_texts"],
-        "evaluate.task.train_size": scale["probe_train"],
+        # The default task list (classification, retrieval, clustering) at this scale's sizes.
+        "evaluate.tasks": [
+            {"test_size": scale["test_texts"], "train_size": scale["probe_train"]},
+            {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase", "test_size": scale["pairs"]},
+            {"kind": "clustering", "source": "packaged", "path": "chatterbot-topics", "test_size": scale["pairs"]},
+        ],
         "tracking.enabled": False,
     }
     if args.cache_dir:
@@ -270,18 +276,17 @@ def evaluate_rows(ws: Workspace, rows: list[Row], int8_of: Row | None, work: Pat
             r.eval = ws.teacher_eval
         else:
             tok = r.tokenizer or ws.teacher.tokenizer
-            r.eval = evaluate_model(r.model, tok, r.name, ws.task, e, max_len, cache, seed, progress=True)
+            r.eval = evaluate_model(r.model, tok, r.name, ws.tasks, ws.fidelity_texts, e, max_len, cache, seed,
+                                    progress=True)
     if int8_of is not None:
         # The int8 ONNX file a user deploys, scored on what it outputs.
         folder = work / "onnx" / _slug(int8_of.name)
         fp32 = export_onnx(int8_of.model, folder / "model.onnx", ws.cfg.latency.opset)
         int8 = quantize_onnx(fp32, folder / "model.int8.onnx")
-        tok, task = ws.teacher.tokenizer, ws.task
-        tr = embed_onnx(int8, tok, task.train_texts, max_len, e.batch_size)
-        te = embed_onnx(int8, tok, task.test_texts, max_len, e.batch_size)
-        probe = linear_probe(tr, task.train_labels, te, task.test_labels, task.n_classes, e.probe, seed)
+        tok = ws.teacher.tokenizer
         row = Row(f"{int8_of.name}, int8 ONNX", "kd-nas int8", int8_of.arch, None, floor=int8_of.floor)
-        row.eval = ModelEval(row.name, probe, te, None, int8_of.eval.params)
+        row.eval = evaluate_encoder(lambda texts: embed_onnx(int8, tok, texts, max_len, e.batch_size), row.name,
+                                    ws.tasks, ws.fidelity_texts, e, seed, int8_of.eval.params)
         row.latency = {"ort-int8": int8_of.latency.get("ort-int8", {})}
         rows.insert(rows.index(int8_of) + 1, row)
 
@@ -310,19 +315,24 @@ def table(rows: list[Row], teacher: Row, cfg: KDNASConfig) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-SHOWN = ["model", "params_m", "fp32_ms", "int8_ms", "speedup_fp32", "speedup_int8", "probe_acc", "probe_f1",
-         "pct_teacher_acc", "gap_closed", "gap_closed_f1", "recall@10", "cka"]
+def _pm(values, ses) -> list[str]:
+    return [f"{g:.3f} ± {se:.3f}" if isinstance(g, float) and np.isfinite(g) else "" for g, se in zip(values, ses)]
 
 
-def render(df: pd.DataFrame) -> pd.DataFrame:
+def render(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """Per task its gap closed, then the summary with its interval, % of teacher, fidelity."""
     shown = df.copy()
-    shown["gap_closed"] = [
-        f"{g:.3f} ± {se:.3f} [{lo:.2f}, {hi:.2f}]" if isinstance(g, float) and np.isfinite(g) else ""
-        for g, se, lo, hi in zip(df.get("gap_closed_acc", np.nan), df.get("gap_closed_acc_se", np.nan),
-                                 df.get("gap_closed_acc_lo", np.nan), df.get("gap_closed_acc_hi", np.nan))]
+    for t in tasks:
+        shown[t] = _pm(df.get(f"{t}.gap_closed", [np.nan] * len(df)), df.get(f"{t}.gap_closed_se", [np.nan] * len(df)))
+    shown["summary"] = [f"{v} [{lo:.2f}, {hi:.2f}]" if v else "" for v, lo, hi in
+                        zip(_pm(df.get("summary", [np.nan] * len(df)), df.get("summary_se", [np.nan] * len(df))),
+                            df.get("summary_lo", [np.nan] * len(df)), df.get("summary_hi", [np.nan] * len(df)))]
+    shown["pct_teacher"] = [f"{100 * v:.1f}" for v in df.summary_pct_teacher]
     for c in ("fp32_ms", "int8_ms", "speedup_fp32", "speedup_int8"):
         shown[c] = [f"{v:.2f}" if isinstance(v, float) and np.isfinite(v) else "" for v in df[c]]
-    return shown[[c for c in SHOWN if c in shown.columns]]
+    cols = ["model", "params_m", "fp32_ms", "int8_ms", "speedup_fp32", "speedup_int8", *tasks, "summary",
+            "pct_teacher", "recall@10", "cka", "cosine"]
+    return shown[[c for c in cols if c in shown.columns]]
 
 
 def verdicts(df: pd.DataFrame) -> list[str]:
@@ -331,15 +341,15 @@ def verdicts(df: pd.DataFrame) -> list[str]:
     picks = df[df.kind == "kd-nas"]
     rivals = df[df.kind.isin(["hand-picked", "random-search"])]
     for _, p in picks.iterrows():
-        out.append(f"- KD-NAS {p.arch}: {p.speedup_fp32:.1f}x fp32 speed-up, gap closed "
-                   f"{p.gap_closed_acc:.3f} ± {p.gap_closed_acc_se:.3f}, {100 * p.pct_teacher_acc:.1f} % of the "
-                   f"teacher's accuracy. Target ≥10x and ≥0.90 gap closed: "
-                   f"{'met' if p.speedup_fp32 >= 10 and p.gap_closed_acc >= 0.9 else 'missed'}.")
+        out.append(f"- KD-NAS {p.arch}: {p.speedup_fp32:.1f}x fp32 speed-up, summary gap closed "
+                   f"{p.summary:.3f} ± {p.summary_se:.3f}, {100 * p.summary_pct_teacher:.1f} % of the "
+                   f"teacher's scores. Target ≥10x and ≥0.90 gap closed: "
+                   f"{'met' if p.speedup_fp32 >= 10 and p.summary >= 0.9 else 'missed'}.")
         near = rivals[(rivals.fp32_ms <= 1.25 * p.fp32_ms) & (rivals.fp32_ms >= 0.75 * p.fp32_ms)]
         for _, r in rivals.iterrows():
             eq = "within ±25 % latency" if r.model in set(near.model) else f"latency {r.fp32_ms / p.fp32_ms:.2f}x the pick's"
-            diff = p.gap_closed_acc - r.gap_closed_acc
-            se = float(np.hypot(p.gap_closed_acc_se, r.gap_closed_acc_se))
+            diff = p.summary - r.summary
+            se = float(np.hypot(p.summary_se, r.summary_se))
             gap = (f"gap closed {'higher' if diff > 0 else 'lower'} by {diff:+.3f} (±{se:.3f}, unpaired)"
                    if np.isfinite(diff) else "gap closed undefined for one of them (teacher = floor)")
             beat_rec = p["recall@10"] > r["recall@10"]
@@ -347,10 +357,10 @@ def verdicts(df: pd.DataFrame) -> list[str]:
                        f"({p['recall@10']:.3f} vs {r['recall@10']:.3f})")
     for _, q in df[df.kind == "kd-nas int8"].iterrows():
         base = df[(df.kind == "kd-nas") & (df.arch == q.arch)].iloc[0]
-        out.append(f"- int8 ONNX of {q.arch}: {q.speedup_int8:.1f}x vs teacher fp32; probe accuracy "
-                   f"{q.probe_acc:.4f} vs {base.probe_acc:.4f} fp32 ({q.probe_acc - base.probe_acc:+.4f}). "
+        out.append(f"- int8 ONNX of {q.arch}: {q.speedup_int8:.1f}x vs teacher fp32; summary gap closed "
+                   f"{q.summary:.3f} vs {base.summary:.3f} fp32 ({q.summary - base.summary:+.3f}). "
                    f"Target ≥14x at the same quality: "
-                   f"{'met' if q.speedup_int8 >= 14 and q.probe_acc >= base.probe_acc - 2 * base.probe_acc_se else 'missed'}.")
+                   f"{'met' if q.speedup_int8 >= 14 and q.summary >= base.summary - 2 * base.summary_se else 'missed'}.")
     return out
 
 
@@ -365,18 +375,22 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for _, r in df.iterrows():
         ms = r.fp32_ms if isinstance(r.fp32_ms, float) and np.isfinite(r.fp32_ms) else r.int8_ms
-        ax.errorbar([ms], [r.probe_acc], yerr=[1.96 * r.probe_acc_se], fmt="o", color=colors.get(r.kind, "k"),
+        y, yerr = {"teacher": (1.0, 0.0), "floor": (0.0, 0.0), "off-the-shelf": (r.summary_pct_teacher, 0.0)}.get(
+            r.kind, (r.summary, 1.96 * r.summary_se))
+        if not np.isfinite(y):
+            continue
+        ax.errorbar([ms], [y], yerr=[yerr], fmt="o", color=colors.get(r.kind, "k"),
                     mfc="none" if r.kind == "floor" else colors.get(r.kind, "k"), capsize=3, alpha=0.5 if r.kind == "floor" else 1)
         if r.kind != "floor":  # floors sit below their student: the hollow marker says enough
             label = {"teacher": "teacher", "off-the-shelf": "MiniLM-L6 as shipped"}.get(r.kind, str(r.arch).split(" (")[0])
             label += " int8" if r.kind == "kd-nas int8" else ""
-            ax.annotate(label, (ms, r.probe_acc), fontsize=7, xytext=(5, 4), textcoords="offset points")
+            ax.annotate(label, (ms, y), fontsize=7, xytext=(5, 4), textcoords="offset points")
     for kind, c in colors.items():
         if (df.kind == kind).any():
             ax.scatter([], [], color=c, label=kind)
     ax.set_xscale("log")
     ax.set_xlabel("ONNX Runtime CPU latency, 1 thread, ms (log; int8 rows at their int8 latency)")
-    ax.set_ylabel("linear-probe accuracy on held-out texts (±95 %)")
+    ax.set_ylabel("summary gap closed over the tasks (±95 %); teacher 1, floors 0")
     ax.set_title("Quality vs latency: every row of the headline table (hollow: untrained floors)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -488,9 +502,7 @@ def main(argv: list[str] | None = None) -> Path:
     stem = args.out / f"headline-{variant}"
     df.to_csv(f"{stem}.csv", index=False)
     plot(df, Path(f"{stem}.png"))
-    task = ws.task
     cmd = "python bench/headline.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    total = time.perf_counter() - start
     # Phases that did their work in an earlier run of this command (resumed): report that run's
     # times for them, and say so.
     timings_file = work / "timings.json"
@@ -511,13 +523,13 @@ def main(argv: list[str] | None = None) -> Path:
         f"(batch {cfg.data.batch_size}), same for every student row; search {cfg.search.episodes} episodes x "
         f"{cfg.search.candidates_per_episode} candidates for KD-NAS and for random search on {len(ws.splits.proxy)} proxy "
         f"texts ({n_distinct} distinct archs distilled); budgets {', '.join(cfg.reward.budgets)} (target {target['budget']}).",
-        f"- task: {cfg.evaluate.task.source} ({', '.join(task.classes)}), linear probe fitted on {len(task.train_texts)} texts, "
-        f"scored on {len(task.test_texts)} held-out texts that no student was distilled on; gap closed = (row - its "
-        "untrained floor) / (teacher - floor), ± paired-bootstrap SE [95 % interval].",
-        *[f"- note: {n}" for n in task.notes + ([random_note] if random_note else [])],
+        *[f"- task {t['task']} ({t['kind']}, {PRIMARY[t['kind']]}): {t['size']}" for t in describe_tasks(ws)],
+        "- every scored text lies outside what the students were distilled on; gap closed = (row - its untrained "
+        "floor) / (teacher - floor) per task, ± paired-bootstrap SE; summary = mean over the tasks ± SE [95 % interval].",
+        *[f"- note: {n}" for n in [n for t in ws.tasks for n in t.notes] + ([random_note] if random_note else [])],
         f"- time {sum(times.values()) / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + reuse_note,
         "",
-        markdown_table(render(df)),
+        markdown_table(render(df, [t.label for t in ws.tasks])),
         "",
         "## Against the targets",
         "",

@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config_from_dict(apply_overrides(base, {
             "student.init": init, "paths.output_dir": str(ROOT / "runs" / "proxy-rank" / init),
             "data.train_size": args.train_texts, "distill.final": {"epochs": args.final_epochs},
-            "evaluate.task.train_size": args.probe_train, "evaluate.task.test_size": args.test_texts,
+            "evaluate.tasks": [{"train_size": args.probe_train, "test_size": args.test_texts},
+                               {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase",
+                                "test_size": args.test_texts},
+                               {"kind": "clustering", "source": "packaged", "path": "chatterbot-topics",
+                                "test_size": args.test_texts}],
             "tracking.enabled": False}), args.config)
         ws = Workspace.prepare(cfg).validate()
         b, s = cfg.latency.reward_shape
@@ -103,11 +107,11 @@ def main(argv: list[str] | None = None) -> None:
         students = table[table["role"] == "student"].set_index("arch")
         for r in rows:
             if r["init"] == init:
-                r["gap_closed"] = students.loc[r["arch"], "gap_closed_acc"]
-                r["gap_closed_se"] = students.loc[r["arch"], "gap_closed_acc_se"]
+                r["summary"] = students.loc[r["arch"], "summary"]
+                r["summary_se"] = students.loc[r["arch"], "summary_se"]
                 r["recall@10"] = students.loc[r["arch"], "recall@10"]
     df = pd.DataFrame(rows)
-    corr = correlations(df, ["proxy_L_HS", "reward", "params_m"], ["gap_closed", "recall@10"])
+    corr = correlations(df, ["proxy_L_HS", "reward", "params_m"], ["summary", "recall@10"])
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     df.drop(columns=["path"]).to_csv(out / "proxy-rank.csv", index=False)

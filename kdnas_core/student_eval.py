@@ -1,56 +1,173 @@
-"""The downstream table of saved students: teacher, each student and its untrained floor."""
+"""The downstream table: the teacher, each saved student with its untrained floor, and any other
+encoder a user would otherwise pick (a Hugging Face folder, a model2vec static model), all
+scored on the same tasks and texts."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from kdnas_core.atomic import write_text
-from kdnas_core.evaluate import compare
+from kdnas_core.errors import EvalError
+from kdnas_core.evaluate import ModelEval, compare, evaluate_encoder, evaluate_model
 from kdnas_core.reports import markdown_table
-from kdnas_core.student import build_student, load_student, saved_meta
+from kdnas_core.seeding import seed_torch
+from kdnas_core.student import ARCH_FILE, build_student, load_student, saved_meta
 from kdnas_core.workspace import Workspace
 
 
-def evaluate_students(ws: Workspace, student_dirs: list[str | Path], progress: bool = True) -> pd.DataFrame:
-    """Downstream table of saved students: the teacher, then each student and its untrained
-    floor (same architecture and initialisation as its distillation started from)."""
-    teacher = ws.teacher_eval
+def kind_of(path: Path) -> str:
+    """'student' (a kdnas student), 'model2vec' (a static model) or 'transformers' (any other
+    Hugging Face encoder folder)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EvalError(f"{path}: no such folder")
+    if (path / ARCH_FILE).is_file():
+        return "student"
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raise EvalError(f"{path}: not a kdnas student, Hugging Face or model2vec folder (no readable config.json)") from None
+    # model2vec writes model_type "model2vec" when it distils; a StaticModel saved by hand writes
+    # only its own settings (normalize, embedding_dtype), never a transformers model_type.
+    static = config.get("model_type") == "model2vec" or ("model_type" not in config and "normalize" in config)
+    return "model2vec" if static else "transformers"
+
+
+def _static_model(path: Path):
+    try:
+        from model2vec import StaticModel
+    except ImportError:
+        raise EvalError(f"{path}: a model2vec model; install the baselines extra: pip install 'kdnas[baselines]'") from None
+    return StaticModel.from_pretrained(str(path))
+
+
+def _evaluate_static(ws: Workspace, path: Path) -> tuple[ModelEval, ModelEval]:
+    """A model2vec model and its floor: the same vocabulary and width with random vectors."""
+    from model2vec import StaticModel
+
+    model = _static_model(path)
+    rng = np.random.default_rng(ws.cfg.seed)
+    random_model = StaticModel(rng.normal(size=model.embedding.shape).astype(np.float32), model.tokenizer,
+                               normalize=model.normalize)
     e = ws.cfg.evaluate
-    rows = [{"role": "teacher", "arch": None, "arch_id": None, **compare(teacher, teacher, None, e, ws.cfg.seed)}]
-    for d in student_dirs:
-        model, arch = load_student(Path(d))
-        # The floor is the same architecture random and untrained whatever the student's init,
-        # so knowledge copied from the teacher counts as transferred, as distilled knowledge does.
-        floor = ws.evaluate(build_student(arch, ws.teacher, seed=ws.cfg.seed), f"{arch.name} untrained", progress)
-        student = ws.evaluate(model, arch.name, progress)
-        row = {"arch": arch.name, "arch_id": arch.arch_id}
-        rows.append({"role": "student", **row, **compare(student, teacher, floor, e, ws.cfg.seed)})
-        if saved_meta(Path(d)).get("init") == "teacher":  # what inheritance alone gave, before distillation
-            inherited = ws.evaluate(ws.build_student(arch), f"{arch.name} inherited, not distilled", progress)
-            rows.append({"role": "inherited", **row, **compare(inherited, teacher, floor, e, ws.cfg.seed)})
-        rows.append({"role": "floor", **row, **compare(floor, teacher, None, e, ws.cfg.seed)})
+
+    def run(m: StaticModel, name: str) -> ModelEval:
+        return evaluate_encoder(lambda texts: np.asarray(m.encode(list(texts)), dtype=np.float32), name, ws.tasks,
+                                ws.fidelity_texts, e, ws.cfg.seed, int(np.prod(m.embedding.shape)))
+
+    return run(model, path.name), run(random_model, f"{path.name} untrained")
+
+
+def _evaluate_transformers(ws: Workspace, path: Path, progress: bool) -> tuple[ModelEval, ModelEval]:
+    """Any Hugging Face encoder with its own tokenizer, and its floor: the same architecture with
+    random weights."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModel.from_pretrained(str(path)).eval()
+    except (OSError, ValueError) as err:
+        raise EvalError(f"{path}: cannot load as a Hugging Face encoder: {str(err).splitlines()[0]}") from None
+    seed_torch(ws.cfg.seed)
+    floor = AutoModel.from_config(AutoConfig.from_pretrained(str(path))).eval()
+    e = ws.cfg.evaluate
+    max_length = min(e.max_length or ws.cfg.data.max_length, tokenizer.model_max_length)
+    cache = ws.cfg.paths.cache_path() / "embeddings"
+
+    def run(m, name: str) -> ModelEval:
+        return evaluate_model(m, tokenizer, name, ws.tasks, ws.fidelity_texts, e, max_length, cache, ws.cfg.seed, progress)
+
+    return run(model, path.name), run(floor, f"{path.name} untrained")
+
+
+def evaluate_students(ws: Workspace, paths: list[str | Path], progress: bool = True) -> pd.DataFrame:
+    """The teacher, then for each path: a kdnas student (with its "inherited, not distilled"
+    start when it was cut from the teacher) or a baseline, each followed by its floor."""
+    teacher = ws.teacher_eval
+    e, seed = ws.cfg.evaluate, ws.cfg.seed
+    rows = [{"role": "teacher", "arch": None, "arch_id": None, **compare(teacher, teacher, None, e, seed)}]
+    for p in map(Path, paths):
+        kind = kind_of(p)
+        if kind == "student":
+            model, arch = load_student(p)
+            ident = {"arch": arch.name, "arch_id": arch.arch_id}
+            # The floor is the same architecture random and untrained whatever the student's init,
+            # so knowledge copied from the teacher counts as transferred, as distilled knowledge does.
+            floor = ws.evaluate(build_student(arch, ws.teacher, seed=seed), f"{arch.name} untrained", progress)
+            rows.append({"role": "student", **ident, **compare(ws.evaluate(model, arch.name, progress), teacher, floor, e, seed)})
+            if saved_meta(p).get("init") == "teacher":  # what inheritance alone gave, before distillation
+                inherited = ws.evaluate(ws.build_student(arch), f"{arch.name} inherited, not distilled", progress)
+                rows.append({"role": "inherited", **ident, **compare(inherited, teacher, floor, e, seed)})
+        else:
+            ident = {"arch": f"{kind}:{p.name}", "arch_id": None}
+            model_eval, floor = _evaluate_static(ws, p) if kind == "model2vec" else _evaluate_transformers(ws, p, progress)
+            rows.append({"role": "baseline", **ident, **compare(model_eval, teacher, floor, e, seed)})
+        rows.append({"role": "floor", **ident, **compare(floor, teacher, None, e, seed)})
     table = pd.DataFrame(rows)
-    table.attrs["task"] = {"test_texts": len(ws.task.test_texts), "train_texts": len(ws.task.train_texts),
-                           "classes": ws.task.classes, "notes": ws.task.notes}
+    table.attrs["tasks"] = describe_tasks(ws)
     return table
 
 
-EVAL_COLUMNS = ["model", "params_m", "probe_acc", "probe_f1", "pct_teacher_acc", "gap_closed_acc",
-                "gap_closed_acc_se", "gap_closed_f1", "recall@10", "cka"]
+def describe_tasks(ws: Workspace) -> list[dict]:
+    out = []
+    for t in ws.tasks:
+        size = {"classification": lambda: f"{len(t.train_texts)} probe-train / {len(t.test_texts)} test texts, "
+                                          f"{len(t.classes)} classes",
+                "retrieval": lambda: f"{len(t.queries)} queries, each against all {len(t.positives)} positives",
+                "similarity": lambda: f"{len(t.text1)} graded pairs",
+                "clustering": lambda: f"{len(t.docs)} texts, {len(t.classes)} labels"}[t.kind]()
+        out.append({"task": t.label, "kind": t.kind, "size": size, "notes": list(t.notes)})
+    return out
+
+
+PRIMARY = {"classification": "accuracy", "retrieval": "mrr", "similarity": "spearman", "clustering": "v_measure"}
+
+
+def shown_columns(table: pd.DataFrame) -> list[str]:
+    """The columns of evaluation.md: per task its primary score and gap closed, the summary,
+    fidelity."""
+    cols = ["role", "model", "params_m"]
+    for t in table.attrs.get("tasks", []):
+        label = t["task"]
+        cols += [f"{label}.{PRIMARY[t['kind']]}", f"{label}.gap_closed", f"{label}.gap_closed_se"]
+    cols += ["summary", "summary_se", "summary_pct_teacher", "recall@10", "cka", "cosine"]
+    return [c for c in cols if c in table.columns]
+
+
+def summary_lines(table: pd.DataFrame) -> list[str]:
+    """One line per student or baseline: its summary ± standard error, what the terminal shows."""
+    n = len(table.attrs.get("tasks", []))
+    rows = table[table.role.isin(["student", "inherited", "baseline"])].copy()
+    for c in ("summary", "summary_se", "summary_pct_teacher"):  # rows that went through JSON hold None
+        rows[c] = pd.to_numeric(rows[c], errors="coerce") if c in rows.columns else np.nan
+    out = []
+    for r in rows.itertuples():
+        what = f"{r.model} ({r.role})" if r.role != "student" else r.model
+        if np.isfinite(r.summary):
+            out.append(f"{what}: summary gap closed {r.summary:.3f} ± {r.summary_se:.3f} over {n} task(s), "
+                       f"{100 * r.summary_pct_teacher:.1f} % of the teacher")
+        else:
+            out.append(f"{what}: summary undefined (the teacher does no better than the untrained floor)")
+    return out
 
 
 def write_evaluation(table: pd.DataFrame, out: Path) -> dict:
     """``evaluation.csv`` and ``evaluation.md`` next to a search's other tables."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "evaluation.csv", table.to_csv(index=False))
-    task = table.attrs.get("task", {})
-    cols = [c for c in EVAL_COLUMNS if c in table.columns]
+    tasks = table.attrs.get("tasks", [])
     md = ["# Downstream evaluation\n",
-          f"Linear probe on mean-pooled embeddings, {task.get('train_texts')} train / {task.get('test_texts')} held-out "
-          f"texts, classes {task.get('classes')}. Gap closed = (student - untrained floor) / (teacher - floor), "
-          "± bootstrap standard error.\n", *[f"- note: {n}" for n in task.get("notes", [])], "",
-          markdown_table(table[cols]), ""]
+          "Gap closed = (model - untrained floor) / (teacher - floor) on each task's primary score, ± paired "
+          "bootstrap standard error; summary = mean gap closed over the tasks ± its standard error. Fidelity on "
+          "held-out corpus texts: teacher-neighbour recall@10, linear CKA, cosine to the teacher's embedding after "
+          "a fitted linear map.\n",
+          "| task | kind | primary score | data |", "|---|---|---|---|",
+          *[f"| {t['task']} | {t['kind']} | {PRIMARY[t['kind']]} | {t['size']} |" for t in tasks], "",
+          *[f"- note ({t['task']}): {n}" for t in tasks for n in t["notes"]], "",
+          markdown_table(table[shown_columns(table)]), ""]
     write_text(out / "evaluation.md", "\n".join(md))
     return {"csv": str(out / "evaluation.csv"), "md": str(out / "evaluation.md")}

@@ -32,7 +32,8 @@ from kdnas_core.distill import (
     teacher_layers_needed,
 )
 from kdnas_core.errors import ArchError, ConfigError, DataError
-from kdnas_core.evaluate import LabelledTask, ModelEval, evaluate_model, load_task
+from kdnas_core.eval_tasks import Task, load_tasks
+from kdnas_core.evaluate import ModelEval, evaluate_model
 from kdnas_core.inherit import (
     IMPORTANCE_VERSION,
     Importance,
@@ -85,6 +86,8 @@ class Workspace:
                             "lower it or give a larger corpus")
         for name, path in (("paths.output_dir", cfg.paths.output_path()), ("paths.cache_dir", cfg.paths.cache_path())):
             check_writable(path, name)
+        if cfg.evaluate.enabled:
+            self.tasks  # noqa: B018 - a task that cannot be read fails now, not after the distillations
         return self
 
     @functools.cached_property
@@ -145,14 +148,20 @@ class Workspace:
         return self.cached_states("eval", layers, progress)
 
     @functools.cached_property
-    def task(self) -> LabelledTask:
-        """The downstream task, its test texts outside everything a student is distilled on."""
-        return load_task(self.cfg.evaluate, self.cfg.data, self.splits.train, self.cfg.seed)
+    def tasks(self) -> list[Task]:
+        """The downstream tasks, their scored texts outside everything a student is distilled on."""
+        return load_tasks(self.cfg.evaluate, self.cfg.data, self.splits.train, self.cfg.seed, self.cfg.paths.cache_path())
+
+    @property
+    def fidelity_texts(self) -> list[str]:
+        """Held-out corpus texts (never distilled on) for the task-free fidelity scores."""
+        return self.splits.eval[: self.cfg.evaluate.fidelity_texts]
 
     def evaluate(self, model, name: str, progress: bool = True) -> ModelEval:
         e = self.cfg.evaluate
-        return evaluate_model(model, self.teacher.tokenizer, name, self.task, e, e.max_length or self.cfg.data.max_length,
-                              self.cfg.paths.cache_path() / "embeddings", self.cfg.seed, progress)
+        return evaluate_model(model, self.teacher.tokenizer, name, self.tasks, self.fidelity_texts, e,
+                              e.max_length or self.cfg.data.max_length, self.cfg.paths.cache_path() / "embeddings",
+                              self.cfg.seed, progress)
 
     # ---- students
 

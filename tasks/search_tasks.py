@@ -173,7 +173,7 @@ def publish_search_tables(result, teacher: str, teacher_ms: float) -> None:
 @task(name="evaluate-students")
 def evaluate_students_task(cfg: dict, student_dirs: list[str], out_dir: str) -> dict:
     """Downstream table of the final students (teacher, student, untrained floor) written next
-    to the search's tables; returns the rows and the file paths."""
+    to the search's tables; returns the rows, each student's MLflow metrics and the file paths."""
     c = config_from_dict(cfg)
     table = evaluate_students(workspace(c), student_dirs, progress=False)
     files = write_evaluation(table, Path(out_dir))
@@ -185,4 +185,4 @@ def evaluate_students_task(cfg: dict, student_dirs: list[str], out_dir: str) -> 
     metrics = {r["arch"]: {f"downstream.{k}": v for k, v in r.items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "params_m"}
                for r in rows if r["role"] == "student"}
-    return {"rows": rows, "metrics": metrics, "task": table.attrs["task"], **files}
+    return {"rows": rows, "metrics": metrics, "tasks": table.attrs["tasks"], **files}

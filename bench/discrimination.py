@@ -1,0 +1,127 @@
+"""Does the evaluation tell students apart? Saved students re-scored on every configured task.
+
+For each task and for the summary (mean gap closed over the tasks) this reports how far apart
+the students' scores are against their standard errors, and the share of student pairs whose
+difference is at least 2 paired-bootstrap standard errors (both students resampled on the same
+items, so what the items share cancels). The probe-only row is what kdnas measured before
+the task list: the classification task alone.
+
+    .venv/bin/python bench/discrimination.py                    # the students of bench/proxy_rank.py
+    .venv/bin/python bench/discrimination.py runs/students/*    # any saved students
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kdnas_core.config import apply_overrides, config_from_dict  # noqa: E402
+from kdnas_core.evaluate import gap_closed, gap_draws  # noqa: E402
+from kdnas_core.reports import markdown_table  # noqa: E402
+from kdnas_core.student import build_student, load_student, saved_meta  # noqa: E402
+from kdnas_core.student_eval import describe_tasks  # noqa: E402
+from kdnas_core.workspace import Workspace  # noqa: E402
+
+
+def _mean_draws(draws: list[np.ndarray]) -> np.ndarray:
+    stacked = np.vstack(draws)
+    ok = np.isfinite(stacked).any(0)
+    out = np.full(stacked.shape[1], np.nan)
+    out[ok] = np.nanmean(stacked[:, ok], axis=0)
+    return out
+
+
+def score(ws: Workspace, dirs: list[Path]) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """Per student: gap closed per task and the summary, with the bootstrap draws behind each."""
+    cfg = ws.cfg
+    teacher = ws.teacher_eval
+    floors: dict[str, object] = {}
+    rows, draws = [], {}
+    for d in dirs:
+        model, arch = load_student(d)
+        if arch.arch_id not in floors:
+            floors[arch.arch_id] = ws.evaluate(build_student(arch, ws.teacher, seed=cfg.seed), f"{arch.name} untrained")
+        floor, ev = floors[arch.arch_id], ws.evaluate(model, arch.name)
+        name = f"{arch.name} ({saved_meta(d).get('init', '?')} init)"
+        row, mine = {"student": name}, {}
+        for i, t in enumerate(ws.tasks):
+            o, f, te = ev.outcomes[t.label], floor.outcomes[t.label], teacher.outcomes[t.label]
+            mine[t.label] = gap_draws(o, f, te, o.primary, cfg.evaluate.bootstrap, cfg.seed + i)
+            row[t.label] = gap_closed(o.metric(o.primary), f.metric(o.primary), te.metric(o.primary))
+            row[f"{t.label}_se"] = float(np.nanstd(mine[t.label], ddof=1))
+        mine["summary"] = _mean_draws([mine[t.label] for t in ws.tasks])
+        row["summary"] = float(np.nanmean([row[t.label] for t in ws.tasks]))
+        row["summary_se"] = float(np.nanstd(mine["summary"], ddof=1))
+        rows.append(row)
+        draws[name] = mine
+    return pd.DataFrame(rows), draws
+
+
+def separation(table: pd.DataFrame, draws: dict, measures: list[str]) -> pd.DataFrame:
+    out = []
+    for m in measures:
+        values = table.set_index("student")[m]
+        pairs = list(itertools.combinations(values.index, 2))
+        z = []
+        for a, b in pairs:
+            diff = draws[a][m] - draws[b][m]  # same resamples: a paired difference
+            se = float(np.nanstd(diff, ddof=1))
+            z.append(abs(values[a] - values[b]) / se if se > 0 else np.nan)
+        z = np.asarray(z)
+        out.append({"measure": m, "spread (max - min)": float(values.max() - values.min()),
+                    "median SE": float(table[f"{m}_se"].median()),
+                    "spread / median SE": float((values.max() - values.min()) / table[f"{m}_se"].median()),
+                    "pairs ≥ 2 SE apart": f"{int(np.nansum(z >= 2))} / {len(pairs)}",
+                    "median |diff| / paired SE": float(np.nanmedian(z))})
+    return pd.DataFrame(out)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("students", nargs="*", type=Path)
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--test-texts", type=int, default=2000, help="items per task")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "discrimination.md")
+    args = ap.parse_args(argv)
+    import yaml
+
+    dirs = args.students or sorted((ROOT / "runs" / "proxy-rank").glob("*/students/*"))
+    n = args.test_texts
+    cfg = config_from_dict(apply_overrides(yaml.safe_load((ROOT / args.config).read_text()), {
+        "evaluate.tasks": [{"train_size": n, "test_size": n},
+                           {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase", "test_size": n},
+                           {"kind": "clustering", "source": "packaged", "path": "chatterbot-topics", "test_size": n}],
+        "tracking.enabled": False}), args.config)
+    ws = Workspace.prepare(cfg).validate()
+    table, draws = score(ws, dirs)
+    labels = [t.label for t in ws.tasks]
+    sep = separation(table, draws, [*labels, "summary"])
+    sep["measure"] = [f"{m} (probe only: what kdnas reported before)" if m == labels[0] else m for m in sep.measure]
+    md = [f"# Does the evaluation tell students apart? ({datetime.date.today()}, {platform.machine()}, "
+          f"{os.cpu_count()} cores)\n",
+          f"Command: `python bench/discrimination.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
+          f"Teacher {cfg.teacher.name}; {len(dirs)} saved students; gap closed per task against each student's "
+          f"untrained floor, {cfg.evaluate.bootstrap} paired-bootstrap resamples.\n",
+          *[f"- {t['task']} ({t['kind']}): {t['size']}" for t in describe_tasks(ws)], "",
+          "## Separation\n", markdown_table(sep), "",
+          "## Students\n", markdown_table(table.sort_values("summary")), ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(md))
+    table.to_csv(args.out.with_suffix(".csv"), index=False)
+    print("\n".join(md))
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

