@@ -107,7 +107,7 @@ PACKAGED: dict[str, PackagedSet] = {s.name: s for s in (
     PackagedSet(
         "lee-similarity", "similarity",
         "pairs of 50 news documents graded for similarity by people (Lee, Pincombe & Welsh 2005)",
-        "redistributed in gensim (LGPL-2.1) with the authors' permission; no separate data licence",
+        "no licence of its own: given to gensim (LGPL-2.1) by its author, M. D. Lee",
         "PyPI gensim 4.4.0, gensim/test/test_data/lee.cor + similarities0-1.txt",
         "pip install gensim==4.4.0"),
 )}
