@@ -176,6 +176,11 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
     from infra.preflight import check_services
 
     check_services(cfg)  # seconds, before Prefect starts, rather than deep inside the run
+    if cfg.evaluate.enabled:  # a task that cannot be read fails now, before Prefect and the teacher
+        from kdnas_core.data import load_splits
+        from kdnas_core.workspace import read_tasks
+
+        read_tasks(cfg, load_splits(cfg.data, cfg.seed).train)
     _quiet_flow_tracebacks(getattr(args, "debug", False))
     out = kdnas(config_path=str(args.config), overrides=_parse_set(args.set) or None,
                 research=args.research, final=not args.no_final, preflight=False)

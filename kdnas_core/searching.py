@@ -149,7 +149,7 @@ def search_without_prefect(cfg: KDNASConfig, warm_from: Path | None = None, fres
                      research: bool = False) -> tuple[SearchResult, Path, float]:
     """A full search on this machine without Prefect: resumes an interrupted run of the same
     config, or warm-starts from another search's ``state.json``."""
-    ws = (ws or Workspace.prepare(cfg)).validate()
+    ws = (ws or Workspace.prepare(cfg)).validate().check_tasks()
     if warm_from is not None:  # before any work: a state of another teacher is refused at once
         _check_compatible(SearchState.load(warm_from), ws.teacher.fingerprint, cfg, warm_from)
     b, s = cfg.latency.reward_shape

@@ -86,8 +86,13 @@ class Workspace:
                             "lower it or give a larger corpus")
         for name, path in (("paths.output_dir", cfg.paths.output_path()), ("paths.cache_dir", cfg.paths.cache_path())):
             check_writable(path, name)
-        if cfg.evaluate.enabled:
-            self.tasks  # noqa: B018 - a task that cannot be read fails now, not after the distillations
+        return self
+
+    def check_tasks(self) -> Workspace:
+        """Read the downstream tasks now, when a search starts: a task that cannot be read fails
+        in one line before the first distillation, not after the last."""
+        if self.cfg.evaluate.enabled:
+            self.tasks  # noqa: B018 - read and cached
         return self
 
     @functools.cached_property
@@ -150,7 +155,7 @@ class Workspace:
     @functools.cached_property
     def tasks(self) -> list[Task]:
         """The downstream tasks, their scored texts outside everything a student is distilled on."""
-        return load_tasks(self.cfg.evaluate, self.cfg.data, self.splits.train, self.cfg.seed, self.cfg.paths.cache_path())
+        return read_tasks(self.cfg, self.splits.train)
 
     @property
     def fidelity_texts(self) -> list[str]:
@@ -229,6 +234,11 @@ class Workspace:
     @functools.cached_property
     def teacher_eval(self) -> ModelEval:
         return self.evaluate(self.teacher.model, f"teacher {self.cfg.teacher.name}")
+
+
+def read_tasks(cfg: KDNASConfig, distilled_texts: list[str]) -> list[Task]:
+    """The configured downstream tasks, scored only on texts outside ``distilled_texts``."""
+    return load_tasks(cfg.evaluate, cfg.data, distilled_texts, cfg.seed, cfg.paths.cache_path())
 
 
 def check_writable(path: Path, name: str) -> None:

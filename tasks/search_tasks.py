@@ -100,8 +100,11 @@ def _arch_run_name(prefix: str):
 
 @task(name="prepare-teacher-states", retries=0)
 def prepare_teacher_states(cfg: dict) -> dict:
-    """Run the teacher once over the proxy and eval texts; every candidate reuses the states."""
-    ev = evaluator(config_from_dict(cfg))
+    """Check the downstream tasks, then run the teacher once over the proxy and eval texts;
+    every candidate reuses the states."""
+    c = config_from_dict(cfg)
+    workspace(c).check_tasks()  # before any distillation: an unreadable task fails the flow now
+    ev = evaluator(c)
     return {"proxy_cache": ev.states.key, "eval_cache": ev.eval_states.key,
             "proxy_texts": len(ev.states.offsets) - 1, "proxy_tokens": ev.states.meta["n_tokens"]}
 
