@@ -304,6 +304,8 @@ def build_task(t: EvalTaskConfig, rows: Rows, data_cfg: DataConfig, exclude: set
         pairs, notes = _pairs(rows, t, data_cfg, exclude, seed, where, unique_second=True)
         return RetrievalTask([p[0] for p in pairs], [p[1] for p in pairs], notes, t.label)
     if t.kind == "similarity":
+        # Every score is checked, not only those of the pairs kept: a malformed file is an error.
+        _as_scores(rows.label, where, t.columns()[2])
         pairs, notes = _pairs(rows, t, data_cfg, exclude, seed, where, unique_second=False)
         scores = _as_scores([p[2] for p in pairs], where, t.columns()[2])
         return SimilarityTask([p[0] for p in pairs], [p[1] for p in pairs], scores, notes, t.label)

@@ -45,7 +45,7 @@ def _static_model(path: Path):
     return StaticModel.from_pretrained(str(path))
 
 
-def _evaluate_static(ws: Workspace, path: Path) -> tuple[ModelEval, ModelEval]:
+def evaluate_static(ws: Workspace, path: Path) -> tuple[ModelEval, ModelEval]:
     """A model2vec model and its floor: the same vocabulary and width with random vectors."""
     from model2vec import StaticModel
 
@@ -104,7 +104,7 @@ def evaluate_students(ws: Workspace, paths: list[str | Path], progress: bool = T
                 rows.append({"role": "inherited", **ident, **compare(inherited, teacher, floor, e, seed)})
         else:
             ident = {"arch": f"{kind}:{p.name}", "arch_id": None}
-            model_eval, floor = _evaluate_static(ws, p) if kind == "model2vec" else _evaluate_transformers(ws, p, progress)
+            model_eval, floor = evaluate_static(ws, p) if kind == "model2vec" else _evaluate_transformers(ws, p, progress)
             rows.append({"role": "baseline", **ident, **compare(model_eval, teacher, floor, e, seed)})
         rows.append({"role": "floor", **ident, **compare(floor, teacher, None, e, seed)})
     table = pd.DataFrame(rows)

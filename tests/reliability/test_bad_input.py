@@ -226,6 +226,19 @@ CASES = {
                                                r"its tokenizer has \d+ tokens for a 30522-token vocabulary; the tokenizer files"),
     "unwritable PREFECT_HOME": (["search"], {}, r"PREFECT_HOME = '.*prefect-home-file/home': not writable"),
     "corpus path is a folder": (SEARCH, {"data.path": lambda r: str(r / "teacher")}, r"data.path = .*teacher"),
+    "similarity task with a word for a score": (
+        SEARCH, {"evaluate.enabled": True, "evaluate.tasks": lambda r: [{
+            "kind": "similarity", "source": "csv",
+            "path": _file(r, "sts.csv", ("text1,text2,score\n" + "".join(f"first {i},second {i},{i % 5}\n" for i in range(30))
+                                         + "a pair,another,high\n").encode())}]},
+        r"evaluate.tasks\[0\].label_column = 'score': similarity scores must be numbers, row \d+ has 'high'"),
+    "retrieval task without its positive column, under Prefect": (
+        ["search"], {"evaluate.enabled": True, "evaluate.tasks": lambda r: [{
+            "kind": "retrieval", "source": "csv", "path": _file(r, "qa.csv", b"query,answer\nwhat,that\n")}]},
+        r"evaluate.tasks\[0\].text2_column = 'positive' is not a column of .*qa.csv \(columns: query, answer\)"),
+    "unknown packaged set": (SEARCH, {"evaluate.enabled": True, "evaluate.tasks": [
+        {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrases"}]},
+        r"evaluate.tasks\[0\].path = 'bible-paraphrases' is not a packaged set; known: bible-es-en, bible-paraphrase"),
 }
 
 
