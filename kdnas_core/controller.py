@@ -20,9 +20,9 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 
+import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-import torch
 from torch import nn
 
 from kdnas_core.config import ControllerConfig
@@ -127,6 +127,19 @@ class PredictsRewards(Protocol):
         """The reward expected of each proposal (None until the controller has learned)."""
 
 
+# Latency of an architecture as the search expects it, given what was measured so far (None
+# while nothing can be predicted yet).
+LatencyModel = Callable[[Sequence["Observation"]], Callable[[StudentArch], float] | None]
+
+
+@runtime_checkable
+class TargetsBudgets(Protocol):
+    def set_budget_targets(self, budgets_ms: Sequence[float], latency: LatencyModel, near: float) -> None:
+        """Propose, each episode, a candidate expected within [near x budget, budget] of every
+        budget: the recommendation for a budget is the best candidate within it, and a budget
+        only explored by much faster candidates loses the quality it allows."""
+
+
 class _Stateless:
     """For controllers that learn nothing between episodes: nothing to update or save."""
 
@@ -226,6 +239,7 @@ class LSTMRewardController:
         # Optional cheap pre-filter (e.g. predicted latency within the loosest budget): pool
         # candidates failing it are only scored when too few pass.
         self.feasible: Callable[[StudentArch], bool] | None = None
+        self.budget_targets: tuple[list[float], LatencyModel, float] | None = None
         self.encode = ArchEncoder(space)
         seed_torch(seed)
         self.model = RewardLSTM(self.encode.dim, cfg.lstm_hidden)
@@ -274,7 +288,36 @@ class LSTMRewardController:
         ranked = [a for _, a in sorted(zip(scores, pool), key=lambda t: -t[0])]
         greedy = ranked[:n_greedy]
         rest = [a for a in pool if a not in greedy]
-        return greedy + rng.sample(rest, min(k - len(greedy), len(rest)))
+        return self._near_budgets(greedy + rng.sample(rest, min(k - len(greedy), len(rest))), ranked, history)
+
+    def _near_budgets(self, picked: list[StudentArch], ranked: list[StudentArch],
+                      history: Sequence[Observation]) -> list[StudentArch]:
+        """For each budget no proposal is expected near, the best-ranked pool candidate that is
+        takes the place of an exploration pick (the last ones; greedy picks go last)."""
+        if self.budget_targets is None:
+            return picked
+        budgets, latency_model, near = self.budget_targets
+        latency = latency_model(history)
+        if latency is None:
+            return picked
+        expected = {a.arch_id: latency(a) for a in {*picked, *ranked}}
+        picked, kept = list(picked), set()
+        for b in sorted(budgets):
+            def in_band(a: StudentArch, b: float = b) -> bool:
+                return near * b <= expected[a.arch_id] <= b
+
+            hit = next((i for i, a in enumerate(picked) if in_band(a) and i not in kept), None)
+            if hit is None:
+                candidate = next((a for a in ranked if in_band(a) and a not in picked), None)
+                hit = next((i for i in reversed(range(len(picked))) if i not in kept), None)
+                if candidate is None or hit is None:
+                    continue
+                picked[hit] = candidate
+            kept.add(hit)
+        return picked
+
+    def set_budget_targets(self, budgets_ms: Sequence[float], latency: LatencyModel, near: float) -> None:
+        self.budget_targets = (list(budgets_ms), latency, near)
 
     def update(self, history):
         if len(history) < 2:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from kdnas_core.config import KDNASConfig
-from kdnas_core.controller import FiltersProposals, make_controller
+from kdnas_core.controller import FiltersProposals, TargetsBudgets, make_controller
 from kdnas_core.errors import KdnasError
 from kdnas_core.evaluators import (
     EventLog,
@@ -21,6 +21,7 @@ from kdnas_core.lock import exclusive
 from kdnas_core.reports import write_search_tables
 from kdnas_core.reward import budgeted_reward, parse_budget, reward
 from kdnas_core.search import (
+    NEAR_BUDGET,
     BatchEvaluator,
     Evaluator,
     SearchResult,
@@ -101,6 +102,21 @@ def attach_latency_predictor(controller, cfg: KDNASConfig, budgets: list[tuple[s
     return pred
 
 
+def budget_latency_model(cfg: KDNASConfig, saved: LatencyPredictor | None):
+    """What a candidate's latency will be, for proposing near each budget: a predictor fitted on
+    this search's measurements once there are three, before that this hardware's saved one."""
+    b, s = cfg.latency.reward_shape
+
+    def model(history):
+        measured = [o for o in history if o.latency_ms > 0 and not o.failed]
+        if len(measured) >= 3:
+            return LatencyPredictor.fit([o.arch for o in measured], [o.latency_ms for o in measured], b, s,
+                                        cfg.latency.reward_backend).predict
+        return saved.predict if saved is not None else None
+
+    return model
+
+
 def update_latency_predictor(cfg: KDNASConfig, observations, hardware: str = "") -> Path | None:
     """Refit the predictor on every measured latency so far and save it for later searches."""
     measured = [o for o in observations if o.latency_ms > 0]
@@ -136,6 +152,10 @@ def search_in_folder(
         state = initial_state(cfg, state_path, warm_from, research, fresh, teacher)
         controller = make_controller(space, cfg.controller, cfg.seed)
         attach_latency_predictor(controller, cfg, budgets)
+        if isinstance(controller, TargetsBudgets) and budgets:
+            path = predictor_path(cfg.paths.cache_path(), cfg.latency)
+            saved = LatencyPredictor.load(path) if path.is_file() else None
+            controller.set_budget_targets([ms for _, ms in budgets], budget_latency_model(cfg, saved), NEAR_BUDGET)
         result = run_search(controller, evaluate, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
                             budgets, on_state=lambda st: st.save(state_path), on_observation=on_observation,
                             seed=state.seed, evaluate_batch=evaluate_batch)

@@ -11,6 +11,7 @@ from kdnas_core.controller import (
     LSTMRewardController,
     Observation,
     RandomController,
+    TargetsBudgets,
     make_controller,
 )
 from kdnas_core.errors import KdnasError
@@ -170,6 +171,34 @@ def test_lstm_pool_respects_a_feasibility_filter():
     ctrl.feasible = lambda a: a.layers <= 4 and a.hidden == 384
     props = ctrl.propose([], 6, random.Random(0))
     assert len(props) == 6 and all(a.layers <= 4 and a.hidden == 384 for a in props)
+
+
+def test_lstm_proposes_a_candidate_near_every_budget():
+    """On the synthetic landscape's latencies, budgets far apart: a plain episode leaves some
+    budget with no proposal in [0.75 x budget, budget]; with budget targets every budget has one,
+    and the greedy picks stay."""
+    ev = landscape()
+    budgets = [4.0, 12.0, 30.0]
+
+    def near(props, b):
+        return any(0.75 * b <= ev(a).latency_ms <= b for a in props)
+
+    missed = with_targets = 0
+    for seed in range(6):
+        plain = LSTMRewardController(SPACE, ControllerConfig(), seed=seed).propose([], 4, random.Random(seed))
+        missed += sum(not near(plain, b) for b in budgets)
+        ctrl = LSTMRewardController(SPACE, ControllerConfig(), seed=seed)
+        ctrl.set_budget_targets(budgets, lambda history: (lambda a: ev(a).latency_ms), 0.75)
+        assert isinstance(ctrl, TargetsBudgets)
+        props = ctrl.propose([], 4, random.Random(seed))
+        assert len(props) == 4 and len({a.arch_id for a in props}) == 4
+        with_targets += sum(near(props, b) for b in budgets)
+    assert missed > 0 and with_targets == 6 * len(budgets)
+    # Nothing to predict with yet: proposals as without targets.
+    ctrl = LSTMRewardController(SPACE, ControllerConfig(), seed=0)
+    ctrl.set_budget_targets(budgets, lambda history: None, 0.75)
+    assert ctrl.propose([], 4, random.Random(0)) == LSTMRewardController(SPACE, ControllerConfig(), seed=0).propose(
+        [], 4, random.Random(0))
 
 
 def test_lstm_predictions_are_recorded_in_reward_units():
