@@ -64,6 +64,26 @@ def correlations(df: pd.DataFrame, predictors: list[str], targets: list[str]) ->
     return pd.DataFrame(rows)
 
 
+def rescore(proxy_csv: Path, scores_csv: Path, out: Path) -> None:
+    """The correlations of an earlier run's proxy numbers with its students re-scored by
+    bench/discrimination.py (every task of the evaluation, and the summary)."""
+    df = pd.read_csv(proxy_csv)
+    scores = pd.read_csv(scores_csv)
+    scores["init"] = scores.student.str.extract(r"\((\w+) init\)", expand=False)
+    scores["arch"] = scores.student.str.split(" ").str[0]
+    targets = [c for c in scores.columns if c not in ("student", "init", "arch") and not c.endswith("_se")]
+    df = df.drop(columns=[c for c in targets if c in df.columns]).merge(scores[["init", "arch", *targets]],
+                                                                       on=["init", "arch"])
+    corr = correlations(df, ["proxy_L_HS", "reward", "params_m"], targets)
+    md = [f"# Proxy vs the final students' downstream summary ({datetime.date.today()})\n",
+          f"The students of `{proxy_csv.name}` re-scored by `bench/discrimination.py` (`{scores_csv.name}`): "
+          "gap closed per task and the summary, against each student's untrained floor. Predictors are signed so "
+          "that a positive tau means 'ranks like the final result'.\n",
+          markdown_table(corr), "", markdown_table(df[["init", "arch", "proxy_L_HS", "reward", "params_m", *targets]]), ""]
+    out.write_text("\n".join(md))
+    print("\n".join(md))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.yaml")
@@ -73,7 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--final-epochs", type=int, default=1)
     ap.add_argument("--probe-train", type=int, default=2000)
     ap.add_argument("--test-texts", type=int, default=2000)
+    ap.add_argument("--rescore", type=Path, default=None, metavar="SCORES_CSV",
+                    help="no distillation: correlate bench/results/proxy-rank.csv with these re-scored students "
+                         "(bench/results/discrimination.csv)")
     args = ap.parse_args(argv)
+    if args.rescore:
+        results = ROOT / "bench" / "results"
+        return rescore(results / "proxy-rank.csv", args.rescore, results / "proxy-rank-summary.md")
     import yaml
 
     base = yaml.safe_load((ROOT / args.config).read_text())
