@@ -123,6 +123,13 @@ class StudentConfig(_Section):
     # Proxy texts whose forward passes rank heads, neurons and dimensions (computed once per
     # teacher and text set, cached like the teacher states).
     importance_texts: int = Field(default=256, gt=0)
+    # corpus: a final student keeps only the word-embedding rows its distillation corpus (and
+    # vocab_texts) tokenises into, plus special tokens and single characters, and is saved with
+    # a tokenizer for those ids (kdnas_core/vocab.py): most of a multilingual teacher's
+    # parameters are its vocabulary. teacher: the teacher's whole vocabulary.
+    vocab: Literal["teacher", "corpus"] = "teacher"
+    # A text file (one text a line) whose tokens a corpus-trimmed student keeps too.
+    vocab_texts: str | None = None
 
 
 class LossWeights(_Section):

@@ -104,10 +104,25 @@ def distill_student(
     }
     path = out_dir
     if parallel is None or parallel.main:  # every process holds the same weights: one saves
-        path = save_student(student, ws.teacher.tokenizer, arch, out_dir, meta)
+        student, tokenizer, meta["vocab"] = trimmed(cfg, ws, student)
+        path = save_student(student, tokenizer, arch, out_dir, meta)
         remove_checkpoint(ckpt)
     return FinalStudent(arch.name, arch.arch_id, str(path), result.to_dict(), meta["world_size"],
                         cfg.teacher.name, count_parameters(student), count_parameters(ws.teacher.model), len(ws.splits.get(split)))
+
+
+def trimmed(cfg: KDNASConfig, ws: Workspace, student) -> tuple[object, object, dict | None]:
+    """The student and its tokenizer as saved: with ``student.vocab: corpus`` only the tokens of
+    the distillation corpus and ``student.vocab_texts`` (see kdnas_core/vocab.py)."""
+    if cfg.student.vocab == "teacher":
+        return student, ws.teacher.tokenizer, None
+    from kdnas_core.vocab import trim_to_corpus
+
+    # The held-out eval split is left out: fidelity is measured on it, as on unseen text.
+    texts = list(ws.splits.train) + list(ws.splits.proxy)
+    if cfg.student.vocab_texts:
+        texts += Path(cfg.student.vocab_texts).expanduser().read_text(encoding="utf-8", errors="replace").splitlines()
+    return trim_to_corpus(student, ws.teacher.tokenizer, texts)
 
 
 def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: EventLog | None = None,

@@ -24,24 +24,26 @@ class Key:
 
 
 # Fields that change the final students but not the search: a new final budget reuses the search.
-NOT_SEARCH = ("distill.final", "distill.checkpoint_every", "distill.world_size")
+# A final student's vocabulary is trimmed after its distillation, so it changes nothing before.
+TRIM = ("student.vocab", "student.vocab_texts")
+NOT_SEARCH = ("distill.final", "distill.checkpoint_every", "distill.world_size", *TRIM)
 
 KEYS: dict[str, Key] = {
     # One teacher, one set of splits and tokenised texts per process (tasks on worker threads share it).
-    "workspace": Key(("seed", "teacher", "data", "search_space", "student", "distill", "paths"),
+    "workspace": Key(("seed", "teacher", "data", "search_space", "student", "distill", "paths"), exclude=TRIM,
                      why="the loaded teacher, splits and cached states of a process"),
     # A candidate's proxy distillation (Prefect's task cache and the flow's evaluator).
     "proxy": Key(("seed", "teacher", "data", "search_space", "student", "distill"), exclude=NOT_SEARCH,
                  why="the KD loss of one proxy distillation"),
     # A candidate's latency measurement (Prefect's task cache).
-    "latency": Key(("teacher", "student", "latency"), why="one candidate's measured latency (of the student's model class)"),
+    "latency": Key(("teacher", "student", "latency"), exclude=TRIM, why="one candidate's measured latency (of the student's model class)"),
     # The latency of the teacher, and of students of its vocabulary, on this hardware.
     "latency_settings": Key(("latency",), why="how latency is measured"),
     # A final student: saved once, reused by every rerun of any search with the same recipe.
     "final": Key(("seed", "teacher", "data", "student", "distill"), exclude=("distill.world_size",),
                  why="a final student's weights (not how many processes trained it)"),
     # A final distillation's checkpoint (next to its student folder).
-    "checkpoint": Key(("seed", "teacher", "data", "student", "distill"), why="a resumable training run"),
+    "checkpoint": Key(("seed", "teacher", "data", "student", "distill"), exclude=TRIM, why="a resumable training run"),
     # The search folder: re-running the same config resumes it.
     "search": Key(("seed", "teacher", "data", "search_space", "student", "distill", "latency", "reward", "controller",
                    "search"),

@@ -98,8 +98,15 @@ def evaluate_students(ws: Workspace, paths: list[str | Path], progress: bool = T
             # The floor is the same architecture random and untrained whatever the student's init,
             # so knowledge copied from the teacher counts as transferred, as distilled knowledge does.
             floor = ws.evaluate(build_student(arch, ws.teacher, seed=seed), f"{arch.name} untrained", progress)
-            rows.append({"role": "student", **ident, **compare(ws.evaluate(model, arch.name, progress), teacher, floor, e, seed)})
-            if saved_meta(p).get("init") == "teacher":  # what inheritance alone gave, before distillation
+            meta = saved_meta(p)
+            tokenizer = None
+            if meta.get("vocab"):  # trimmed to its corpus: its own tokenizer makes its ids
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(p))
+            scored = ws.evaluate(model, arch.name, progress, tokenizer)
+            rows.append({"role": "student", **ident, **compare(scored, teacher, floor, e, seed)})
+            if meta.get("init") == "teacher":  # what inheritance alone gave, before distillation
                 inherited = ws.evaluate(ws.build_student(arch), f"{arch.name} inherited, not distilled", progress)
                 rows.append({"role": "inherited", **ident, **compare(inherited, teacher, floor, e, seed)})
         else:

@@ -86,6 +86,9 @@ class Workspace:
                             "lower it or give a larger corpus")
         for name, path in (("paths.output_dir", cfg.paths.output_path()), ("paths.cache_dir", cfg.paths.cache_path())):
             check_writable(path, name)
+        extra = cfg.student.vocab_texts
+        if cfg.student.vocab == "corpus" and extra and not Path(extra).expanduser().is_file():
+            raise ConfigError(f"student.vocab_texts = {extra!r}: no such file")
         return self
 
     def check_tasks(self) -> Workspace:
@@ -162,9 +165,11 @@ class Workspace:
         """Held-out corpus texts (never distilled on) for the task-free fidelity scores."""
         return self.splits.eval[: self.cfg.evaluate.fidelity_texts]
 
-    def evaluate(self, model, name: str, progress: bool = True) -> ModelEval:
+    def evaluate(self, model, name: str, progress: bool = True, tokenizer=None) -> ModelEval:
+        """``model`` on every task; ``tokenizer``: its own, where it is not the teacher's (a
+        corpus-trimmed vocabulary)."""
         e = self.cfg.evaluate
-        return evaluate_model(model, self.teacher.tokenizer, name, self.tasks, self.fidelity_texts, e,
+        return evaluate_model(model, tokenizer or self.teacher.tokenizer, name, self.tasks, self.fidelity_texts, e,
                               e.max_length or self.cfg.data.max_length, self.cfg.paths.cache_path() / "embeddings",
                               self.cfg.seed, progress)
 
