@@ -53,7 +53,14 @@ def test_a_trimmed_bert_gives_the_same_outputs_on_corpus_text_and_saves_and_expo
 
 def _trained_tokenizer(kind: str, texts: list[str]) -> PreTrainedTokenizerFast:
     """A small Unigram (XLM-R style) or byte-level BPE (RoBERTa style) tokenizer trained on texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     if kind == "unigram":
         tok = Tokenizer(models.Unigram())
