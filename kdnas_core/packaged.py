@@ -76,6 +76,19 @@ DIATHEKE = "diatheke"
 CHATTERBOT_DATA = _package_dir("chatterbot_corpus", "data", "english")
 GENSIM_TEST_DATA = _package_dir("gensim", "test", "test_data")
 
+LOCALE_DIR = Path("/usr/share/locale")
+# Message catalogues (gettext domains) read for the gettext-<lang> sets, in this order; their
+# Debian packages are small and installed by infra/install-data.sh.
+GETTEXT_DOMAINS = ("coreutils", "bash", "tar", "grep", "sed", "findutils", "diffutils", "dpkg", "libc", "apt",
+                   "libapt-pkg6.0", "git", "gettext-runtime", "gnupg2", "wget", "make", "xz", "procps-ng", "psmisc",
+                   "man-db")
+GETTEXT_PACKAGES = ("coreutils", "bash", "tar", "grep", "sed", "findutils", "diffutils", "dpkg", "libc-l10n", "apt",
+                    "git", "gettext-base", "gnupg-l10n", "wget", "make", "xz-utils", "procps", "psmisc", "man-db")
+GETTEXT_LANGUAGES = {"de": "German", "fr": "French", "es": "Spanish", "it": "Italian", "pt_BR": "Brazilian Portuguese",
+                     "nl": "Dutch", "sv": "Swedish", "pl": "Polish", "cs": "Czech", "ru": "Russian", "uk": "Ukrainian",
+                     "tr": "Turkish", "vi": "Vietnamese", "zh_CN": "Simplified Chinese", "ja": "Japanese",
+                     "ko": "Korean"}
+
 KJV, WEB, RV1909 = "engKJV2006eb", "engWEB2015eb", "spaRV1909eb"
 _SWORD_PACKAGES = {KJV: "sword-text-kjv", WEB: "sword-text-web", RV1909: "sword-text-sparv"}
 
@@ -104,6 +117,14 @@ PACKAGED: dict[str, PackagedSet] = {s.name: s for s in (
         "BSD-3-Clause (chatterbot-corpus)",
         "PyPI chatterbot-corpus 1.3.3 (github.com/gunthercox/chatterbot-corpus), data/english/*.yml",
         "pip install chatterbot-corpus==1.3.3"),
+    *[PackagedSet(
+        f"gettext-{lang}", "retrieval",
+        f"English user-interface messages of GNU and Debian command-line tools paired with their {name} translation",
+        "each package's own (GPL-2+/GPL-3+/LGPL-2.1+: coreutils, bash, tar, grep, sed, findutils, diffutils, dpkg, "
+        "glibc, apt, git, gettext, gnupg, wget, make, xz, procps, psmisc, man-db)",
+        "the message catalogues (/usr/share/locale/<lang>/LC_MESSAGES/<domain>.mo) of Debian packages that "
+        "infra/install-data.sh installs",
+        f"apt-get install --reinstall {' '.join(GETTEXT_PACKAGES)}") for lang, name in GETTEXT_LANGUAGES.items()],
     PackagedSet(
         "lee-similarity", "similarity",
         "pairs of 50 news documents graded for similarity by people (Lee, Pincombe & Welsh 2005)",
@@ -340,7 +361,44 @@ def _lee_similarity() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS["similarity"]))
 
 
+# --------------------------------------------------------------------------- gettext catalogues
+
+# printf and brace placeholders, markup, and keyboard accelerators are program text, not language.
+_PROGRAM_TEXT = re.compile(r"%|\{|\}|<[a-zA-Z/]|\t|\\|`|--|\$")
+_ACCELERATOR = re.compile(r"(?<!\w)[_&](?=\w)")
+# Fewer words than this are mostly labels ("File", "Quit") that many messages share.
+_MIN_WORDS = 4
+_MIN_PAIRS = 300
+
+
+def _gettext_pairs(lang: str) -> pd.DataFrame:
+    import gettext
+
+    name = f"gettext-{lang}"
+    pairs = []
+    for domain in GETTEXT_DOMAINS:
+        path = LOCALE_DIR / lang / "LC_MESSAGES" / f"{domain}.mo"
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            catalogue = gettext.GNUTranslations(f)._catalog
+        for english, translated in sorted((k, v) for k, v in catalogue.items() if isinstance(k, str)):
+            if "\n" in english.strip() or english.lstrip().startswith("-"):
+                continue  # usage screens: option lists that match on their option names alone
+            english, translated = (" ".join(_ACCELERATOR.sub("", x).split()) for x in (english, translated))
+            if (len(english.split()) < _MIN_WORDS or not translated or translated == english
+                    or _PROGRAM_TEXT.search(english) or _PROGRAM_TEXT.search(translated)):
+                continue
+            pairs.append((english, translated))
+    frame = _unique_pairs(pairs)
+    if len(frame) < _MIN_PAIRS:
+        raise _missing(name, f"the {GETTEXT_LANGUAGES[lang]} message catalogues ({len(frame)} usable messages found "
+                             f"under {LOCALE_DIR / lang / 'LC_MESSAGES'})")
+    return frame
+
+
 _EXTRACTORS: dict[str, Callable[[], pd.DataFrame]] = {
+    **{f"gettext-{lang}": (lambda lang=lang: _gettext_pairs(lang)) for lang in GETTEXT_LANGUAGES},
     "bible-paraphrase": _bible_paraphrase,
     "bible-es-en": _bible_es_en,
     "chatterbot-qa": _chatterbot_qa,

@@ -191,3 +191,14 @@ def test_an_mteb_task_offline_is_one_line():
     with pytest.raises(EvalError, match=r"evaluate.tasks\[0\]: (source 'mteb' needs the mteb package|cannot load MTEB task)") as err:
         load_tasks(cfg, DATA)
     assert "\n" not in str(err.value)
+
+
+def test_reverse_retrieval_ranks_the_other_side(tmp_path):
+    path = _csv(tmp_path, "pairs.csv", "query,positive", _pairs(30))
+    forward = EvalTaskConfig(kind="retrieval", source="csv", path=path)
+    back = EvalTaskConfig(kind="retrieval", source="csv", path=path, reverse=True)
+    a, b = build_task(forward, read_rows(forward), DATA), build_task(back, read_rows(back), DATA)
+    assert (a.queries, a.positives) == (b.positives, b.queries)
+    assert back.label == "pairs-retrieval-reverse" != forward.label
+    with pytest.raises(ConfigError, match="reverse swaps a retrieval task's two sides"):
+        config_from_dict({"evaluate": {"tasks": [{"kind": "clustering", "reverse": True}]}})

@@ -118,6 +118,7 @@ def test_registry_entries_are_complete():
     ("chatterbot-qa", "CHATTERBOT_DATA"),
     ("chatterbot-topics", "CHATTERBOT_DATA"),
     ("lee-similarity", "GENSIM_TEST_DATA"),
+    ("gettext-de", "LOCALE_DIR"),
 ])
 def test_missing_package_names_the_install_command(tmp_path, monkeypatch, name, constant):
     nowhere = tmp_path / "not-installed"
@@ -217,3 +218,17 @@ def test_lee_similarity_has_every_pair_of_fifty_documents(loaded):
     docs = pd.unique(pd.concat([frame["text1"], frame["text2"]]))
     assert len(docs) == 50
     assert frame.iloc[0]["text1"].startswith("The national executive of the strife-torn Democrats")
+
+
+def test_gettext_sets_pair_english_messages_with_their_translations(loaded):
+    de = loaded("gettext-de")
+    assert len(de) > 1000
+    # Program text never reaches the pairs: placeholders, accelerators, usage screens.
+    for column in de.columns:
+        assert not de[column].str.contains(r"%|\{|\t").any(), column
+    assert not de["query"].str.startswith("-").any()
+    assert (de["query"].str.split().str.len() >= 4).all()
+    assert (de["query"] != de["positive"]).all()
+    # Every language of the registry has a usable set; Japanese is written in its own script.
+    ja = loaded("gettext-ja")
+    assert len(ja) > 1000 and ja["positive"].str.contains(r"[\u3040-\u30ff\u4e00-\u9fff]").mean() > 0.9
