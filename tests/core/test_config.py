@@ -15,7 +15,7 @@ def test_every_shipped_config_validates(path):
 
 
 def test_shipped_configs_exist():
-    assert {p.name for p in CONFIGS} >= {"default.yaml", "benchmark.yaml"}
+    assert {p.name for p in CONFIGS} >= {"default.yaml", "benchmark.yaml", "multilingual.yaml"}
 
 
 def write(tmp_path, text):
