@@ -47,7 +47,7 @@ def layer_dropped(ws: Workspace, target_ms: float) -> StudentArch:
     t = ws.teacher
     act = t.config.hidden_act if t.config.hidden_act in ("gelu", "relu", "silu") else "gelu"
     options = [StudentArch(k, t.hidden, t.config.num_attention_heads, t.config.intermediate_size, act)
-               for k in range(1, t.num_layers)]
+               for k in ws.cfg.search_space.layers if k < t.num_layers]
     return min(options, key=lambda a: abs(latency_profile(ws, a).latency_ms - target_ms))
 
 
