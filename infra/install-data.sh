@@ -18,7 +18,12 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+reinstall=()
+# Slim images drop /usr/share/locale from packages already installed: put the catalogues back.
+if [ ! -f /usr/share/locale/de/LC_MESSAGES/coreutils.mo ] && ! grep -rqs "path-exclude=/usr/share/locale" /etc/dpkg/dpkg.cfg.d; then
+  reinstall=(coreutils libc-l10n)
+fi
+[ ${#missing[@]} -eq 0 ] && [ ${#reinstall[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get > /dev/null; then
   echo "install-data: no apt-get here; install the Debian packages ${missing[*]} (or their equivalents) by hand"
@@ -33,10 +38,11 @@ else
   exit 0
 fi
 
-install=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}")
+install=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+         ${reinstall:+--reinstall} "${missing[@]}" "${reinstall[@]}")
 # The package lists may be stale or absent on a fresh machine: refresh them only when needed.
 if ! "${install[@]}" > /dev/null; then
   "${sudo[@]}" apt-get update -qq
   "${install[@]}" > /dev/null
 fi
-echo "install-data: installed ${missing[*]}"
+echo "install-data: installed ${missing[*]} ${reinstall[*]}"
