@@ -102,17 +102,19 @@ def attach_latency_predictor(controller, cfg: KDNASConfig, budgets: list[tuple[s
     return pred
 
 
-def budget_latency_model(cfg: KDNASConfig, saved: LatencyPredictor | None):
+def budget_latency_model(cfg: KDNASConfig):
     """What a candidate's latency will be, for proposing near each budget: a predictor fitted on
-    this search's measurements once there are three, before that this hardware's saved one."""
+    this search's own measurements once there are three. Not this machine's saved predictor: the
+    proposals would then depend on what other searches left on disk, and a rerun of the same
+    config would not propose the same candidates."""
     b, s = cfg.latency.reward_shape
 
     def model(history):
         measured = [o for o in history if o.latency_ms > 0 and not o.failed]
-        if len(measured) >= 3:
-            return LatencyPredictor.fit([o.arch for o in measured], [o.latency_ms for o in measured], b, s,
-                                        cfg.latency.reward_backend).predict
-        return saved.predict if saved is not None else None
+        if len(measured) < 3:
+            return None
+        return LatencyPredictor.fit([o.arch for o in measured], [o.latency_ms for o in measured], b, s,
+                                    cfg.latency.reward_backend).predict
 
     return model
 
@@ -153,9 +155,7 @@ def search_in_folder(
         controller = make_controller(space, cfg.controller, cfg.seed)
         attach_latency_predictor(controller, cfg, budgets)
         if isinstance(controller, TargetsBudgets) and budgets:
-            path = predictor_path(cfg.paths.cache_path(), cfg.latency)
-            saved = LatencyPredictor.load(path) if path.is_file() else None
-            controller.set_budget_targets([ms for _, ms in budgets], budget_latency_model(cfg, saved), NEAR_BUDGET)
+            controller.set_budget_targets([ms for _, ms in budgets], budget_latency_model(cfg), NEAR_BUDGET)
         result = run_search(controller, evaluate, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
                             budgets, on_state=lambda st: st.save(state_path), on_observation=on_observation,
                             seed=state.seed, evaluate_batch=evaluate_batch)
