@@ -145,8 +145,12 @@ def build_me5(dest_root: Path, src: Path | None = None) -> Path:
     digest = sha256_file(src)
     final = dest_root / f"{TEACHER}-{folder_key(digest)}"
     if (final / "config.json").is_file():
-        if damaged_files(final) == []:
+        damaged = damaged_files(final)
+        if damaged == []:
             return final
+        if damaged is None:  # no manifest: kdnas did not write this folder, so it is not ours to replace
+            raise TeacherError(f"{final}: a folder without kdnas's sha256 manifest is in the way of the "
+                               f"{TEACHER} teacher; move it elsewhere")
         warnings.warn(f"{final}: files do not match their recorded sha256 (damaged copy); converting again")
         _set_aside(final)
     packed = read_packed(src)  # before anything is created: a bad file leaves no folder behind
