@@ -43,19 +43,30 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
+from kdnas_core.config import (  # noqa: E402
+    KDNASConfig,
+    TeacherConfig,
+    apply_overrides,
+    config_from_dict,
+)
 from kdnas_core.distill import distill  # noqa: E402
-from kdnas_core.evaluate import ModelEval, compare, embed_onnx, evaluate_encoder, evaluate_model  # noqa: E402
-from kdnas_core.student_eval import PRIMARY, describe_tasks, evaluate_static  # noqa: E402
-from kdnas_core.latency import export_onnx, profile_model, quantize_onnx  # noqa: E402
+from kdnas_core.evaluate import (  # noqa: E402
+    ModelEval,
+    compare,
+    embed_onnx,
+    evaluate_encoder,
+    evaluate_model,
+)
 from kdnas_core.evaluators import ProxyEvaluator, teacher_latency  # noqa: E402
+from kdnas_core.inherit import full_width  # noqa: E402
+from kdnas_core.latency import export_onnx, profile_model, quantize_onnx  # noqa: E402
 from kdnas_core.reports import markdown_table  # noqa: E402
-from kdnas_core.searching import search_in_folder  # noqa: E402
-from kdnas_core.workspace import Workspace  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
+from kdnas_core.searching import search_in_folder  # noqa: E402
 from kdnas_core.student import build_student  # noqa: E402
+from kdnas_core.student_eval import PRIMARY, describe_tasks, evaluate_static  # noqa: E402
 from kdnas_core.teachers import load_teacher  # noqa: E402
-from kdnas_core.config import TeacherConfig  # noqa: E402
+from kdnas_core.workspace import Workspace  # noqa: E402
 
 # Per variant: base config and default scale. "full" is the issue's mpnet-base benchmark, cut to
 # what a 2-core CPU runs in about an hour; each knob is a flag.
@@ -156,14 +167,6 @@ def quick_latency(model, cfg: KDNASConfig) -> float:
     return profile_model(model, lat).median("ort-fp32", b, s)
 
 
-def teacher_slice(ws: Workspace, k: int) -> StudentArch:
-    """The teacher's full width with k of its layers: ``first`` (the truncated teacher, as
-    DistilBERT starts) or ``uniform`` (evenly spread: sentence-transformers' layer reduction)."""
-    t = ws.teacher
-    act = t.config.hidden_act if t.config.hidden_act in ("gelu", "relu", "silu") else "gelu"
-    return StudentArch(k, t.hidden, t.config.num_attention_heads, t.config.intermediate_size, act)
-
-
 def inherited_row(ws: Workspace, arch: StudentArch, name: str, kind: str, note: str = "") -> Row:
     """A student cut from the teacher as ``ws`` cuts them, distilled, with its untrained random
     floor and its "inherited, not distilled" start."""
@@ -232,14 +235,14 @@ def hand_picked(ws: Workspace, target_ms: float, seed: int) -> list[Row]:
     # (truncated) and k evenly spread (layer-dropped), full width, then distilled.
     best_k, best_gap = 1, float("inf")
     for k in range(1, t.num_layers + 1):
-        ms = quick_latency(ws.untrained_student(teacher_slice(ws, k)), ws.cfg)
+        ms = quick_latency(ws.untrained_student(full_width(ws.teacher.config, k)), ws.cfg)
         if abs(ms - target_ms) < best_gap:
             best_k, best_gap = k, abs(ms - target_ms)
         if ms > target_ms:
             break
     for how, label in (("first", "truncated teacher: its first"), ("uniform", "layer-dropped teacher: evenly spread")):
         wsl = Workspace(ws.cfg.model_copy(update={"student": ws.cfg.student.model_copy(update={"layers": how})}), ws.teacher)
-        rows.append(inherited_row(wsl, teacher_slice(ws, best_k), f"{label} {best_k} layer(s)", "hand-picked"))
+        rows.append(inherited_row(wsl, full_width(ws.teacher.config, best_k), f"{label} {best_k} layer(s)", "hand-picked"))
     # Deep and narrow: the teacher's depth, the width whose latency is closest to the pick's.
     options = []
     for width in (32, 64, 96, 128, 192, 256, 384, 512):

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from kdnas_core.config import apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.evaluators import latency_profile  # noqa: E402
 from kdnas_core.final import final_student  # noqa: E402
+from kdnas_core.inherit import full_width  # noqa: E402
 from kdnas_core.reports import markdown_table  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
 from kdnas_core.searching import search_without_prefect  # noqa: E402
@@ -44,10 +45,7 @@ from kdnas_core.workspace import Workspace  # noqa: E402
 def layer_dropped(ws: Workspace, target_ms: float) -> StudentArch:
     """The teacher's full width with the number of evenly spread layers whose latency is
     closest to ``target_ms`` (sentence-transformers' layer reduction)."""
-    t = ws.teacher
-    act = t.config.hidden_act if t.config.hidden_act in ("gelu", "relu", "silu") else "gelu"
-    options = [StudentArch(k, t.hidden, t.config.num_attention_heads, t.config.intermediate_size, act)
-               for k in ws.cfg.search_space.layers if k < t.num_layers]
+    options = [full_width(ws.teacher.config, k) for k in ws.cfg.search_space.layers if k < ws.teacher.num_layers]
     return min(options, key=lambda a: abs(latency_profile(ws, a).latency_ms - target_ms))
 
 

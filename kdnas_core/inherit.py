@@ -132,6 +132,15 @@ def _covered(parts: _Parts) -> set[int]:
     return {id(p) for m in mods for p in m.parameters(recurse=False)}
 
 
+def full_width(teacher_config, layers: int) -> StudentArch:
+    """The teacher's own width (hidden size, heads, FFN) with ``layers`` layers: the truncated
+    or layer-dropped teacher, depending on which layers a student keeps. An activation the
+    search space has no name for becomes gelu."""
+    act = teacher_config.hidden_act if teacher_config.hidden_act in ("gelu", "relu", "silu") else "gelu"
+    return StudentArch(layers, teacher_config.hidden_size, teacher_config.num_attention_heads,
+                       teacher_config.intermediate_size, act)
+
+
 def supports_inheritance(teacher_model: nn.Module) -> str | None:
     """None when students can be cut from this model, else a one-line reason to report."""
     owner = type(teacher_model).__name__

@@ -15,7 +15,12 @@ from kdnas_core.errors import EvalError
 from kdnas_core.evaluate import ModelEval, compare, evaluate_encoder, evaluate_model
 from kdnas_core.reports import markdown_table
 from kdnas_core.seeding import seed_torch
-from kdnas_core.student import ARCH_FILE, build_student, load_student, saved_meta
+from kdnas_core.student import (
+    build_student,
+    is_student_folder,
+    load_student,
+    saved_meta,
+)
 from kdnas_core.workspace import Workspace
 
 
@@ -25,7 +30,7 @@ def kind_of(path: Path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise EvalError(f"{path}: no such folder")
-    if (path / ARCH_FILE).is_file():
+    if is_student_folder(path):
         return "student"
     try:
         config = json.loads((path / "config.json").read_text())
