@@ -247,6 +247,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         evaluate_students,
         kind_of,
         shown_columns,
+        summary_lines,
         write_evaluation,
     )
     from kdnas_core.workspace import Workspace, check_writable

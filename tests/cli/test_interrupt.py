@@ -28,6 +28,10 @@ def main():
     with interrupt.Handler(debug="debug" in sys.argv) as handled:
         if "busy-thread" in sys.argv:
             threading.Thread(target=time.sleep, args=(60,)).start()
+        if "progress-bar" in sys.argv:
+            from tqdm import tqdm
+            bar = tqdm(total=100, desc="distill", mininterval=0)
+            bar.update(10)
         print("ready", flush=True)
         time.sleep(60)
         return 0
@@ -70,6 +74,13 @@ def test_a_busy_thread_cannot_hold_the_process_past_the_deadline():
 def test_a_second_ctrl_c_stops_at_once():
     rc, took, err = run_and_interrupt("busy-thread", signals=2)
     assert (rc, err) == (130, interrupt.MESSAGE + "\n") and took < 2
+
+
+def test_the_line_after_a_progress_bar_starts_a_line_of_its_own():
+    rc, _, err = run_and_interrupt("progress-bar")
+    bar, message = err.rsplit("\n", 2)[:2] if err.count("\n") >= 2 else (err, "")
+    assert rc == 130 and message == interrupt.MESSAGE, err
+    assert "distill:  10%" in bar and interrupt.MESSAGE not in bar, err
 
 
 def test_debug_keeps_the_traceback():
