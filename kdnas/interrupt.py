@@ -44,6 +44,7 @@ _SERVER_MODULE = "prefect.server.api.server"
 _lock = threading.RLock()  # reentrant: a second Ctrl-C may land inside report()
 _since: float | None = None  # monotonic time of the first SIGINT
 _reported = False
+_bar_on_line = False  # a progress bar was drawn on stderr's current line when output was muted
 
 
 def requested() -> bool:
@@ -56,7 +57,9 @@ def report() -> int:
     with _lock:
         if not _reported:
             _reported = True
-            print(MESSAGE, file=sys.stderr, flush=True)
+            # After a live progress bar the cursor sits at the end of its line: without the
+            # newline the message would be glued to the bar ("...loss=0.64]kdnas: interrupted").
+            print(("\n" if _bar_on_line else "") + MESSAGE, file=sys.stderr, flush=True)
     return EXIT_CODE
 
 
@@ -72,8 +75,8 @@ class Handler:
         self._previous = None
 
     def __enter__(self) -> Handler:
-        global _since, _reported
-        _since, _reported = None, False
+        global _since, _reported, _bar_on_line
+        _since, _reported, _bar_on_line = None, False, False
         shield_prefect_server()
         # Registered first, so it runs last: after Prefect's own exit handlers (log and event
         # flushes, the server's stop) and before the interpreter's teardown, which takes seconds
@@ -123,9 +126,11 @@ def _mute() -> None:
         logging.lastResort.setLevel(logging.CRITICAL + 1)
     warnings.simplefilter("ignore")
     # A progress bar being unwound clears its line on close ("\r<spaces>\r"); a disabled bar
-    # writes nothing.
+    # writes nothing. The last one drawn stays on screen, so the message starts a new line.
+    global _bar_on_line
     tqdm = sys.modules.get("tqdm.std")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        _bar_on_line = _bar_on_line or not bar.disable
         bar.disable = True
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
