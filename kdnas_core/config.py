@@ -467,6 +467,14 @@ class EvaluateConfig(_Section):
         return "evaluate.task" if self.task is not None else f"evaluate.tasks[{i}]"
 
 
+class ExportConfig(_Section):
+    # Ship the distillation's learned pooled projection (and the teacher's own Dense layers) as
+    # the student's last layer, so its embeddings live in the teacher's space and can query an
+    # index the teacher built. None: on when the teacher is a sentence-embedding model (its
+    # folder has sentence-transformers files). Needs distill.weights.pooled_cosine > 0.
+    teacher_space: bool | None = None
+
+
 class KDNASConfig(_Section):
     # numpy, scikit-learn and torch all accept seeds in [0, 2**32).
     seed: int = Field(default=0, ge=0, lt=2**32)
@@ -483,6 +491,14 @@ class KDNASConfig(_Section):
     runner: RunnerConfig = RunnerConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _teacher_space_needs_the_pooled_term(self) -> KDNASConfig:
+        if self.export.teacher_space and self.distill.weights.pooled_cosine <= 0:
+            raise ValueError("export.teacher_space = true ships the projection that the pooled-cosine term learns: "
+                             "set distill.weights.pooled_cosine > 0, or export.teacher_space: false")
+        return self
 
     @model_validator(mode="after")
     def _inherited_students_fit_the_teacher(self) -> KDNASConfig:

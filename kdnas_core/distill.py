@@ -21,7 +21,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -44,7 +44,7 @@ from kdnas_core.atomic import (
     sha256_file,
 )
 from kdnas_core.errors import KdnasError
-from kdnas_core.pooling import masked_mean_pool
+from kdnas_core.sentence import pool
 from kdnas_core.seeding import seed_torch
 from kdnas_core.teachers import Teacher, find_qkv
 
@@ -486,9 +486,11 @@ class HiddenStateDistillLoss(nn.Module):
         weights: LossWeights,
         stats: LayerStats | None = None,
         relation_heads: int = 12,
+        pooling: str = "mean",
     ):
         super().__init__()
         self.mapping = [tuple(m) for m in mapping]
+        self.pooling = pooling  # the teacher's own sentence pooling: the pooled term targets its embedding
         self.d_teacher = d_teacher
         self.weights = weights
         self.relation_heads = relation_heads
@@ -549,8 +551,8 @@ class HiddenStateDistillLoss(nn.Module):
             total = total + self.weights.hidden_mse * parts["hidden_mse"]
         if self.pool_proj is not None:
             last_t = targets.states[max(targets.states)]
-            s_pool = self.pool_proj(masked_mean_pool(student_states[-1], mask))
-            t_pool = masked_mean_pool(last_t, mask)
+            s_pool = self.pool_proj(pool(student_states[-1], mask, self.pooling))
+            t_pool = pool(last_t, mask, self.pooling)
             parts["pooled_cosine"] = (1 - F.cosine_similarity(s_pool, t_pool, dim=-1)).sum() / n_texts
             total = total + self.weights.pooled_cosine * parts["pooled_cosine"]
         if self.weights.attention_relation > 0:
@@ -578,9 +580,14 @@ class DistillResult:
     eval_parts: dict[str, float] = field(default_factory=dict)
     # (step, training loss), thinned to at most 200 points for logging.
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    # The learned map of the pooled student state into the teacher's pooled space (when the
+    # pooled-cosine term is on): the student's teacher-space layer at export. Not serialised.
+    pooled_projection: nn.Linear | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(replace(self, pooled_projection=None))  # asdict would deep-copy the module
+        del d["pooled_projection"]
+        return d
 
 
 def _evaluate(student, loss_fn, teacher_states, batches, capture) -> tuple[float, dict[str, float]]:
@@ -741,7 +748,7 @@ def _optimiser(params: list[nn.Parameter], cfg: DistillConfig, budget: TrainBudg
 
 
 def _set_up(student: nn.Module, teacher_states: TeacherStates, cfg: DistillConfig, budget: TrainBudget,
-            mapping: list[tuple[int, ...]], relation: bool, n_batches: int, seed: int) -> _Trainer:
+            mapping: list[tuple[int, ...]], relation: bool, n_batches: int, seed: int, pooling: str = "mean") -> _Trainer:
     """Device, data parallelism, projection heads and loss, optimiser and schedule."""
     device = resolve_device(cfg.device)
     parallel = DataParallel.active()
@@ -752,7 +759,7 @@ def _set_up(student: nn.Module, teacher_states: TeacherStates, cfg: DistillConfi
     if cfg.standardize_targets and stats is None:
         raise KdnasError("distill.standardize_targets needs teacher-state statistics")
     loss_fn = HiddenStateDistillLoss(
-        student.config.hidden_size, teacher_states.hidden, mapping, cfg.weights, stats, cfg.relation_heads
+        student.config.hidden_size, teacher_states.hidden, mapping, cfg.weights, stats, cfg.relation_heads, pooling
     ).to(device)
     capture = _QKVCapture(student, student.config.num_hidden_layers if relation else None)
     params = [p for p in list(student.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
@@ -876,9 +883,11 @@ def distill(
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
     init_heads: Callable[[nn.Module], None] | None = None,
+    pooling: str = "mean",
 ) -> DistillResult:
     """Distil ``student`` in place; returns a small, serialisable summary.
 
+    ``pooling`` is the teacher's sentence pooling (mean, cls or max), used by the pooled term.
     ``init_heads`` starts the loss's projection heads (default: at zero); a teacher-initialised
     student starts them as its selection of the teacher's dimensions.
 
@@ -889,7 +898,7 @@ def distill(
     and a rerun resumes from it, ending where an uninterrupted run would.
     """
     mapping, relation = _check_targets(student, teacher_states, batches, cfg)
-    trainer = _set_up(student, teacher_states, cfg, budget, mapping, relation, len(batches), seed)
+    trainer = _set_up(student, teacher_states, cfg, budget, mapping, relation, len(batches), seed, pooling)
     if init_heads is not None:  # before resuming: a checkpoint's heads replace these
         init_heads(trainer.loss_fn)
     eval_states = eval_states or teacher_states
@@ -901,7 +910,10 @@ def distill(
         final, parts = None, {}
     trainer.capture.close()
     student.to("cpu")  # saving, ONNX export and evaluation work on the CPU copy
-    return _result(run, final, parts)
+    result = _result(run, final, parts)
+    if trainer.loss_fn.pool_proj is not None:
+        result.pooled_projection = trainer.loss_fn.pool_proj.to("cpu")
+    return result
 
 
 def make_teacher_states(

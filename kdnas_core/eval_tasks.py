@@ -388,6 +388,10 @@ class Ranks:
     """Retrieval: the 0-based rank of each query's own positive among every positive."""
 
     ranks: np.ndarray
+    # The embeddings the ranks came from, kept for drop-in retrieval (another model's queries
+    # against this model's positives).
+    queries: np.ndarray | None = field(default=None, repr=False, compare=False)
+    positives: np.ndarray | None = field(default=None, repr=False, compare=False)
     metrics = ("mrr", "recall@1", "recall@10")
     primary = "mrr"
 
@@ -490,7 +494,8 @@ def score_task(task: Task, encode: Encode, probe: ProbeConfig | None = None, see
         return linear_probe(encode(task.train_texts), task.train_labels, encode(task.test_texts), task.test_labels,
                             task.n_classes, probe, seed)
     if task.kind == "retrieval":
-        return Ranks(retrieval_ranks(encode(task.queries), encode(task.positives)))
+        q, p = encode(task.queries), encode(task.positives)
+        return Ranks(retrieval_ranks(q, p), q, p)
     if task.kind == "similarity":
         a, b = _unit(encode(task.text1)), _unit(encode(task.text2))
         return Cosines((a * b).sum(1).astype(np.float64), task.scores)

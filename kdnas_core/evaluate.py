@@ -36,12 +36,15 @@ from kdnas_core.eval_tasks import (
     ClassificationTask,
     Encode,
     Outcome,
+    Ranks,
     Scores,
     Task,
+    retrieval_ranks,
     score_task,
 )
 from kdnas_core.pooling import masked_mean_pool
 from kdnas_core.seeding import seed_torch
+from kdnas_core.sentence import SentenceEncoder
 
 # --------------------------------------------------------------------------------------------
 # Embeddings
@@ -51,6 +54,8 @@ from kdnas_core.seeding import seed_torch
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of every weight: two models with the same fingerprint embed identically."""
     h = hashlib.sha1(type(model).__name__.encode())
+    if isinstance(model, SentenceEncoder):  # pooling and normalisation hold no weights
+        h.update(f"{model.head.pooling}:{model.head.normalize}".encode())
     for name, p in model.state_dict().items():
         h.update(name.encode())
         h.update(p.detach().float().contiguous().numpy().tobytes())
@@ -60,7 +65,8 @@ def model_fingerprint(model: nn.Module) -> str:
 @torch.inference_mode()
 def embed(model: nn.Module, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
           cache_dir: Path | None = None, progress: bool = False, desc: str = "embed") -> np.ndarray:
-    """Mean-pooled last hidden states, one row per text, in the order of ``texts``.
+    """Sentence embeddings, one row per text, in the order of ``texts``: a ``SentenceEncoder``'s
+    own (its pooling, teacher-space layer, normalisation), else mean-pooled last hidden states.
 
     With ``cache_dir`` the result is kept as ``<fingerprint>.npy`` (plain float arrays, loaded
     with ``allow_pickle=False``): the teacher's embeddings are the slow part of a benchmark.
@@ -80,8 +86,11 @@ def embed(model: nn.Module, tokenizer, texts: list[str], max_length: int, batch_
     out: np.ndarray | None = None
     batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        pooled = masked_mean_pool(hidden, batch.attention_mask)
+        if isinstance(model, SentenceEncoder):
+            pooled = model(batch.input_ids, batch.attention_mask)
+        else:
+            hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            pooled = masked_mean_pool(hidden, batch.attention_mask)
         if out is None:
             out = np.empty((len(texts), pooled.shape[-1]), dtype=np.float32)
         out[batch.index.numpy()] = pooled.float().numpy()
@@ -105,7 +114,8 @@ def embed_onnx(onnx_path: Path, tokenizer, texts: list[str], max_length: int, ba
     for batch in length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False):
         feed = {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy()}
         (hidden,) = sess.run(None, feed)
-        pooled = masked_mean_pool(torch.from_numpy(hidden), batch.attention_mask).numpy()
+        # a student's exported file already pools (sentence_embedding); a bare encoder's does not
+        pooled = hidden if hidden.ndim == 2 else masked_mean_pool(torch.from_numpy(hidden), batch.attention_mask).numpy()
         if out is None:
             out = np.empty((len(texts), pooled.shape[-1]), dtype=np.float32)
         out[batch.index.numpy()] = pooled
@@ -310,7 +320,8 @@ def evaluate_model(model: nn.Module, tokenizer, name: str, tasks: list[Task], fi
 
     ev = evaluate_encoder(encode, name, tasks, fidelity_texts, cfg, seed, sum(p.numel() for p in model.parameters()))
     if cfg.finetune.enabled:
-        ev.finetune = {t.label: finetune_classifier(model, tokenizer, t, cfg.finetune, max_length, seed, progress)
+        base = model.encoder if isinstance(model, SentenceEncoder) else model
+        ev.finetune = {t.label: finetune_classifier(base, tokenizer, t, cfg.finetune, max_length, seed, progress)
                        for t in tasks if t.kind == "classification"}
     return ev
 
@@ -341,6 +352,24 @@ def fidelity(ev: ModelEval, teacher: ModelEval, cfg: EvaluateConfig) -> dict:
             "cosine": linear_map_cosine(ev.fidelity, teacher.fidelity)}
 
 
+def dropin_share(student: Ranks, teacher: Ranks, k: int = 10, n: int = 1000, seed: int = 0) -> Estimate | None:
+    """Drop-in retrieval: the student embeds the queries, the teacher the positives (an index
+    the teacher built), as recall@k divided by the teacher's own recall@k, ± a paired bootstrap
+    over queries. None when the two cannot share an index (different widths)."""
+    if student.queries is None or teacher.positives is None or student.queries.shape[1] != teacher.positives.shape[1]:
+        return None
+    mixed = Ranks(retrieval_ranks(student.queries, teacher.positives))
+    metric = f"recall@{k}"
+
+    def share(idx: np.ndarray | None = None) -> float:
+        base = teacher.metric(metric, idx)
+        return mixed.metric(metric, idx) / base if base else float("nan")
+
+    rng = np.random.default_rng(seed)
+    m = len(mixed)
+    return estimate(share(), np.array([share(rng.integers(0, m, m)) for _ in range(n)]))
+
+
 def _nanmean(values: list[float]) -> float:
     """Mean of the defined values (a task whose teacher and floor tie has no gap closed)."""
     v = np.asarray(values, dtype=float)
@@ -352,7 +381,7 @@ def compare(ev: ModelEval, teacher: ModelEval, floor: ModelEval | None, cfg: Eva
     """One results row: per task its metrics, % of teacher and gap closed (± paired bootstrap
     SE) on its primary metric; the summary (mean gap closed over the tasks, ± SE); fidelity."""
     row: dict = {"model": ev.name, "params_m": round(ev.params / 1e6, 2) if ev.params else None}
-    draws, points, pcts = [], [], []
+    draws, points, pcts, dropins = [], [], [], []
     for i, (label, o) in enumerate(ev.outcomes.items()):
         t = teacher.outcomes[label]
         for m in o.metrics:
@@ -369,12 +398,19 @@ def compare(ev: ModelEval, teacher: ModelEval, floor: ModelEval | None, cfg: Eva
             row |= {f"{label}.gap_closed": est.value, f"{label}.gap_closed_se": est.se}
             draws.append(d)
             points.append(est.value)
+        if floor is not None and ev is not teacher and isinstance(o, Ranks):
+            share = dropin_share(o, t, 10, cfg.bootstrap, seed + i)
+            if share is not None:
+                row |= {f"{label}.dropin": share.value, f"{label}.dropin_se": share.se}
+                dropins.append(share.value)
         if label in ev.finetune and label in teacher.finetune:
             row[f"{label}.finetune_acc"] = ev.finetune[label].accuracy
             if floor is not None and label in floor.finetune and ev is not teacher:
                 row[f"{label}.finetune_gap_closed"] = gap_closed(ev.finetune[label].accuracy, floor.finetune[label].accuracy,
                                                                  teacher.finetune[label].accuracy)
     row["summary_pct_teacher"] = _nanmean(pcts)
+    if dropins:  # teacher-built index, student queries: share of the teacher's recall@10
+        row["dropin"] = _nanmean(dropins)
     if points:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a draw where no task had a gap: NaN, dropped

@@ -124,7 +124,7 @@ class ProxyEvaluator:
         r = distill(
             student, self.states, self.batches, cfg.distill, cfg.distill.proxy,
             eval_batches=self.eval_batches, eval_states=self.eval_states, seed=cfg.seed, progress=self.progress,
-            init_heads=start.init_heads,
+            init_heads=start.init_heads, pooling=self.ws.teacher.head.pooling,
         )
         hidden = r.eval_parts.get("hidden_mse", r.final_eval_loss)
         return ProxyResult(normalised_loss(hidden), r.final_eval_loss, r.eval_parts.get("pooled_cosine"),

@@ -20,13 +20,14 @@ from kdnas_core.evaluators import EventLog
 from kdnas_core.keys import key
 from kdnas_core.latency import export_onnx, quantize_onnx
 from kdnas_core.search_space import StudentArch
+from kdnas_core.sentence import SentenceHead
 from kdnas_core.student import (
     TRAINING_BYTES_PER_PARAM,
     DamagedStudent,
     check_fits_in_memory,
     check_student_destination,
     count_parameters,
-    load_student,
+    load_sentence_student,
     save_student,
     saved_meta,
     verify_student,
@@ -91,6 +92,7 @@ def distill_student(
         student, states, batches, cfg.distill, budget,
         eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, progress=progress,
         checkpoint=ckpt, checkpoint_every=cfg.distill.checkpoint_every, init_heads=start.init_heads,
+        pooling=ws.teacher.head.pooling,
     )
     parallel = DataParallel.active()
     meta = {
@@ -105,10 +107,22 @@ def distill_student(
     path = out_dir
     if parallel is None or parallel.main:  # every process holds the same weights: one saves
         student, tokenizer, meta["vocab"] = trimmed(cfg, ws, student)
-        path = save_student(student, tokenizer, arch, out_dir, meta)
+        head = student_head(cfg, ws, result.pooled_projection)
+        meta["sentence"] = {"pooling": head.pooling, "normalize": head.normalize, "teacher_space": head.teacher_space}
+        path = save_student(student, tokenizer, arch, out_dir, meta, head)
         remove_checkpoint(ckpt)
     return FinalStudent(arch.name, arch.arch_id, str(path), result.to_dict(), meta["world_size"],
                         cfg.teacher.name, count_parameters(student), count_parameters(ws.teacher.model), len(ws.splits.get(split)))
+
+
+def student_head(cfg: KDNASConfig, ws: Workspace, projection) -> SentenceHead:
+    """The student's sentence head: the teacher's pooling and normalisation; with
+    ``export.teacher_space`` (default: when the teacher is a sentence-embedding model) also the
+    learned pooled projection and the teacher's Dense layers, so it embeds into the teacher's space."""
+    t = ws.teacher.head
+    head = SentenceHead(t.pooling, (), t.normalize, cfg.data.max_length)
+    wanted = cfg.export.teacher_space if cfg.export.teacher_space is not None else ws.teacher.sentence_head is not None
+    return head.with_projection(projection, t) if wanted and projection is not None else head
 
 
 def trimmed(cfg: KDNASConfig, ws: Workspace, student) -> tuple[object, object, dict | None]:
@@ -168,9 +182,11 @@ def saved_student_meta(folder: Path, log=None) -> dict:
 
 
 def export_student(student_path: str | Path, cfg: LatencyConfig) -> dict:
-    """ONNX (fp32) and dynamic-int8 ONNX files next to a saved student."""
+    """ONNX (fp32) and dynamic-int8 ONNX files next to a saved student: token ids and attention
+    mask in, the finished sentence embedding out (pooling, teacher-space layer and normalisation
+    inside the graph), as ``kdnas embed`` and the registered MLflow model use it."""
     path = Path(student_path)
-    model, arch = load_student(path)
+    model, arch = load_sentence_student(path)
     onnx = export_onnx(model, path / "model.onnx", cfg.opset)
     int8 = quantize_onnx(onnx, path / "model.int8.onnx")
     return {"arch": arch.name, "arch_id": arch.arch_id, "onnx": str(onnx), "onnx_int8": str(int8)}

@@ -40,8 +40,8 @@ KEYS: dict[str, Key] = {
     # The latency of the teacher, and of students of its vocabulary, on this hardware.
     "latency_settings": Key(("latency",), why="how latency is measured"),
     # A final student: saved once, reused by every rerun of any search with the same recipe.
-    "final": Key(("seed", "teacher", "data", "student", "distill"), exclude=("distill.world_size",),
-                 why="a final student's weights (not how many processes trained it)"),
+    "final": Key(("seed", "teacher", "data", "student", "distill", "export"), exclude=("distill.world_size",),
+                 why="a final student's weights and sentence head (not how many processes trained it)"),
     # A final distillation's checkpoint (next to its student folder).
     "checkpoint": Key(("seed", "teacher", "data", "student", "distill"), exclude=TRIM, why="a resumable training run"),
     # The search folder: re-running the same config resumes it.

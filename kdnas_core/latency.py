@@ -165,7 +165,9 @@ _EXPORT_LOCK = threading.Lock()
 
 
 def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
-    """Export with dynamic batch and sequence axes; written next to ``path`` and renamed."""
+    """Export with dynamic batch and sequence axes; written next to ``path`` and renamed.
+    Inputs ``input_ids`` and ``attention_mask`` (int64); output ``sentence_embedding`` [batch, dim]
+    for a ``SentenceEncoder``, else ``last_hidden_state`` [batch, sequence, hidden]."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -175,15 +177,20 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
     try:
         # The tracer warns about shape-dependent Python branches in transformers' masking code;
         # they are benign here (tests check outputs at other batch sizes and lengths).
+        # A SentenceEncoder exports its finished sentence embedding; a bare encoder its states.
+        from kdnas_core.sentence import SentenceEncoder
+
+        sentence = isinstance(model, SentenceEncoder)
+        output = "sentence_embedding" if sentence else "last_hidden_state"
         with _EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _EncoderForExport(model), (ids, mask), str(tmp),
-                input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                model if sentence else _EncoderForExport(model), (ids, mask), str(tmp),
+                input_names=["input_ids", "attention_mask"], output_names=[output],
                 dynamic_axes={
                     "input_ids": {0: "batch", 1: "sequence"},
                     "attention_mask": {0: "batch", 1: "sequence"},
-                    "last_hidden_state": {0: "batch", 1: "sequence"},
+                    output: {0: "batch"} if sentence else {0: "batch", 1: "sequence"},
                 },
                 opset_version=opset, dynamo=False, do_constant_folding=True,
             )

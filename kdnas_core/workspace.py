@@ -46,6 +46,7 @@ from kdnas_core.inherit import (
     supports_inheritance,
 )
 from kdnas_core.search_space import SearchSpace, StudentArch
+from kdnas_core.sentence import SentenceEncoder, SentenceHead
 from kdnas_core.student import build_student, check_fits_in_memory
 from kdnas_core.teachers import Teacher, load_teacher
 
@@ -169,6 +170,9 @@ class Workspace:
         """``model`` on every task; ``tokenizer``: its own, where it is not the teacher's (a
         corpus-trimmed vocabulary)."""
         e = self.cfg.evaluate
+        if not isinstance(model, SentenceEncoder):  # pooled and normalised as the teacher does
+            t = self.teacher.head
+            model = SentenceEncoder(model, SentenceHead(t.pooling, (), t.normalize))
         return evaluate_model(model, tokenizer or self.teacher.tokenizer, name, self.tasks, self.fidelity_texts, e,
                               e.max_length or self.cfg.data.max_length, self.cfg.paths.cache_path() / "embeddings",
                               self.cfg.seed, progress)
@@ -238,7 +242,8 @@ class Workspace:
 
     @functools.cached_property
     def teacher_eval(self) -> ModelEval:
-        return self.evaluate(self.teacher.model, f"teacher {self.cfg.teacher.name}")
+        teacher = SentenceEncoder(self.teacher.model, self.teacher.head)  # with its own Dense layers, if any
+        return self.evaluate(teacher, f"teacher {self.cfg.teacher.name}")
 
 
 def read_tasks(cfg: KDNASConfig, distilled_texts: list[str]) -> list[Task]:

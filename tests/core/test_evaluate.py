@@ -155,3 +155,23 @@ def test_finetuning_learns_a_keyword_task(bert_teacher):
     assert scores.accuracy > 0.9
     # Fine-tuning works on a copy: the teacher itself is untouched and still frozen.
     assert not any(p.requires_grad for p in bert_teacher.model.parameters())
+
+
+def test_dropin_share_is_the_teachers_index_queried_by_the_student():
+    from kdnas_core.eval_tasks import Ranks, retrieval_ranks
+    from kdnas_core.evaluate import dropin_share
+
+    rng = np.random.default_rng(0)
+    q, p = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    p = q + 0.8 * p  # positives near their queries: the teacher finds most of them
+    teacher = Ranks(retrieval_ranks(q, p), q, p)
+    same = dropin_share(Ranks(teacher.ranks, q.copy(), p), teacher, n=200)
+    assert same.value == pytest.approx(1.0) and same.se < 0.02
+    # a student whose queries are a rotation of the teacher's: its own retrieval is perfect
+    # (cosines are rotation-invariant), but it cannot query the teacher's index
+    rot, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    rotated = Ranks(retrieval_ranks(q @ rot, p @ rot), q @ rot, p @ rot)
+    assert rotated.metric("recall@10") == teacher.metric("recall@10")
+    assert dropin_share(rotated, teacher, n=200).value < 0.3
+    narrower = Ranks(teacher.ranks, q[:, :8], p[:, :8])
+    assert dropin_share(narrower, teacher) is None

@@ -44,7 +44,7 @@ def candidates(value, annotation) -> list:
     if isinstance(value, list):
         return [value[:1], value + value[-1:], [[2, 64]], ["ort-int8", "ort-fp32"], ["1ms"]] if value else [["x"]]
     if value is None:
-        return [3, 0.1, "s3://kdnas-bucket/x", "tcp://127.0.0.1:8786", "other", 1000, {"epochs": 1}, {"test_size": 7}]
+        return [3, 0.1, "s3://kdnas-bucket/x", "tcp://127.0.0.1:8786", "other", 1000, {"epochs": 1}, {"test_size": 7}, False]
     if isinstance(value, dict):
         return [{**value, "GPU": 1}, {"GPU": 1}]
     return []
