@@ -70,6 +70,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         parts = ", ".join(f"{k} {v:.4f}" for k, v in r["eval_parts"].items())
         print(f"          after: {parts}")
     print(f"saved     {summary.path}")
+    summary = summary.exported(cfg.latency)
+    print(f"ONNX      {summary.onnx} (int8: {Path(summary.onnx_int8).name}); kdnas embed --model {summary.path}")
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2, default=str))
     return 0
@@ -148,7 +150,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not args.no_final:
         from kdnas_core.evaluators import EventLog
         from kdnas_core.final import final_student
-        from kdnas_core.student_eval import evaluate_students, summary_lines, write_evaluation
+        from kdnas_core.student_eval import (
+            evaluate_students,
+            summary_lines,
+            write_evaluation,
+        )
 
         finals = {}
         for name in dict.fromkeys(r["arch"] for r in result.recommendations if r["arch"]):
@@ -301,6 +307,50 @@ def cmd_arch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embeddings of texts (a file or stdin, one per line) from a student folder's ONNX file."""
+    import numpy as np
+
+    from kdnas_core.onnx_embedder import ONNX_FILES, EmbedError, OnnxEmbedder
+    from kdnas_core.student import is_student_folder
+
+    folder = args.model
+    if not folder.is_dir():
+        raise KdnasError(f"--model {folder}: no such folder")
+    if not (folder / ONNX_FILES[args.precision]).is_file() and is_student_folder(folder):
+        from kdnas_core.config import LatencyConfig
+        from kdnas_core.final import export_student
+
+        print(f"kdnas: exporting the ONNX files of {folder} first", file=sys.stderr)
+        export_student(folder, LatencyConfig())
+    if args.output is not None and args.output.suffix not in (".npy", ".jsonl"):
+        raise KdnasError(f"--output {args.output}: expected a .npy or .jsonl file")
+    source = sys.stdin if args.input in (None, Path("-")) else None
+    if source is None and not args.input.is_file():
+        raise KdnasError(f"--input {args.input}: no such file")
+    lines = (source.read() if source else args.input.read_text(encoding="utf-8")).splitlines()
+    texts = [t for t in lines if t.strip()]
+    try:
+        vectors = OnnxEmbedder(folder, args.precision)(texts)
+    except EmbedError as err:
+        raise KdnasError(str(err)) from None
+    if args.output is not None and args.output.suffix == ".npy":
+        from kdnas_core.atomic import write_npy
+
+        write_npy(args.output, vectors)
+        print(f"{len(texts)} embeddings of width {vectors.shape[1]} written to {args.output}", file=sys.stderr)
+        return 0
+    rows = "".join(json.dumps({"text": t, "embedding": np.round(v, 7).tolist()}) + "\n" for t, v in zip(texts, vectors))
+    if args.output is None:
+        sys.stdout.write(rows)
+    else:
+        from kdnas_core.atomic import write_text
+
+        write_text(args.output, rows)
+        print(f"{len(texts)} embeddings of width {vectors.shape[1]} written to {args.output}", file=sys.stderr)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line too (argparse prints the whole usage before its message)."""
 
@@ -359,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", default="configs/default.yaml", type=Path)
     sv.add_argument("--cron", default="0 3 * * 0", help="re-search schedule (default: Sundays 03:00 UTC)")
     sv.set_defaults(func=cmd_serve)
+
+    em = sub.add_parser("embed", parents=[common], help="sentence embeddings of texts from a student's ONNX file")
+    em.add_argument("--model", required=True, type=Path, help="a student folder (kdnas distill or search output)")
+    em.add_argument("--input", type=Path, default=None, help="text file, one text per line (default: stdin)")
+    em.add_argument("--output", type=Path, default=None, help="a .npy or .jsonl file (default: JSON lines on stdout)")
+    em.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="which ONNX file (default fp32)")
+    em.set_defaults(func=cmd_embed)
 
     a = sub.add_parser("arch", parents=[common], help="print an architecture's canonical name and arch_id")
     a.add_argument("name")
