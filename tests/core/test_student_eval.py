@@ -23,7 +23,7 @@ def _static_model(folder, tokenizer, dim: int = 32):
     return folder / "m2v"
 
 
-def test_students_and_baselines_share_one_table(tiny_config, tokenizer, tmp_path):
+def test_students_and_baselines_share_one_table(tiny_config, tokenizer, tmp_path, capsys):
     cfg = load_config(tiny_config)
     ws = Workspace.prepare(cfg).validate()
     student = distill_student(cfg, "L1-H32-A2-F64-gelu", ws=ws, max_steps=2, progress=False)
@@ -32,6 +32,7 @@ def test_students_and_baselines_share_one_table(tiny_config, tokenizer, tmp_path
     assert [kind_of(p) for p in (student.path, hf_folder, static)] == ["student", "transformers", "model2vec"]
 
     table = evaluate_students(ws, [student.path, hf_folder, static], progress=False)
+    assert "embed " not in capsys.readouterr().err  # progress=False: no bar, the teacher's included
     assert table.role.tolist() == ["teacher", "student", "inherited", "floor", "baseline", "floor", "baseline", "floor"]
     assert table.arch.tolist()[4:] == ["transformers:teacher"] * 2 + ["model2vec:m2v"] * 2
     rows = table.set_index(["role", "arch"])
