@@ -89,8 +89,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     lat_cfg = cfg.latency.model_copy(update={"backends": backends})
     ws = Workspace.prepare(cfg)
     arch = StudentArch.from_name(args.arch)
-    student = profile_arch(ws, arch, lat_cfg, cache=False)
-    teacher = teacher_latency(ws, lat_cfg)
+    student = profile_arch(ws, arch, lat_cfg, cache=False, progress=True)
+    teacher = teacher_latency(ws, lat_cfg, progress=True)
     vocab, positions = ws.teacher.config.vocab_size, ws.teacher.config.max_position_embeddings
     params = count_params(arch, vocab, positions)
     print(f"student {arch.name} (arch_id {arch.arch_id}): {params['total'] / 1e6:.1f} M params "

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from kdnas_core.checkpoint import UnusableCheckpoint, find_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from kdnas_core.config import DistillConfig, LossWeights, TrainBudget
 from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches
+from kdnas_core.progress import Bar, Progress, track
 from kdnas_core.atomic import (
     check_free_space,
     commit_dir,
@@ -281,7 +281,7 @@ class CachedTeacherStates:
         relation_layer: int | None = None,
         cache_root: Path | None = None,
         batch_size: int = 64,
-        progress: bool = True,
+        progress: Progress = True,
         shared: SharedStates | None = None,
     ) -> CachedTeacherStates:
         """Run the teacher once over ``tokens``; reuse a finished cache under ``cache_root``,
@@ -390,7 +390,7 @@ def _allocate(folder: Path | None, name: str, rows: int, width: int) -> np.ndarr
 
 def _compute_states(teacher: Teacher, tokens: TokenizedTexts, layers: tuple[int, ...], relation_layer: int | None,
                     key: str, folder: Path | None, batch_size: int,
-                    progress: bool) -> tuple[dict, dict[str, np.ndarray], LayerStats]:
+                    progress: Progress) -> tuple[dict, dict[str, np.ndarray], LayerStats]:
     """Run the teacher over ``tokens`` into packed arrays (files in ``folder``, or memory when it is
     None); returns the cache's meta, its arrays (``offsets`` last) and the layer statistics."""
     offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
@@ -402,7 +402,7 @@ def _compute_states(teacher: Teacher, tokens: TokenizedTexts, layers: tuple[int,
     capture = _QKVCapture(teacher.model, relation_layer)
     batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
     try:
-        for b in tqdm(batches, desc=f"teacher states {key[:8]}", disable=not progress, leave=False):
+        for b in track(batches, f"teacher states {key[:8]}", progress, "batch"):
             t = _teacher_forward(teacher, b, layers, capture)
             acc.add(t, b.attention_mask)
             m = b.attention_mask.bool()
@@ -814,15 +814,14 @@ def _train_step(trainer: _Trainer, batch: Batch) -> float:
 
 
 def _train(trainer: _Trainer, run: _RunState, batches: list[Batch], seed: int,
-           on_step: Callable[[int, float, float], None] | None, progress: bool, checkpoint: Path | None,
+           on_step: Callable[[int, float, float], None] | None, progress: Progress, checkpoint: Path | None,
            checkpoint_every: int) -> None:
     """Train from ``run.step`` to the end of the schedule, updating ``run`` and saving it with the
     model every ``checkpoint_every`` steps."""
     trainer.student.train()
     trainer.loss_fn.train()
     start = time.perf_counter() - run.seconds
-    bar = tqdm(total=trainer.total_steps, initial=run.step, desc="distill", disable=not progress or not trainer.main,
-               leave=False)
+    bar = Bar(trainer.total_steps, "distill", progress if trainer.main else False, "step", initial=run.step)
     try:
         while run.step < trainer.total_steps:
             # Each epoch's batch order depends only on (seed, epoch): a resumed run continues
@@ -839,8 +838,7 @@ def _train(trainer: _Trainer, run: _RunState, batches: list[Batch], seed: int,
                 run.losses.append(value)
                 run.tokens += batches[i].n_tokens
                 run.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}")
+                bar.update(1, loss=value)
                 if on_step is not None:
                     on_step(run.step, value, trainer.sched.get_last_lr()[0])
                 if (checkpoint is not None and checkpoint_every > 0 and run.step % checkpoint_every == 0
@@ -879,7 +877,7 @@ def distill(
     eval_states: TeacherStates | None = None,
     seed: int = 0,
     on_step: Callable[[int, float, float], None] | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
     init_heads: Callable[[nn.Module], None] | None = None,
@@ -924,7 +922,7 @@ def make_teacher_states(
     cache_root: Path | None,
     passes: int,
     stats_batches: list[Batch] | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     shared: SharedStates | None = None,
 ) -> TeacherStates:
     """Cached states when the texts are seen more than once (or when asked), live otherwise."""

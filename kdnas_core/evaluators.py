@@ -14,6 +14,7 @@ from kdnas_core.config import LatencyConfig
 from kdnas_core.distill import distill
 from kdnas_core.keys import key
 from kdnas_core.latency import LatencyReport, hardware_key, profile_model
+from kdnas_core.progress import Progress
 from kdnas_core.reward import normalised_loss
 from kdnas_core.search import BatchEvaluator, Evaluation, Evaluator
 from kdnas_core.search_space import StudentArch
@@ -21,7 +22,7 @@ from kdnas_core.student import TRAINING_BYTES_PER_PARAM, count_parameters
 from kdnas_core.workspace import Workspace
 
 
-def teacher_latency(ws: Workspace, cfg: LatencyConfig | None = None) -> LatencyReport:
+def teacher_latency(ws: Workspace, cfg: LatencyConfig | None = None, progress: Progress = False) -> LatencyReport:
     """The teacher's latency (the reward's reference), measured once per hardware, teacher and
     latency settings, then read back from ``<cache_dir>/latency/``."""
     cfg = cfg or ws.cfg.latency
@@ -29,12 +30,13 @@ def teacher_latency(ws: Workspace, cfg: LatencyConfig | None = None) -> LatencyR
     path = ws.cfg.paths.cache_path() / "latency" / hardware_key(cfg) / f"teacher-{ws.teacher.fingerprint}-{settings}.json"
     if path.is_file():
         return LatencyReport.from_dict(json.loads(path.read_text()))
-    report = profile_model(ws.teacher.model, cfg)
+    report = profile_model(ws.teacher.model, cfg, progress=progress)
     write_json(path, report.to_dict())
     return report
 
 
-def profile_arch(ws: Workspace, arch: StudentArch, cfg: LatencyConfig | None = None, cache: bool = True) -> LatencyReport:
+def profile_arch(ws: Workspace, arch: StudentArch, cfg: LatencyConfig | None = None, cache: bool = True,
+                 progress: Progress = False) -> LatencyReport:
     """Latency of ``arch`` as a student of this teacher. Weights do not change latency, so an
     untrained student is timed, and a measurement is kept per hardware, latency settings,
     teacher vocabulary and arch_id: a resumed or repeated search never re-times an arch."""
@@ -50,7 +52,7 @@ def profile_arch(ws: Workspace, arch: StudentArch, cfg: LatencyConfig | None = N
             return LatencyReport.from_dict(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)  # damaged: measure again
-    report = profile_model(ws.untrained_student(arch), cfg)
+    report = profile_model(ws.untrained_student(arch), cfg, progress=progress)
     if cache:
         write_json(path, report.to_dict())
     return report
@@ -71,9 +73,9 @@ class LatencyProfile:
         return cls(d["latency_ms"], LatencyReport.from_dict(d["report"]))
 
 
-def latency_profile(ws: Workspace, arch: StudentArch) -> LatencyProfile:
+def latency_profile(ws: Workspace, arch: StudentArch, progress: Progress = False) -> LatencyProfile:
     """``arch``'s latency as the reward reads it (cached, see ``profile_arch``)."""
-    report = profile_arch(ws, arch)
+    report = profile_arch(ws, arch, progress=progress)
     return LatencyProfile(report.median(ws.cfg.latency.reward_backend, *ws.cfg.latency.reward_shape), report)
 
 
@@ -106,7 +108,7 @@ class ProxyEvaluator:
     """The real KD-NAS evaluator: distil a candidate on the proxy split (teacher states from the
     cache, built once for every depth in the space) and measure its latency."""
 
-    def __init__(self, ws: Workspace, progress: bool = True, on_event=None):
+    def __init__(self, ws: Workspace, progress: Progress = True, on_event=None):
         self.ws, self.progress = ws, progress
         self.on_event = on_event or (lambda event, arch: None)
         layers = ws.layers_for(ws.space.layers)
@@ -115,16 +117,18 @@ class ProxyEvaluator:
         self.batches = ws.batches("proxy")
         self.eval_batches = ws.batches("eval")
 
-    def distill(self, arch: StudentArch) -> ProxyResult:
-        """Proxy-distil ``arch`` from its start (teacher slice or random) on the proxy split."""
+    def distill(self, arch: StudentArch, progress: Progress | None = None) -> ProxyResult:
+        """Proxy-distil ``arch`` from its start (teacher slice or random) on the proxy split;
+        ``progress`` replaces the evaluator's own for this one (a task logs to its own run)."""
         cfg = self.ws.cfg
         self.ws.space.validate(arch)
         start = self.ws.start_student(arch, TRAINING_BYTES_PER_PARAM, cfg.distill.dropout)
         student = start.model
         r = distill(
             student, self.states, self.batches, cfg.distill, cfg.distill.proxy,
-            eval_batches=self.eval_batches, eval_states=self.eval_states, seed=cfg.seed, progress=self.progress,
-            init_heads=start.init_heads, pooling=self.ws.teacher.head.pooling,
+            eval_batches=self.eval_batches, eval_states=self.eval_states, seed=cfg.seed,
+            progress=self.progress if progress is None else progress, init_heads=start.init_heads,
+            pooling=self.ws.teacher.head.pooling,
         )
         hidden = r.eval_parts.get("hidden_mse", r.final_eval_loss)
         return ProxyResult(normalised_loss(hidden), r.final_eval_loss, r.eval_parts.get("pooled_cosine"),
@@ -134,7 +138,7 @@ class ProxyEvaluator:
         self.on_event("proxy-distill", arch)
         proxy = self.distill(arch)
         self.on_event("profile-latency", arch)
-        return proxy.evaluation(latency_profile(self.ws, arch).latency_ms)
+        return proxy.evaluation(latency_profile(self.ws, arch, self.progress).latency_ms)
 
 
 class EventLog:

@@ -19,6 +19,7 @@ from kdnas_core.errors import ArchError, KdnasError
 from kdnas_core.evaluators import EventLog
 from kdnas_core.keys import key
 from kdnas_core.latency import export_onnx, quantize_onnx
+from kdnas_core.progress import Progress
 from kdnas_core.search_space import StudentArch
 from kdnas_core.sentence import SentenceHead
 from kdnas_core.student import (
@@ -71,7 +72,7 @@ def distill_student(
     out_dir: Path | None = None,
     max_steps: int | None = None,
     ws: Workspace | None = None,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> FinalStudent:
     """Distil one architecture on ``split`` and save it (the one entry point of a distillation
     that is kept: ``kdnas distill``, final students, each torchrun process)."""
@@ -140,7 +141,7 @@ def trimmed(cfg: KDNASConfig, ws: Workspace, student) -> tuple[object, object, d
 
 
 def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: EventLog | None = None,
-                  progress: bool = True) -> FinalStudent:
+                  progress: Progress = True) -> FinalStudent:
     """One final student: kept if already saved for this config, resumed from its checkpoint
     if interrupted, distilled otherwise (the plain loop and the flow's task share this)."""
     log = log or (lambda *a, **k: None)

@@ -30,6 +30,7 @@ from torch import nn
 from kdnas_core.atomic import write_json
 from kdnas_core.config import LatencyConfig
 from kdnas_core.errors import KdnasError
+from kdnas_core.progress import Progress, track
 from kdnas_core.search_space import StudentArch
 
 BACKENDS = ("ort-fp32", "ort-int8", "torch", "cuda")
@@ -270,7 +271,8 @@ def _torch_threads(n: int):
     return _Ctx()
 
 
-def profile_model(model: nn.Module, cfg: LatencyConfig, workdir: Path | None = None) -> LatencyReport:
+def profile_model(model: nn.Module, cfg: LatencyConfig, workdir: Path | None = None,
+                  progress: Progress = False) -> LatencyReport:
     """Measure ``model`` on every configured backend and (batch, sequence) shape."""
     check_grid(model, cfg.grid)
     for b in cfg.backends:
@@ -281,7 +283,7 @@ def profile_model(model: nn.Module, cfg: LatencyConfig, workdir: Path | None = N
     model.eval()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         onnx_fp32 = None
-        for backend in cfg.backends:
+        for backend in track(cfg.backends, "latency", progress, "backend"):
             res: dict[str, LatencyStats] = {}
             if backend.startswith("ort"):
                 if onnx_fp32 is None:

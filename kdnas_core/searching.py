@@ -18,6 +18,7 @@ from kdnas_core.evaluators import (
 from kdnas_core.keys import key
 from kdnas_core.latency import LatencyPredictor, predictor_path
 from kdnas_core.lock import exclusive
+from kdnas_core.progress import Progress
 from kdnas_core.reports import write_search_tables
 from kdnas_core.reward import budgeted_reward, parse_budget, reward
 from kdnas_core.search import (
@@ -165,7 +166,7 @@ def search_in_folder(
 
 
 def search_without_prefect(cfg: KDNASConfig, warm_from: Path | None = None, fresh: bool = False,
-                     progress: bool = True, on_observation=None, ws: Workspace | None = None,
+                     progress: Progress = True, on_observation=None, ws: Workspace | None = None,
                      research: bool = False) -> tuple[SearchResult, Path, float]:
     """A full search on this machine without Prefect: resumes an interrupted run of the same
     config, or warm-starts from another search's ``state.json``."""
@@ -173,7 +174,7 @@ def search_without_prefect(cfg: KDNASConfig, warm_from: Path | None = None, fres
     if warm_from is not None:  # before any work: a state of another teacher is refused at once
         _check_compatible(SearchState.load(warm_from), ws.teacher.fingerprint, cfg, warm_from)
     b, s = cfg.latency.reward_shape
-    teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
+    teacher_ms = teacher_latency(ws, progress=progress).median(cfg.latency.reward_backend, b, s)
     folder = search_dir(cfg)
     log = EventLog(folder)
     evaluate = RecordedEvaluator(ProxyEvaluator(ws, progress, on_event=log), folder, log)

@@ -13,6 +13,7 @@ import pandas as pd
 from kdnas_core.atomic import write_text
 from kdnas_core.errors import EvalError
 from kdnas_core.evaluate import ModelEval, compare, evaluate_encoder, evaluate_model
+from kdnas_core.progress import Progress
 from kdnas_core.reports import markdown_table
 from kdnas_core.seeding import seed_torch
 from kdnas_core.sentence import SentenceEncoder, read_head
@@ -68,7 +69,7 @@ def evaluate_static(ws: Workspace, path: Path) -> tuple[ModelEval, ModelEval]:
     return run(model, path.name), run(random_model, f"{path.name} untrained")
 
 
-def _evaluate_transformers(ws: Workspace, path: Path, progress: bool) -> tuple[ModelEval, ModelEval]:
+def _evaluate_transformers(ws: Workspace, path: Path, progress: Progress) -> tuple[ModelEval, ModelEval]:
     """Any Hugging Face encoder with its own tokenizer, and its floor: the same architecture with
     random weights."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -92,12 +93,12 @@ def _evaluate_transformers(ws: Workspace, path: Path, progress: bool) -> tuple[M
     return run(model, path.name), run(floor, f"{path.name} untrained")
 
 
-def evaluate_students(ws: Workspace, paths: list[str | Path], progress: bool = True) -> pd.DataFrame:
+def evaluate_students(ws: Workspace, paths: list[str | Path], progress: Progress = True) -> pd.DataFrame:
     """The teacher, then for each path: a kdnas student (with its "inherited, not distilled"
     start when it was cut from the teacher) or a baseline, each followed by its floor."""
-    teacher = ws.teacher_eval
+    teacher = ws.teacher_evaluation(progress)
     e, seed = ws.cfg.evaluate, ws.cfg.seed
-    rows = [{"role": "teacher", "arch": None, "arch_id": None, **compare(teacher, teacher, None, e, seed)}]
+    rows = [{"role": "teacher", "arch": None, "arch_id": None, **compare(teacher, teacher, None, e, seed, progress)}]
     for p in map(Path, paths):
         kind = kind_of(p)
         if kind == "student":
@@ -113,15 +114,15 @@ def evaluate_students(ws: Workspace, paths: list[str | Path], progress: bool = T
 
                 tokenizer = AutoTokenizer.from_pretrained(str(p))
             scored = ws.evaluate(model, arch.name, progress, tokenizer)
-            rows.append({"role": "student", **ident, **compare(scored, teacher, floor, e, seed)})
+            rows.append({"role": "student", **ident, **compare(scored, teacher, floor, e, seed, progress)})
             if meta.get("init") == "teacher":  # what inheritance alone gave, before distillation
                 inherited = ws.evaluate(ws.build_student(arch), f"{arch.name} inherited, not distilled", progress)
-                rows.append({"role": "inherited", **ident, **compare(inherited, teacher, floor, e, seed)})
+                rows.append({"role": "inherited", **ident, **compare(inherited, teacher, floor, e, seed, progress)})
         else:
             ident = {"arch": f"{kind}:{p.name}", "arch_id": None}
             model_eval, floor = evaluate_static(ws, p) if kind == "model2vec" else _evaluate_transformers(ws, p, progress)
-            rows.append({"role": "baseline", **ident, **compare(model_eval, teacher, floor, e, seed)})
-        rows.append({"role": "floor", **ident, **compare(floor, teacher, None, e, seed)})
+            rows.append({"role": "baseline", **ident, **compare(model_eval, teacher, floor, e, seed, progress)})
+        rows.append({"role": "floor", **ident, **compare(floor, teacher, None, e, seed, progress)})
     table = pd.DataFrame(rows)
     table.attrs["tasks"] = describe_tasks(ws)
     return table

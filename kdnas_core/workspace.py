@@ -45,6 +45,7 @@ from kdnas_core.inherit import (
     student_config_like,
     supports_inheritance,
 )
+from kdnas_core.progress import Progress
 from kdnas_core.search_space import SearchSpace, StudentArch
 from kdnas_core.sentence import SentenceEncoder, SentenceHead
 from kdnas_core.student import build_student, check_fits_in_memory
@@ -67,6 +68,7 @@ class Workspace:
     # Where teacher-state caches are shared with other machines (set by the orchestration
     # layer from paths.shared_cache; None: this machine's cache folder only).
     shared_states: SharedStates | None = None
+    _teacher_eval: ModelEval | None = field(default=None, repr=False)
 
     @classmethod
     def prepare(cls, cfg: KDNASConfig) -> Workspace:
@@ -129,7 +131,7 @@ class Workspace:
         d = self.cfg.distill
         return teacher_layers_needed(student_layers, self.teacher.num_layers, d.mapping, d.weights)
 
-    def teacher_states(self, split: str, layers: tuple[int, ...], passes: float, progress: bool = True) -> TeacherStates:
+    def teacher_states(self, split: str, layers: tuple[int, ...], passes: float, progress: Progress = True) -> TeacherStates:
         # Standardisation statistics for a live teacher come from the first few training batches.
         stats_batches = self.batches(split)[:20]
         return make_teacher_states(
@@ -137,7 +139,7 @@ class Workspace:
             self.state_cache_root, math.ceil(passes), stats_batches, progress, self.shared_states,
         )
 
-    def distill_inputs(self, split: str, budget: TrainBudget, student_layers: int, progress: bool = True
+    def distill_inputs(self, split: str, budget: TrainBudget, student_layers: int, progress: Progress = True
                        ) -> tuple[list[Batch], TeacherStates, CachedTeacherStates]:
         """Batches, teacher states and held-out states of a distillation of ``budget`` on ``split``."""
         batches = self.batches(split)
@@ -145,14 +147,14 @@ class Workspace:
         layers = self.layers_for([student_layers])
         return batches, self.teacher_states(split, layers, passes, progress), self.eval_states(layers, progress)
 
-    def cached_states(self, split: str, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
+    def cached_states(self, split: str, layers: tuple[int, ...], progress: Progress = True) -> CachedTeacherStates:
         """Teacher states of ``split`` computed once (reused from disk when present)."""
         relation = self.teacher.num_layers if self.cfg.distill.weights.attention_relation > 0 else None
         root = self.state_cache_root if self.cfg.distill.cache_on_disk else None
         return CachedTeacherStates.build(self.teacher, self.tokens(split), layers, relation, root, progress=progress,
                                          shared=self.shared_states if root is not None else None)
 
-    def eval_states(self, layers: tuple[int, ...], progress: bool = True) -> CachedTeacherStates:
+    def eval_states(self, layers: tuple[int, ...], progress: Progress = True) -> CachedTeacherStates:
         # Evaluated twice per candidate and shared by all of them: always worth caching.
         return self.cached_states("eval", layers, progress)
 
@@ -166,7 +168,7 @@ class Workspace:
         """Held-out corpus texts (never distilled on) for the task-free fidelity scores."""
         return self.splits.eval[: self.cfg.evaluate.fidelity_texts]
 
-    def evaluate(self, model, name: str, progress: bool = True, tokenizer=None) -> ModelEval:
+    def evaluate(self, model, name: str, progress: Progress = True, tokenizer=None) -> ModelEval:
         """``model`` on every task; ``tokenizer``: its own, where it is not the teacher's (a
         corpus-trimmed vocabulary)."""
         e = self.cfg.evaluate
@@ -240,10 +242,16 @@ class Workspace:
         config = student_config_like(self.teacher.config, arch)
         return AutoModel.from_config(config)
 
-    @functools.cached_property
+    def teacher_evaluation(self, progress: Progress = True) -> ModelEval:
+        """The teacher on every task, evaluated once per workspace."""
+        if self._teacher_eval is None:
+            teacher = SentenceEncoder(self.teacher.model, self.teacher.head)  # with its own Dense layers, if any
+            self._teacher_eval = self.evaluate(teacher, f"teacher {self.cfg.teacher.name}", progress)
+        return self._teacher_eval
+
+    @property
     def teacher_eval(self) -> ModelEval:
-        teacher = SentenceEncoder(self.teacher.model, self.teacher.head)  # with its own Dense layers, if any
-        return self.evaluate(teacher, f"teacher {self.cfg.teacher.name}")
+        return self.teacher_evaluation()
 
 
 def read_tasks(cfg: KDNASConfig, distilled_texts: list[str]) -> list[Task]:

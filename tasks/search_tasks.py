@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
@@ -31,6 +31,7 @@ from kdnas_core.evaluators import (
 )
 from kdnas_core.final import export_student, final_student
 from kdnas_core.keys import KEYS, key
+from kdnas_core.progress import Report, every
 from kdnas_core.search import Evaluation
 from kdnas_core.search_space import StudentArch
 from kdnas_core.searching import search_dir
@@ -40,6 +41,16 @@ from kdnas_core.workspace import Workspace
 _LOCK = threading.Lock()
 _WORKSPACES: dict[str, Workspace] = {}
 _EVALUATORS: dict[str, ProxyEvaluator] = {}
+# Seconds between two progress lines of one task run: the Prefect UI shows where a long step
+# stands (e.g. "distill: step 120/400, loss 0.41, ETA 1m20s") without a line per batch.
+PROGRESS_EVERY_S = 15.0
+
+
+def run_progress() -> Report:
+    """Progress of the current task run's core steps, as lines in its Prefect log."""
+    logger = get_run_logger()
+    return every(PROGRESS_EVERY_S, logger.info)
+
 
 def workspace(cfg: KDNASConfig) -> Workspace:
     """One teacher and one set of splits per process and config: tasks on worker threads share
@@ -58,11 +69,15 @@ def workspace(cfg: KDNASConfig) -> Workspace:
 
 
 def evaluator(cfg: KDNASConfig) -> ProxyEvaluator:
+    """One per process and config; the teacher states it builds first are logged to the task
+    run that builds them, and each distillation passes its own task run's progress."""
     name = f"{key('workspace', cfg)}-{key('latency', cfg)}"
     ws = workspace(cfg)
     with _LOCK:
         if name not in _EVALUATORS:
-            _EVALUATORS[name] = ProxyEvaluator(ws, progress=False)
+            ev = ProxyEvaluator(ws, progress=run_progress())
+            ev.progress = False  # later distillations pass their own run's, never this one's
+            _EVALUATORS[name] = ev
         return _EVALUATORS[name]
 
 
@@ -113,7 +128,7 @@ def prepare_teacher_states(cfg: dict) -> dict:
 def teacher_latency_ms(cfg: dict) -> float:
     c = config_from_dict(cfg)
     b, s = c.latency.reward_shape
-    return teacher_latency(workspace(c)).median(c.latency.reward_backend, b, s)
+    return teacher_latency(workspace(c), progress=run_progress()).median(c.latency.reward_backend, b, s)
 
 
 @task(name="proxy-distill", cache_policy=ArchCache(key="proxy"), persist_result=True,
@@ -125,7 +140,7 @@ def proxy_distill(cfg: dict, arch: str) -> dict:
         import torch
 
         torch.set_num_threads(c.runner.torch_threads)  # Dask's nanny pins workers to 1 thread
-    return {**evaluator(c).distill(StudentArch.from_name(arch)).to_dict(), "worker": where}
+    return {**evaluator(c).distill(StudentArch.from_name(arch), progress=run_progress()).to_dict(), "worker": where}
 
 
 def _where() -> str:
@@ -142,7 +157,7 @@ def _where() -> str:
       result_serializer="json", task_run_name=_arch_run_name("profile-latency"))
 def profile_latency(cfg: dict, arch: str) -> dict:
     c = config_from_dict(cfg)
-    return latency_profile(workspace(c), StudentArch.from_name(arch)).to_dict()
+    return latency_profile(workspace(c), StudentArch.from_name(arch), run_progress()).to_dict()
 
 
 @task(name="final-distill", cache_policy=NO_CACHE, persist_result=True,
@@ -151,7 +166,8 @@ def final_distill(cfg: dict, arch: str) -> dict:
     # Not cached by Prefect: final_student reuses a saved student itself, after checking it
     # against its sha256 manifest (a cached task result would hand out a damaged one).
     c = config_from_dict(cfg)
-    return final_student(c, workspace(c), StudentArch.from_name(arch), EventLog(search_dir(c)), progress=False).to_dict()
+    return final_student(c, workspace(c), StudentArch.from_name(arch), EventLog(search_dir(c)),
+                         progress=run_progress()).to_dict()
 
 
 @task(name="export-onnx", task_run_name=_arch_run_name("export-onnx"))
@@ -178,7 +194,7 @@ def evaluate_students_task(cfg: dict, student_dirs: list[str], out_dir: str) -> 
     """Downstream table of the final students (teacher, student, untrained floor) written next
     to the search's tables; returns the rows, each student's MLflow metrics and the file paths."""
     c = config_from_dict(cfg)
-    table = evaluate_students(workspace(c), student_dirs, progress=False)
+    table = evaluate_students(workspace(c), student_dirs, progress=run_progress())
     files = write_evaluation(table, Path(out_dir))
     create_markdown_artifact(Path(files["md"]).read_text(), key="kdnas-evaluation",
                              description="downstream quality of the final students")

@@ -179,6 +179,24 @@ def test_two_seeded_runs_give_identical_losses(tiny_setup):
     assert runs[0] == runs[1] and len(runs[0]) == 4
 
 
+def test_progress_reports_each_step_with_its_loss_and_an_eta_and_draws_no_bar(tiny_setup, capsys):
+    """What a Prefect task logs (every few seconds) is each step as the core reports it."""
+    teacher, tokens, layers = tiny_setup
+    steps = []
+    cache = CachedTeacherStates.build(teacher, tokens, layers, relation_layer=4, batch_size=16, progress=steps.append)
+    batches = length_bucketed_batches(tokens, 8, seed=0)
+    distill(build_student(StudentArch(2, 32, 4, 64), teacher, seed=1), cache, batches, CFG,
+            TrainBudget(epochs=1, max_steps=4), seed=1, progress=steps.append)
+    states = [s for s in steps if s.desc.startswith("teacher states")]
+    assert [(s.done, s.total, s.unit) for s in states] == [(1, 3, "batch"), (2, 3, "batch"), (3, 3, "batch")]
+    train = [s for s in steps if s.desc == "distill"]
+    assert [(s.done, s.total) for s in train] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(s.eta_s is not None and math.isfinite(s.postfix["loss"]) for s in train)
+    assert train[-1].eta_s == 0 and [s.elapsed_s for s in train] == sorted(s.elapsed_s for s in train)
+    assert str(train[1]).startswith("distill: step 2/4, loss ") and "ETA" in str(train[1])
+    assert capsys.readouterr().err == ""  # a callable gets the steps: no bar
+
+
 def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint_and_ends_identically(tiny_setup, tmp_path):
     teacher, tokens, layers = tiny_setup
     cache = CachedTeacherStates.build(teacher, tokens, layers, relation_layer=4, progress=False)

