@@ -58,6 +58,8 @@ from kdnas_core.evaluate import (  # noqa: E402
     evaluate_model,
 )
 from kdnas_core.evaluators import ProxyEvaluator, teacher_latency  # noqa: E402
+from kdnas_core.final import student_head  # noqa: E402
+from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head  # noqa: E402
 from kdnas_core.inherit import full_width  # noqa: E402
 from kdnas_core.latency import export_onnx, profile_model, quantize_onnx  # noqa: E402
 from kdnas_core.reports import markdown_table  # noqa: E402
@@ -303,13 +305,19 @@ def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:
         folder = work / "students" / _slug(r.name)
         done = folder / "result.json"
         if done.is_file():
-            r.model = AutoModel.from_pretrained(folder, use_safetensors=True)
+            r.model = SentenceEncoder(AutoModel.from_pretrained(folder, use_safetensors=True),
+                                      read_head(folder) or SentenceHead())
             r.result = json.loads(done.read_text())
             continue
         print(f"distilling {r.name}", flush=True)
         res = distill(r.model, states, ws.batches("train"), cfg.distill, cfg.distill.final,
-                      eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, init_heads=r.init_heads)
+                      eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, init_heads=r.init_heads,
+                      pooling=ws.teacher.head.pooling)
+        # as a final student ships: with its sentence head (teacher space where the teacher has one)
+        head = student_head(cfg, ws, res.pooled_projection)
         r.model.save_pretrained(folder, safe_serialization=True)
+        write_head(folder, head, r.model.config.hidden_size)
+        r.model = SentenceEncoder(r.model, head)
         r.result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"}
         done.write_text(json.dumps(r.result, indent=2))
         distilled += 1
@@ -400,7 +408,9 @@ def render(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     for c in ("fp32_ms", "int8_ms", "speedup_fp32", "speedup_int8"):
         shown[c] = [f"{v:.2f}" if isinstance(v, float) and np.isfinite(v) else "" for v in df[c]]
     cols = ["model", "params_m", "fp32_ms", "int8_ms", "speedup_fp32", "speedup_int8", *tasks, "summary",
-            "pct_teacher", "recall@10", "cka", "cosine"]
+            "pct_teacher", "dropin", "recall@10", "cka", "cosine"]
+    if "dropin" in df:  # teacher-built index queried by the row: % of the teacher's recall@10
+        shown["dropin"] = [f"{100 * v:.1f}" if isinstance(v, float) and np.isfinite(v) else "" for v in df["dropin"]]
     return shown[[c for c in cols if c in shown.columns]]
 
 
@@ -416,6 +426,11 @@ def verdicts(df: pd.DataFrame) -> list[str]:
                    f"{p.summary:.3f} ± {p.summary_se:.3f}, {100 * p.summary_pct_teacher:.1f} % of the "
                    f"teacher's scores. Target ≥{speed}x and ≥{goal:.2f} gap closed: "
                    f"{'met' if p.speedup_fp32 >= speed and p.summary >= goal else 'missed'}.")
+        dropin = p.get("dropin", np.nan)
+        if isinstance(dropin, float) and np.isfinite(dropin):
+            out.append(f"  - drop-in retrieval (teacher-built index, student queries): {100 * dropin:.1f} % of the "
+                       f"teacher's recall@10. Target ≥90 % at ≥10x: "
+                       f"{'met' if dropin >= 0.9 and p.speedup_fp32 >= 10 else 'missed'}.")
         near = rivals[(rivals.fp32_ms <= 1.25 * p.fp32_ms) & (rivals.fp32_ms >= 0.75 * p.fp32_ms)]
         for _, r in rivals.iterrows():
             eq = "within ±25 % latency" if r.model in set(near.model) else f"latency {r.fp32_ms / p.fp32_ms:.2f}x the pick's"
