@@ -20,6 +20,7 @@ from infra.dask_runner import resources as dask_resources
 from infra.preflight import check_services
 from kdnas_core.config import KDNASConfig, config_from_parameters
 from kdnas_core.evaluators import EventLog, RecordedEvaluator
+from kdnas_core.progress import Phases
 from kdnas_core.search import Evaluation
 from kdnas_core.search_space import StudentArch
 from kdnas_core.searching import search_dir, search_in_folder
@@ -90,12 +91,17 @@ def final_distill_flow(cfg: dict, arch: str) -> dict:
 
 
 @flow(name="final-students", log_prints=True)
-def final_students_flow(cfg: dict, recommendations: list[dict], out: str, evaluate: bool) -> tuple[dict, dict | None]:
+def final_students_flow(cfg: dict, recommendations: list[dict], out: str,
+                        evaluate: bool) -> tuple[dict, dict | None, dict[str, float]]:
     """Each recommended architecture distilled once (a student can win several budgets), then
-    the students evaluated downstream together."""
-    finals = {arch: final_distill_flow(cfg, arch) for arch in dict.fromkeys(r["arch"] for r in recommendations if r["arch"])}
-    evaluation = evaluate_students_task(cfg, [f["path"] for f in finals.values()], out) if finals and evaluate else None
-    return finals, evaluation
+    the students evaluated downstream together; with the seconds each of the two took."""
+    phases = Phases()
+    with phases("final distillation"):
+        finals = {arch: final_distill_flow(cfg, arch)
+                  for arch in dict.fromkeys(r["arch"] for r in recommendations if r["arch"])}
+    with phases("evaluation"):
+        evaluation = evaluate_students_task(cfg, [f["path"] for f in finals.values()], out) if finals and evaluate else None
+    return finals, evaluation, phases.seconds
 
 
 def evaluate_episode(c: dict, cfg: KDNASConfig, archs: list[StudentArch], dask_address: str | None,
@@ -154,8 +160,10 @@ def kdnas(
     c = cfg.model_dump(mode="json")
     if preflight:
         check_services(cfg)  # an unreachable server, bucket or scheduler fails now, not hours in
-    prep = prepare_teacher_states(c)
-    teacher_ms = teacher_latency_ms(c)
+    phases = Phases()
+    with phases("teacher"):
+        prep = prepare_teacher_states(c)
+        teacher_ms = teacher_latency_ms(c)
     logger.info("teacher %s: %.2f ms; proxy cache %s", cfg.teacher.name, teacher_ms, prep["proxy_cache"])
 
     out = search_dir(cfg)
@@ -164,7 +172,7 @@ def kdnas(
     side: dict[str, dict] = {}  # filled by evaluate_episode, read by observed
     on_observation = partial(observed, c, parent, side)
 
-    with dask_cluster(cfg.runner) as dask_address:
+    with phases("search"), dask_cluster(cfg.runner) as dask_address:
         if dask_address:
             logger.info("candidates fan out over the Dask cluster at %s", dask_address)
         # evals/ and events.jsonl as in the plain loop: a killed flow resumes without sending a
@@ -175,7 +183,9 @@ def kdnas(
                                   on_observation=on_observation, teacher=workspace(cfg).teacher.fingerprint)
     publish_search_tables(result, cfg.teacher.name, teacher_ms)
     recs = result.recommendations
-    finals, evaluation = final_students_flow(c, recs, str(out), cfg.evaluate.enabled) if final else ({}, None)
+    finals, evaluation, seconds = final_students_flow(c, recs, str(out), cfg.evaluate.enabled) if final else ({}, None, {})
+    phases.seconds |= seconds
+    logger.info("time per phase:\n%s", "\n".join(phases.lines()))
     spool = close_search_run(c, parent, out, finals, recs, (evaluation or {}).get("metrics", {})) if parent else None
     return {
         "tracking_run_id": parent,
@@ -188,6 +198,7 @@ def kdnas(
         "evaluation": evaluation["rows"] if evaluation else None,
         "evaluation_tasks": evaluation["tasks"] if evaluation else None,
         "tracking_spool": spool,
+        "phases": phases.seconds,
     }
 
 

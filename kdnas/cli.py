@@ -133,9 +133,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from kdnas_core.workspace import Workspace
 
-    ws = Workspace.prepare(cfg)
-    result, out, teacher_ms = search_without_prefect(cfg, warm_from=args.warm_from, fresh=args.fresh,
-                                               research=args.research, on_observation=show, ws=ws)
+    from kdnas_core.progress import Phases
+
+    phases = Phases()
+    with phases("search"):
+        ws = Workspace.prepare(cfg)
+        result, out, teacher_ms = search_without_prefect(cfg, warm_from=args.warm_from, fresh=args.fresh,
+                                                         research=args.research, on_observation=show, ws=ws)
     from kdnas_core.search import SUMMARY_COLUMNS as cols
 
     print(f"\nLeaderboard (teacher {cfg.teacher.name}: {teacher_ms:.2f} ms)")
@@ -158,16 +162,19 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         finals = {}
         for name in dict.fromkeys(r["arch"] for r in result.recommendations if r["arch"]):
-            final = final_student(cfg, ws, StudentArch.from_name(name), EventLog(out)).exported(cfg.latency)
+            with phases("final distillation"):
+                final = final_student(cfg, ws, StudentArch.from_name(name), EventLog(out)).exported(cfg.latency)
             finals[name] = final
             print(f"final student {name}: {final.path} (ONNX: {final.onnx}, int8: {final.onnx_int8})")
         if finals and cfg.evaluate.enabled:
-            table = evaluate_students(ws, [f.path for f in finals.values()])
+            with phases("evaluation"):
+                table = evaluate_students(ws, [f.path for f in finals.values()])
             files = write_evaluation(table, out)
             print((out / "evaluation.md").read_text())
             print("\n".join(summary_lines(table)))
             print(f"evaluation: {files['md']}")
     print(f"\nstate and tables: {out}")
+    _print_phases(phases.seconds)
     return 0
 
 
@@ -202,7 +209,17 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
         table.attrs["tasks"] = out["evaluation_tasks"]
         print((search_dir(cfg) / "evaluation.md").read_text())
         print("\n".join(summary_lines(table)))
+    _print_phases(out.get("phases") or {})
     return 0
+
+
+def _print_phases(seconds: dict[str, float]) -> None:
+    from kdnas_core.progress import Phases
+
+    phases = Phases()
+    phases.seconds = dict(seconds)
+    print("\ntime per phase (this run; reused results take no time):")
+    print("\n".join(phases.lines()))
 
 
 def _check_prefect_home() -> None:

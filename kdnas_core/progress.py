@@ -111,3 +111,31 @@ def every(seconds: float, write: Callable[[str], None], clock: Callable[[], floa
             write(str(step))
 
     return report
+
+
+class Phases:
+    """Wall time per phase of a run (teacher states, search, final distillation, evaluation),
+    printed at its end so a user sees where the minutes went."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        return _Timed(self, name)
+
+    def lines(self) -> list[str]:
+        total = sum(self.seconds.values())
+        return [f"  {name:<20} {duration(s):>8}" for name, s in self.seconds.items()] + \
+            [f"  {'total':<20} {duration(total):>8}"]
+
+
+class _Timed:
+    def __init__(self, phases: Phases, name: str):
+        self.phases, self.name = phases, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        s = self.phases.seconds
+        s[self.name] = s.get(self.name, 0.0) + time.perf_counter() - self.start

@@ -19,6 +19,9 @@ def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, mo
                         lambda self, arch, **kw: (distilled.append(arch.name), original(self, arch, **kw))[1])
 
     out = kdnas(config_path=str(tiny_config), research=False)
+    # each phase's wall time, for the CLI's closing lines
+    assert list(out["phases"]) == ["teacher", "search", "final distillation", "evaluation"]
+    assert all(s > 0 for s in out["phases"].values())
     assert out["evaluated"] == 4 and len(distilled) == 4 == len(set(distilled))
     assert any(r["arch"] for r in out["recommendations"])
     for arch, final in out["final"].items():
