@@ -21,6 +21,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from kdnas_core.atomic import discard_partial, partial_dir, remove_stale_partials
 from kdnas_core.config import KDNASConfig
 from kdnas_core.controller import observation_status
 from kdnas_core.errors import ConfigError, KdnasError
@@ -144,6 +145,74 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", name)
 
 
+# Where a registered model is put together, beside the output folder (and the students, so
+# their files can be hard-linked); a folder left by a killed run is removed by the next one.
+MODEL_BUILD_PREFIX = ".mlflow-model-"
+# The serving environment of a registered student: what infra/mlflow_model.py imports, no torch.
+SERVING_PACKAGES = ("mlflow", "onnxruntime", "tokenizers", "numpy", "pandas")
+
+
+def serving_requirements() -> list[str]:
+    """Pinned to what is installed here (where the model was checked), never inferred: MLflow's
+    inference loads the model in a subprocess (slow) and would list kdnas's own dependencies."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return [f"{name}=={version(name)}" for name in SERVING_PACKAGES]
+    except PackageNotFoundError as err:
+        raise TrackingError(f"cannot pin the registered model's requirements: {err.name} is not installed") from None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def save_student_model(student_dir: Path, work: Path, onnx: str = "fp32") -> Path:
+    """The student folder as an MLflow pyfunc model in ``work/model`` (see infra/mlflow_model.py):
+    ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run it; the folder itself is kept
+    whole under ``artifacts/student``. ``onnx`` (fp32 | int8) is the file it runs by default."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from infra import mlflow_model
+
+    student_dir = Path(student_dir)
+    onnx_file = student_dir / mlflow_model.ONNX_FILES[onnx]
+    if not onnx_file.is_file():
+        raise TrackingError(f"{onnx_file}: missing; export the student to ONNX before registering it "
+                            f"(tracking.model_onnx = {onnx!r})")
+    try:  # the same checks serving makes, before anything is uploaded
+        dim = mlflow_model.StudentEncoder().open(student_dir, onnx).dim
+    except (OSError, ValueError, RuntimeError) as err:  # onnxruntime's load errors are RuntimeErrors
+        raise TrackingError(f"{student_dir}: cannot be served as an MLflow model: {err}") from None
+    # MLflow names the artifact folder after its source and refuses symlinks that leave the
+    # source folder: hard links give it a folder named "student" without copying the weights.
+    stage = Path(work) / "student"
+    shutil.copytree(student_dir, stage, copy_function=_link_or_copy)
+    model_dir = Path(work) / "model"
+    info = json.loads((student_dir / "kdnas_arch.json").read_text())
+    mlflow.pyfunc.save_model(
+        path=str(model_dir),
+        python_model=mlflow_model.__file__,  # models-from-code: see the docstring of infra/mlflow_model.py
+        artifacts={"student": str(stage)},
+        model_config={"onnx": onnx},
+        # An unnamed string column: MLflow 3 then accepts a list of strings, a Series or a
+        # one-column DataFrame (whatever its column is called); a named one refuses the first two.
+        signature=ModelSignature(inputs=Schema([ColSpec("string")]),
+                                 outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))])),
+        input_example=pd.DataFrame({"text": ["a small fast sentence encoder", "distilled from a big teacher"]}),
+        pip_requirements=serving_requirements(),
+        metadata={"kdnas_arch": info["name"], "kdnas_arch_id": info["arch_id"], "onnx": onnx, "dim": dim},
+    )
+    return model_dir
+
+
 class Tracker:
     def __init__(self, cfg: KDNASConfig):
         self.cfg = cfg
@@ -230,8 +299,10 @@ class Tracker:
                 self.upload(parent_id, f, "search")
 
     def register_student(self, parent_id: str, student_dir: Path, budgets: list[str], metrics: dict[str, float]) -> dict:
-        """Log a final student folder (safetensors, tokenizer, ONNX) and register it as a new
-        version, with one alias per budget it was chosen for, e.g. ``budget-0.25x``."""
+        """Log a final student as an MLflow pyfunc model (texts in, sentence embeddings out; the
+        student folder with safetensors, tokenizer and ONNX files inside it, under
+        ``artifacts/student``) and register it as a new version, with one alias per budget it
+        was chosen for, e.g. ``budget-0_25x``."""
         budget = ",".join(budgets)
         info = json.loads((Path(student_dir) / "kdnas_arch.json").read_text())
         name = self.model_name
@@ -247,12 +318,21 @@ class Tracker:
                 for alias in aliases:
                     self.client.set_registered_model_alias(name, alias, versions[0].version)
                 return {"model": name, "version": versions[0].version, "aliases": aliases, "run_id": done[0].info.run_id}
-        run = self.client.create_run(self.experiment_id, run_name=f"final-{info['arch_id']}", tags={
-            "mlflow.parentRunId": parent_id, "kdnas.arch": info["name"], "kdnas.status": "final", "kdnas.budget": budget})
-        rid = run.info.run_id
-        self.client.log_batch(rid, metrics=[Metric(_metric_key(k), float(v), 0, 0) for k, v in metrics.items()
-                                            if isinstance(v, (int, float))])
-        self.upload(rid, Path(student_dir), "student")
+        # Built before the run exists: a student that cannot be served fails here, with nothing
+        # half-registered.
+        remove_stale_partials(self.spool.parent, MODEL_BUILD_PREFIX)
+        work = partial_dir(self.spool.parent, MODEL_BUILD_PREFIX)
+        try:
+            model_dir = save_student_model(Path(student_dir), work, self.cfg.tracking.model_onnx)
+            run = self.client.create_run(self.experiment_id, run_name=f"final-{info['arch_id']}", tags={
+                "mlflow.parentRunId": parent_id, "kdnas.arch": info["name"], "kdnas.status": "final",
+                "kdnas.budget": budget})
+            rid = run.info.run_id
+            self.client.log_batch(rid, metrics=[Metric(_metric_key(k), float(v), 0, 0) for k, v in metrics.items()
+                                                if isinstance(v, (int, float))])
+            self.upload(rid, model_dir, "student")  # spooled complete during an outage, so work can go
+        finally:
+            discard_partial(work)
         self.client.set_terminated(rid, "FINISHED")
         if not self._model_exists(name):
             self.client.create_registered_model(name, description="kdnas students, one alias per latency budget")

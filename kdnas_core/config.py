@@ -317,6 +317,10 @@ class TrackingConfig(_Section):
     # At the end of a run, how long to keep retrying artifacts spooled during an artifact-store
     # outage before failing (they stay spooled and the next run uploads them).
     spool_wait_s: int = Field(default=600, ge=0)
+    # Which exported ONNX file the registered MLflow model runs by default (both are shipped in
+    # it; a user may pick the other with model_config={"onnx": ...} at load time). fp32 matches
+    # the PyTorch student; int8 is smaller and faster on CPU, its embeddings differ slightly.
+    model_onnx: Literal["fp32", "int8"] = "fp32"
 
 
 TASK_COLUMNS = {  # (text_column, text2_column, label_column) each kind reads by default

