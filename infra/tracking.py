@@ -181,9 +181,10 @@ def save_student_model(student_dir: Path, work: Path, onnx: str = "fp32") -> Pat
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     from infra import mlflow_model
+    from kdnas_core import onnx_embedder
 
     student_dir = Path(student_dir)
-    onnx_file = student_dir / mlflow_model.ONNX_FILES[onnx]
+    onnx_file = student_dir / onnx_embedder.ONNX_FILES[onnx]
     if not onnx_file.is_file():
         raise TrackingError(f"{onnx_file}: missing; export the student to ONNX before registering it "
                             f"(tracking.model_onnx = {onnx!r})")
@@ -200,6 +201,7 @@ def save_student_model(student_dir: Path, work: Path, onnx: str = "fp32") -> Pat
     mlflow.pyfunc.save_model(
         path=str(model_dir),
         python_model=mlflow_model.__file__,  # models-from-code: see the docstring of infra/mlflow_model.py
+        code_paths=[onnx_embedder.__file__],
         artifacts={"student": str(stage)},
         model_config={"onnx": onnx},
         # An unnamed string column: MLflow 3 then accepts a list of strings, a Series or a
