@@ -36,7 +36,7 @@ from tasks.search_tasks import (
     teacher_latency_ms,
     workspace,
 )
-from tasks.tracking_tasks import close_search_run, open_search_run, track_candidate
+from tasks.tracking_tasks import candidates_url, close_search_run, open_search_run, track_candidate
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -187,8 +187,12 @@ def kdnas(
     phases.seconds |= seconds
     logger.info("time per phase:\n%s", "\n".join(phases.lines()))
     spool = close_search_run(c, parent, out, finals, recs, (evaluation or {}).get("metrics", {})) if parent else None
+    url = candidates_url(c) if parent else None
+    if url:
+        logger.info("candidate runs in the MLflow UI: %s", url)
     return {
         "tracking_run_id": parent,
+        "tracking_url": url,
         "search_dir": str(out),
         "teacher_ms": teacher_ms,
         "evaluated": len(result.observations),

@@ -35,6 +35,29 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 # Waits between upload attempts of one artifact before it is spooled.
 UPLOAD_BACKOFF_S = (1, 3)
 
+# The experiment kind by which MLflow UIs choose their model-training pages over the GenAI ones.
+# MLflow 3.17's own UI ignores it for a global GenAI / Model training switch (GenAI unless the
+# browser chose otherwise), so kdnas's links to the UI also carry workflowType=machine_learning.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# A saved view of the experiment (an experiment tag; MLflow's "Views" menu lists it): the candidate
+# runs, best reward first, with the numbers a search is judged by as table columns and as the
+# only charts. Without it the table shows none of them until a user picks columns, candidates sit
+# folded under their search's parent run, and the charts bury them among every other metric.
+CANDIDATE_VIEW = "kdnas-candidates"
+CANDIDATE_METRICS = ("reward", "kd_loss", "latency_ms", "params_m")
+
+
+def _candidate_view() -> str:
+    # Widths in pixels, wide enough for most digits of a metric and a whole architecture name
+    # (L4-H384-A12-F1536-gelu); MLflow applies widths only to the columns it is given an order for.
+    widths = {**{f"metrics.`{k}`": 150 for k in CANDIDATE_METRICS}, "metrics.`params_m`": 100, "params.`arch`": 190}
+    state = {"searchFilter": "tags.`kdnas.episode` IS NOT NULL",  # candidate runs only, as a flat list
+             "orderByKey": "metrics.`reward`", "orderByAsc": False,
+             "selectedColumns": list(widths), "columnOrder": list(widths), "columnWidths": widths,
+             "chartsSearchFilter": f"^({'|'.join(CANDIDATE_METRICS)})$"}
+    now = int(time.time() * 1000)
+    return json.dumps({"name": "kdnas candidates", "createdAt": now, "updatedAt": now, "state": json.dumps(state)})
+
 
 class TrackingError(KdnasError):
     pass
@@ -215,6 +238,10 @@ def save_student_model(student_dir: Path, work: Path, onnx: str = "fp32") -> Pat
     return model_dir
 
 
+def _candidates_path(experiment_id: str) -> str:
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={CANDIDATE_VIEW}"
+
+
 class Tracker:
     def __init__(self, cfg: KDNASConfig):
         self.cfg = cfg
@@ -229,8 +256,23 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         name = cfg.tracking.experiment
         exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            name, artifact_location=_local_artifacts(cfg, self.uri))
+        ui_tags = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], f"mlflow.sharedViewState.{CANDIDATE_VIEW}": _candidate_view()}
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(name, artifact_location=_local_artifacts(cfg, self.uri),
+                                                               tags=ui_tags)
+        else:
+            # An experiment kdnas did not create (or one from before these tags) gets only the tags
+            # it lacks: a kind or view a user set stays as it is.
+            self.experiment_id = exp.experiment_id
+            for key, value in ui_tags.items():
+                if key not in exp.tags:
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
+
+    def candidates_url(self) -> str:
+        """The experiment's candidate runs in the MLflow UI (the saved view above); for a local
+        store, as served by ``mlflow ui`` on its default port."""
+        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        return f"{base}/{_candidates_path(self.experiment_id)}"
 
     @property
     def model_name(self) -> str:
@@ -243,6 +285,9 @@ class Tracker:
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
+        # The run's description in the UI; a link relative to the page works behind any host name.
+        tags["mlflow.note.content"] = (f"Candidate runs of this experiment, best reward first: "
+                                       f"[kdnas candidates]({_candidates_path(self.experiment_id)})")
         run = self.client.create_run(self.experiment_id, run_name=f"search-{search_key}", tags=tags)
         rid = run.info.run_id
         params = [Param(k, v[:_MAX_PARAM]) for k, v in flatten(self.cfg.model_dump(mode="json")).items()]
@@ -273,6 +318,10 @@ class Tracker:
                 params.append(Param(k, f"{obs[k]:.4f}"))
         now = 0
         metrics = [Metric(k, float(obs[k]), now, 0) for k in ("reward", "kd_loss", "latency_ms", "episode")]
+        # params_m is a param too (as in earlier searches), but only a metric can be charted; a proxy
+        # distillation's extra numbers below usually carry it already.
+        if obs.get("params_m") is not None and "params_m" not in obs.get("extra", {}):
+            metrics.append(Metric("params_m", float(obs["params_m"]), now, 0))
         metrics += [Metric(_metric_key(k), float(v), now, 0) for k, v in obs.get("extra", {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for backend, shapes in (latency_report or {}).get("results", {}).items():

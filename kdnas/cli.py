@@ -209,6 +209,12 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
         table.attrs["tasks"] = out["evaluation_tasks"]
         print((search_dir(cfg) / "evaluation.md").read_text())
         print("\n".join(summary_lines(table)))
+    if out["tracking_url"]:
+        from infra.tracking import tracking_uri
+
+        uri = tracking_uri(cfg)
+        serve = "" if uri.startswith(("http://", "https://")) else f" (serve it first: mlflow ui --backend-store-uri {uri})"
+        print(f"MLflow: candidate runs at {out['tracking_url']}{serve}")
     _print_phases(out.get("phases") or {})
     return 0
 

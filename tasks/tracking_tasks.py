@@ -109,6 +109,12 @@ def open_search_run(cfg: dict, out: Path, teacher_ms: float, info: dict) -> str:
     return parent
 
 
+def candidates_url(cfg: dict) -> str:
+    """Where the experiment's candidate runs open in the MLflow UI, as a table with their reward,
+    KD loss, latency and size (a view kdnas saves in the experiment)."""
+    return Tracker(config_from_dict(cfg)).candidates_url()
+
+
 def track_candidate(cfg: dict, parent: str, obs: dict, report: dict | None, curve: list | None) -> None:
     """One candidate's run; when the server is away the result stays safe in ``state.json`` and
     is synced at the end of the search (or by the next run)."""

@@ -79,3 +79,38 @@ def test_credentials_never_reach_params_tags_or_metrics(tracker):
     for run in tracker.client.search_runs([tracker.experiment_id]):
         text = json.dumps({"p": run.data.params, "t": run.data.tags, "m": run.data.metrics})
         assert "fake-secret-never-logged-123" not in text
+
+
+def test_experiment_opens_in_the_ui_on_the_candidates(tracker, tmp_path):
+    """The experiment is tagged as model training and holds a saved view of the candidate runs
+    (reward, KD loss, latency, size as columns and charts); the parent run links to it."""
+    from infra.tracking import Tracker
+
+    c = tracker.client
+    tags = c.get_experiment(tracker.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags["mlflow.sharedViewState.kdnas-candidates"])
+    state = json.loads(view["state"])
+    assert view["name"] == "kdnas candidates" and isinstance(view["createdAt"], int)
+    assert state["selectedColumns"][:4] == ["metrics.`reward`", "metrics.`kd_loss`", "metrics.`latency_ms`",
+                                            "metrics.`params_m`"]
+    assert state["orderByKey"] == "metrics.`reward`" and state["orderByAsc"] is False
+    url = tracker.candidates_url()
+    assert url.endswith(f"/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+                        "&viewStateShareKey=kdnas-candidates")
+
+    parent = tracker.start_search("abc123", 10.0, {})
+    child = tracker.log_candidate(parent, _obs(StudentArch(2, 64, 4, 128)), None, None)
+    assert url.split("/", 3)[3] in c.get_run(parent).data.tags["mlflow.note.content"]
+    run = c.get_run(child)
+    assert run.data.metrics["params_m"] == 3.2 and run.data.params["params_m"] == "3.2000"  # chartable, and as before
+    # The view's filter is MLflow search syntax that finds exactly the candidate runs.
+    assert [r.info.run_id for r in c.search_runs([tracker.experiment_id], state["searchFilter"])] == [child]
+
+    # An experiment kdnas did not create keeps the kind its owner chose; only what it lacks is added.
+    cfg = config_from_dict({"paths": {"output_dir": str(tmp_path / "runs")}, "teacher": {"name": "minilm-l6"},
+                            "tracking": {"experiment": "someone-elses"}})
+    exp = c.create_experiment("someone-elses", tags={"mlflow.experimentKind": "genai_development"})
+    Tracker(cfg)
+    tags = c.get_experiment(exp).tags
+    assert tags["mlflow.experimentKind"] == "genai_development" and "mlflow.sharedViewState.kdnas-candidates" in tags

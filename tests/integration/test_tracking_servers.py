@@ -2,6 +2,7 @@
 S3; a tiny search flow logs to it; runs, S3 objects and the registered student are checked."""
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -81,6 +82,37 @@ def test_search_is_tracked_on_the_server_with_artifacts_in_s3(servers, prefect_h
             assert child.info.run_name in run_page
     assert shot.stat().st_size > 10_000
 
+    # The link kdnas prints opens the model-training runs table on the candidates, with reward,
+    # KD loss, latency and size as columns, without a user choosing any.
+    assert out["tracking_url"].startswith(f"{servers['uri']}/#/experiments/{parent.info.experiment_id}/runs?")
+    shot = REPO / "runs" / "test-artifacts" / "mlflow-runs-table.png"
+    table = render(out["tracking_url"], shot)
+    assert "kdnas candidates" in table and "Evaluation runs" not in table  # the GenAI pages' side menu
+    for column in ("reward", "kd_loss", "latency_ms", "params_m"):
+        assert f">{column}<" in table, column
+    for child in children:
+        if child.data.tags.get("kdnas.status") == "evaluated":
+            m = child.data.metrics
+            assert child.info.run_name in table and child.data.params["arch"] in table
+            for key in ("reward", "kd_loss", "latency_ms", "params_m"):
+                assert js_number(m[key]) in table, (child.info.run_name, key, m[key])
+    assert parent.info.run_name not in table  # candidates only, not folded under their search
+    # Its chart view: one chart for each of those four numbers, none for the other metrics.
+    charts = render(f"{out['tracking_url']}&compareRunsMode=CHART", REPO / "runs" / "test-artifacts" / "mlflow-runs-charts.png")
+    assert re.search(r"Model metrics(<[^>]+>|\s)*\(4\)", charts)
+
+    # The registered model's page lists its versions with one alias per latency budget.
+    shot = REPO / "runs" / "test-artifacts" / "mlflow-registered-model.png"
+    model_page = render(f"{servers['uri']}/#/models/{reg['model']}?workflowType=machine_learning", shot)
+    assert reg["model"] in model_page
+    for alias in (a for f in out["final"].values() for a in f["registered"]["aliases"]):
+        assert alias in model_page, alias
+
+
+def js_number(value: float) -> str:
+    """A number as the MLflow UI (JavaScript) writes it: 12.5, 3, 0.30000000000000004."""
+    return repr(value).removesuffix(".0")
+
 
 def render(url: str, screenshot: Path | None = None) -> str:
     """The page's DOM after its scripts ran (and optionally a screenshot), headless Chromium."""
@@ -94,7 +126,7 @@ def render(url: str, screenshot: Path | None = None) -> str:
         pytest.skip("chromium not installed: apt-get install chromium")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--virtual-time-budget=20000", "--window-size=1400,900"]
+             "--virtual-time-budget=20000", "--window-size=1920,1080"]  # every column of the runs table
     with tempfile.TemporaryDirectory() as profile:
         dom = subprocess.run([chromium, *flags, f"--user-data-dir={profile}", "--dump-dom", url],
                              capture_output=True, text=True, timeout=120).stdout
