@@ -32,6 +32,9 @@ _MAX_PARAM = 6000  # MLflow's limit on a parameter value
 # outage is handled here instead: artifacts are spooled and uploaded later.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# Registering a student checks its input example by loading the model, which draws a download
+# bar for every file of it: screens of bars in the middle of a search's output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Waits between upload attempts of one artifact before it is spooled.
 UPLOAD_BACKOFF_S = (1, 3)
 
