@@ -135,8 +135,12 @@ class StudentConfig(_Section):
 class LossWeights(_Section):
     # MSE between projected student layers and (standardised) teacher layers.
     hidden_mse: float = Field(default=1.0, ge=0)
-    # 1 - cosine between mean-pooled student and teacher last layers: the sentence embedding.
-    pooled_cosine: float = Field(default=1.0, ge=0)
+    # 1 - cosine between the pooled student (through its learned projection) and teacher last
+    # layers: the sentence embedding, and the teacher-space layer a student ships with. Weight 5,
+    # measured (README, Using a student): an mpnet-base student at 13.5x went from 68.9 % to
+    # 80.0 % drop-in retrieval and from 0.554 to 0.639 summary gap closed; a MiniLM student
+    # was unchanged (91.9 / 92.1 %).
+    pooled_cosine: float = Field(default=5.0, ge=0)
     # MiniLMv2 self-attention relations (Q-Q, K-K, V-V) of the last layers; off by default.
     attention_relation: float = Field(default=0.0, ge=0)
 

@@ -92,6 +92,7 @@ class Workspace:
         extra = cfg.student.vocab_texts
         if cfg.student.vocab == "corpus" and extra and not Path(extra).expanduser().is_file():
             raise ConfigError(f"student.vocab_texts = {extra!r}: no such file")
+        self.space  # noqa: B018 - a search space the teacher leaves empty fails here, before any timing
         return self
 
     def check_tasks(self) -> Workspace:

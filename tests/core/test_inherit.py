@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModel
 
 from kdnas_core.data import collate, length_bucketed_batches, tokenize
-from kdnas_core.distill import masked_mean_pool
+from kdnas_core.pooling import masked_mean_pool
 from kdnas_core.errors import ArchError, TeacherError
 from kdnas_core.inherit import (
     Importance,

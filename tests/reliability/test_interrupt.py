@@ -95,8 +95,11 @@ def interrupt_during(config: Path, out: Path, trigger, prefect: bool, env: dict,
     group as a terminal would. Returns how it stopped: exit code, seconds from the signal,
     stderr written after the signal, processes left behind."""
     with open(log, "wb") as err:
+        # SIGINT as a terminal's foreground command has it, even when the suite runs as a
+        # background job (started with SIGINT ignored, which kdnas then leaves alone)
         proc = subprocess.Popen(command(config, prefect), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not trigger(out, log):
