@@ -121,7 +121,7 @@ def student_head(cfg: KDNASConfig, ws: Workspace, projection) -> SentenceHead:
     ``export.teacher_space`` (default: when the teacher is a sentence-embedding model) also the
     learned pooled projection and the teacher's Dense layers, so it embeds into the teacher's space."""
     t = ws.teacher.head
-    head = SentenceHead(t.pooling, (), t.normalize, cfg.data.max_length)
+    head = t.without_dense(cfg.data.max_length)
     wanted = cfg.export.teacher_space if cfg.export.teacher_space is not None else ws.teacher.sentence_head is not None
     return head.with_projection(projection, t) if wanted and projection is not None else head
 

@@ -32,6 +32,7 @@ from kdnas_core.config import LatencyConfig
 from kdnas_core.errors import KdnasError
 from kdnas_core.progress import Progress, track
 from kdnas_core.search_space import StudentArch
+from kdnas_core.sentence import SentenceEncoder
 
 BACKENDS = ("ort-fp32", "ort-int8", "torch", "cuda")
 
@@ -179,8 +180,6 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
         # The tracer warns about shape-dependent Python branches in transformers' masking code;
         # they are benign here (tests check outputs at other batch sizes and lengths).
         # A SentenceEncoder exports its finished sentence embedding; a bare encoder its states.
-        from kdnas_core.sentence import SentenceEncoder
-
         sentence = isinstance(model, SentenceEncoder)
         output = "sentence_embedding" if sentence else "last_hidden_state"
         with _EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():

@@ -60,8 +60,10 @@ class SentenceHead:
     def teacher_space(self) -> bool:
         return bool(self.dense)
 
-    def dim(self, hidden: int) -> int:
-        return self.dense[-1].weight.shape[0] if self.dense else hidden
+    def without_dense(self, max_seq_length: int | None = None) -> SentenceHead:
+        """This pooling and normalisation on a model's own width (a student's floor, a student
+        outside the teacher's space)."""
+        return SentenceHead(self.pooling, (), self.normalize, max_seq_length)
 
     def with_projection(self, projection: nn.Linear, teacher: SentenceHead) -> SentenceHead:
         """This pooling, then ``projection`` (student -> teacher width) and the teacher's own Dense

@@ -47,7 +47,7 @@ from kdnas_core.inherit import (
 )
 from kdnas_core.progress import Progress
 from kdnas_core.search_space import SearchSpace, StudentArch
-from kdnas_core.sentence import SentenceEncoder, SentenceHead
+from kdnas_core.sentence import SentenceEncoder
 from kdnas_core.student import build_student, check_fits_in_memory
 from kdnas_core.teachers import Teacher, load_teacher
 
@@ -174,8 +174,7 @@ class Workspace:
         corpus-trimmed vocabulary)."""
         e = self.cfg.evaluate
         if not isinstance(model, SentenceEncoder):  # pooled and normalised as the teacher does
-            t = self.teacher.head
-            model = SentenceEncoder(model, SentenceHead(t.pooling, (), t.normalize))
+            model = SentenceEncoder(model, self.teacher.head.without_dense())
         return evaluate_model(model, tokenizer or self.teacher.tokenizer, name, self.tasks, self.fidelity_texts, e,
                               e.max_length or self.cfg.data.max_length, self.cfg.paths.cache_path() / "embeddings",
                               self.cfg.seed, progress)
