@@ -498,15 +498,26 @@ def init_projections(loss_fn: nn.Module, selection: InheritedSelection, teacher_
     """Start a distillation loss's projection heads as the selection: each kept student dim
     predicts the teacher dim it was cut from, put on the loss's standardised scale
     ((x - mean) / std of that teacher layer), and every dim it does not hold predicts its mean
-    (0 after standardising), as a zero-initialised head would. The pooled head (cosine on the
+    (0 after standardising), as a zero-initialised head would. Only where a student state is
+    mapped to the teacher state it was cut from; heads towards other teacher layers start at zero. The pooled head (cosine on the
     raw teacher embedding) starts as the plain selection. Duck-typed on
     ``distill.HiddenStateDistillLoss`` (``proj``, ``mapping``, ``stat_index``, ``mean``, ``std``,
     ``pool_proj``) so that this module does not import the trainer."""
     p = selection_projection(selection, teacher_hidden).to(loss_fn.proj[0].weight.device)
     kept = p.sum(1)  # 1 on the teacher dims a student dim maps to
-    for lin, layers in zip(loss_fn.proj, loss_fn.mapping):
+    # The teacher hidden state each student state was cut from: embeddings, then layer l's output.
+    sources = [0, *(layer + 1 for layer in selection.layers)]
+    for lin, layers, source in zip(loss_fn.proj, loss_fn.mapping, sources):
         weights, biases = [], []
         for layer in layers:
+            if layer != source:
+                # A target the student state was not cut from (the mapping pairs a one-layer slice
+                # of layer 0 with the teacher's last layer): reading one layer's dims as another's
+                # can be far off scale (mpnet-base: a start KD loss of 2518 instead of ~6, and the
+                # inherited weights were lost in the first steps). Such a head starts at zero.
+                weights.append(torch.zeros_like(p))
+                biases.append(torch.zeros_like(kept))
+                continue
             k = loss_fn.stat_index.get(layer)
             mean = loss_fn.mean[k] if k is not None else torch.zeros_like(kept)
             std = loss_fn.std[k] if k is not None else torch.ones_like(kept)

