@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> Path:
         for label, src in (("before (headline-full)", old), ("after (this checkout)", d | r.result)):
             if src is None:
                 continue
-            get = src.get if isinstance(src, dict) else src.get
+            get = src.get  # a dict (this run) or a pandas row (the headline's csv)
             out.append({"row": r.name, "heads": label, "summary": get("summary"), "summary_se": get("summary_se"),
                         **{t.label: get(f"{t.label}.gap_closed") for t in ws.tasks},
                         "dropin": get("dropin"), "recall@10": get("recall@10")})
