@@ -498,8 +498,8 @@ def init_projections(loss_fn: nn.Module, selection: InheritedSelection, teacher_
     """Start a distillation loss's projection heads as the selection: each kept student dim
     predicts the teacher dim it was cut from, put on the loss's standardised scale
     ((x - mean) / std of that teacher layer), and every dim it does not hold predicts its mean
-    (0 after standardising), as a zero-initialised head would; that only where a student state is
-    mapped to the teacher state it was cut from, heads towards other teacher layers start at zero.
+    (0 after standardising), as a zero-initialised head would. Only heads towards the teacher
+    state a student state was cut from start so; heads towards other teacher layers start at zero.
     The pooled head (cosine on the raw teacher embedding) starts as the plain selection. Duck-typed on
     ``distill.HiddenStateDistillLoss`` (``proj``, ``mapping``, ``stat_index``, ``mean``, ``std``,
     ``pool_proj``) so that this module does not import the trainer."""

@@ -4,6 +4,7 @@ Tests never reach a model hub: HF_HUB_OFFLINE makes any accidental hub call fail
 """
 
 import os
+import signal
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,3 +173,10 @@ def onnx_reference():
         return embed_onnx(student / onnx, AutoTokenizer.from_pretrained(str(student)), texts, limit)
 
     return reference
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` of a child the tests interrupt: SIGINT as a terminal's foreground command
+    has it, even when the suite runs as a background job of a shell (which starts it ignored,
+    and kdnas then rightly leaves it so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kdnas import interrupt
+from tests.conftest import sigint_default
 
 ROOT = Path(__file__).resolve().parents[2]
 # main() in miniature: a command that sleeps (optionally next to a busy non-daemon thread, as a
@@ -41,13 +42,7 @@ sys.exit(main())
 """
 
 
-def sigint_default() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def run_and_interrupt(*flags: str, signals: int = 1) -> tuple[int, float, str]:
-    # SIGINT as a terminal's foreground command has it, even when this suite runs as a background
-    # job of a shell (which starts it ignored, and kdnas then rightly leaves it so)
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, *flags], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=sigint_default)

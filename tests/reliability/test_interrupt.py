@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import sigint_default
 from tests.reliability.test_kill_resume import ENV as KILL_ENV
 from tests.reliability.test_kill_resume import command, count, events, search_folder, write_config
 
@@ -95,11 +96,8 @@ def interrupt_during(config: Path, out: Path, trigger, prefect: bool, env: dict,
     group as a terminal would. Returns how it stopped: exit code, seconds from the signal,
     stderr written after the signal, processes left behind."""
     with open(log, "wb") as err:
-        # SIGINT as a terminal's foreground command has it, even when the suite runs as a
-        # background job (started with SIGINT ignored, which kdnas then leaves alone)
         proc = subprocess.Popen(command(config, prefect), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                start_new_session=True, preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 300
         while not trigger(out, log):
