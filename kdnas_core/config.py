@@ -93,6 +93,12 @@ class SearchSpaceConfig(_Section):
     # Drop choices larger than the teacher (a student wider or deeper than its teacher is
     # slower and learns nothing extra from it).
     cap_to_teacher: bool = True
+    # With student.init: teacher, drop heads choices that make a head wider than the teacher's.
+    # A wider student head lays several teacher heads side by side in one softmax, an attention
+    # pattern the teacher never computed: cut from mpnet-base (heads 64 wide), L3-H768 scored
+    # -2.7 to -1.9 gap closed before distillation with 2-6 heads, +0.10 with 12
+    # (bench/results/head-width.md). Students with random init are not capped.
+    cap_head_width: bool = True
 
     @model_validator(mode="after")
     def _non_empty_positive(self) -> SearchSpaceConfig:

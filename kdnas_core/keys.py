@@ -8,9 +8,16 @@ move. A field in no key must be listed in ``NO_KEY`` with the reason it cannot c
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from kdnas_core.config import KDNASConfig
+
+# The code's recipe, in the keys of what training produced: bump it when a code change (not a
+# config change) makes a cached student, checkpoint or proxy loss differ from what this code
+# would produce, so that a rerun trains again instead of reusing it. 2: projection heads towards
+# teacher layers a student was not cut from start at zero; heads no wider than the teacher's.
+RECIPE = 2
 
 
 @dataclass(frozen=True)
@@ -18,9 +25,11 @@ class Key:
     sections: tuple[str, ...]
     exclude: tuple[str, ...] = ()
     why: str = ""
+    trained: bool = False  # a result of training: keyed by RECIPE too
 
     def of(self, cfg: KDNASConfig) -> str:
-        return cfg.section_hash(*self.sections, exclude=self.exclude)
+        h = cfg.section_hash(*self.sections, exclude=self.exclude)
+        return hashlib.sha1(f"{h}/recipe-{RECIPE}".encode()).hexdigest()[:12] if self.trained else h
 
 
 # Fields that change the final students but not the search: a new final budget reuses the search.
@@ -34,20 +43,21 @@ KEYS: dict[str, Key] = {
                      why="the loaded teacher, splits and cached states of a process"),
     # A candidate's proxy distillation (Prefect's task cache and the flow's evaluator).
     "proxy": Key(("seed", "teacher", "data", "search_space", "student", "distill"), exclude=NOT_SEARCH,
-                 why="the KD loss of one proxy distillation"),
+                 why="the KD loss of one proxy distillation", trained=True),
     # A candidate's latency measurement (Prefect's task cache).
     "latency": Key(("teacher", "student", "latency"), exclude=TRIM, why="one candidate's measured latency (of the student's model class)"),
     # The latency of the teacher, and of students of its vocabulary, on this hardware.
     "latency_settings": Key(("latency",), why="how latency is measured"),
     # A final student: saved once, reused by every rerun of any search with the same recipe.
     "final": Key(("seed", "teacher", "data", "student", "distill", "export"), exclude=("distill.world_size",),
-                 why="a final student's weights and sentence head (not how many processes trained it)"),
+                 why="a final student's weights and sentence head (not how many processes trained it)", trained=True),
     # A final distillation's checkpoint (next to its student folder).
-    "checkpoint": Key(("seed", "teacher", "data", "student", "distill"), exclude=TRIM, why="a resumable training run"),
+    "checkpoint": Key(("seed", "teacher", "data", "student", "distill"), exclude=TRIM, why="a resumable training run",
+                      trained=True),
     # The search folder: re-running the same config resumes it.
     "search": Key(("seed", "teacher", "data", "search_space", "student", "distill", "latency", "reward", "controller",
                    "search"),
-                  exclude=NOT_SEARCH, why="the search's observations, controller and tables"),
+                  exclude=NOT_SEARCH, why="the search's observations, controller and tables", trained=True),
 }
 
 # Sections and fields in no key, and why none of them can change a cached result.

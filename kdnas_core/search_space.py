@@ -86,14 +86,17 @@ class TeacherShape:
     layers: int
     hidden: int
     ffn: int
+    head_dim: int | None = None  # hidden / attention heads
 
 
 class SearchSpace:
-    """The discrete set of valid students: every combination whose hidden size divides by heads."""
+    """The discrete set of valid students: every combination whose hidden size divides by heads
+    (and, with ``max_head_dim``, whose heads are no wider than that)."""
 
-    def __init__(self, cfg: SearchSpaceConfig, teacher: TeacherShape | None = None):
+    def __init__(self, cfg: SearchSpaceConfig, teacher: TeacherShape | None = None, max_head_dim: int | None = None):
         self.cfg = cfg
         self.teacher = teacher
+        self.max_head_dim = max_head_dim
         cap = teacher is not None and cfg.cap_to_teacher
         self.layers = sorted(v for v in set(cfg.layers) if not cap or v <= teacher.layers)
         self.hidden = sorted(v for v in set(cfg.hidden) if not cap or v <= teacher.hidden)
@@ -106,11 +109,16 @@ class SearchSpace:
                     f"search_space.{field}: no choice left after capping to the teacher "
                     f"({teacher}); allow smaller values or set cap_to_teacher: false"
                 )
-        if not any(h % a == 0 for h in self.hidden for a in self.heads):
+        if not any(self.heads_for(h) for h in self.hidden):
+            if max_head_dim and any(h % a == 0 for h in self.hidden for a in self.heads):
+                raise ArchError(
+                    f"search_space.heads: every choice makes heads wider than the teacher's ({max_head_dim}), "
+                    "which students cut from it cannot inherit; add more heads or set cap_head_width: false"
+                )
             raise ArchError("search_space: no hidden size is divisible by any heads choice")
 
     def heads_for(self, hidden: int) -> list[int]:
-        return [a for a in self.heads if hidden % a == 0]
+        return [a for a in self.heads if hidden % a == 0 and (not self.max_head_dim or hidden // a <= self.max_head_dim)]
 
     def __iter__(self) -> Iterator[StudentArch]:
         for layers, hidden, ffn, act in itertools.product(
@@ -143,6 +151,12 @@ class SearchSpace:
                     f"arch {arch.name}: {field} = {value} is not allowed in this search space"
                     f"{why}; allowed: {allowed}"
                 )
+        if arch.heads not in self.heads_for(arch.hidden):
+            raise ArchError(
+                f"arch {arch.name}: heads = {arch.heads} makes each head {arch.hidden // arch.heads} wide, wider than "
+                f"the teacher's {self.max_head_dim}, which a student cut from it cannot inherit "
+                f"(search_space.cap_head_width); allowed at hidden {arch.hidden}: {self.heads_for(arch.hidden)}"
+            )
         return arch
 
     def sample(self, rng: random.Random) -> StudentArch:
@@ -171,7 +185,7 @@ class SearchSpace:
         field = rng.choice(fields)
         value = rng.choice([v for v in self._choices(field, arch) if v != getattr(arch, field)])
         new = arch.to_dict() | {field: value}
-        if field == "hidden" and new["hidden"] % new["heads"]:
+        if field == "hidden" and new["heads"] not in self.heads_for(new["hidden"]):
             new["heads"] = rng.choice(self.heads_for(new["hidden"]))
         return StudentArch(**new)
 

