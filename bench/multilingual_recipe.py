@@ -14,7 +14,9 @@ trained, and, for the vocabulary rows, in the tokens they kept. Recipes:
   multilingual sentence-embedding distillation does (Reimers & Gurevych 2020); a multilingual
   teacher already maps translations together, so matching its embedding of every corpus
   language should keep them together;
-- each with ``student.vocab: teacher`` (all 250 k rows) unless the recipe says ``trimmed``.
+- each with ``student.vocab: teacher`` (all 250 k rows) unless the recipe says ``trimmed``
+  (``student.vocab: corpus``: the fortunes' pieces only) or ``trimmed + top N`` (the fortunes'
+  pieces and the teacher's N most likely ones, ``student.vocab_keep_top``).
 
 Writes bench/results/multilingual-recipe.{md,csv}; students go to runs/multilingual-recipe/<recipe>/.
 """
@@ -53,6 +55,10 @@ RECIPES = {
     "pooled x5": {"student.vocab": "teacher", "distill.weights.pooled_cosine": 5.0},
     "pooled only": {"student.vocab": "teacher", "distill.weights.hidden_mse": 0.0},
     "pooled only, trimmed": {"student.vocab": "corpus", "distill.weights.hidden_mse": 0.0},
+    "pooled only, trimmed + top 50k": {"student.vocab": "corpus", "student.vocab_keep_top": 50_000,
+                                       "distill.weights.hidden_mse": 0.0},
+    "pooled only, trimmed + top 100k": {"student.vocab": "corpus", "student.vocab_keep_top": 100_000,
+                                        "distill.weights.hidden_mse": 0.0},
 }
 
 
@@ -63,8 +69,8 @@ def slug(name: str) -> str:
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/multilingual.yaml")
-    ap.add_argument("--arch", default="L6-H256-A4-F1536-gelu", help="the student (default: the 0.2x pick of "
-                    "bench/results/multilingual.md)")
+    ap.add_argument("--arch", default="L6-H256-A8-F1536-gelu", help="the student (default: the 0.2x pick of "
+                    "bench/results/multilingual.md, L6-H256-A4-F1536, with heads as narrow as the teacher's)")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--train-texts", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=1)

@@ -137,7 +137,7 @@ def trimmed(cfg: KDNASConfig, ws: Workspace, student) -> tuple[object, object, d
     texts = list(ws.splits.train) + list(ws.splits.proxy)
     if cfg.student.vocab_texts:
         texts += Path(cfg.student.vocab_texts).expanduser().read_text(encoding="utf-8", errors="replace").splitlines()
-    return trim_to_corpus(student, ws.teacher.tokenizer, texts)
+    return trim_to_corpus(student, ws.teacher.tokenizer, texts, cfg.student.vocab_keep_top)
 
 
 def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: EventLog | None = None,

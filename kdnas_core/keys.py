@@ -34,7 +34,7 @@ class Key:
 
 # Fields that change the final students but not the search: a new final budget reuses the search.
 # A final student's vocabulary is trimmed after its distillation, so it changes nothing before.
-TRIM = ("student.vocab", "student.vocab_texts")
+TRIM = ("student.vocab", "student.vocab_texts", "student.vocab_keep_top")
 NOT_SEARCH = ("distill.final", "distill.checkpoint_every", "distill.world_size", *TRIM)
 
 KEYS: dict[str, Key] = {

@@ -135,7 +135,7 @@ class SearchSpace:
         return (
             arch.layers in self.layers
             and arch.hidden in self.hidden
-            and arch.heads in self.heads
+            and arch.heads in self.heads_for(arch.hidden)
             and arch.ffn in self.ffn
             and arch.activation in self.activation
         )
@@ -185,7 +185,9 @@ class SearchSpace:
         field = rng.choice(fields)
         value = rng.choice([v for v in self._choices(field, arch) if v != getattr(arch, field)])
         new = arch.to_dict() | {field: value}
-        if field == "hidden" and new["heads"] not in self.heads_for(new["hidden"]):
+        # Re-draw heads that no longer fit: hidden moved, or the parent came from a search whose
+        # space allowed wider heads (a warm start).
+        if new["heads"] not in self.heads_for(new["hidden"]):
             new["heads"] = rng.choice(self.heads_for(new["hidden"]))
         return StudentArch(**new)
 

@@ -6,7 +6,9 @@ get no gradient and tell the student nothing, so they can go: the kept rows are 
 ids and a tokenizer that produces those ids is saved with the student.
 
 What is kept: every token the corpus (plus any extra texts) tokenises into, the special tokens,
-and every single-character piece of the vocabulary. A word made of kept pieces tokenises as
+every single-character piece of the vocabulary, and (``student.vocab_keep_top``) the teacher's
+most likely pieces, so that text from outside the corpus (another domain, another language the
+teacher knows) keeps its words whole instead of falling apart into characters. A word made of kept pieces tokenises as
 before; another word falls back to shorter kept pieces, down to single characters, and only a
 character the teacher's vocabulary has never had becomes the unknown token, as it did before.
 
@@ -43,11 +45,23 @@ def _single_character(piece: str, model: dict) -> bool:
     return len(core.lstrip("▁")) <= 1  # Unigram marks word starts with ▁
 
 
-def kept_ids(tokenizer, texts: Iterable[str], batch: int = 1000) -> list[int]:
-    """Sorted teacher ids to keep for ``texts``: what they tokenise into, the special tokens and
-    every single-character piece."""
+def most_likely(model: dict, n: int) -> list[int]:
+    """The ids of the vocabulary's ``n`` most likely pieces. Unigram (XLM-R) stores each piece's
+    log-probability; BPE (RoBERTa) ids follow the merge order, most frequent merges first;
+    WordPiece (BERT) keeps no frequencies, so its vocabulary order stands in (a weak ranking)."""
+    if n <= 0:
+        return []
+    if model["type"] == "Unigram":
+        scores = [score for _, score in model["vocab"]]
+        return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:n]
+    return list(range(min(n, len(_pieces(model)))))
+
+
+def kept_ids(tokenizer, texts: Iterable[str], batch: int = 1000, keep_top: int = 0) -> list[int]:
+    """Sorted teacher ids to keep for ``texts``: what they tokenise into, the special tokens,
+    every single-character piece and the ``keep_top`` most likely pieces."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    keep: set[int] = set(tokenizer.all_special_ids)
+    keep: set[int] = set(tokenizer.all_special_ids) | set(most_likely(spec["model"], keep_top))
     keep |= {t["id"] for t in spec.get("added_tokens", [])}
     keep |= {i for i, p in enumerate(_pieces(spec["model"])) if _single_character(p, spec["model"])}
     texts = list(texts)
@@ -150,10 +164,11 @@ def trim_embeddings(model: nn.Module, keep: list[int]) -> nn.Module:
     return model
 
 
-def trim_to_corpus(model: nn.Module, tokenizer, texts: Iterable[str]) -> tuple[nn.Module, object, dict]:
-    """The student and a tokenizer trimmed to what ``texts`` use; and what it saved."""
+def trim_to_corpus(model: nn.Module, tokenizer, texts: Iterable[str], keep_top: int = 0) -> tuple[nn.Module, object, dict]:
+    """The student and a tokenizer trimmed to what ``texts`` use (and the ``keep_top`` most likely
+    pieces); and what it saved."""
     before = sum(p.numel() for p in model.parameters())
-    keep = kept_ids(tokenizer, texts)
+    keep = kept_ids(tokenizer, texts, keep_top=keep_top)
     vocab_before = model.get_input_embeddings().num_embeddings
     trim_embeddings(model, keep)
     after = sum(p.numel() for p in model.parameters())

