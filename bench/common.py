@@ -1,6 +1,7 @@
 """Shared by the benchmarks: every report is printed and kept under runs/bench/."""
 
 import os
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,3 +24,9 @@ def publish(name: str, report: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     return out
+
+
+def short_commit() -> str:
+    """The checkout a report was made from (uncommitted changes are not in it)."""
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()

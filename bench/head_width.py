@@ -14,25 +14,19 @@ Writes bench/results/head-width.{md,csv}.
 
 from __future__ import annotations
 
-import os
+import argparse
+import datetime
+import sys
+from pathlib import Path
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pandas as pd  # noqa: E402
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-import headline  # noqa: E402
+import headline  # noqa: E402  (sets the offline environment before transformers is imported)
+from common import short_commit  # noqa: E402
 from kdnas_core.evaluate import compare  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
 from kdnas_core.student import build_student  # noqa: E402
@@ -84,8 +78,7 @@ def main(argv: list[str] | None = None) -> Path:
     df = pd.DataFrame(out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out.with_suffix(".csv"), index=False)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = short_commit()
     md = [f"# Head count of teacher-initialised students, before distillation ({datetime.date.today()})\n",
           f"Command: `python bench/head_width.py {' '.join(argv if argv is not None else sys.argv[1:])}` at "
           f"{commit}; teacher {cfg.teacher.name} (head width {d_t}); headline-full tasks, floors and seed; "

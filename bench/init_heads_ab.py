@@ -17,7 +17,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 import headline  # noqa: E402
+from common import short_commit  # noqa: E402
 from kdnas_core.evaluate import compare  # noqa: E402
 from kdnas_core.inherit import full_width  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> Path:
         out.append({"row": r.name, "heads": "start KD loss after", "summary": r.result.get("initial_eval_loss")})
     # Its first run listed the L6 rows twice (cause not found); a row is shown once.
     df = pd.DataFrame(out).drop_duplicates()
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = short_commit()
     md = [f"# Where teacher-initialised students' projection heads start ({datetime.date.today()})\n",
           f"Command: `python bench/init_heads_ab.py {' '.join(argv if argv is not None else sys.argv[1:])}` at "
           f"{commit} (plus uncommitted changes, if any); headline-full scale (4000 texts x 2 epochs, mpnet-base, "
