@@ -54,7 +54,7 @@ def most_likely(model: dict, n: int) -> list[int]:
     if model["type"] == "Unigram":
         scores = [score for _, score in model["vocab"]]
         return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:n]
-    return list(range(min(n, len(_pieces(model)))))
+    return list(range(min(n, len(model["vocab"]))))
 
 
 def kept_ids(tokenizer, texts: Iterable[str], batch: int = 1000, keep_top: int = 0) -> list[int]:
