@@ -8,9 +8,10 @@ ids and a tokenizer that produces those ids is saved with the student.
 What is kept: every token the corpus (plus any extra texts) tokenises into, the special tokens,
 every single-character piece of the vocabulary, and (``student.vocab_keep_top``) the teacher's
 most likely pieces, so that text from outside the corpus (another domain, another language the
-teacher knows) keeps its words whole instead of falling apart into characters. A word made of kept pieces tokenises as
-before; another word falls back to shorter kept pieces, down to single characters, and only a
-character the teacher's vocabulary has never had becomes the unknown token, as it did before.
+teacher knows) keeps its words whole instead of falling apart into characters. A word made of
+kept pieces tokenises as before; another word falls back to shorter kept pieces, down to single
+characters, and only a character the teacher's vocabulary has never had becomes the unknown
+token, as it did before.
 
 Supports the three ``tokenizers`` models that Hugging Face encoders use: WordPiece (BERT,
 MPNet), Unigram (XLM-R) and BPE (RoBERTa). Trimming changes no output for text made of kept
