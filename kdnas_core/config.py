@@ -99,6 +99,12 @@ class SearchSpaceConfig(_Section):
     # -2.7 to -1.9 gap closed before distillation with 2-6 heads, +0.10 with 12
     # (bench/results/head-width.md). Students with random init are not capped.
     cap_head_width: bool = True
+    # With student.init: teacher, search only the teacher's activation (when it is gelu, relu or
+    # silu; others leave the choices as listed). Cut from mpnet-base (gelu) and not distilled,
+    # L12-H384-A12-F384 scored +0.07 gap closed with gelu and -0.34 with silu, the activation of
+    # the last 0.2x pick (bench/results/activation-inherit.md); the FFN weights were trained for
+    # the teacher's nonlinearity.
+    cap_activation: bool = True
 
     @model_validator(mode="after")
     def _non_empty_positive(self) -> SearchSpaceConfig:

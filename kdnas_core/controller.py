@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 
@@ -350,7 +351,16 @@ class LSTMRewardController:
         if not state:
             return
         tensors = load_safetensors(base64.b64decode(state["weights"]))
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        own = self.model.state_dict()
+        if {k: tuple(v.shape) for k, v in weights.items()} != {k: tuple(v.shape) for k, v in own.items()}:
+            # A warm start from a search over other choices (a config edit, or a search made
+            # before a cap): its weights encode other one-hot positions. The controller learns
+            # again from the known results instead.
+            warnings.warn("the controller's saved weights were trained on another search space; "
+                          "it starts fresh and learns from the known results")
+            return
+        self.model.load_state_dict(weights)
         opt_state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("opt."):

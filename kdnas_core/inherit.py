@@ -38,7 +38,7 @@ from torch import nn
 
 from kdnas_core.data import Batch
 from kdnas_core.errors import ArchError, TeacherError
-from kdnas_core.search_space import StudentArch
+from kdnas_core.search_space import StudentArch, activation_named
 
 LAYER_STRATEGIES = ("uniform", "first", "importance")
 # Part of a cached importance file: bump it when a measure changes, so stale caches are refused.
@@ -136,7 +136,7 @@ def full_width(teacher_config, layers: int) -> StudentArch:
     """The teacher's own width (hidden size, heads, FFN) with ``layers`` layers: the truncated
     or layer-dropped teacher, depending on which layers a student keeps. An activation the
     search space has no name for becomes gelu."""
-    act = teacher_config.hidden_act if teacher_config.hidden_act in ("gelu", "relu", "silu") else "gelu"
+    act = activation_named(teacher_config.hidden_act) or "gelu"
     return StudentArch(layers, teacher_config.hidden_size, teacher_config.num_attention_heads,
                        teacher_config.intermediate_size, act)
 

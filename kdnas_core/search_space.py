@@ -18,6 +18,8 @@ from kdnas_core.config import SearchSpaceConfig
 from kdnas_core.errors import ArchError
 
 ACTIVATIONS = ("gelu", "relu", "silu")
+# transformers' names for the same functions ("swish" is its older name for silu).
+_HF_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
 _NAME_RE = re.compile(r"^L(\d+)-H(\d+)-A(\d+)-F(\d+)-(\w+)$")
 
 
@@ -79,6 +81,12 @@ class StudentArch:
         return self.name
 
 
+def activation_named(hidden_act) -> str | None:
+    """The student activation that computes a config's ``hidden_act``; None when there is none
+    (a tanh-approximated gelu, a callable) rather than a near match."""
+    return _HF_ACTIVATIONS.get(hidden_act) if isinstance(hidden_act, str) else None
+
+
 @dataclass(frozen=True)
 class TeacherShape:
     """What the search space needs to know about the teacher to cap students to it."""
@@ -87,22 +95,35 @@ class TeacherShape:
     hidden: int
     ffn: int
     head_dim: int | None = None  # hidden / attention heads
+    activation: str | None = None  # None when it is none of ACTIVATIONS (e.g. gelu_new)
 
 
 class SearchSpace:
-    """The discrete set of valid students: every combination whose hidden size divides by heads
-    (and, with ``max_head_dim``, whose heads are no wider than that)."""
+    """The discrete set of valid students: every combination whose hidden size divides by heads.
 
-    def __init__(self, cfg: SearchSpaceConfig, teacher: TeacherShape | None = None, max_head_dim: int | None = None):
+    With a ``teacher``, choices larger than it are dropped (``cap_to_teacher``). When students are
+    cut from it (``inherits``), heads wider than the teacher's (``cap_head_width``) and other
+    activations than the teacher's (``cap_activation``) are dropped too."""
+
+    def __init__(self, cfg: SearchSpaceConfig, teacher: TeacherShape | None = None, inherits: bool = False):
         self.cfg = cfg
         self.teacher = teacher
-        self.max_head_dim = max_head_dim
+        cut = inherits and teacher is not None
+        self.max_head_dim = teacher.head_dim if cut and cfg.cap_head_width else None
         cap = teacher is not None and cfg.cap_to_teacher
         self.layers = sorted(v for v in set(cfg.layers) if not cap or v <= teacher.layers)
         self.hidden = sorted(v for v in set(cfg.hidden) if not cap or v <= teacher.hidden)
         self.ffn = sorted(v for v in set(cfg.ffn) if not cap or v <= teacher.ffn)
         self.heads = sorted(set(cfg.heads))
         self.activation = sorted(set(cfg.activation))
+        self.activation_capped = cut and cfg.cap_activation and teacher.activation is not None
+        if self.activation_capped:
+            if teacher.activation not in self.activation:
+                raise ArchError(
+                    f"search_space.activation: {self.activation} leaves out the teacher's {teacher.activation}, "
+                    "the only one students cut from it keep (cap_activation); add it or set cap_activation: false"
+                )
+            self.activation = [teacher.activation]
         for field in ("layers", "hidden", "ffn"):
             if not getattr(self, field):
                 raise ArchError(
@@ -110,9 +131,9 @@ class SearchSpace:
                     f"({teacher}); allow smaller values or set cap_to_teacher: false"
                 )
         if not any(self.heads_for(h) for h in self.hidden):
-            if max_head_dim and any(h % a == 0 for h in self.hidden for a in self.heads):
+            if self.max_head_dim and any(h % a == 0 for h in self.hidden for a in self.heads):
                 raise ArchError(
-                    f"search_space.heads: every choice makes heads wider than the teacher's ({max_head_dim}), "
+                    f"search_space.heads: every choice makes heads wider than the teacher's ({self.max_head_dim}), "
                     "which students cut from it cannot inherit; add more heads or set cap_head_width: false"
                 )
             raise ArchError("search_space: no hidden size is divisible by any heads choice")
@@ -147,6 +168,8 @@ class SearchSpace:
             value = getattr(arch, field)
             if value not in allowed:
                 why = " (capped to the teacher)" if self.teacher and self.cfg.cap_to_teacher else ""
+                if field == "activation" and self.activation_capped:
+                    why = " (the teacher's, which students cut from it keep: search_space.cap_activation)"
                 raise ArchError(
                     f"arch {arch.name}: {field} = {value} is not allowed in this search space"
                     f"{why}; allowed: {allowed}"
@@ -180,13 +203,15 @@ class SearchSpace:
             for f in ("layers", "hidden", "heads", "ffn", "activation")
             if len(self._choices(f, arch)) > 1
         ]
-        if not fields:
-            return arch
-        field = rng.choice(fields)
-        value = rng.choice([v for v in self._choices(field, arch) if v != getattr(arch, field)])
-        new = arch.to_dict() | {field: value}
-        # Re-draw heads that no longer fit: hidden moved, or the parent came from a search whose
-        # space allowed wider heads (a warm start).
+        new = arch.to_dict()
+        if fields:
+            field = rng.choice(fields)
+            new[field] = rng.choice([v for v in self._choices(field, arch) if v != getattr(arch, field)])
+        # Re-draw what no longer fits: heads when hidden moved, or any field of a parent from a
+        # search whose space allowed more (a warm start from before a cap).
+        for f in ("layers", "hidden", "ffn", "activation"):
+            if new[f] not in self._choices(f, arch):
+                new[f] = rng.choice(self._choices(f, arch))
         if new["heads"] not in self.heads_for(new["hidden"]):
             new["heads"] = rng.choice(self.heads_for(new["hidden"]))
         return StudentArch(**new)

@@ -4,6 +4,7 @@ reward, the latency predictor, and the plain loop without Prefect."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 from kdnas_core.config import KDNASConfig
@@ -71,6 +72,16 @@ def _check_compatible(state: SearchState, teacher: str, cfg: KDNASConfig, source
         raise KdnasError(f"{source}: searched with student.init = {state.student_init!r}, this config has "
                          f"{cfg.student.init!r}; its rewards do not apply here (use --fresh, or warm-start from a "
                          "search with the same student.init)")
+
+
+def drop_prior_outside(state: SearchState, space: SearchSpace) -> None:
+    """A warm start's known results that this space no longer allows (a config edit, or a cap
+    added since) could be recommended but not distilled: they are left out, said in one line."""
+    outside = [o.arch.name for o in state.prior if o.arch not in space]
+    if outside:
+        warnings.warn(f"{len(outside)} known results of the warm start lie outside this search space and are "
+                      f"not used (e.g. {outside[0]})")
+        state.prior = [o for o in state.prior if o.arch in space]
 
 
 def _initial_state(cfg: KDNASConfig, state_path: Path, warm_from: Path | None = None,
@@ -153,6 +164,7 @@ def search_in_folder(
         if fresh:
             shutil.rmtree(out / "evals", ignore_errors=True)
         state = initial_state(cfg, state_path, warm_from, research, fresh, teacher)
+        drop_prior_outside(state, space)
         controller = make_controller(space, cfg.controller, cfg.seed)
         attach_latency_predictor(controller, cfg, budgets)
         if isinstance(controller, TargetsBudgets) and budgets:

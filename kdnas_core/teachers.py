@@ -27,7 +27,7 @@ from kdnas_core.config import TeacherConfig
 from kdnas_core.errors import KdnasError, TeacherError
 from kdnas_core.me5 import PIP_INSTALL as ME5_PIP_INSTALL
 from kdnas_core.me5 import build_me5
-from kdnas_core.search_space import TeacherShape
+from kdnas_core.search_space import TeacherShape, activation_named
 from kdnas_core.sentence import SentenceHead, teacher_head
 
 MPNET_PARTS = 5
@@ -76,8 +76,9 @@ class Teacher:
 
     @property
     def shape(self) -> TeacherShape:
+        act = activation_named(getattr(self.config, "hidden_act", None))
         return TeacherShape(self.num_layers, self.hidden, self.config.intermediate_size,
-                            self.hidden // self.config.num_attention_heads)
+                            self.hidden // self.config.num_attention_heads, act)
 
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):

@@ -109,8 +109,7 @@ class Workspace:
 
     @functools.cached_property
     def space(self) -> SearchSpace:
-        shape, ss = self.teacher.shape, self.cfg.search_space
-        return SearchSpace(ss, shape, shape.head_dim if self.inheritance is None and ss.cap_head_width else None)
+        return SearchSpace(self.cfg.search_space, self.teacher.shape, inherits=self.inheritance is None)
 
     @property
     def state_cache_root(self) -> Path:

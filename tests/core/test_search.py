@@ -208,3 +208,27 @@ def test_lstm_predictions_are_recorded_in_reward_units():
     assert not any("predicted_reward" in o.extra for o in res.observations if o.episode == 0)
     errors = [abs(o.extra["predicted_reward"] - o.reward) for o in later]
     assert max(errors) < 1.0  # reward units (rewards here are ~0.5-0.9), not standardised z-scores
+
+
+def test_a_warm_start_from_a_wider_space_keeps_only_what_the_new_space_allows():
+    """A search made before a cap (here: every activation, then only the teacher's) warm-starts
+    the capped one: the controller's weights no longer fit its encoding and it starts fresh, and
+    the known results the cap excludes are neither recommended nor proposed again."""
+    from kdnas_core.search_space import TeacherShape
+    from kdnas_core.searching import drop_prior_outside
+
+    cfg, evaluate = ControllerConfig(epsilon_decay=0.25, train_epochs=50), landscape()
+    first = run_search(LSTMRewardController(SPACE, cfg, 0), evaluate, reward_fn,
+                       SearchConfig(episodes=2, candidates_per_episode=4), seed=0)
+    assert {o.arch.activation for o in first.observations} != {"gelu"}
+    capped = SearchSpace(SearchSpaceConfig(), TeacherShape(12, 768, 3072, activation="gelu"), inherits=True)
+    state = SearchState.warm_start(first.state, seed=1)
+    with pytest.warns(UserWarning, match="outside this search space"):
+        drop_prior_outside(state, capped)
+    assert state.prior and all(o.arch in capped for o in state.prior)
+    budgets = [("0.5x", 0.5 * TEACHER_MS)]
+    with pytest.warns(UserWarning, match="trained on another search space"):
+        res = run_search(LSTMRewardController(capped, cfg, 1), evaluate, reward_fn,
+                         SearchConfig(episodes=2, candidates_per_episode=4), state=state, budgets_ms=budgets, seed=1)
+    assert res.observations and all(o.arch in capped for o in res.state.history)
+    assert all(StudentArch.from_name(r["arch"]) in capped for r in res.recommendations if r["arch"])

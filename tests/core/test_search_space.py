@@ -82,7 +82,7 @@ def test_capping_that_empties_a_dimension_is_an_error():
 
 def test_heads_wider_than_the_teachers_are_left_out_when_students_are_cut_from_it():
     mpnet = TeacherShape(12, 768, 3072, head_dim=64)
-    space = SearchSpace(SearchSpaceConfig(), mpnet, max_head_dim=64)
+    space = SearchSpace(SearchSpaceConfig(), mpnet, inherits=True)
     assert space.heads_for(384) == [6, 12] and space.heads_for(768) == [12]
     assert {a.hidden // a.heads for a in space} <= {32, 64}
     rng = random.Random(0)
@@ -99,4 +99,28 @@ def test_heads_wider_than_the_teachers_are_left_out_when_students_are_cut_from_i
 
 def test_a_head_cap_that_leaves_no_heads_is_an_error_naming_the_field():
     with pytest.raises(ArchError, match="search_space.heads: every choice makes heads wider than the teacher's"):
-        SearchSpace(SearchSpaceConfig(heads=[2, 3]), TeacherShape(12, 768, 3072, 64), max_head_dim=64)
+        SearchSpace(SearchSpaceConfig(heads=[2, 3]), TeacherShape(12, 768, 3072, 64), inherits=True)
+
+
+def test_students_cut_from_the_teacher_search_only_its_activation():
+    mpnet = TeacherShape(12, 768, 3072, head_dim=64, activation="gelu")
+    space = SearchSpace(SearchSpaceConfig(), mpnet, inherits=True)
+    assert space.activation == ["gelu"] and {a.activation for a in space} == {"gelu"}
+    with pytest.raises(ArchError, match=r"activation = silu is not allowed.*cap_activation\); allowed: \['gelu'\]"):
+        space.validate(StudentArch(12, 384, 12, 384, "silu"))
+    # A warm start's parent searched with silu mutates into the capped space.
+    assert all(space.mutate(StudentArch(12, 384, 12, 384, "silu"), random.Random(i)) in space for i in range(50))
+    assert SearchSpace(SearchSpaceConfig(), mpnet).activation == ["gelu", "relu", "silu"]  # random init
+    uncapped = SearchSpace(SearchSpaceConfig(cap_activation=False), mpnet, inherits=True)
+    assert uncapped.activation == ["gelu", "relu", "silu"]
+    other = TeacherShape(12, 768, 3072, head_dim=64, activation=None)  # e.g. gelu_new: nothing to keep
+    assert SearchSpace(SearchSpaceConfig(), other, inherits=True).activation == ["gelu", "relu", "silu"]
+    with pytest.raises(ArchError, match=r"search_space.activation: \['relu'\] leaves out the teacher's gelu"):
+        SearchSpace(SearchSpaceConfig(activation=["relu"]), mpnet, inherits=True)
+
+
+def test_transformers_activation_names_map_to_the_same_function_or_to_none():
+    from kdnas_core.search_space import activation_named
+
+    assert [activation_named(n) for n in ("gelu", "relu", "silu", "swish")] == ["gelu", "relu", "silu", "silu"]
+    assert activation_named("gelu_new") is None and activation_named(None) is None

