@@ -16,7 +16,10 @@ trained, and, for the vocabulary rows, in the tokens they kept. Recipes:
   language should keep them together;
 - each with ``student.vocab: teacher`` (all 250 k rows) unless the recipe says ``trimmed``
   (``student.vocab: corpus``: the fortunes' pieces only) or ``trimmed + top N`` (the fortunes'
-  pieces and the teacher's N most likely ones, ``student.vocab_keep_top``).
+  pieces and the teacher's N most likely ones, ``student.vocab_keep_top``);
+- distilled on the config's fortunes unless the recipe says ``messages`` (``data.source:
+  messages``: software messages and their translations from the message catalogues that the
+  gettext-<lang> evaluation sets do not read, in the fortunes' languages and French).
 
 Writes bench/results/multilingual-recipe.{md,csv}; students go to runs/multilingual-recipe/<recipe>/.
 """
@@ -48,6 +51,8 @@ from kdnas_core.search_space import StudentArch  # noqa: E402
 from kdnas_core.student_eval import describe_tasks, evaluate_students  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
+# The fortunes' languages (zh_CN for zh) and French: every language the evaluation scores.
+MESSAGE_LANGUAGES = ["de", "es", "it", "ru", "pl", "cs", "zh_CN", "fr"]
 # name -> config overrides; every recipe keeps the rest of the config's distillation settings.
 RECIPES = {
     "hidden+pooled": {"student.vocab": "teacher"},
@@ -59,6 +64,13 @@ RECIPES = {
                                        "distill.weights.hidden_mse": 0.0},
     "pooled only, trimmed + top 100k": {"student.vocab": "corpus", "student.vocab_keep_top": 100_000,
                                         "distill.weights.hidden_mse": 0.0},
+    "pooled only, messages": {"data.source": "messages", "data.languages": MESSAGE_LANGUAGES,
+                              "student.vocab": "teacher", "distill.weights.hidden_mse": 0.0},
+    "hidden+pooled, messages": {"data.source": "messages", "data.languages": MESSAGE_LANGUAGES,
+                                "student.vocab": "teacher"},
+    "pooled only, messages, trimmed + top 100k": {"data.source": "messages", "data.languages": MESSAGE_LANGUAGES,
+                                                  "student.vocab": "corpus", "student.vocab_keep_top": 100_000,
+                                                  "distill.weights.hidden_mse": 0.0},
 }
 
 
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
     md = [f"# Multilingual recipes ({datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores)\n",
           f"Command: `python bench/multilingual_recipe.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
           f"config {args.config}: teacher {raw['teacher']['name']}, student {arch.name} cut from it, final "
-          f"distillation on {args.train_texts} fortunes x {args.epochs} epoch(s), {time.time() - started:.0f} s.\n",
+          f"distillation on {args.train_texts} texts of the recipe's corpus x {args.epochs} epoch(s), {time.time() - started:.0f} s.\n",
           "Tasks (each held out from the corpus):", *[f"- {t['task']}: {t['size']}" for t in describe_tasks(ws)], "",
           "recall@1 per direction; worst_share / mean_share = the row's recall@1 as a share of the teacher's, "
           "lowest and mean over the directions; summary = mean gap closed over the tasks against the untrained "

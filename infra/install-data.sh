@@ -11,6 +11,9 @@ set -euo pipefail
 packages=(sword-text-kjv sword-text-web sword-text-sparv diatheke
           coreutils bash tar grep sed findutils diffutils dpkg libc-l10n apt git gettext-base gnupg-l10n wget make
           xz-utils procps psmisc man-db
+          # data.source: messages distils on other tools' catalogues, never on those above: the
+          # binutils, GTK, GLib, desktop-schema and keyboard-layout messages (data packages only).
+          binutils-common libgtk-3-common libgtk2.0-common libglib2.0-data gsettings-desktop-schemas xkb-data
           # The corpus of configs/multilingual.yaml: Debian fortunes in its eight languages.
           fortunes-min fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-pl fortunes-cs fortunes-zh)
 

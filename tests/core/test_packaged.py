@@ -232,3 +232,50 @@ def test_gettext_sets_pair_english_messages_with_their_translations(loaded):
     # Every language of the registry has a usable set; Japanese is written in its own script.
     ja = loaded("gettext-ja")
     assert len(ja) > 1000 and ja["positive"].str.contains(r"[\u3040-\u30ff\u4e00-\u9fff]").mean() > 0.9
+
+
+def _write_mo(path, messages: dict[str, str]) -> None:
+    """A GNU .mo catalogue (the format msgfmt writes), with a UTF-8 header entry."""
+    import struct
+
+    entries = {"": "Content-Type: text/plain; charset=UTF-8\n", **messages}
+    keys = sorted(entries)
+    ids, strs = [k.encode() for k in keys], [entries[k].encode() for k in keys]
+    n, start = len(keys), 7 * 4
+    key_start = start + 16 * n
+    blob, key_offsets, value_offsets = b"", [], []
+    for raw in ids:
+        key_offsets.append((len(raw), key_start + len(blob)))
+        blob += raw + b"\0"
+    for raw in strs:
+        value_offsets.append((len(raw), key_start + len(blob)))
+        blob += raw + b"\0"
+    header = struct.pack("<7I", 0x950412DE, 0, n, start, start + 8 * n, 0, key_start)
+    table = b"".join(struct.pack("<2I", *o) for o in key_offsets + value_offsets)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + table + blob)
+
+
+def test_training_messages_come_from_catalogues_the_evaluation_does_not_read(tmp_path, monkeypatch):
+    from kdnas_core.config import DataConfig
+    from kdnas_core.data import read_texts
+
+    monkeypatch.setattr(packaged, "LOCALE_DIR", tmp_path)
+    de, fr = tmp_path / "de" / "LC_MESSAGES", tmp_path / "fr" / "LC_MESSAGES"
+    _write_mo(de / "coreutils.mo", {"cannot open the file for reading": "Datei kann nicht gelesen werden"})
+    _write_mo(fr / "grep.mo", {"the window could not be shown": "la fenêtre n'a pas pu être affichée"})
+    _write_mo(de / "gtk30.mo", {
+        "Select a colour for the text": "Wählen Sie eine Farbe für den Text",
+        "cannot open the file for reading": "Die Datei kann nicht geöffnet werden",  # its English is evaluated
+        "The window could not be shown": "Das Fenster konnte nicht gezeigt werden",  # evaluated in French
+        "Open %s": "%s öffnen",  # program text
+        "Quit": "Beenden",  # a label
+    })
+    _write_mo(de / "iso_3166-1.mo", {"Federal Republic of Germany today": "Bundesrepublik Deutschland heute"})
+    (de / "broken.mo").write_bytes(b"not a catalogue")
+    texts = read_texts(DataConfig(source="messages", languages=["de"]))
+    assert texts == ["Select a colour for the text", "Wählen Sie eine Farbe für den Text"]
+    with pytest.raises(DataError, match="data.languages: 'xx' is not one of de, fr"):
+        read_texts(DataConfig(source="messages", languages=["xx"]))
+    with pytest.raises(DataError, match=r"data.languages = \['fr'\]: no message catalogues beyond the evaluation"):
+        read_texts(DataConfig(source="messages", languages=["fr"]))

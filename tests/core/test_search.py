@@ -8,6 +8,7 @@ import pytest
 from kdnas_core.config import ControllerConfig, SearchConfig, SearchSpaceConfig
 from kdnas_core.controller import (
     EvolutionController,
+    FiltersProposals,
     LSTMRewardController,
     Observation,
     RandomController,
@@ -171,6 +172,20 @@ def test_lstm_pool_respects_a_feasibility_filter():
     ctrl.feasible = lambda a: a.layers <= 4 and a.hidden == 384
     props = ctrl.propose([], 6, random.Random(0))
     assert len(props) == 6 and all(a.layers <= 4 and a.hidden == 384 for a in props)
+
+
+def test_random_search_keeps_to_what_the_latency_predictor_allows():
+    feasible = lambda a: a.layers <= 4 and a.hidden == 384  # noqa: E731 - a quarter of the space or less
+    plain = RandomController(SPACE).propose([], 8, random.Random(0))
+    assert not all(feasible(a) for a in plain)
+    ctrl = RandomController(SPACE)
+    ctrl.set_feasible(feasible)
+    assert isinstance(ctrl, FiltersProposals)
+    props = ctrl.propose([], 8, random.Random(0))
+    assert len({a.arch_id for a in props}) == 8 and all(feasible(a) for a in props)
+    # Nothing feasible: still k proposals, from the rest.
+    ctrl.set_feasible(lambda a: False)
+    assert len(ctrl.propose([], 8, random.Random(0))) == 8
 
 
 def test_lstm_proposes_a_candidate_near_every_budget():
