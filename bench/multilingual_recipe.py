@@ -33,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
@@ -101,7 +102,9 @@ def main(argv: list[str] | None = None) -> Path:
                      "paths.output_dir": str(ROOT / "runs" / "multilingual-recipe" / slug(name)),
                      "evaluate.tasks": [{**t, "test_size": args.test_size} for t in raw["evaluate"]["tasks"]],
                      **RECIPES[name]}
-        cfg = config_from_dict(apply_overrides(raw, overrides), args.config)
+        # A copy per recipe: apply_overrides sets keys in place, and one recipe's overrides must
+        # not carry into the next.
+        cfg = config_from_dict(apply_overrides(copy.deepcopy(raw), overrides), args.config)
         # One teacher for every recipe: the workspace is rebuilt around it (the recipe changes
         # the distillation, not the teacher or its cached states).
         ws = Workspace(cfg, ws.teacher) if ws is not None else Workspace.prepare(cfg)
