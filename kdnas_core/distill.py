@@ -32,7 +32,7 @@ from torch import nn
 
 from kdnas_core.checkpoint import UnusableCheckpoint, find_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from kdnas_core.config import DistillConfig, LossWeights, TrainBudget
-from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches
+from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches, tokenize
 from kdnas_core.progress import Bar, Progress, track
 from kdnas_core.atomic import (
     check_free_space,
@@ -113,6 +113,15 @@ class LayerStats:
 class Targets:
     states: dict[int, torch.Tensor]  # teacher layer -> [B, T, d] float32
     qkv: torch.Tensor | None = None  # [B, T, 3 * d] of the relation layer, or None
+    # The pooled term's target for texts with a source sentence (a translation's original):
+    # [B, d] the teacher's pooled embedding of the source, used where has_source [B] is true.
+    source_pooled: torch.Tensor | None = None
+    has_source: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Targets:
+        move = lambda x: x.to(device) if x is not None else None  # noqa: E731
+        return Targets({k: v.to(device) for k, v in self.states.items()}, move(self.qkv), move(self.source_pooled),
+                       move(self.has_source))
 
 
 class SharedStates(Protocol):
@@ -223,6 +232,53 @@ class LiveTeacherStates:
     def targets(self, batch: Batch) -> Targets:
         self.calls += 1
         return _teacher_forward(self.teacher, batch, self.layers, self._capture)
+
+
+class SourceTargets:
+    """Teacher states whose pooled-term targets are, for a translated text, the teacher's
+    embedding of its source sentence (Reimers & Gurevych 2020: "Making monolingual sentence
+    embeddings multilingual using knowledge distillation"): the student learns to put a sentence
+    and its translation where the teacher puts the original. Token-level targets stay the
+    teacher's states of the text itself; texts without a source keep their own pooled target."""
+
+    def __init__(self, states: TeacherStates, source_pooled: torch.Tensor, has_source: torch.Tensor):
+        self.states = states
+        self.n_layers, self.hidden, self.layers = states.n_layers, states.hidden, states.layers
+        self.relation_layer, self.stats = states.relation_layer, states.stats
+        self.source_pooled, self.has_source = source_pooled, has_source
+
+    def targets(self, batch: Batch) -> Targets:
+        return replace(self.states.targets(batch), source_pooled=self.source_pooled[batch.index],
+                       has_source=self.has_source[batch.index])
+
+    def __getattr__(self, name: str):
+        if name == "states":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.states, name)  # a cache's path, key, nbytes
+
+
+def source_embeddings(teacher: Teacher, texts: list[str], sources: dict[str, str], max_length: int, pooling: str,
+                      batch_size: int = 64, progress: Progress = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, d] the teacher's pooled last-layer state (pre-Dense, as the pooled term compares) of
+    each text's source sentence, and [N] whether the text has one; rows without a source are
+    zero and unused. Each distinct source is embedded once."""
+    wanted = sorted({sources[t] for t in texts if t in sources})
+    out = torch.zeros(len(texts), teacher.hidden)
+    has = torch.tensor([t in sources for t in texts], dtype=torch.bool)
+    if not wanted:
+        return out, has
+    tokens = tokenize(wanted, teacher.tokenizer, max_length)
+    pooled = torch.empty(len(wanted), teacher.hidden)
+    batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
+    with torch.no_grad():
+        for b in track(batches, "teacher embeds the translations' sources", progress, "batch"):
+            last = teacher.hidden_states(b.input_ids, b.attention_mask)[teacher.num_layers]
+            pooled[b.index] = pool(last.float(), b.attention_mask, pooling)
+    row = {src: i for i, src in enumerate(wanted)}
+    for i, t in enumerate(texts):
+        if t in sources:
+            out[i] = pooled[row[sources[t]]]
+    return out, has
 
 
 class CachedTeacherStates:
@@ -553,6 +609,8 @@ class HiddenStateDistillLoss(nn.Module):
             last_t = targets.states[max(targets.states)]
             s_pool = self.pool_proj(pool(student_states[-1], mask, self.pooling))
             t_pool = pool(last_t, mask, self.pooling)
+            if targets.has_source is not None:
+                t_pool = torch.where(targets.has_source.unsqueeze(-1), targets.source_pooled, t_pool)
             parts["pooled_cosine"] = (1 - F.cosine_similarity(s_pool, t_pool, dim=-1)).sum() / n_texts
             total = total + self.weights.pooled_cosine * parts["pooled_cosine"]
         if self.weights.attention_relation > 0:
@@ -613,8 +671,7 @@ def _step_loss(student, loss_fn, teacher_states: TeacherStates, batch: Batch, ca
     targets = teacher_states.targets(batch)
     device = next(student.parameters()).device
     if device.type != "cpu":
-        targets = Targets({k: v.to(device) for k, v in targets.states.items()},
-                          targets.qkv.to(device) if targets.qkv is not None else None)
+        targets = targets.to(device)
         batch = Batch(batch.index, batch.input_ids.to(device), batch.attention_mask.to(device))
     out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
     return loss_fn(out.hidden_states, targets, batch.attention_mask, capture.take(), norm)

@@ -404,19 +404,19 @@ def _gettext_pairs(lang: str) -> pd.DataFrame:
     return frame
 
 
-def training_messages(languages: list[str]) -> list[str]:
-    """Texts to distil on from the message catalogues the gettext-<lang> sets do not read (GTK,
-    GLib, PackageKit, PostgreSQL... whatever is installed), in ``languages``: each message's
-    English source and its translation. A message whose English or translation is also in an
-    evaluation catalogue (of any language) is left out, so the evaluation sets stay unseen. A
-    catalogue that cannot be read (a wrong charset header) is skipped."""
+def training_messages(languages: list[str]) -> list[tuple[str, str]]:
+    """(English, translation) pairs to distil on from the message catalogues the gettext-<lang>
+    sets do not read (GTK, GLib, PackageKit, PostgreSQL... whatever is installed), in
+    ``languages``. A message whose English or translation is also in an evaluation catalogue (of
+    any language) is left out, so the evaluation sets stay unseen. A catalogue that cannot be
+    read (a wrong charset header) is skipped."""
     held_out: set[str] = set()
     for lang in GETTEXT_LANGUAGES:
         for domain in GETTEXT_DOMAINS:
             path = LOCALE_DIR / lang / "LC_MESSAGES" / f"{domain}.mo"
             if path.is_file():
                 held_out.update(x.lower() for pair in _catalogue_pairs(path) for x in pair)
-    texts = []
+    kept = []
     for lang in languages:
         folder = LOCALE_DIR / lang / "LC_MESSAGES"
         for path in sorted(folder.glob("*.mo")):
@@ -427,8 +427,8 @@ def training_messages(languages: list[str]) -> list[str]:
                 pairs = _catalogue_pairs(path)
             except (UnicodeDecodeError, OSError, LookupError):
                 continue
-            texts += [x for pair in pairs if not {y.lower() for y in pair} & held_out for x in pair]
-    return texts
+            kept += [pair for pair in pairs if not {y.lower() for y in pair} & held_out]
+    return kept
 
 
 _EXTRACTORS: dict[str, Callable[[], pd.DataFrame]] = {

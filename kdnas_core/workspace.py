@@ -27,8 +27,10 @@ from kdnas_core.data import (
 from kdnas_core.distill import (
     CachedTeacherStates,
     SharedStates,
+    SourceTargets,
     TeacherStates,
     make_teacher_states,
+    source_embeddings,
     teacher_layers_needed,
 )
 from kdnas_core.errors import ArchError, ConfigError, DataError
@@ -69,6 +71,8 @@ class Workspace:
     # layer from paths.shared_cache; None: this machine's cache folder only).
     shared_states: SharedStates | None = None
     _teacher_eval: ModelEval | None = field(default=None, repr=False)
+    # Per split: the teacher's embeddings of each text's source sentence (translation_targets).
+    _sources: dict[str, tuple] = field(default_factory=dict, repr=False)
 
     @classmethod
     def prepare(cls, cfg: KDNASConfig) -> Workspace:
@@ -115,13 +119,27 @@ class Workspace:
     def state_cache_root(self) -> Path:
         return self.cfg.paths.cache_path() / "teacher_states"
 
+    def texts(self, split: str) -> list[str]:
+        """The texts of ``split`` that are distilled on or scored, in token order."""
+        texts = self.splits.get(split)
+        if split == "eval":  # the held-out KD loss needs only a slice of the eval split
+            texts = texts[: self.cfg.distill.eval_batches * self.cfg.data.batch_size]
+        return texts
+
     def tokens(self, split: str) -> TokenizedTexts:
         if split not in self._tokens:
-            texts = self.splits.get(split)
-            if split == "eval":  # the held-out KD loss needs only a slice of the eval split
-                texts = texts[: self.cfg.distill.eval_batches * self.cfg.data.batch_size]
-            self._tokens[split] = tokenize(texts, self.teacher.tokenizer, self.cfg.data.max_length)
+            self._tokens[split] = tokenize(self.texts(split), self.teacher.tokenizer, self.cfg.data.max_length)
         return self._tokens[split]
+
+    def _with_sources(self, split: str, states: TeacherStates, progress: Progress) -> TeacherStates:
+        """``states`` whose pooled targets are the sources' embeddings (data.translation_targets)."""
+        if not self.cfg.data.translation_targets:
+            return states
+        if split not in self._sources:
+            self._sources[split] = source_embeddings(self.teacher, self.texts(split), self.splits.sources,
+                                                     self.cfg.data.max_length, self.teacher.head.pooling,
+                                                     progress=progress)
+        return SourceTargets(states, *self._sources[split])
 
     def batches(self, split: str, seed: int | None = None) -> list[Batch]:
         shuffle = split != "eval"
@@ -135,27 +153,29 @@ class Workspace:
     def teacher_states(self, split: str, layers: tuple[int, ...], passes: float, progress: Progress = True) -> TeacherStates:
         # Standardisation statistics for a live teacher come from the first few training batches.
         stats_batches = self.batches(split)[:20]
-        return make_teacher_states(
+        states = make_teacher_states(
             self.teacher, self.tokens(split), layers, self.cfg.distill,
             self.state_cache_root, math.ceil(passes), stats_batches, progress, self.shared_states,
         )
+        return self._with_sources(split, states, progress)
 
     def distill_inputs(self, split: str, budget: TrainBudget, student_layers: int, progress: Progress = True
-                       ) -> tuple[list[Batch], TeacherStates, CachedTeacherStates]:
+                       ) -> tuple[list[Batch], TeacherStates, TeacherStates]:
         """Batches, teacher states and held-out states of a distillation of ``budget`` on ``split``."""
         batches = self.batches(split)
         passes = budget.epochs if not budget.max_steps else min(budget.epochs, budget.max_steps / len(batches))
         layers = self.layers_for([student_layers])
         return batches, self.teacher_states(split, layers, passes, progress), self.eval_states(layers, progress)
 
-    def cached_states(self, split: str, layers: tuple[int, ...], progress: Progress = True) -> CachedTeacherStates:
+    def cached_states(self, split: str, layers: tuple[int, ...], progress: Progress = True) -> TeacherStates:
         """Teacher states of ``split`` computed once (reused from disk when present)."""
         relation = self.teacher.num_layers if self.cfg.distill.weights.attention_relation > 0 else None
         root = self.state_cache_root if self.cfg.distill.cache_on_disk else None
-        return CachedTeacherStates.build(self.teacher, self.tokens(split), layers, relation, root, progress=progress,
-                                         shared=self.shared_states if root is not None else None)
+        states = CachedTeacherStates.build(self.teacher, self.tokens(split), layers, relation, root, progress=progress,
+                                           shared=self.shared_states if root is not None else None)
+        return self._with_sources(split, states, progress)
 
-    def eval_states(self, layers: tuple[int, ...], progress: Progress = True) -> CachedTeacherStates:
+    def eval_states(self, layers: tuple[int, ...], progress: Progress = True) -> TeacherStates:
         # Evaluated twice per candidate and shared by all of them: always worth caching.
         return self.cached_states("eval", layers, progress)
 

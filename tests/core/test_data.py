@@ -46,6 +46,40 @@ def test_load_splits_from_csv_and_jsonl(tmp_path):
         assert sorted(s.train + s.eval) == sorted(rows)
 
 
+def test_a_parallel_corpus_gives_both_sides_and_each_translation_its_source(tmp_path):
+    en = [f"open the file number {i} please" for i in range(30)]
+    de = [f"bitte die Datei Nummer {i}  öffnen" for i in range(30)]
+    de[3] = en[3]  # an untranslated message is its own source
+    (tmp_path / "p.csv").write_text("en,de\n" + "\n".join(f"{a},{b}" for a, b in zip(en, de)))
+    kwargs = dict(source="csv", path=str(tmp_path / "p.csv"), text_column="de", source_column="en", eval_size=10,
+                  proxy_size=5)
+    s = load_splits(DataConfig(**kwargs, translation_targets=True), seed=0)
+    clean_de = [t.replace("  ", " ") for t in de]  # the corpus's whitespace clean-up applies to both
+    assert sorted(s.train + s.eval) == sorted(set(en + clean_de))
+    assert s.sources == {d: e for d, e in zip(clean_de, en) if d != e}
+    plain = load_splits(DataConfig(**kwargs), seed=0)  # the same texts, each its own target
+    assert plain.sources == {} and plain.train == s.train and plain.fingerprint != s.fingerprint
+    with pytest.raises(DataError, match=r"data.source_column = 'fr' is not a column of .*p.csv \(columns: en, de\)"):
+        load_splits(DataConfig(**{**kwargs, "source_column": "fr"}), seed=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(source="fortunes", translation_targets=True), "translation_targets needs translation pairs"),
+    (dict(source="csv", path="x.csv", translation_targets=True), "translation_targets needs translation pairs"),
+    (dict(source="fortunes", source_column="en"), "source_column is read from csv, jsonl or hub"),
+    (dict(source="csv", path="x.csv", source_column="text"), "must differ from text_column"),
+])
+def test_translation_pairs_need_a_parallel_corpus(kwargs, match):
+    from kdnas_core.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=match) as err:
+        config_from_dict({"data": kwargs})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="translation_targets = true sets the targets of the pooled-cosine term"):
+        config_from_dict({"data": {"source": "messages", "translation_targets": True},
+                          "distill": {"weights": {"pooled_cosine": 0.0}}})
+
+
 def test_text_folder_reads_every_line(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "one.txt").write_text("first line of text\nsecond line of text\n\n")

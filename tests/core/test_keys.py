@@ -53,7 +53,9 @@ def candidates(value, annotation) -> list:
 # Fields whose other values are only valid together with another field (dotted), which then
 # moves the keys of its own section too.
 ALSO = {"latency.reward_backend": {"latency.backends": ["ort-fp32", "ort-int8"]},
-        "search_space.cap_to_teacher": {"student.init": "random"}}
+        "search_space.cap_to_teacher": {"student.init": "random"},
+        "data.source_column": {"data.source": "csv"},
+        "data.translation_targets": {"data.source": "messages"}}
 
 
 def changed(field: str) -> KDNASConfig:
@@ -131,3 +133,20 @@ def test_a_new_recipe_retrains_but_keeps_what_training_does_not_produce(monkeypa
     monkeypatch.setattr(keys, "RECIPE", keys.RECIPE + 1)
     moved = {name for name in KEYS if key(name, cfg) != before[name]}
     assert moved == {"proxy", "final", "checkpoint", "search"}
+
+
+def test_fields_added_later_leave_the_keys_of_configs_that_keep_their_defaults():
+    """Searches and students keyed before a field existed stay valid while it holds its default."""
+    import hashlib
+    import json
+
+    from kdnas_core.config import ADDED_LATER
+
+    cfg = KDNASConfig()
+    payload = {"data": cfg.data.model_dump(mode="json")}
+    for dotted in ADDED_LATER:
+        section, _, name = dotted.partition(".")
+        payload[section].pop(name)
+    before = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    assert cfg.section_hash("data") == before
+    assert changed("data.translation_targets").section_hash("data") != before

