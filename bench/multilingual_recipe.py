@@ -19,7 +19,9 @@ trained, and, for the vocabulary rows, in the tokens they kept. Recipes:
   pieces and the teacher's N most likely ones, ``student.vocab_keep_top``);
 - distilled on the config's fortunes unless the recipe says ``messages`` (``data.source:
   messages``: software messages and their translations from the message catalogues that the
-  gettext-<lang> evaluation sets do not read, in the fortunes' languages and French).
+  gettext-<lang> evaluation sets do not read, in the fortunes' languages and French);
+- ``translation targets`` (``data.translation_targets``): each translated message is distilled
+  towards the teacher's embedding of its English original, not of itself (Reimers & Gurevych).
 
 Writes bench/results/multilingual-recipe.{md,csv}; students go to runs/multilingual-recipe/<recipe>/.
 """
@@ -36,6 +38,7 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
+import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -72,6 +75,12 @@ RECIPES = {
     "pooled only, messages, trimmed + top 100k": {"data.source": "messages", "data.languages": MESSAGE_LANGUAGES,
                                                   "student.vocab": "corpus", "student.vocab_keep_top": 100_000,
                                                   "distill.weights.hidden_mse": 0.0},
+    "pooled only, messages, translation targets": {
+        "data.source": "messages", "data.languages": MESSAGE_LANGUAGES, "data.translation_targets": True,
+        "student.vocab": "teacher", "distill.weights.hidden_mse": 0.0},
+    "pooled only, messages, translation targets, trimmed + top 100k": {
+        "data.source": "messages", "data.languages": MESSAGE_LANGUAGES, "data.translation_targets": True,
+        "student.vocab": "corpus", "student.vocab_keep_top": 100_000, "distill.weights.hidden_mse": 0.0},
 }
 
 
@@ -99,7 +108,10 @@ def main(argv: list[str] | None = None) -> Path:
     for name in args.recipes:
         overrides = {"tracking.enabled": False, "data.train_size": args.train_texts,
                      "distill.final": {**raw.get("distill", {}).get("final", {}), "epochs": args.epochs},
-                     "paths.output_dir": str(ROOT / "runs" / "multilingual-recipe" / slug(name)),
+                     # one folder per recipe and corpus size, so a larger run keeps the smaller one's students
+                     "paths.output_dir": str(ROOT / "runs" / "multilingual-recipe" / (
+                         slug(name) + ("" if (args.train_texts, args.epochs) == (2000, 1)
+                                       else f"-{args.train_texts}x{args.epochs}"))),
                      "evaluate.tasks": [{**t, "test_size": args.test_size} for t in raw["evaluate"]["tasks"]],
                      **RECIPES[name]}
         # A copy per recipe: apply_overrides sets keys in place, and one recipe's overrides must
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> Path:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     full.to_csv(args.out.with_suffix(".csv"), index=False)
     md = [f"# Multilingual recipes ({datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores)\n",
-          f"Command: `python bench/multilingual_recipe.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
+          f"Command: `python bench/multilingual_recipe.py {shlex.join(argv if argv is not None else sys.argv[1:])}`; "
           f"config {args.config}: teacher {raw['teacher']['name']}, student {arch.name} cut from it, final "
           f"distillation on {args.train_texts} texts of the recipe's corpus x {args.epochs} epoch(s), {time.time() - started:.0f} s.\n",
           "Tasks (each held out from the corpus):", *[f"- {t['task']}: {t['size']}" for t in describe_tasks(ws)], "",

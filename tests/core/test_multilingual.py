@@ -2,6 +2,7 @@
 whole path: search with teacher-initialised students, a final student trimmed to its corpus's
 vocabulary, ONNX export and translation retrieval in both directions."""
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
@@ -33,8 +34,11 @@ def _unigram_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 def test_a_tiny_multilingual_teacher_through_search_trimming_export_and_evaluation(tmp_path):
     cache = tmp_path / "cache"
     fr, it, de = (load_packaged(f"gettext-{lang}", cache) for lang in ("fr", "it", "de"))
-    # The corpus is French and Italian only: the German/English evaluation pairs stay unseen.
-    corpus = list(fr["positive"][:200]) + list(it["positive"][:200])
+    # The corpus: French and Italian messages with their English originals, each translation
+    # distilled towards the teacher's embedding of its original (data.translation_targets). The
+    # evaluation scores German pairs; an English text the corpus holds is left out of them.
+    pairs = pd.concat([fr[:200], it[:200]])[["query", "positive"]]
+    corpus = list(pairs["query"]) + list(pairs["positive"])
     tok = _unigram_tokenizer(corpus + list(de["query"][:500]) + list(de["positive"][:500]))
     torch.manual_seed(0)
     teacher = XLMRobertaModel(XLMRobertaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4,
@@ -42,11 +46,12 @@ def test_a_tiny_multilingual_teacher_through_search_trimming_export_and_evaluati
                                                max_position_embeddings=130))
     teacher.save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
-    (tmp_path / "corpus.txt").write_text("\n".join(corpus))
+    pairs.to_csv(tmp_path / "pairs.csv", index=False)
     cfg = config_from_dict({
         "paths": {"cache_dir": str(cache), "output_dir": str(tmp_path / "runs")},
         "teacher": {"name": str(tmp_path / "teacher")},
-        "data": {"source": "text", "path": str(tmp_path / "corpus.txt"), "eval_size": 48, "proxy_size": 64,
+        "data": {"source": "csv", "path": str(tmp_path / "pairs.csv"), "source_column": "query",
+                 "text_column": "positive", "translation_targets": True, "eval_size": 48, "proxy_size": 64,
                  "batch_size": 16, "max_length": 32},
         "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128], "activation": ["gelu"]},
         "student": {"vocab": "corpus"},
@@ -60,6 +65,7 @@ def test_a_tiny_multilingual_teacher_through_search_trimming_export_and_evaluati
             {"kind": "retrieval", "source": "packaged", "path": "gettext-de", "test_size": 150, "reverse": True}]},
     })
     ws = Workspace.prepare(cfg)
+    assert len(ws.splits.sources) > 300  # each translation has its English original as target
     result, _, _ = search_without_prefect(cfg, ws=ws, progress=False)
     arch = StudentArch.from_name(result.recommendations[0]["arch"])
     final = final_student(cfg, ws, arch, progress=False).exported(cfg.latency)
