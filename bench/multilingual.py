@@ -5,7 +5,7 @@ pair and direction, with speed-up, parameters and file size.
     .venv/bin/python bench/multilingual.py                      # configs/multilingual.yaml (me5-small)
     .venv/bin/python bench/multilingual.py --episodes 2 --train-texts 3000   # quicker
 
-Every student is distilled with the config's recipe on its corpus (fortunes in eight languages),
+Every student is distilled with the config's recipe on its corpus (translation pairs of software messages),
 trimmed to the corpus's vocabulary when the config says so, and scored by kdnas's own
 evaluation (gap closed against each student's untrained floor, the summary over the tasks).
 Writes bench/results/multilingual.{md,csv}; work files go to the config's output folder so a
@@ -23,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
+import shlex  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
     teacher = table.iloc[0]
     kept = [f"- {t['task']}: {t['size']}" for t in describe_tasks(ws)]
     md = [f"# Multilingual students ({datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores)\n",
-          f"Command: `python bench/multilingual.py {' '.join(argv if argv is not None else sys.argv[1:])}`; config "
+          f"Command: `python bench/multilingual.py {shlex.join(argv if argv is not None else sys.argv[1:])}`; config "
           f"{args.config}: teacher {cfg.teacher.name}, corpus {cfg.data.source} {cfg.data.languages}, "
           f"student.vocab {cfg.student.vocab}, search {cfg.search.episodes} x {cfg.search.candidates_per_episode}. "
           f"Latency: ONNX Runtime fp32, batch {b} x {s}, teacher {teacher_ms:.1f} ms.\n",
