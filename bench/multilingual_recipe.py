@@ -87,6 +87,7 @@ RECIPES = {
     "pooled only, messages, trimmed + top 100k": {**MESSAGES, **POOLED, **trimmed(100_000)},
     "pooled only, messages, translation targets": {**PAIRS, **POOLED, **FULL},
     "pooled only, messages, translation targets, trimmed + top 100k": {**PAIRS, **POOLED, **trimmed(100_000)},
+    "pooled only, messages, translation targets, trimmed + top 50k": {**PAIRS, **POOLED, **trimmed(50_000)},
 }
 
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/multilingual.yaml")
     ap.add_argument("--arch", default="L6-H256-A8-F1536-gelu", help="the student (default: the 0.2x pick of "
-                    "bench/results/multilingual.md, L6-H256-A4-F1536, with heads as narrow as the teacher's)")
+                    "bench/results/multilingual-fortunes.md, L6-H256-A4-F1536, with heads as narrow as the teacher's)")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--train-texts", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=1)

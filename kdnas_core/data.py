@@ -75,14 +75,14 @@ def _usable(t) -> bool:
 
 
 def _dataset(cfg: DataConfig):
-    """The csv/jsonl/text/hub corpus as a ``datasets.Dataset``, and what to call it in errors."""
+    """The csv/jsonl/text/hub corpus as a ``datasets.Dataset``."""
     if cfg.source == "csv":
-        return _read_dataset("csv", _files(cfg, ("*.csv",)), cfg), cfg.path
+        return _read_dataset("csv", _files(cfg, ("*.csv",)), cfg)
     if cfg.source == "jsonl":
-        return _read_dataset("json", _files(cfg, ("*.jsonl", "*.json")), cfg), cfg.path
+        return _read_dataset("json", _files(cfg, ("*.jsonl", "*.json")), cfg)
     if cfg.source == "text":
-        return _read_dataset("text", _files(cfg, ("*.txt",)), cfg), cfg.path
-    return _hub_dataset(cfg), cfg.path
+        return _read_dataset("text", _files(cfg, ("*.txt",)), cfg)
+    return _hub_dataset(cfg)
 
 
 def looks_binary(path: Path) -> bool:
@@ -177,9 +177,9 @@ def read_pairs(cfg: DataConfig) -> list[tuple[str, str]]:
         return _messages(cfg.languages)
     if cfg.source_column is None:
         raise DataError(f"data.source = {cfg.source!r} gives no translation pairs: set data.source_column")
-    ds, where = _dataset(cfg)
-    sources = _column(ds, "source_column", cfg.source_column, where)
-    texts = _column(ds, "text_column", cfg.text_column, where)
+    ds = _dataset(cfg)
+    sources = _column(ds, "source_column", cfg.source_column, cfg.path)
+    texts = _column(ds, "text_column", cfg.text_column, cfg.path)
     return [(a, b) for a, b in zip(sources, texts) if _usable(a) and _usable(b)]
 
 
@@ -197,9 +197,8 @@ def read_texts(cfg: DataConfig) -> list[str]:
         root = Path(cfg.path).expanduser() if cfg.path else FORTUNE_ROOT
         return [t for f in fortune_files(root, cfg.languages) for t in parse_fortune_file(f)]
     if cfg.source in ("csv", "jsonl", "text", "hub"):
-        ds, where = _dataset(cfg)
-        return [t for t in _column(ds, "text_column", "text" if cfg.source == "text" else cfg.text_column, where)
-                if _usable(t)]
+        column = "text" if cfg.source == "text" else cfg.text_column
+        return [t for t in _column(_dataset(cfg), "text_column", column, cfg.path) if _usable(t)]
     raise DataError(f"data.source = {cfg.source!r} is not supported")
 
 
