@@ -540,15 +540,13 @@ class KDNASConfig(_Section):
     export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
-    def _teacher_space_needs_the_pooled_term(self) -> KDNASConfig:
-        if self.export.teacher_space and self.distill.weights.pooled_cosine <= 0:
+    def _pooled_term_is_on_where_needed(self) -> KDNASConfig:
+        if self.distill.weights.pooled_cosine > 0:
+            return self
+        if self.export.teacher_space:
             raise ValueError("export.teacher_space = true ships the projection that the pooled-cosine term learns: "
                              "set distill.weights.pooled_cosine > 0, or export.teacher_space: false")
-        return self
-
-    @model_validator(mode="after")
-    def _translation_targets_need_the_pooled_term(self) -> KDNASConfig:
-        if self.data.translation_targets and self.distill.weights.pooled_cosine <= 0:
+        if self.data.translation_targets:
             raise ValueError("data.translation_targets = true sets the targets of the pooled-cosine term: set "
                              "distill.weights.pooled_cosine > 0, or data.translation_targets: false")
         return self
