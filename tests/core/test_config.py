@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from kdnas_core.config import KDNASConfig, load_config
+from kdnas_core.config import KDNASConfig, config_from_dict, load_config
 from kdnas_core.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -76,3 +76,14 @@ def test_the_final_budget_does_not_change_the_search_folder():
     other_recipe = KDNASConfig.model_validate({"distill": {"lr": 1e-3}})
     assert search_dir(longer_final) == search_dir(base)
     assert search_dir(other_recipe) != search_dir(base)
+
+
+@pytest.mark.parametrize("field, value", [("export.teacher_space", True), ("data.translation_targets", True)])
+def test_settings_that_need_the_pooled_term_say_so_when_it_is_off(field, value):
+    section, name = field.split(".")
+    data = {section: {name: value}, "distill": {"weights": {"pooled_cosine": 0.0}}}
+    if field == "data.translation_targets":
+        data["data"]["source"] = "messages"
+    with pytest.raises(ConfigError, match=rf"{field} = true .* set distill.weights.pooled_cosine > 0") as err:
+        config_from_dict(data)
+    assert "\n" not in str(err.value)
