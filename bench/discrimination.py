@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from kdnas_core.config import apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.evaluate import gap_closed, gap_draws  # noqa: E402
 from kdnas_core.reports import markdown_table  # noqa: E402
-from kdnas_core.student import build_student, load_student, saved_meta  # noqa: E402
+from kdnas_core.student import load_student, saved_meta, untrained_floor  # noqa: E402
 from kdnas_core.student_eval import describe_tasks  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
@@ -50,9 +50,10 @@ def score(ws: Workspace, dirs: list[Path]) -> tuple[pd.DataFrame, dict[str, dict
     rows, draws = [], {}
     for d in dirs:
         model, arch = load_student(d)
-        if arch.arch_id not in floors:
-            floors[arch.arch_id] = ws.evaluate(build_student(arch, ws.teacher, seed=cfg.seed), f"{arch.name} untrained")
-        floor, ev = floors[arch.arch_id], ws.evaluate(model, arch.name)
+        key = (arch.arch_id, type(model).__name__)  # a student cut from the teacher keeps the teacher's class
+        if key not in floors:
+            floors[key] = ws.evaluate(untrained_floor(model.config, cfg.seed), f"{arch.name} untrained")
+        floor, ev = floors[key], ws.evaluate(model, arch.name)
         name = f"{arch.name} ({saved_meta(d).get('init', '?')} init)"
         row, mine = {"student": name}, {}
         for i, t in enumerate(ws.tasks):

@@ -31,7 +31,6 @@ import headline  # noqa: E402  (sets the offline environment before transformers
 from common import short_commit  # noqa: E402
 from kdnas_core.evaluate import compare  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
-from kdnas_core.student import build_student  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
 
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> Path:
             if arch is None:
                 continue
             row = headline.Row(arch.name, "inherited", arch.name, ws.build_student(arch))
-            headline.with_floor(row, build_student(arch, ws.teacher, cfg.seed))
+            headline.with_floor(row, ws.untrained_student(arch, cfg.seed))
             row.latency = {"ort-fp32": headline.quick_latency(row.model, cfg)}
             rows.append(row)
     headline.evaluate_rows(ws, [teacher] + [x for r in rows for x in (r, r.floor)], None, args.work)

@@ -99,6 +99,20 @@ def build_student(arch: StudentArch, teacher, seed: int = 0, init_from_teacher: 
     return model
 
 
+def untrained_floor(config, seed: int) -> nn.Module:
+    """The floor every row of an evaluation table is scored against: the model's own
+    architecture (its config: class, shape, vocabulary) with every weight random, embeddings
+    included. One rule for students and baselines alike, so gap closed means the same thing on
+    every row; a floor with the teacher's embeddings copied in already scores near the teacher on
+    some tasks and would make a student's gap closed meaningless."""
+    import copy
+
+    from transformers import AutoModel
+
+    seed_torch(seed)
+    return AutoModel.from_config(copy.deepcopy(config)).eval()
+
+
 def _embedding(model: nn.Module, name: str) -> nn.Embedding | None:
     emb = getattr(model, "embeddings", None)
     mod = getattr(emb, name, None)

@@ -15,13 +15,12 @@ from kdnas_core.errors import EvalError
 from kdnas_core.evaluate import ModelEval, compare, evaluate_encoder, evaluate_model
 from kdnas_core.progress import Progress
 from kdnas_core.reports import markdown_table
-from kdnas_core.seeding import seed_torch
 from kdnas_core.sentence import SentenceEncoder, read_head
 from kdnas_core.student import (
-    build_student,
     is_student_folder,
     load_sentence_student,
     saved_meta,
+    untrained_floor,
 )
 from kdnas_core.workspace import Workspace
 
@@ -49,7 +48,43 @@ def _static_model(path: Path):
         from model2vec import StaticModel
     except ImportError:
         raise EvalError(f"{path}: a model2vec model; install the baselines extra: pip install 'kdnas[baselines]'") from None
-    return StaticModel.from_pretrained(str(path))
+    try:
+        return StaticModel.from_pretrained(str(path))
+    except Exception as err:  # noqa: BLE001 - model2vec, safetensors and tokenizers raise many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EvalError(f"{path}: cannot load as a model2vec model (damaged or incomplete folder?): {first}") from None
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model(path: Path) -> str:
+    """The kind of the model folder ``path`` (see ``kind_of``), once it is known to load: a
+    damaged student, a folder without weights or tokenizer files, or an unreadable model2vec
+    model fail here in one line, before the teacher's evaluation costs minutes."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kdnas_core.student import verify_student
+    from kdnas_core.teachers import tokenizer_problem
+
+    path = Path(path)
+    kind = kind_of(path)
+    if kind == "model2vec":
+        _static_model(path)
+        return kind
+    if kind == "student":
+        verify_student(path)
+    elif not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise EvalError(f"{path}: no weights ({' or '.join(WEIGHT_FILES[::2])}) in this Hugging Face folder")
+    try:
+        vocab_size = AutoConfig.from_pretrained(str(path)).vocab_size
+        tokens = len(AutoTokenizer.from_pretrained(str(path)))
+    except Exception as err:  # noqa: BLE001 - transformers and tokenizers raise many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EvalError(f"{path}: cannot load its config or tokenizer: {first}") from None
+    if (problem := tokenizer_problem(tokens, vocab_size)) is not None:
+        raise EvalError(f"{path}: {problem}")
+    return kind
 
 
 def evaluate_static(ws: Workspace, path: Path) -> tuple[ModelEval, ModelEval]:
@@ -80,8 +115,7 @@ def _evaluate_transformers(ws: Workspace, path: Path, progress: Progress) -> tup
         head = read_head(path)  # its own pooling and normalisation when it is a sentence-embedding model
     except (OSError, ValueError) as err:
         raise EvalError(f"{path}: cannot load as a Hugging Face encoder: {str(err).splitlines()[0]}") from None
-    seed_torch(ws.cfg.seed)
-    floor = AutoModel.from_config(AutoConfig.from_pretrained(str(path))).eval()
+    floor = untrained_floor(AutoConfig.from_pretrained(str(path)), ws.cfg.seed)
     e = ws.cfg.evaluate
     max_length = min(e.max_length or ws.cfg.data.max_length, tokenizer.model_max_length)
     cache = ws.cfg.paths.cache_path() / "embeddings"
@@ -96,23 +130,24 @@ def _evaluate_transformers(ws: Workspace, path: Path, progress: Progress) -> tup
 def evaluate_students(ws: Workspace, paths: list[str | Path], progress: Progress = True) -> pd.DataFrame:
     """The teacher, then for each path: a kdnas student (with its "inherited, not distilled"
     start when it was cut from the teacher) or a baseline, each followed by its floor."""
+    kinds = [check_model(p) for p in paths]  # every folder, before the teacher's minutes
     teacher = ws.teacher_evaluation(progress)
     e, seed = ws.cfg.evaluate, ws.cfg.seed
     rows = [{"role": "teacher", "arch": None, "arch_id": None, **compare(teacher, teacher, None, e, seed, progress)}]
-    for p in map(Path, paths):
-        kind = kind_of(p)
+    for p, kind in zip(map(Path, paths), kinds):
         if kind == "student":
             model, arch = load_sentence_student(p)
             ident = {"arch": arch.name, "arch_id": arch.arch_id}
-            # The floor is the same architecture random and untrained whatever the student's init,
-            # so knowledge copied from the teacher counts as transferred, as distilled knowledge does.
-            floor = ws.evaluate(build_student(arch, ws.teacher, seed=seed), f"{arch.name} untrained", progress)
             meta = saved_meta(p)
             tokenizer = None
             if meta.get("vocab"):  # trimmed to its corpus: its own tokenizer makes its ids
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(str(p))
+            # The floor is the student's own architecture with every weight random whatever its
+            # init, so knowledge copied from the teacher counts as transferred, as distilled
+            # knowledge does, and the floor is built as every baseline's is.
+            floor = ws.evaluate(untrained_floor(model.config, seed), f"{arch.name} untrained", progress, tokenizer)
             scored = ws.evaluate(model, arch.name, progress, tokenizer)
             rows.append({"role": "student", **ident, **compare(scored, teacher, floor, e, seed, progress)})
             if meta.get("init") == "teacher":  # what inheritance alone gave, before distillation

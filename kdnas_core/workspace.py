@@ -50,7 +50,7 @@ from kdnas_core.inherit import (
 from kdnas_core.progress import Progress
 from kdnas_core.search_space import SearchSpace, StudentArch
 from kdnas_core.sentence import SentenceEncoder
-from kdnas_core.student import build_student, check_fits_in_memory
+from kdnas_core.student import build_student, check_fits_in_memory, untrained_floor
 from kdnas_core.teachers import Teacher, load_teacher
 
 
@@ -251,16 +251,19 @@ class Workspace:
         model = build_inherited(self.teacher.model, arch, selection, dropout)
         return StudentStart(model, functools.partial(init_projections, selection=selection, teacher_hidden=self.teacher.hidden))
 
-    def untrained_student(self, arch: StudentArch) -> nn.Module:
-        """An untrained student of the model class a distillation would use, weights random:
-        what latency is measured on (weights do not change it)."""
+    def untrained_student(self, arch: StudentArch, seed: int | None = None) -> nn.Module:
+        """An untrained student of the model class a distillation would use, every weight random
+        (embeddings included): what latency is measured on (weights do not change it), and, with
+        a ``seed``, the untrained floor of evaluation tables (``student.untrained_floor``).
+        Without one the global generator is left alone, so timing a candidate does not reseed
+        the search."""
         if self.inheritance is not None:
-            return build_student(arch, self.teacher, seed=0, init_from_teacher=False)
+            return build_student(arch, self.teacher, seed=seed or 0, init_from_teacher=False)
         from transformers import AutoModel
 
         check_fits_in_memory(arch, self.teacher.config)
         config = student_config_like(self.teacher.config, arch)
-        return AutoModel.from_config(config)
+        return AutoModel.from_config(config) if seed is None else untrained_floor(config, seed)
 
     def teacher_evaluation(self, progress: Progress = True) -> ModelEval:
         """The teacher on every task, evaluated once per workspace."""

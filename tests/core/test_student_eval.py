@@ -4,11 +4,13 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from kdnas_core.config import load_config
 from kdnas_core.errors import EvalError
 from kdnas_core.final import distill_student
+from kdnas_core.search_space import StudentArch
 from kdnas_core.student_eval import evaluate_students, kind_of, shown_columns, write_evaluation
 from kdnas_core.workspace import Workspace
 
@@ -94,3 +96,45 @@ def test_an_evaluation_of_every_task_kind_warns_nothing_and_reports_its_progress
     assert {"evaluate", "embed", "bootstrap"} <= {s.desc.split()[0] for s in steps}
     err = capsys.readouterr().err  # a callable gets the steps: no bar (library bars aside)
     assert not any(f"{what} " in err for what in ("distill", "embed", "evaluate", "bootstrap"))
+
+
+def _gram_corr(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> float:
+    """Correlation of the token-to-token cosine similarities of two embedding matrices: what a
+    copied or PCA-projected embedding keeps of the teacher's, whatever its width."""
+    def cos(w):
+        w = torch.nn.functional.normalize(w[rows].float() - w.float().mean(0), dim=1)
+        return (w @ w.T)[torch.triu_indices(len(rows), len(rows), 1).unbind()]
+    return float(torch.corrcoef(torch.stack([cos(a), cos(b)]))[0, 1])
+
+
+def test_every_floor_is_its_own_shape_with_every_weight_random(tiny_config, tmp_path, monkeypatch):
+    """One floor rule for students and baselines: the model's own architecture, nothing copied
+    from the teacher (a floor with the teacher's embeddings scored near the teacher on a held-out
+    task, which made a student's gap closed meaningless beside the baselines')."""
+    import kdnas_core.student_eval as student_eval
+
+    # The tiny teacher is itself a random model drawn with seed 0: another seed keeps its floor
+    # from being drawn identical to it.
+    cfg = load_config(tiny_config, {"seed": 7})
+    ws = Workspace.prepare(cfg).validate()
+    student = distill_student(cfg, "L2-H64-A4-F64-gelu", ws=ws, max_steps=2, progress=False)
+    floors, real = [], student_eval.untrained_floor
+    monkeypatch.setattr(student_eval, "untrained_floor", lambda config, seed: floors.append(real(config, seed)) or floors[-1])
+    evaluate_students(ws, [student.path, tmp_path / "teacher"], progress=False)
+    assert len(floors) == 2  # the student's and the Hugging Face baseline's, built the same way
+    student_floor, teacher_floor = floors
+    assert type(student_floor) is type(ws.build_student(StudentArch.from_name(student.arch)))
+    assert student_floor.config.num_hidden_layers == 2 and student_floor.config.hidden_size == 64
+    teacher = dict(ws.teacher.model.named_parameters())
+    for floor in floors:
+        for name, p in floor.named_parameters():
+            if p.std() == 0:  # LayerNorm ones and zeros, biases at zero: an init, not the teacher's
+                continue
+            same = [n for n, t in teacher.items() if t.shape == p.shape and torch.allclose(t, p)]
+            assert not same, f"{name} equals the teacher's {same}"
+    rows = torch.randperm(ws.teacher.config.vocab_size, generator=torch.Generator().manual_seed(0))[:300]
+    t_words = ws.teacher.model.get_input_embeddings().weight.detach()
+    inherited = ws.build_student(StudentArch.from_name(student.arch)).get_input_embeddings().weight.detach()
+    assert _gram_corr(inherited, t_words, rows) > 0.9  # what the old floor kept: the test can fail
+    for floor in floors:
+        assert abs(_gram_corr(floor.get_input_embeddings().weight.detach(), t_words, rows)) < 0.2
