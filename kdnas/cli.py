@@ -56,21 +56,27 @@ def _positive_int(text: str) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from kdnas_core.config import load_config
-    from kdnas_core.final import distill_student
+    from kdnas_core.final import distill_student, student_dir, writing_student
+    from kdnas_core.search_space import StudentArch
 
     cfg = load_config(args.config, _parse_set(args.set))
-    summary = distill_student(cfg, args.arch, split=args.split, out_dir=args.out, max_steps=args.steps)
-    r = summary.result
-    print(f"student   {summary.arch} (arch_id {summary.arch_id}, {summary.params / 1e6:.1f} M params)")
-    print(f"teacher   {summary.teacher} ({summary.teacher_params / 1e6:.1f} M params)")
-    print(f"data      {summary.n_texts} {args.split} texts, {r['steps']} steps, {r['tokens_per_s']:.0f} tokens/s")
-    if r["initial_eval_loss"] is not None:
-        ratio = r["final_eval_loss"] / r["initial_eval_loss"]
-        print(f"KD loss   held-out {r['initial_eval_loss']:.4f} -> {r['final_eval_loss']:.4f} (x{ratio:.2f})")
-        parts = ", ".join(f"{k} {v:.4f}" for k, v in r["eval_parts"].items())
-        print(f"          after: {parts}")
-    print(f"saved     {summary.path}")
-    summary = summary.exported(cfg.latency)
+    arch = StudentArch.from_name(args.arch)
+    out = args.out or student_dir(cfg, arch)
+    # Checked and locked before the teacher loads: a read-only --out or a second run into the
+    # same folder used to surface only at the save, after the whole distillation.
+    with writing_student(out, "--out" if args.out else None):
+        summary = distill_student(cfg, arch, split=args.split, out_dir=out, max_steps=args.steps)
+        r = summary.result
+        print(f"student   {summary.arch} (arch_id {summary.arch_id}, {summary.params / 1e6:.1f} M params)")
+        print(f"teacher   {summary.teacher} ({summary.teacher_params / 1e6:.1f} M params)")
+        print(f"data      {summary.n_texts} {args.split} texts, {r['steps']} steps, {r['tokens_per_s']:.0f} tokens/s")
+        if r["initial_eval_loss"] is not None:
+            ratio = r["final_eval_loss"] / r["initial_eval_loss"]
+            print(f"KD loss   held-out {r['initial_eval_loss']:.4f} -> {r['final_eval_loss']:.4f} (x{ratio:.2f})")
+            parts = ", ".join(f"{k} {v:.4f}" for k, v in r["eval_parts"].items())
+            print(f"          after: {parts}")
+        print(f"saved     {summary.path}")
+        summary = summary.exported(cfg.latency)
     print(f"ONNX      {summary.onnx} (int8: {Path(summary.onnx_int8).name}); kdnas embed --model {summary.path}")
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2, default=str))
@@ -271,10 +277,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     configured (or --teacher) teacher on the configured tasks."""
     from kdnas_core.config import load_config
     from kdnas_core.reports import markdown_table
-    from kdnas_core.student import verify_student
     from kdnas_core.student_eval import (
+        check_model,
         evaluate_students,
-        kind_of,
         shown_columns,
         summary_lines,
         write_evaluation,
@@ -285,8 +290,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     # Arguments first: a mistyped path must not cost the teacher's evaluation.
     for path in args.students:
-        if kind_of(path) == "student":
-            verify_student(path)
+        check_model(path)
     out = args.out or cfg.paths.output_path() / "evaluation"
     check_writable(out, "--out")
     table = evaluate_students(Workspace.prepare(cfg), args.students)
@@ -330,29 +334,60 @@ def cmd_arch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_input(path: Path | None, encoding: str) -> str:
+    """The texts of --input (or stdin) decoded with --encoding; a byte that does not decode is
+    one line naming the file, its offset and the option."""
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise KdnasError(f"--encoding {encoding!r}: unknown encoding (e.g. utf-8, latin-1, cp1252)") from None
+    stdin = path in (None, Path("-"))
+    if not stdin and not path.is_file():
+        raise KdnasError(f"--input {path}: no such file")
+    if stdin and not hasattr(sys.stdin, "buffer"):  # already text (an embedding application's own stdin)
+        return sys.stdin.read()
+    data = sys.stdin.buffer.read() if stdin else path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        where = "stdin" if stdin else f"--input {path}"
+        raise KdnasError(f"{where}: not {encoding} text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                         "give its encoding with --encoding, e.g. --encoding latin-1") from None
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embeddings of texts (a file or stdin, one per line) from a student folder's ONNX file."""
     import numpy as np
 
+    from kdnas_core.atomic import check_can_write, unwritable
     from kdnas_core.onnx_embedder import ONNX_FILES, EmbedError, OnnxEmbedder
     from kdnas_core.student import is_student_folder
 
     folder = args.model
     if not folder.is_dir():
         raise KdnasError(f"--model {folder}: no such folder")
-    if not (folder / ONNX_FILES[args.precision]).is_file() and is_student_folder(folder):
+    # Every argument before the export and the embedding: a bad --output used to fail after them.
+    if args.output is not None:
+        if args.output.suffix not in (".npy", ".jsonl"):
+            raise KdnasError(f"--output {args.output}: expected a .npy or .jsonl file")
+        check_can_write(args.output, "--output")
+    text = _read_input(args.input, args.encoding)
+    onnx = folder / ONNX_FILES[args.precision]
+    if not onnx.is_file() and is_student_folder(folder):
         from kdnas_core.config import LatencyConfig
         from kdnas_core.final import export_student
+        from kdnas_core.student import verify_student
 
+        verify_student(folder)  # a damaged student is named as such, not as a failed export
+        reason = unwritable(onnx)
+        if reason is not None:
+            raise KdnasError(f"--model {folder}: no {onnx.name} yet, and it cannot be exported into the folder "
+                             f"({reason}); copy the folder somewhere writable and embed from the copy")
         print(f"kdnas: exporting the ONNX files of {folder} first", file=sys.stderr)
         export_student(folder, LatencyConfig())
-    if args.output is not None and args.output.suffix not in (".npy", ".jsonl"):
-        raise KdnasError(f"--output {args.output}: expected a .npy or .jsonl file")
-    source = sys.stdin if args.input in (None, Path("-")) else None
-    if source is None and not args.input.is_file():
-        raise KdnasError(f"--input {args.input}: no such file")
-    lines = (source.read() if source else args.input.read_text(encoding="utf-8")).splitlines()
-    texts = [t for t in lines if t.strip()]
+    texts = [t for t in text.splitlines() if t.strip()]
     try:
         vectors = OnnxEmbedder(folder, args.precision)(texts)
     except EmbedError as err:
@@ -438,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--input", type=Path, default=None, help="text file, one text per line (default: stdin)")
     em.add_argument("--output", type=Path, default=None, help="a .npy or .jsonl file (default: JSON lines on stdout)")
     em.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="which ONNX file (default fp32)")
+    em.add_argument("--encoding", default="utf-8", help="text encoding of --input or stdin (default utf-8)")
     em.set_defaults(func=cmd_embed)
 
     a = sub.add_parser("arch", parents=[common], help="print an architecture's canonical name and arch_id")

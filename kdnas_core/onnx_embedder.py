@@ -86,7 +86,17 @@ class OnnxEmbedder:
         self.dim = outputs[OUTPUT].shape[-1]
         self.max_length = max_seq_length(folder)
         self.batch_size = batch_size
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
+            raise EmbedError(f"{folder / 'tokenizer.json'}: not a readable tokenizer file "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        # As kdnas_core.teachers.tokenizer_problem: a tokenizer far smaller than the model's
+        # vocabulary (another model's, or an empty one) would embed nearly every word as [UNK].
+        vocab = _read_int(folder, "config.json", "vocab_size")
+        if vocab is not None and self.tokenizer.get_vocab_size() < vocab // 2:
+            raise EmbedError(f"{folder / 'tokenizer.json'}: {self.tokenizer.get_vocab_size()} tokens for the model's "
+                             f"{vocab}-token vocabulary; the folder's tokenizer does not belong to its model")
         # The file's own padding/truncation settings are whatever the saving run left there:
         # truncation is set to the student's limit, and batches are padded below.
         self.tokenizer.no_padding()

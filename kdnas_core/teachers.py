@@ -25,6 +25,7 @@ from torch import nn
 from kdnas_core.atomic import damaged_files, write_manifest
 from kdnas_core.config import TeacherConfig
 from kdnas_core.errors import KdnasError, TeacherError
+from kdnas_core.hub import hub_unreachable, offline_forced
 from kdnas_core.me5 import PIP_INSTALL as ME5_PIP_INSTALL
 from kdnas_core.me5 import build_me5
 from kdnas_core.search_space import TeacherShape, activation_named
@@ -116,15 +117,41 @@ def _fingerprint(model: nn.Module, name: str) -> str:
     return h.hexdigest()[:12]
 
 
+def tokenizer_problem(tokens: int, vocab_size: int) -> str | None:
+    """Why a model's tokenizer cannot be used with it, or None. A folder without tokenizer files
+    still loads: transformers builds an empty tokenizer that maps every word to [UNK], and every
+    score or distillation step after it would be about unknown tokens only. Every model kdnas
+    loads (teacher, student, baseline) goes through this check."""
+    if tokens < vocab_size // 2:
+        return (f"its tokenizer has {tokens} tokens for a {vocab_size}-token vocabulary; the tokenizer files "
+                "(tokenizer.json, vocab.txt or sentencepiece model) are missing from the folder")
+    return None
+
+
 def load_teacher(cfg: TeacherConfig, cache_dir: Path) -> Teacher:
     """Load the teacher named by ``cfg.name``: packaged, local folder, or hub id."""
     path = _resolve_path(cfg.name, cache_dir)
     from transformers import AutoModel, AutoTokenizer
 
-    try:
+    def load(**where):
         # eager attention so that attention maps can be returned (SDPA returns none).
-        model = AutoModel.from_pretrained(path, revision=cfg.revision, attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+        model = AutoModel.from_pretrained(path, revision=cfg.revision, attn_implementation="eager", **where)
+        return model, AutoTokenizer.from_pretrained(path, revision=cfg.revision, **where)
+
+    try:
+        if Path(path).exists() or offline_forced():
+            model, tokenizer = load()
+        else:  # a hub id: the local cache first, then the hub only if it can be reached at all
+            try:
+                model, tokenizer = load(local_files_only=True)
+            except Exception:  # noqa: BLE001 - not (wholly) cached: go to the hub
+                if (why := hub_unreachable()) is not None:
+                    raise TeacherError(f"teacher.name = {cfg.name!r}: a Hugging Face hub id that is not in the "
+                                       f"local cache, and the hub {why}; use a local folder or a packaged "
+                                       f"teacher ({', '.join(PACKAGED)})") from None
+                model, tokenizer = load()
+    except TeacherError:
+        raise
     except Exception as err:  # noqa: BLE001 - transformers/safetensors raise many types; one clear line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = "local folder" if Path(path).exists() else "Hugging Face hub id"
@@ -135,12 +162,9 @@ def load_teacher(cfg: TeacherConfig, cache_dir: Path) -> Teacher:
         ) from None
     if not hasattr(model, "encoder") or not hasattr(model.config, "num_hidden_layers"):
         raise TeacherError(f"teacher.name = {cfg.name!r}: {type(model).__name__} is not an encoder")
-    # A folder without tokenizer files still loads: transformers builds an empty tokenizer that
-    # maps every word to [UNK], and the whole search would distil nothing but unknown tokens.
-    if len(tokenizer) < model.config.vocab_size // 2:
-        raise TeacherError(f"teacher.name = {cfg.name!r}: its tokenizer has {len(tokenizer)} tokens for a "
-                           f"{model.config.vocab_size}-token vocabulary; the tokenizer files (tokenizer.json, "
-                           "vocab.txt or sentencepiece model) are missing from the folder")
+    problem = tokenizer_problem(len(tokenizer), model.config.vocab_size)
+    if problem:
+        raise TeacherError(f"teacher.name = {cfg.name!r}: {problem}")
     try:
         head = teacher_head(path)
     except KdnasError as err:
