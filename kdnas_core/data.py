@@ -22,6 +22,7 @@ import torch
 
 from kdnas_core.config import DataConfig
 from kdnas_core.errors import DataError
+from kdnas_core.hub import hub_unreachable, offline_forced
 
 FORTUNE_ROOT = Path("/usr/share/games/fortunes")
 # English and Chinese fortunes share the root folder; the other languages have sub-folders.
@@ -51,6 +52,10 @@ def _read_dataset(builder: str, files: list[str], cfg: DataConfig, **kwargs):
         if isinstance(cause, UnicodeDecodeError):
             raise DataError(_decode_problem(files, kwargs["encoding"], cause)) from None
         raise DataError(f"data.path = {cfg.path!r}: cannot read as {builder}: {str(cause).splitlines()[0]}") from None
+    except ValueError as err:  # a header and no rows: datasets finds no examples to split
+        if "corresponds to no data" not in str(err):
+            raise
+        raise DataError(f"data.path = {cfg.path!r}: holds no rows (only a header?)") from None
 
 
 def _hub_dataset(cfg: DataConfig):
@@ -58,6 +63,10 @@ def _hub_dataset(cfg: DataConfig):
 
     if not cfg.path:
         raise DataError("data.path must name a hub dataset id for data.source = 'hub'")
+    # Unreachable, the hub would be retried with back-off for half a minute, a log line a retry.
+    if not offline_forced() and (why := hub_unreachable()) is not None:
+        raise DataError(f"data.path = {cfg.path!r}: a hub data set, and the hub {why}; "
+                        "set HF_HUB_OFFLINE=1 to use a copy in the local Hugging Face cache") from None
     try:
         return load_dataset(cfg.path, split=cfg.hub_split)
     except Exception as err:  # hub/network errors come in many types
@@ -74,10 +83,29 @@ def _usable(t) -> bool:
     return isinstance(t, str) and bool(t.strip())
 
 
+def _all_text(path: str, encoding: str):
+    """Every column of a csv file as text: a column of numbers or codes is still texts to distil
+    on, and pandas would read it as integers, which were then dropped as not texts. None when the
+    header cannot be read (reading the file then says why)."""
+    import csv
+
+    from datasets import Features, Value
+
+    try:
+        with open(path, newline="", encoding=encoding) as f:
+            header = next(csv.reader(f), None)
+    except (OSError, UnicodeDecodeError, LookupError, csv.Error):
+        return None
+    if not header or len(set(header)) != len(header):
+        return None
+    return Features({name: Value("string") for name in header})
+
+
 def _dataset(cfg: DataConfig):
     """The csv/jsonl/text/hub corpus as a ``datasets.Dataset``."""
     if cfg.source == "csv":
-        return _read_dataset("csv", _files(cfg, ("*.csv",)), cfg)
+        files = _files(cfg, ("*.csv",))
+        return _read_dataset("csv", files, cfg, features=_all_text(files[0], cfg.encoding))
     if cfg.source == "jsonl":
         return _read_dataset("json", _files(cfg, ("*.jsonl", "*.json")), cfg)
     if cfg.source == "text":

@@ -69,12 +69,19 @@ class StudentArch:
     @classmethod
     def from_name(cls, name: str) -> StudentArch:
         m = _NAME_RE.match(name.strip())
+        shown = repr(name) if len(name) <= 60 else f"{name[:40]!r}... ({len(name)} characters)"
         if not m:
             raise ArchError(
-                f"arch {name!r}: expected L<layers>-H<hidden>-A<heads>-F<ffn>-<activation>, "
+                f"arch {shown}: expected L<layers>-H<hidden>-A<heads>-F<ffn>-<activation>, "
                 "e.g. L4-H384-A6-F1536-gelu"
             )
         layers, hidden, heads, ffn, act = m.groups()
+        # Python refuses to convert integers of over 4,300 digits, and no encoder has a
+        # dimension of ten digits: the one line comes before either.
+        for field, digits in zip(("layers", "hidden", "heads", "ffn"), (layers, hidden, heads, ffn)):
+            if len(digits) > 9:
+                raise ArchError(f"arch {shown}: {field} has {len(digits)} digits; expected a positive integer "
+                                "below 10^9")
         return cls(int(layers), int(hidden), int(heads), int(ffn), act)
 
     def __str__(self) -> str:

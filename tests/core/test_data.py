@@ -147,3 +147,32 @@ def test_a_huge_one_line_text_is_cut_before_tokenising_with_the_same_tokens(toke
     short = tokenize([words[: 32 * CHARS_PER_TOKEN_BOUND]], tokenizer, max_length=32)
     plain = tokenizer([words[:2000]], truncation=True, max_length=32)["input_ids"]
     assert huge.ids == short.ids == plain and len(huge.ids[0]) == 32
+
+
+def test_a_csv_column_of_numbers_is_read_as_texts(tmp_path):
+    """pandas reads such a column as integers, which were then dropped as not texts."""
+    codes = [str(10_000_000_000 + 7919 * i) for i in range(40)]
+    (tmp_path / "c.csv").write_text("code\n" + "\n".join(codes) + "\n")
+    s = load_splits(DataConfig(source="csv", path=str(tmp_path / "c.csv"), text_column="code", eval_size=10,
+                               proxy_size=5), seed=0)
+    assert sorted(s.train + s.eval) == sorted(codes)
+
+
+def test_a_csv_with_a_header_and_no_rows_is_one_line(tmp_path):
+    (tmp_path / "c.csv").write_text("text,label\n")
+    with pytest.raises(DataError, match="holds no rows") as err:
+        load_splits(DataConfig(source="csv", path=str(tmp_path / "c.csv")), seed=0)
+    assert "\n" not in str(err.value)
+
+
+def test_a_hub_data_set_with_no_network_fails_at_once(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="'someone/some-corpus': a hub data set, and the hub cannot reach 127.0.0.1"):
+        load_splits(DataConfig(source="hub", path="someone/some-corpus"), seed=0)
+    assert time.monotonic() - t0 < 5

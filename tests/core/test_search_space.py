@@ -124,3 +124,10 @@ def test_transformers_activation_names_map_to_the_same_function_or_to_none():
 
     assert [activation_named(n) for n in ("gelu", "relu", "silu", "swish")] == ["gelu", "relu", "silu", "silu"]
     assert activation_named("gelu_new") is None and activation_named(None) is None
+
+
+def test_a_name_with_a_huge_number_is_one_short_line():
+    """Python refuses int() of over 4,300 digits with its own ValueError."""
+    with pytest.raises(ArchError, match=r"layers has 5000 digits") as err:
+        StudentArch.from_name("L" + "9" * 5000 + "-H384-A6-F1536-gelu")
+    assert len(str(err.value)) < 200

@@ -78,3 +78,19 @@ def test_mpnet_parts_are_joined_once_and_atomically(tmp_path, monkeypatch, token
     monkeypatch.setattr(sys, "path", [str(site)])  # hide the real parts installed in the venv
     with pytest.raises(TeacherError, match="part 3 not installed"):
         assemble_mpnet(tmp_path / "other")
+
+
+def test_a_hub_id_with_no_network_fails_at_once_in_one_line(tmp_path, monkeypatch, capfd):
+    """Without HF_HUB_OFFLINE the hub client retried for half a minute, a log line a retry."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    t0 = time.monotonic()
+    with pytest.raises(TeacherError, match="not in the local cache, and the hub cannot reach 127.0.0.1") as err:
+        load_teacher(TeacherConfig(name="no-such-org/no-such-model-xyz"), tmp_path)
+    assert time.monotonic() - t0 < 5 and "\n" not in str(err.value)
+    assert "etry" not in capfd.readouterr().err  # no retry lines
