@@ -647,7 +647,12 @@ def config_from_parameters(config_path: str | Path, overrides: dict[str, Any] | 
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Set dotted keys (``{"distill.lr": 1e-4}``) in a nested config dict, in place."""
+    """A copy of the nested config dict ``data`` with dotted keys (``{"distill.lr": 1e-4}``)
+    set; ``data`` is left as it was (changed in place, it once let one benchmark recipe inherit
+    the keys of the recipes before it)."""
+    import copy
+
+    data = copy.deepcopy(data)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

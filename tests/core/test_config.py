@@ -87,3 +87,15 @@ def test_settings_that_need_the_pooled_term_say_so_when_it_is_off(field, value):
     with pytest.raises(ConfigError, match=rf"{field} = true .* set distill.weights.pooled_cosine > 0") as err:
         config_from_dict(data)
     assert "\n" not in str(err.value)
+
+
+def test_apply_overrides_returns_a_new_dict_and_leaves_its_input_alone():
+    """Set in place, one benchmark recipe once inherited the keys of the recipes before it."""
+    from kdnas_core.config import apply_overrides
+
+    raw = {"distill": {"lr": 1e-4, "weights": {"pooled_cosine": 5.0}}}
+    first = apply_overrides(raw, {"distill.weights.pooled_cosine": 1.0, "seed": 3})
+    second = apply_overrides(raw, {"distill.lr": 2e-4})
+    assert raw == {"distill": {"lr": 1e-4, "weights": {"pooled_cosine": 5.0}}}
+    assert first == {"distill": {"lr": 1e-4, "weights": {"pooled_cosine": 1.0}}, "seed": 3}
+    assert second == {"distill": {"lr": 2e-4, "weights": {"pooled_cosine": 5.0}}}
