@@ -1,3 +1,4 @@
-"""Service scripts and deployment files (Prefect server, work pool, worker; MLflow/S3 tracking
-and storage as they land). Everything here is opt-in: kdnas runs with no servers.
+"""Service scripts and deployment files (Prefect server, work pool, worker, Dask cluster), MLflow
+tracking and the registered model, S3 storage. Everything here is opt-in: kdnas runs with no
+servers.
 """

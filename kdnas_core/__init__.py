@@ -1,7 +1,8 @@
 """kdnas_core: the KD-NAS algorithm, free of orchestration, tracking and storage code.
 
-Search space, student builder, teachers, corpora, distillation (and, as they land, latency,
-reward, controller, evaluation). Imports no prefect, mlflow or boto3 (tests/core/test_purity.py).
+Search space, student builder, teachers, corpora, distillation, latency, reward, controller,
+search loop, export and evaluation (docs/architecture.md maps the modules). Imports no prefect,
+mlflow or boto3 (tests/core/test_purity.py).
 """
 
 from kdnas_core.errors import KdnasError

