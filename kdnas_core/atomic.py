@@ -69,16 +69,83 @@ def check_free_space(path: Path, needed_bytes: int, what: str) -> None:
         raise DiskFullError(disk_full_message(path, what, needed_bytes / 2**20))
 
 
+def umask() -> int:
+    """This process's umask, read without changing it: ``os.umask`` can only be read by setting
+    it, and for that instant another thread (``search.max_parallel``) would create files
+    world-writable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def user_permissions(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permissions a file or folder the
+    user creates gets: mkstemp, mkdtemp and safetensors' own temporary files are private (0600),
+    which other users of a shared model folder could not read."""
+    mask = umask()
+    path = Path(path)
+    for p in (path, *path.rglob("*")) if path.is_dir() else (path,):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def unwritable(path: Path, folder: bool = False) -> str | None:
+    """Why the file (or ``folder``) ``path`` could not be written, or None when it can. Nothing
+    is created: the nearest existing ancestor is probed with an anonymous temporary file."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        return "is a folder, expected a file"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return None
+
+
+def check_can_write(path: Path, name: str | None = None, folder: bool = False) -> None:
+    """Refuse before the work, in one line naming ``path`` (and the option ``name``), a
+    destination that cannot be written: found at the end, it cost the whole run."""
+    reason = unwritable(path, folder)
+    if reason is not None:
+        where = f"{name} = {str(path)!r}" if name else str(path)
+        raise KdnasError(f"{where}: not writable ({reason})")
+
+
+def temporary_sibling(path: Path) -> Path:
+    """An empty file next to ``path`` to write into and rename: named per writer, so two
+    processes writing the same file never write into one temporary file (the later rename
+    then moved a file the other was still writing, and the other's rename failed)."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
 def _write_atomically(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    if path.is_dir():  # rename cannot replace a folder, and the folder is not ours to remove
+        raise KdnasError(f"{path}: is a folder, expected a file name")
+    tmp = None
     try:
         with disk_full_is_one_line(path, path.name):
+            tmp = temporary_sibling(path)
             write(tmp)
+            user_permissions(tmp)
             tmp.replace(path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -122,16 +189,16 @@ def partial_dir(parent: Path, prefix: str) -> Path:
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    user_permissions(tmp)
     (tmp / PARTIAL_MARKER).write_text(str(os.getpid()))
     return tmp
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Rename a finished ``partial_dir`` into place (its marker removed first)."""
+    """Rename a finished ``partial_dir`` into place (its marker removed first), every file in it
+    with the user's permissions."""
     (Path(tmp) / PARTIAL_MARKER).unlink(missing_ok=True)
+    user_permissions(tmp)
     Path(tmp).rename(final)
 
 

@@ -9,9 +9,12 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
+from kdnas_core.atomic import check_can_write
 from kdnas_core.checkpoint import remove_checkpoint
 from kdnas_core.config import KDNASConfig, LatencyConfig
 from kdnas_core.distill import DataParallel, distill
@@ -19,6 +22,7 @@ from kdnas_core.errors import ArchError, KdnasError
 from kdnas_core.evaluators import EventLog
 from kdnas_core.keys import key
 from kdnas_core.latency import export_onnx, quantize_onnx
+from kdnas_core.lock import exclusive
 from kdnas_core.progress import Progress
 from kdnas_core.search_space import StudentArch
 from kdnas_core.sentence import SentenceHead
@@ -60,6 +64,29 @@ class FinalStudent:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+def student_dir(cfg: KDNASConfig, arch: StudentArch) -> Path:
+    """Where a student is saved when no folder is given."""
+    return cfg.paths.output_path() / "students" / arch.arch_id
+
+
+def check_student_out(out_dir: Path, name: str | None = None) -> None:
+    """Before any work: ``out_dir`` holds nothing of the user's, and a student can be written
+    there (its temporary folder and checkpoint go beside it). ``name``: the option that gave it."""
+    check_student_destination(out_dir)
+    check_can_write(out_dir, name, folder=True)
+
+
+@contextmanager
+def writing_student(out_dir: Path, name: str | None = None) -> Iterator[None]:
+    """One writer per student folder, checked before the work: two distillations into one
+    folder both said "saved" and the later silently replaced the other's student. The lock
+    file sits beside the folder (the folder itself is renamed into place) and goes with its holder."""
+    out_dir = Path(out_dir)
+    check_student_out(out_dir, name)
+    with exclusive(out_dir.parent, f"a distillation into {out_dir}", name=f".{out_dir.name}.kdnas-lock", remove=True):
+        yield
+
+
 def checkpoint_path(cfg: KDNASConfig, out_dir: Path, split: str, max_steps: int | None) -> Path:
     """Next to the student folder, keyed by config: a rerun of the same job resumes from it."""
     return out_dir.with_name(f".{out_dir.name}-{split}-{key('checkpoint', cfg)}-{max_steps or 0}.ckpt")
@@ -76,12 +103,12 @@ def distill_student(
 ) -> FinalStudent:
     """Distil one architecture on ``split`` and save it (the one entry point of a distillation
     that is kept: ``kdnas distill``, final students, each torchrun process)."""
-    ws = ws or Workspace.prepare(cfg).validate()
     arch = StudentArch.from_name(arch) if isinstance(arch, str) else arch
+    out_dir = Path(out_dir) if out_dir else student_dir(cfg, arch)
+    check_student_out(out_dir)  # a user's folder, or a read-only place, is refused before the work
+    ws = ws or Workspace.prepare(cfg).validate()
     ws.space.validate(arch)
     check_fits_in_memory(arch, ws.teacher.config, TRAINING_BYTES_PER_PARAM)  # before the teacher runs
-    out_dir = Path(out_dir) if out_dir else cfg.paths.output_path() / "students" / arch.arch_id
-    check_student_destination(out_dir)  # a user's folder is refused before, not after, the work
     budget = cfg.distill.final if split == "train" else cfg.distill.proxy
     if max_steps:
         budget = budget.model_copy(update={"max_steps": max_steps})
@@ -144,8 +171,13 @@ def final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, log: Event
                   progress: Progress = True) -> FinalStudent:
     """One final student: kept if already saved for this config, resumed from its checkpoint
     if interrupted, distilled otherwise (the plain loop and the flow's task share this)."""
-    log = log or (lambda *a, **k: None)
-    folder = cfg.paths.output_path() / "students" / arch.arch_id
+    folder = student_dir(cfg, arch)
+    with writing_student(folder):  # another search of this output_dir may be saving the same arch
+        return _final_student(cfg, ws, arch, folder, log or (lambda *a, **k: None), progress)
+
+
+def _final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, folder: Path, log, progress: Progress
+                   ) -> FinalStudent:
     meta = saved_student_meta(folder, log)
     if meta.get("config_hash") == key("final", cfg) and meta.get("split") == "train":
         log("final-reused", arch)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdnas_core.atomic import write_json
+from kdnas_core.atomic import temporary_sibling, user_permissions, write_json
 from kdnas_core.config import LatencyConfig
 from kdnas_core.errors import KdnasError
 from kdnas_core.progress import Progress, track
@@ -162,7 +162,8 @@ def example_inputs(model: nn.Module, batch: int, seq: int, seed: int = 0) -> tup
 
 # torch.onnx's TorchScript exporter keeps global state (GLOBALS.in_onnx_export), and
 # warnings.catch_warnings is process-wide: two exports on two threads (search.max_parallel > 1)
-# crashed each other, so exports in one process take turns.
+# crashed each other, so exports in one process take turns. Quantisation takes the same turns:
+# it lowers the root logger's level, and two overlapping ones left it lowered for good.
 _EXPORT_LOCK = threading.Lock()
 
 
@@ -175,7 +176,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
     was_training = model.training
     model.eval()
     ids, mask = example_inputs(model, 2, 16)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_sibling(path)  # one per writer: two processes may export one student
     try:
         # The tracer warns about shape-dependent Python branches in transformers' masking code;
         # they are benign here (tests check outputs at other batch sizes and lengths).
@@ -194,6 +195,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
                 },
                 opset_version=opset, dynamo=False, do_constant_folding=True,
             )
+        user_permissions(tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -207,15 +209,20 @@ def quantize_onnx(src: Path, dst: Path, mode: str = "dynamic-int8") -> Path:
         raise KdnasError(f"quantisation mode {mode!r} is not supported; expected 'dynamic-int8'")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    dst = Path(dst)
+    tmp = temporary_sibling(dst)
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # ORT's advice to pre-process is for static quantisation
     try:
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+        with _EXPORT_LOCK:
+            level = root.level
+            root.setLevel(logging.ERROR)  # ORT's advice to pre-process is for static quantisation
+            try:
+                quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+            finally:
+                root.setLevel(level)
+        user_permissions(tmp)
         tmp.replace(dst)
     finally:
-        root.setLevel(level)
         tmp.unlink(missing_ok=True)
     return dst
 
