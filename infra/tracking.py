@@ -204,7 +204,7 @@ def save_student_model(student_dir: Path, work: Path, onnx: str = "fp32") -> Pat
     import numpy as np
     import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import Schema, TensorSpec
 
     from infra import mlflow_model
     from kdnas_core import onnx_embedder
@@ -229,11 +229,15 @@ def save_student_model(student_dir: Path, work: Path, onnx: str = "fp32") -> Pat
         python_model=mlflow_model.__file__,  # models-from-code: see the docstring of infra/mlflow_model.py
         code_paths=[onnx_embedder.__file__],
         artifacts={"student": str(stage)},
-        model_config={"onnx": onnx},
-        # An unnamed string column: MLflow 3 then accepts a list of strings, a Series or a
-        # one-column DataFrame (whatever its column is called); a named one refuses the first two.
-        signature=ModelSignature(inputs=Schema([ColSpec("string")]),
-                                 outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))])),
+        # MLflow ignores (with a warning) a model_config key that load_model is given but the
+        # model was not saved with: both keys are saved so that both can be changed at load.
+        model_config={"onnx": onnx, "batch_size": onnx_embedder.BATCH_SIZE},
+        # No input schema: MLflow 3 would enforce one before the model sees the input. An unnamed
+        # string column hands the model only the first column (a DataFrame with "id" and "text"
+        # embedded the ids); a named "text" column refuses a list, a Series or any other name,
+        # and an optional one drops them silently. mlflow_model.texts_of takes the "text" column
+        # (shown by the input example) and refuses non-strings instead.
+        signature=ModelSignature(inputs=None, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))])),
         input_example=pd.DataFrame({"text": ["a small fast sentence encoder", "distilled from a big teacher"]}),
         pip_requirements=serving_requirements(),
         metadata={"kdnas_arch": info["name"], "kdnas_arch_id": info["arch_id"], "onnx": onnx, "dim": dim},

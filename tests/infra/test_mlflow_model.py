@@ -30,6 +30,64 @@ def test_the_registered_student_embeds_as_its_onnx_file(registered_student, onnx
     np.testing.assert_allclose(model.predict(many), onnx_reference(registered_student["student"], many), atol=1e-5)
 
 
+def test_a_dataframe_gives_its_text_column_and_no_texts_give_no_rows(registered_student):
+    """MLflow enforces a signature's input schema before the model sees the input: an unnamed
+    string column handed over only the first column, so a DataFrame of ids and texts embedded
+    the ids, and an empty list failed the column count."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(registered_student["uri"])
+    texts, ids = model.predict(["a cat", "a dog"]), model.predict(["17", "42"])
+    for given in (pd.DataFrame({"id": ["17", "42"], "text": ["a cat", "a dog"]}),
+                  pd.DataFrame({"text": ["a cat", "a dog"], "id": ["17", "42"]}),
+                  {"id": ["17", "42"], "text": ["a cat", "a dog"]}):
+        got = model.predict(given)
+        np.testing.assert_allclose(got, texts, atol=1e-6)
+        assert not np.allclose(got, ids, atol=1e-3)
+    np.testing.assert_allclose(model.predict(np.array("a cat")), texts[:1], atol=1e-6)  # {"inputs": "a cat"}
+    for empty in ([], pd.Series([], dtype=object), pd.DataFrame({"id": [], "text": []}), np.array([], dtype=str)):
+        got = model.predict(empty)
+        assert got.dtype == np.float32 and got.shape == (0, 32)
+
+
+def test_inputs_that_are_not_texts_are_refused_in_one_line(registered_student):
+    """Over HTTP these are a 400 whose message ends with the line (tests/integration/test_mlflow_serve.py)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(registered_student["uri"])
+    cases = [
+        ([1, None], r"text 0 is int 1, expected a string"),
+        (["a cat", None], r"text 1 is NoneType None, expected a string"),
+        (pd.DataFrame({"id": ["17"], "text": [float("nan")]}), r"text 0 is float nan, expected a string"),
+        (pd.DataFrame({"id": ["17", "42"], "text": ["a cat", np.nan]}), r"text 1 is float nan, expected a string"),
+        (pd.DataFrame({"id": ["17"], "sentence": ["a cat"]}),
+         r"expected a 'text' column \(or a single column\), got columns \['id', 'sentence'\]"),
+        (pd.DataFrame([["a cat", "a dog"]], columns=["text", "text"]), r"2 columns named 'text', expected one"),
+        (np.array([["a cat"], ["a dog"]]), r"expected a flat list of texts, got an array of shape \(2, 1\)"),
+        (["fine", "cut \ud83d"], r"text 1 is not valid Unicode: '\\ud83d' at character 4 \(a lone surrogate\)"),
+        (7, r"expected texts .* got int"),
+    ]
+    for given, message in cases:
+        with pytest.raises(MlflowException, match=message) as err:
+            model.predict(given)
+        assert err.value.error_code == "INVALID_PARAMETER_VALUE" and "\n" not in err.value.message, given
+
+
+def test_model_config_batch_size_is_honoured_and_checked(registered_student, onnx_reference):
+    """A key the model was not saved with is dropped by MLflow with a warning: batch_size was
+    documented but never reached the model."""
+    import mlflow
+
+    many = [f"text number {i} " + "word " * (i % 5) for i in range(7)]
+    one = mlflow.pyfunc.load_model(registered_student["uri"], model_config={"batch_size": 1})
+    assert one.unwrap_python_model().embedder.batch_size == 1
+    np.testing.assert_allclose(one.predict(many), onnx_reference(registered_student["student"], many), atol=1e-5)
+    for bad in (0, -1, "many", 2.5):
+        with pytest.raises(ValueError, match=rf"model_config batch_size {bad!r}: expected a whole number"):
+            mlflow.pyfunc.load_model(registered_student["uri"], model_config={"batch_size": bad})
+
+
 def test_the_registered_model_holds_the_student_folder_and_pins_only_serving_packages(registered_student, tmp_path):
     import mlflow
     from transformers import AutoModel
@@ -42,7 +100,7 @@ def test_the_registered_model_holds_the_student_folder_and_pins_only_serving_pac
     requirements = (local / "requirements.txt").read_text().split()
     assert sorted(r.split("==")[0] for r in requirements) == ["mlflow", "numpy", "onnxruntime", "pandas", "tokenizers"]
     info = mlflow.models.get_model_info(registered_student["uri"])
-    assert info.flavors["python_function"]["config"] == {"onnx": "fp32"}
+    assert info.flavors["python_function"]["config"] == {"onnx": "fp32", "batch_size": 64}
     (spec,) = info.signature.outputs.inputs
     assert spec.type == np.dtype(np.float32) and tuple(spec.shape) == (-1, 32)
     # no run was left holding a half-built model folder

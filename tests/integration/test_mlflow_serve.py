@@ -27,6 +27,13 @@ def _post(url: str, body: dict) -> list:
         return json.loads(resp.read())["predictions"]
 
 
+def _refused(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    return err.value.code, json.loads(err.value.read())
+
+
 def test_mlflow_models_serve_answers_with_the_students_embeddings(registered_student, onnx_reference, tmp_path):
     port = free_port()
     bin_dir = Path(sys.executable).parent
@@ -59,6 +66,26 @@ def test_mlflow_models_serve_answers_with_the_students_embeddings(registered_stu
         np.testing.assert_allclose(np.array(split, dtype=np.float32), want, atol=1e-5)
         inputs = _post(url, {"inputs": TEXTS})
         np.testing.assert_allclose(np.array(inputs, dtype=np.float32), want, atol=1e-5)
+        # the "text" column, wherever it is and whatever else is sent with it
+        ids = [str(i) for i in range(len(TEXTS))]
+        rows = [[i, t] for i, t in zip(ids, TEXTS)]
+        with_ids = _post(url, {"dataframe_split": {"columns": ["id", "text"], "data": rows}})
+        np.testing.assert_allclose(np.array(with_ids, dtype=np.float32), want, atol=1e-5)
+        with_ids = _post(url, {"inputs": {"id": ids, "text": TEXTS}})
+        np.testing.assert_allclose(np.array(with_ids, dtype=np.float32), want, atol=1e-5)
+        np.testing.assert_allclose(np.array(_post(url, {"inputs": TEXTS[0]}), dtype=np.float32), want[:1], atol=1e-5)
+        assert _post(url, {"inputs": []}) == []
+        # MLflow puts "Failed to predict data '<the input>'." before the model's own one line
+        for body, line in [({"inputs": [1, None]}, "text 0 is int 1, expected a string"),
+                           ({"dataframe_split": {"columns": ["text"], "data": [["hello"], [None]]}},
+                            "text 1 is float nan, expected a string"),
+                           ({"dataframe_split": {"columns": ["id", "sentence"], "data": [["1", "hello"]]}},
+                            "expected a 'text' column (or a single column), got columns ['id', 'sentence']"),
+                           ({"inputs": ["hello", "cut \ud83d"]},
+                            "text 1 is not valid Unicode: '\\ud83d' at character 4 (a lone surrogate)")]:
+            status, answer = _refused(url, body)
+            assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", (body, answer)
+            assert answer["message"].endswith(f"\nError: {line}"), (body, answer["message"])
     finally:
         _stop_group(proc)
 
