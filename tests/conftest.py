@@ -176,7 +176,9 @@ def onnx_reference():
 
 
 def sigint_default() -> None:
-    """``preexec_fn`` of a child the tests interrupt: SIGINT as a terminal's foreground command
-    has it, even when the suite runs as a background job of a shell (which starts it ignored,
-    and kdnas then rightly leaves it so)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    """``preexec_fn`` of a child the tests interrupt: SIGINT, SIGTERM and SIGHUP as a terminal's
+    foreground command has them, even when the suite runs as a background job of a shell (which
+    starts it with SIGINT ignored) or under ``nohup`` (SIGHUP ignored), which kdnas rightly
+    leaves so."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)

@@ -1,10 +1,12 @@
-"""kdnas.interrupt on its own, in seconds: Ctrl-C gives one line and exit code 130, a thread still
-busy cannot hold the process past the deadline, a second Ctrl-C stops at once, --debug keeps the
-traceback, and Prefect's ephemeral server is started with SIGINT blocked. (A whole search
+"""kdnas.interrupt on its own, in seconds: Ctrl-C gives one line and exit code 130, SIGTERM and
+SIGHUP the same line and 143 and 129, a thread still busy cannot hold the process past the
+deadline, a second signal stops at once, --debug keeps the traceback, and Prefect's ephemeral
+server is started with SIGINT and SIGHUP blocked but SIGTERM deliverable. (A whole search
 interrupted under Prefect and resumed: tests/reliability/test_interrupt.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,7 +44,10 @@ sys.exit(main())
 """
 
 
-def run_and_interrupt(*flags: str, signals: int = 1) -> tuple[int, float, str]:
+def run_and_interrupt(*flags: str, signals: int = 1, sig: int = signal.SIGINT,
+                      then: int | None = None) -> tuple[int, float, str]:
+    """Start the miniature, send ``sig`` to its process group ``signals`` times (the later ones
+    ``then`` if given) and return its exit code, the seconds it took to stop, its stderr."""
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, *flags], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=sigint_default)
@@ -52,7 +57,7 @@ def run_and_interrupt(*flags: str, signals: int = 1) -> tuple[int, float, str]:
         for i in range(signals):
             if i:
                 time.sleep(0.3)
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, sig if i == 0 or then is None else then)
         rc = proc.wait(timeout=20)
         return rc, time.monotonic() - start, proc.stderr.read()
     finally:
@@ -64,6 +69,32 @@ def run_and_interrupt(*flags: str, signals: int = 1) -> tuple[int, float, str]:
 def test_ctrl_c_prints_one_line_and_exits_130():
     rc, took, err = run_and_interrupt()
     assert (rc, err) == (130, interrupt.MESSAGE + "\n") and took < 2
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_and_sighup_stop_as_ctrl_c_does(sig, code):
+    rc, took, err = run_and_interrupt(sig=sig)
+    assert (rc, err) == (code, interrupt.MESSAGE + "\n") and took < 2
+
+
+def test_a_second_signal_of_another_kind_stops_at_once_with_the_first_ones_code():
+    rc, took, err = run_and_interrupt("busy-thread", signals=2, sig=signal.SIGTERM, then=signal.SIGINT)
+    assert (rc, err) == (143, interrupt.MESSAGE + "\n") and took < 2
+
+
+def test_sighup_ignored_at_start_stays_ignored():
+    """`nohup kdnas search ...`: a closed terminal must not stop the command."""
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.killpg(proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_busy_thread_cannot_hold_the_process_past_the_deadline():
@@ -89,14 +120,14 @@ def test_debug_keeps_the_traceback():
     assert rc == 130 and "Traceback" in err and "KeyboardInterrupt" in err
 
 
-def sigint_blocked(pid: int) -> bool:
+def blocked_signals(pid: int) -> set[int]:
     status = Path(f"/proc/{pid}/status").read_text()
-    blocked = int(next(x for x in status.splitlines() if x.startswith("SigBlk:")).split()[1], 16)
-    return bool(blocked & (1 << (signal.SIGINT - 1)))
+    mask = int(next(x for x in status.splitlines() if x.startswith("SigBlk:")).split()[1], 16)
+    return {s for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM) if mask & (1 << (s - 1))}
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc")
-def test_the_server_process_starts_with_sigint_blocked_and_this_thread_keeps_its_mask():
+def test_the_server_process_starts_with_sigint_and_sighup_blocked_and_this_thread_keeps_its_mask():
     class SubprocessASGIServer:  # stands in for Prefect's: its method starts the server process
         def _run_uvicorn_command(self):
             return subprocess.Popen(["sleep", "30"])
@@ -104,20 +135,49 @@ def test_the_server_process_starts_with_sigint_blocked_and_this_thread_keeps_its
     interrupt._patch(types.SimpleNamespace(SubprocessASGIServer=SubprocessASGIServer))
     proc = SubprocessASGIServer()._run_uvicorn_command()
     try:
-        assert sigint_blocked(proc.pid)
-        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        # SIGTERM stays deliverable: it is how Prefect stops the server at exit
+        assert blocked_signals(proc.pid) == {signal.SIGINT, signal.SIGHUP}
+        assert not {signal.SIGINT, signal.SIGHUP} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
     finally:
         proc.kill()
         proc.wait()
 
 
 @pytest.mark.slow
-def test_prefects_own_server_class_is_patched_when_it_is_imported():
-    """Guards a Prefect upgrade: the method that starts the server must still be there."""
-    code = ("import sys; from kdnas import interrupt; interrupt.shield_prefect_server()\n"
+def test_prefects_own_server_class_and_flow_engine_are_patched_when_they_are_imported():
+    """Guards a Prefect upgrade: the method that starts the server, and the flow engine's SIGTERM
+    handler, must still be there."""
+    code = ("import sys; from kdnas import interrupt; interrupt.shield_prefect()\n"
             "assert 'prefect.server.api.server' not in sys.modules\n"
             "from prefect.server.api.server import SubprocessASGIServer as S\n"
-            "assert S._run_uvicorn_command._kdnas_shielded")
+            "assert S._run_uvicorn_command._kdnas_shielded\n"
+            "import prefect.flow_engine as e\n"
+            "assert e.capture_sigterm._kdnas_shielded\n"
+            "assert not any(isinstance(f, interrupt._PatchOnImport) for f in sys.meta_path)")
     done = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_flow_engine_keeps_its_sigterm_handler_unless_ours_is_installed():
+    """Ours raises KeyboardInterrupt, which the engine reports as Ctrl-C; Prefect's would end
+    the process by the default action after marking the run, skipping the server's stop."""
+    seen = []
+
+    @contextlib.contextmanager
+    def capture_sigterm():  # stands in for prefect.utilities.engine.capture_sigterm
+        seen.append("prefect")
+        yield
+
+    engine = types.SimpleNamespace(capture_sigterm=capture_sigterm)
+    interrupt._patch_engine(engine)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with engine.capture_sigterm():
+            pass
+        signal.signal(signal.SIGTERM, interrupt._on_signal)
+        with engine.capture_sigterm():
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == ["prefect"]

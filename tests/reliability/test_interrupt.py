@@ -2,8 +2,11 @@
 search: the Prefect flow (ephemeral API, tracking on) and the plain loop each stop within 5 s
 with exit code 130 and exactly one line on stderr, leave no process behind, and (Prefect) leave
 the flow run Crashed, not Running. The same command then resumes and redoes no finished
-candidate. Interrupts are triggered by the search's events.jsonl: during a proxy distillation
-and during the final distillation. The stop times go to runs/test-artifacts/reliability-interrupt.json.
+candidate. SIGTERM to the command alone (`kill <pid>`, a service manager) and SIGHUP to its
+process group (a closed terminal) do the same, with exit codes 143 and 129; under Prefect the
+ephemeral API server is gone and its port closed. Interrupts are triggered by the search's
+events.jsonl: during a proxy distillation and during the final distillation. The stop times go
+to runs/test-artifacts/reliability-interrupt.json.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -98,10 +102,32 @@ def left_behind(pid: int, prefect_home: Path | None) -> list[str]:
     return found
 
 
-def interrupt_during(config: Path, out: Path, trigger, prefect: bool, env: dict, log: Path) -> dict:
-    """Start the search in its own session; once ``trigger(out)`` holds, SIGINT its process
-    group as a terminal would. Returns how it stopped: exit code, seconds from the signal,
-    stderr written after the signal, processes left behind."""
+def server_ports(pid: int) -> list[int]:
+    """The ports of the ephemeral API servers among ``pid``'s children (uvicorn ... --port N)."""
+    ports = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                args = (Path("/proc") / child / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if "uvicorn" in args and "--port" in args:
+                ports.append(int(args[args.index("--port") + 1]))
+    return ports
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def interrupt_during(config: Path, out: Path, trigger, prefect: bool, env: dict, log: Path,
+                     sig: int = signal.SIGINT, group: bool = True) -> dict:
+    """Start the search in its own session; once ``trigger(out)`` holds, send ``sig`` to its
+    process group as a terminal would (or, ``group=False``, to the command alone, as `kill`
+    does). Returns how it stopped: exit code, seconds from the signal, stderr written after the
+    signal, processes left behind, ephemeral API ports still listening."""
     with open(log, "wb") as err:
         proc = subprocess.Popen(command(config, prefect), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=True, preexec_fn=sigint_default)
@@ -114,7 +140,9 @@ def interrupt_during(config: Path, out: Path, trigger, prefect: bool, env: dict,
         time.sleep(0.3)
         assert proc.poll() is None, log.read_text()[-3000:]
         before = log.stat().st_size
-        os.killpg(proc.pid, signal.SIGINT)
+        ports = server_ports(proc.pid) if prefect else []
+        assert ports or not prefect, "no ephemeral API server among the search's children"
+        (os.killpg if group else os.kill)(proc.pid, sig)
         sent = time.monotonic()
         try:
             rc = proc.wait(timeout=30)
@@ -123,24 +151,26 @@ def interrupt_during(config: Path, out: Path, trigger, prefect: bool, env: dict,
         stopped_s = time.monotonic() - sent
         # what is left is looked at before anything is killed below
         left = left_behind(proc.pid, Path(env["PREFECT_HOME"]) if prefect else None)
+        still_listening = [p for p in ports if listening(p)]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     after = log.read_bytes()[before:].decode(errors="replace")
     return {"rc": rc, "stopped_s": round(stopped_s, 2), "stderr": after, "left": left,
-            "last_event": events(out)[-1]["event"]}
+            "listening": still_listening, "last_event": events(out)[-1]["event"]}
 
 
-def check_stop(stop: dict, label: str) -> None:
-    """Exit 130 within 5 s, and nothing on stderr after the signal but the message on a line of
-    its own. A progress bar may redraw between the log's size being read and the signal landing:
-    those redraws (``\r`` + bar) are the only other text allowed."""
-    assert stop["rc"] == 130 and stop["stopped_s"] < 5, (label, stop)
+def check_stop(stop: dict, label: str, code: int = 130) -> None:
+    """Exit ``code`` within 5 s, and nothing on stderr after the signal but the message on a line
+    of its own. A progress bar may redraw between the log's size being read and the signal
+    landing: those redraws (``\r`` + bar) are the only other text allowed."""
+    assert stop["rc"] == code and stop["stopped_s"] < 5, (label, {k: v for k, v in stop.items() if k != "stderr"},
+                                                          stop["stderr"][-3000:])
     err = stop["stderr"]
     others = [x for x in re.split(r"[\r\n]", err) if x.strip() and x != MESSAGE and not PROGRESS_BAR.match(x)]
     assert not others and re.search(rf"(^|\n){re.escape(MESSAGE)}\n$", err), (label, err[-3000:])
-    assert not stop["left"], (label, stop["left"])
+    assert not stop["left"] and not stop["listening"], (label, stop["left"], stop["listening"])
 
 
 def check_resumed(out: Path, expected_candidates: int) -> None:
@@ -173,7 +203,8 @@ def record(name: str, stops: list[dict]) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / "reliability-interrupt.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
-    report[name] = [{k: s[k] for k in ("aimed_at", "last_event", "rc", "stopped_s")} for s in stops]
+    report[name] = [{k: s[k] for k in ("signal", "aimed_at", "last_event", "rc", "stopped_s") if k in s}
+                    for s in stops]
     path.write_text(json.dumps(report, indent=2))
 
 
@@ -215,3 +246,47 @@ def test_ctrl_c_stops_the_plain_search_at_once_and_the_rerun_resumes(root, tmp_p
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     check_resumed(out, expected_candidates=2)
     record("plain", stops)
+
+
+# SIGTERM to the command alone, as `kill <pid>` or a service manager sends it, during a proxy
+# distillation; SIGHUP to its whole process group, as a closing terminal does, during the final one.
+OTHER_SIGNALS = [(signal.SIGTERM, False, 143), (signal.SIGHUP, True, 129)]
+
+
+def test_sigterm_and_sighup_stop_the_prefect_flow_and_its_server_and_the_rerun_resumes(root, tmp_path):
+    config, out = small_config(root, "flow-term"), root / "flow-term"
+    home = tmp_path / "prefect-home"
+    env = {**{k: v for k, v in ENV.items() if k != "MLFLOW_TRACKING_URI"}, "PREFECT_HOME": str(home)}
+    stops = []
+    for i, ((label, trigger), (sig, group, code)) in enumerate(zip(phases(prefect=True), OTHER_SIGNALS)):
+        stop = interrupt_during(config, out, trigger, True, env, tmp_path / f"flow-{i}.err", sig, group)
+        stops.append({"signal": sig.name, "aimed_at": label, **stop})
+        check_stop(stop, f"{sig.name} during {label}", code)
+        runs = flow_runs(home)
+        # marked while the API was up: SIGHUP to the group did not reach the server
+        stopped = [state for name, state in runs if name == "kdnas"][i:] + \
+            [state for name, state in runs if name == "final-distill"]
+        assert len(stopped) == i + 1 and set(stopped) <= {"CRASHED", "CANCELLED"}, (label, runs)
+    assert [s["last_event"] for s in stops] == ["evaluation-start", "final-start"], stops
+
+    rerun = subprocess.run(command(config, prefect=True), check=False, cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    check_resumed(out, expected_candidates=2)
+    assert [state for _, state in flow_runs(home)][-2:] == ["COMPLETED", "COMPLETED"]
+    record("prefect-sigterm-sighup", stops)
+
+
+def test_sigterm_and_sighup_stop_the_plain_search_and_the_rerun_resumes(root, tmp_path):
+    config, out = small_config(root, "plain-term"), root / "plain-term"
+    stops = []
+    for i, ((label, trigger), (sig, group, code)) in enumerate(zip(phases(prefect=False), OTHER_SIGNALS)):
+        stop = interrupt_during(config, out, trigger, False, ENV, tmp_path / f"plain-{i}.err", sig, group)
+        stops.append({"signal": sig.name, "aimed_at": label, **stop})
+        check_stop(stop, f"{sig.name} during {label}", code)
+    assert [s["last_event"] for s in stops] == ["proxy-distill", "final-start"], stops
+
+    rerun = subprocess.run(command(config), check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    check_resumed(out, expected_candidates=2)
+    record("plain-sigterm-sighup", stops)
