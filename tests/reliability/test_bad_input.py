@@ -83,6 +83,11 @@ def _teacher_without_tokenizer(root: Path) -> str:
     return str(path)
 
 
+def _folder(root: Path, name: str) -> str:
+    (root / name / "mine").mkdir(parents=True, exist_ok=True)
+    return str(root / name)
+
+
 # Cases whose config file itself is broken: written as these bytes instead of the valid config.
 RAW_CONFIG = {
     "config file that is not text": b"\x00\xff\xfe garbage",
@@ -239,6 +244,16 @@ CASES = {
     "unknown packaged set": (SEARCH, {"evaluate.enabled": True, "evaluate.tasks": [
         {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrases"}]},
         r"evaluate.tasks\[0\].path = 'bible-paraphrases' is not a packaged set; known: bible-es-en, bible-paraphrase"),
+    # output places that cannot be written, refused before the work (they failed after it)
+    "distill --out under a file": (["distill", "--arch", "L1-H32-A2-F64-gelu", "--steps", "1", "--out",
+                                    lambda r: _file(r, "plain", b"x") + "/s"], {},
+                                   r"--out = '.*plain/s': not writable \(.*plain is a file, not a folder\)"),
+    "embed --output onto a folder": (["embed", "--model", lambda r: str(_student_at(r)), "--input",
+                                      lambda r: _file(r, "texts.txt", b"hello\n"), "--output", lambda r: _folder(r, "emb.npy")],
+                                     {}, r"--output = '.*emb.npy': not writable \(is a folder, expected a file\)"),
+    "embed --input not utf-8": (["embed", "--model", lambda r: str(_student_at(r)), "--input",
+                                 lambda r: _file(r, "latin1.txt", "caf\u00e9\n".encode("latin-1"))], {},
+                                r"--input .*latin1.txt: not utf-8 text \(byte 0xe9 at offset 3\); give its encoding with --encoding"),
 }
 
 
