@@ -517,10 +517,14 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             _quiet_libraries()
             _one_line_warnings()
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()  # a reader gone (`| head -1`) shows here, not in the interpreter's exit
+            return code
         except Exception as err:  # noqa: BLE001 - never a traceback for the user, unless asked for
             if debug or interrupt.requested():  # after Ctrl-C, the handler says the one line
                 raise
+            if interrupt.output_closed(err):
+                return interrupt.PIPE_EXIT_CODE
             return _report(err)
     return interrupted.exit_code  # Ctrl-C: "kdnas: interrupted; ..." is printed, once
 

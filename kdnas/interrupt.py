@@ -39,6 +39,7 @@ import importlib.abc
 import importlib.util
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -48,6 +49,7 @@ import warnings
 MESSAGE = "kdnas: interrupted; rerun the same command to resume"
 EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 DEADLINE_S = 4.0
+PIPE_EXIT_CODE = 141  # 128 + SIGPIPE, what `yes | head -1` reports for `yes`
 # SIGHUP does not exist on Windows
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 # A signal to the process group must reach only us; SIGTERM is left out: Prefect stops the server with it.
@@ -170,6 +172,29 @@ def _flush() -> None:
             stream.flush()
         except (OSError, ValueError, AttributeError):  # a hung-up terminal, a closed pipe: nothing to save
             pass
+
+
+def output_closed(err: BaseException) -> bool:
+    """Whether ``err`` is stdout's reader having gone (`kdnas embed | head -1`): not an error, the
+    reader has what it wanted, so no message. Any other broken pipe (a socket, a child's pipe)
+    still is one. Python ignores SIGPIPE, so the write fails with EPIPE instead of ending the
+    process silently as it would end a C program."""
+    if not isinstance(err, BrokenPipeError) or not hasattr(select, "poll"):
+        return False
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))  # a pipe without readers
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured, closed)
+        return False
+    if gone:
+        # The interpreter flushes stdout once more on its way out; that write must not fail too
+        # ("Exception ignored ... BrokenPipeError", exit 120).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return gone
 
 
 def _exit_if_interrupted() -> None:

@@ -181,3 +181,37 @@ def test_the_flow_engine_keeps_its_sigterm_handler_unless_ours_is_installed():
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert seen == ["prefect"]
+
+
+def run_into_a_closed_pipe(*args: str, buffered: bool) -> tuple[int, str]:
+    """``kdnas <args> | head -1`` once head has exited: stdout is a pipe nobody reads. Python
+    block-buffers a piped stdout unless PYTHONUNBUFFERED is set; both are tried."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if not buffered or k != "PYTHONUNBUFFERED"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "kdnas", *args], cwd=ROOT, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**env, **({} if buffered else {"PYTHONUNBUFFERED": "1"}),
+                                   "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    finally:
+        os.close(write_end)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(buffered):
+    """As `yes | head -1` ends `yes`: no message (the reader has what it wanted), 128 + SIGPIPE."""
+    assert run_into_a_closed_pipe("arch", "L1-H32-A2-F64-gelu", buffered=buffered) == (141, "")
+
+
+def test_only_stdouts_reader_going_away_is_quiet(monkeypatch):
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert not interrupt.output_closed(BrokenPipeError())  # stdout is read: another pipe broke, an error
+        os.close(read_end)
+        assert not interrupt.output_closed(ConnectionResetError())
+        assert interrupt.output_closed(BrokenPipeError())
+        out.write("x" * 100_000)
+        out.flush()  # what the interpreter's exit does: stdout now goes nowhere, without an error
