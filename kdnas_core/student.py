@@ -8,12 +8,15 @@ so a user swaps the teacher for the student without touching their preprocessing
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from kdnas_core.atomic import (
+    MANIFEST,
+    PARTIAL_MARKER,
     commit_dir,
     damaged_files,
     discard_partial,
@@ -158,15 +161,46 @@ def is_student_folder(path: Path) -> bool:
     return (Path(path) / ARCH_FILE).is_file()
 
 
+# What kdnas adds to a saved student after its manifest: the ONNX exports, and the temporary
+# files an export leaves when it is killed.
+_EXPORTED = ("model.onnx", "model.int8.onnx")
+_EXPORT_TEMPORARY = re.compile(r"\.model(\.int8)?\.onnx(\..+)?\.tmp")
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Files and folders in a saved student that kdnas did not write (a user's notes or results
+    put beside the weights). A student saved before manifests cannot tell: none reported."""
+    folder = Path(folder)
+    try:
+        ours = set(json.loads((folder / MANIFEST).read_text())) | {MANIFEST, PARTIAL_MARKER, *_EXPORTED}
+    except (OSError, ValueError, TypeError):
+        return []
+    ours_dirs = {parent.as_posix() for name in ours for parent in Path(name).parents}
+    foreign = []
+    for p in sorted(folder.rglob("*")):
+        name = p.relative_to(folder).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            if name not in ours_dirs and not any(q.is_file() for q in p.rglob("*")):
+                foreign.append(name + "/")  # an empty folder of the user's; a full one shows by its files
+        elif name not in ours and not _EXPORT_TEMPORARY.fullmatch(name):
+            foreign.append(name)
+    return foreign
+
+
 def check_student_destination(out_dir: Path) -> None:
     """``out_dir`` may hold a student kdnas saved (replaced) or nothing; anything else is the
-    user's and is never deleted."""
+    user's and is never deleted: a folder that is not a student, and files a user added to one."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ArchError(f"{out_dir}: is a file, expected a folder for the student")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_student_folder(out_dir):
         raise ArchError(f"{out_dir}: folder exists and is not a kdnas student (no {ARCH_FILE}); "
                         "choose an empty or new folder")
+    foreign = foreign_files(out_dir) if out_dir.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ArchError(f"{out_dir}: holds files kdnas did not write ({shown}), and saving a student replaces the "
+                        "whole folder; move them out or choose another folder")
 
 
 def save_student(model: nn.Module, tokenizer, arch: StudentArch, out_dir: Path, meta: dict | None = None,

@@ -101,3 +101,21 @@ def test_a_users_files_next_to_out_are_never_touched(tiny_config, tmp_path, caps
     assert (home / ".s-backup" / "keep.txt").read_text() == "mine"
     assert (home / "notes.yaml").read_text() == tiny_config.read_text()
     assert sorted(p.name for p in home.iterdir()) == [".s-backup", "notes.yaml", "s"]
+
+
+def test_files_a_user_added_to_a_student_are_never_deleted(tiny_config, tmp_path, capsys, monkeypatch):
+    """Distilling again into a student folder replaced the whole folder: notes and results the
+    user had put beside the weights were deleted without a word."""
+    out = tmp_path / "s"
+    argv = ["distill", "--arch", ARCH, "--steps", "1", "--config", str(tiny_config), "--out", str(out)]
+    assert main(argv) == 0
+    assert main(argv) == 0  # its own files, the ONNX exports included, are kdnas's to replace
+    (out / "NOTES.md").write_text("my notes")
+    (out / "eval").mkdir()
+    (out / "eval" / "results.csv").write_text("task,score\n")
+    no_teacher(monkeypatch)
+    capsys.readouterr()
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert f"{out}: holds files kdnas did not write (NOTES.md, eval/results.csv)" in line, line
+    assert (out / "NOTES.md").read_text() == "my notes" and (out / "eval" / "results.csv").is_file()
