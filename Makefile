@@ -16,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 ARCH ?= L4-H384-A6-F1536-gelu
 CONFIG ?= configs/default.yaml
 
-.PHONY: install demo distill test test-reliability bench headline clean
+.PHONY: install demo distill test test-reliability test-bench bench headline clean
 
 install: $(STAMP)
 
@@ -39,25 +39,31 @@ demo: install
 distill: install
 	$(BIN)/kdnas distill --config $(CONFIG) --arch $(ARCH)
 
-# The default suite (under 15 minutes on 2 cores); the long reliability runs are separate.
+# The default suite (under 15 minutes on 2 cores); the long reliability runs and the benchmarks'
+# smoke runs are separate.
 test: install
-	$(BIN)/python -m pytest -q -m "not reliability"
+	$(BIN)/python -m pytest -q -m "not reliability and not bench"
 
 # kill -9 at every phase of a search (plain loop and Prefect flow), concurrent searches, a 60 s
 # S3 outage, an MLflow server stopped mid-search, Ctrl-C during a search (~11 minutes).
 test-reliability: install
 	$(BIN)/python -m pytest -q -m reliability tests/reliability
 
+# Every benchmark script at its --smoke size (python -m bench.<name> --smoke): each writes its
+# report with the command and commit; correctness only, not timing.
+test-bench: install
+	$(BIN)/python -m pytest -q -m bench tests/bench
+
 bench: install
-	$(BIN)/python bench/distill_step.py
-	$(BIN)/python bench/latency.py
-	$(BIN)/python bench/search_efficiency.py
-	$(BIN)/python bench/dask_scaling.py
+	$(BIN)/python -m bench.distill_step
+	$(BIN)/python -m bench.latency
+	$(BIN)/python -m bench.search_efficiency
+	$(BIN)/python -m bench.dask_scaling
 
 # The headline table (teacher vs off-the-shelf vs hand-picked vs random vs KD-NAS): about 1.5 h
 # with the mpnet-base teacher on 2 cores; `--small` uses MiniLM-L6.
 headline: install
-	$(BIN)/python bench/headline.py
+	$(BIN)/python -m bench.headline
 
 clean:
 	rm -rf $(VENV) runs .cache .prefect .pytest_cache

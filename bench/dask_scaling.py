@@ -7,29 +7,26 @@ really distilled), the same saved latency predictor (so all evaluate the same ca
 the same warm teacher-state and latency caches. Dask variants start their local cluster inside
 the timing: workers loading the teacher is part of what fan-out costs.
 
-Run:  .venv/bin/python bench/dask_scaling.py [--episodes 2] [--k 4]
+Run:  python -m bench.dask_scaling [--episodes 2] [--k 4]
+      python -m bench.dask_scaling --smoke     # a tiny random teacher, 1 episode x 2 candidates
 Writes bench/results/dask-scaling.{md,csv}.
 """
 
 from __future__ import annotations
 
-from common import ROOT, flow_bench_env
+from bench.common import RESULTS, ROOT, add_common_args, argv_of, flow_bench_env, header, out_folder, smoke_config
 
 flow_bench_env()
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from datetime import date  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
-
 
 
 def _search_seconds(folder: Path) -> float:
@@ -39,12 +36,16 @@ def _search_seconds(folder: Path) -> float:
     return max(t) - min(t)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
+    argv = argv_of(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--episodes", type=int, default=2)
-    p.add_argument("--k", type=int, default=4, help="candidates per episode")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "dask-scaling"))
-    args = p.parse_args()
+    p.add_argument("--episodes", type=int, default=None, help="default 2 (--smoke: 1)")
+    p.add_argument("--k", type=int, default=None, help="candidates per episode (default 4; --smoke: 2)")
+    add_common_args(p, RESULTS, "a tiny random teacher")
+    args = p.parse_args(argv)
+    args.episodes = args.episodes or (1 if args.smoke else 2)
+    args.k = args.k or (2 if args.smoke else 4)
+    args.out = out_folder(args.out, args.smoke, RESULTS)
 
     from prefect import flow
 
@@ -54,7 +55,7 @@ def main() -> None:
     from kdnas_core.searching import search_without_prefect
 
     tmp = Path(tempfile.mkdtemp(prefix="kdnas-dask-"))
-    data = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
+    data = smoke_config(tmp / "smoke") if args.smoke else yaml.safe_load((ROOT / "configs/default.yaml").read_text())
     data["search"] = {"episodes": args.episodes, "candidates_per_episode": args.k}
     data["paths"]["output_dir"] = str(tmp / "warm")
     data["tracking"] = {"enabled": False}
@@ -104,11 +105,9 @@ def main() -> None:
     local, one, two, one_wide = df.iloc[0], df.iloc[1], df.iloc[2], df.iloc[3]
     speedup_wall, speedup_cand = one.wall_s / two.wall_s, one.candidates_s / two.candidates_s
     lines = [
-        "# Dask fan-out: 1 vs 2 workers",
+        *header("Dask fan-out: 1 vs 2 workers", __file__, argv, cfg),
         "",
-        f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
-        f"`python bench/dask_scaling.py --episodes {args.episodes} --k {args.k}`; "
-        f"{args.episodes} episodes x {args.k} candidates, MiniLM-L6 teacher, "
+        f"{args.episodes} episodes x {args.k} candidates, {cfg.teacher.name} teacher, "
         f"{cfg.data.proxy_size} proxy texts x {cfg.distill.proxy.epochs} epochs; "
         f"same candidates in every variant: {'yes' if same else 'NO'}.",
         "",
@@ -134,12 +133,12 @@ def main() -> None:
         "\"s per candidate\" is each proxy distillation's own time, from its result.",
         "",
     ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out / "dask-scaling"
     df.to_csv(out.with_suffix(".csv"), index=False)
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     shutil.rmtree(tmp, ignore_errors=True)
+    return out.with_suffix(".md")
 
 
 if __name__ == "__main__":

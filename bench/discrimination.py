@@ -6,25 +6,23 @@ difference is at least 2 paired-bootstrap standard errors (both students resampl
 items, so what the items share cancels). The probe-only row is what kdnas measured before
 the task list: the classification task alone.
 
-    .venv/bin/python bench/discrimination.py                    # the students of bench/proxy_rank.py
-    .venv/bin/python bench/discrimination.py runs/students/*    # any saved students
+    python -m bench.discrimination                    # the students of bench/proxy_rank.py (runs/proxy-rank/)
+    python -m bench.discrimination runs/students/*    # any saved students
+    python -m bench.discrimination --smoke            # three students of a tiny random teacher, 2 steps each
+
+Writes bench/results/discrimination.{md,csv}.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import itertools
-import os
-import platform
-import sys
-from pathlib import Path
+from bench.common import RESULTS, ROOT, add_common_args, argv_of, header, out_folder, smoke_config
 
-import numpy as np
-import pandas as pd
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from kdnas_core.config import apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.evaluate import gap_closed, gap_draws  # noqa: E402
@@ -88,40 +86,58 @@ def separation(table: pd.DataFrame, draws: dict, measures: list[str]) -> pd.Data
     return pd.DataFrame(out)
 
 
+def smoke_students(base: dict, work: Path) -> list[Path]:
+    """Three saved students of the tiny random teacher (two cut from it, one random), 2 steps each."""
+    from kdnas_core.final import distill_student
+
+    dirs = []
+    for init, arch in (("teacher", "L1-H32-A2-F64-gelu"), ("teacher", "L2-H64-A4-F128-gelu"),
+                       ("random", "L1-H32-A2-F64-gelu")):
+        cfg = config_from_dict(apply_overrides(base, {"student.init": init}), "smoke")
+        out = work / "students" / f"{init}-{arch}"
+        if not (out / "config.json").is_file():
+            distill_student(cfg, arch, out_dir=out, max_steps=2, progress=False)
+        dirs.append(out)
+    return dirs
+
+
 def main(argv: list[str] | None = None) -> Path:
+    argv = argv_of(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("students", nargs="*", type=Path)
     ap.add_argument("--config", default="configs/default.yaml")
-    ap.add_argument("--test-texts", type=int, default=2000, help="items per task")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "discrimination.md")
+    ap.add_argument("--test-texts", type=int, default=None, help="items per task (default 2000; --smoke: 150)")
+    ap.add_argument("--name", default="discrimination", help="the report's file name without suffix")
+    add_common_args(ap, RESULTS, "three students of a tiny random teacher")
     args = ap.parse_args(argv)
+    args.out = out_folder(args.out, args.smoke, RESULTS)
     import yaml
 
-    dirs = args.students or sorted((ROOT / "runs" / "proxy-rank").glob("*/students/*"))
-    n = args.test_texts
-    cfg = config_from_dict(apply_overrides(yaml.safe_load((ROOT / args.config).read_text()), {
+    n = args.test_texts or (150 if args.smoke else 2000)
+    base = smoke_config(args.out / "work") if args.smoke else yaml.safe_load((ROOT / args.config).read_text())
+    dirs = args.students or (smoke_students(base, args.out / "work") if args.smoke
+                             else sorted((ROOT / "runs" / "proxy-rank").glob("*/students/*")))
+    cfg = config_from_dict(apply_overrides(base, {
         "evaluate.tasks": [{"train_size": n, "test_size": n},
                            {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase", "test_size": n},
                            {"kind": "clustering", "source": "packaged", "path": "chatterbot-topics", "test_size": n}],
-        "tracking.enabled": False}), args.config)
+        "tracking.enabled": False}), "smoke" if args.smoke else args.config)
     ws = Workspace.prepare(cfg).validate()
     table, draws = score(ws, dirs)
     labels = [t.label for t in ws.tasks]
     sep = separation(table, draws, [*labels, "summary"])
     sep["measure"] = [f"{m} (probe only: what kdnas reported before)" if m == labels[0] else m for m in sep.measure]
-    md = [f"# Does the evaluation tell students apart? ({datetime.date.today()}, {platform.machine()}, "
-          f"{os.cpu_count()} cores)\n",
-          f"Command: `python bench/discrimination.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
+    md = [*header("Does the evaluation tell students apart?", __file__, argv, cfg), "",
           f"Teacher {cfg.teacher.name}; {len(dirs)} saved students; gap closed per task against each student's "
           f"untrained floor, {cfg.evaluate.bootstrap} paired-bootstrap resamples.\n",
           *[f"- {t['task']} ({t['kind']}): {t['size']}" for t in describe_tasks(ws)], "",
           "## Separation\n", markdown_table(sep), "",
           "## Students\n", markdown_table(table.sort_values("summary")), ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(md))
-    table.to_csv(args.out.with_suffix(".csv"), index=False)
+    out = args.out / f"{args.name}.md"
+    out.write_text("\n".join(md))
+    table.to_csv(out.with_suffix(".csv"), index=False)
     print("\n".join(md))
-    return args.out
+    return out
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ read from an in-memory teacher-state cache, once with the teacher run on every b
 one-off cost of building the cache is timed too, and turned into the number of steps after which
 the cache has paid for itself.
 
-Run:  .venv/bin/python bench/distill_step.py [--teachers minilm-l6 mpnet-base] [--texts 256]
-                                             [--steps 12] [--repeats 3] [--arch L4-H384-A6-F1536-gelu]
+Run:  python -m bench.distill_step [--teachers minilm-l6 mpnet-base] [--texts 256]
+                                   [--steps 12] [--repeats 3] [--arch L4-H384-A6-F1536-gelu]
+      python -m bench.distill_step --smoke     # a tiny random teacher, 2 steps: seconds
 
 Results are reported as live/cached ratios, not absolute times: on a small shared CPU box the
 absolute numbers drift from run to run, but both variants drift together because live and cached
@@ -16,12 +17,7 @@ runs are interleaved, so their ratio is what stays meaningful. Target: >= 3x wit
 
 from __future__ import annotations
 
-import os
-
-# Before any import that could phone home or reach the hub.
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from bench.common import RUNS_BENCH, ROOT, add_common_args, argv_of, header, out_folder, publish, smoke_config
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -29,14 +25,12 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from kdnas_core.config import load_config  # noqa: E402
+from kdnas_core.config import apply_overrides, config_from_dict, load_config  # noqa: E402
 from kdnas_core.distill import CachedTeacherStates, LiveTeacherStates, distill  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
 from kdnas_core.student import build_student, count_parameters  # noqa: E402
-from common import publish  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET_TEACHER, TARGET_SPEEDUP = "mpnet-base", 3.0
 
 
@@ -49,9 +43,13 @@ def seconds_per_step(ws: Workspace, arch: StudentArch, states, batches, budget, 
 
 def bench_teacher(name: str, args: argparse.Namespace) -> dict:
     # In-memory cache only: a disk cache left by an earlier run would make the build time zero.
-    cfg = load_config(ROOT / "configs/default.yaml", {
-        "teacher.name": name, "data.proxy_size": args.texts, "distill.cache_on_disk": False,
-    })
+    overrides = {"teacher.name": name, "data.proxy_size": args.texts, "distill.cache_on_disk": False}
+    if args.smoke:  # the tiny random teacher ("tiny") and its tweets
+        base = smoke_config(args.out / "work")
+        cfg = config_from_dict(apply_overrides(base, {**overrides, "teacher.name": base["teacher"]["name"]}), "smoke")
+    else:
+        cfg = load_config(ROOT / "configs/default.yaml", overrides)
+    args.configs[name] = cfg
     ws = Workspace.prepare(cfg)
     arch = StudentArch.from_name(args.arch)
     tokens, batches = ws.tokens("proxy"), ws.batches("proxy")
@@ -110,22 +108,37 @@ def verdict(rows: list[dict]) -> str:
     return f"Target ({TARGET_TEACHER} cached >= {TARGET_SPEEDUP:g}x cheaper per step): {met} ({hit['speedup']:.2f}x)."
 
 
-def main() -> None:
+# --smoke: one tiny random teacher, a tiny student, 2 steps x 1 repeat on 32 texts.
+SMOKE = {"teachers": ["tiny"], "texts": 32, "steps": 2, "repeats": 1, "arch": "L1-H32-A2-F64-gelu"}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = argv_of(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teachers", nargs="+", default=["minilm-l6", "mpnet-base"])
-    p.add_argument("--texts", type=int, default=256, help="proxy texts (data.proxy_size)")
-    p.add_argument("--steps", type=int, default=12, help="distillation steps per measured run")
-    p.add_argument("--repeats", type=int, default=3, help="live/cached run pairs per teacher")
-    p.add_argument("--arch", default="L4-H384-A6-F1536-gelu")
-    args = p.parse_args()
+    p.add_argument("--teachers", nargs="+", default=None, help="default minilm-l6 mpnet-base")
+    p.add_argument("--texts", type=int, default=None, help="proxy texts (data.proxy_size; default 256)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps per measured run (default 12)")
+    p.add_argument("--repeats", type=int, default=None, help="live/cached run pairs per teacher (default 3)")
+    p.add_argument("--arch", default=None, help="default L4-H384-A6-F1536-gelu")
+    add_common_args(p, RUNS_BENCH, "a tiny random teacher")
+    args = p.parse_args(argv)
+    defaults = SMOKE if args.smoke else {"teachers": ["minilm-l6", "mpnet-base"], "texts": 256, "steps": 12,
+                                         "repeats": 3, "arch": "L4-H384-A6-F1536-gelu"}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.out = out_folder(args.out, args.smoke, RUNS_BENCH)
+    args.configs = {}
 
     start = time.perf_counter()
     rows = [bench_teacher(name, args) for name in args.teachers]
-    header = (f"distill step: arch {args.arch}, {args.texts} proxy texts, "
-              f"{args.steps} steps x {args.repeats} repeats (median)")
-    report = f"{header}\n\n{table(rows)}\n\n{verdict(rows)}\n"
-    out = publish("distill_step.md", report)
-    print(f"wrote {out.relative_to(ROOT)}; total {time.perf_counter() - start:.0f} s")
+    lines = [*header("Distillation step: cached teacher states vs a live teacher", __file__, argv, args.configs), "",
+             f"distill step: arch {args.arch}, {args.texts} proxy texts, "
+             f"{args.steps} steps x {args.repeats} repeats (median)"]
+    report = "\n".join(lines) + f"\n\n{table(rows)}\n\n{verdict(rows)}\n"
+    out = publish(report, args.out / "distill_step.md")
+    print(f"wrote {out}; total {time.perf_counter() - start:.0f} s")
+    return out
 
 
 if __name__ == "__main__":

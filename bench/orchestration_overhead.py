@@ -6,13 +6,24 @@ side: once as kdnas_core's plain ``run_search`` loop, once as the Prefect flow `
 results folder and reuse the same cached teacher states. The overhead is reported as a ratio,
 with the ephemeral API's one-off start-up shown separately.
 
-Run:  .venv/bin/python bench/orchestration_overhead.py [--episodes 2] [--k 3]
+Run:  python -m bench.orchestration_overhead [--episodes 2] [--k 3]
+      python -m bench.orchestration_overhead --smoke   # a tiny random teacher, 1 episode x 2 candidates
 Writes runs/bench/orchestration_overhead.md.
 """
 
 from __future__ import annotations
 
-from common import ROOT, flow_bench_env, publish
+from bench.common import (
+    ROOT,
+    RUNS_BENCH,
+    add_common_args,
+    argv_of,
+    flow_bench_env,
+    header,
+    out_folder,
+    publish,
+    smoke_config,
+)
 
 flow_bench_env()
 
@@ -25,18 +36,23 @@ from pathlib import Path  # noqa: E402
 import yaml  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
+    argv = argv_of(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--episodes", type=int, default=2)
-    p.add_argument("--k", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument("--episodes", type=int, default=None, help="default 2 (--smoke: 1)")
+    p.add_argument("--k", type=int, default=None, help="default 3 (--smoke: 2)")
+    add_common_args(p, RUNS_BENCH, "a tiny random teacher")
+    args = p.parse_args(argv)
+    args.episodes = args.episodes or (1 if args.smoke else 2)
+    args.k = args.k or (2 if args.smoke else 3)
+    args.out = out_folder(args.out, args.smoke, RUNS_BENCH)
 
     from kdnas_core.config import load_config
     from kdnas_core.latency import predictor_path
     from kdnas_core.searching import search_without_prefect
 
     tmp = Path(tempfile.mkdtemp(prefix="kdnas-orch-"))
-    data = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
+    data = smoke_config(tmp / "smoke") if args.smoke else yaml.safe_load((ROOT / "configs/default.yaml").read_text())
     data["search"] = {"episodes": args.episodes, "candidates_per_episode": args.k}
     data["paths"]["output_dir"] = str(tmp / "runs")
     cfg_path = tmp / "bench.yaml"
@@ -88,7 +104,10 @@ def main() -> None:
 
     overhead = flow_s / plain_s - 1
     report = "\n".join([
-        f"orchestration overhead: {args.episodes} episodes x {args.k} candidates, embedded default",
+        *header("Orchestration overhead: the plain loop vs the Prefect flow", __file__, argv, cfg),
+        "",
+        f"orchestration overhead: {args.episodes} episodes x {args.k} candidates, "
+        f"{'a tiny random teacher' if args.smoke else 'embedded default'}",
         "",
         "| run | seconds |",
         "|---|---:|",
@@ -100,8 +119,9 @@ def main() -> None:
         f"with start-up: {100 * ((flow_s + startup_s) / plain_s - 1):+.1f} %",
         "",
     ])
-    publish("orchestration_overhead.md", report)
+    out = publish(report, args.out / "orchestration_overhead.md")
     shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 if __name__ == "__main__":

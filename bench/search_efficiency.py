@@ -9,32 +9,33 @@ Same number of evaluated candidates for every controller, several seeds:
 Reports the best reward found (mean and spread over seeds) and the number of evaluations each
 controller needed to reach 95 % of the best reward known for the problem.
 
-Run:  .venv/bin/python bench/search_efficiency.py [--seeds 5] [--episodes 6] [--k 4] [--real]
+Run:  python -m bench.search_efficiency [--seeds 10] [--episodes 6] [--k 4] [--real]
+      python -m bench.search_efficiency --smoke [--real]   # 2 seeds x 2 x 2; --real on a tiny random teacher
 Writes runs/bench/search_efficiency.md.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from bench.common import RUNS_BENCH, ROOT, add_common_args, argv_of, header, out_folder, publish, smoke_config
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from kdnas_core.config import ControllerConfig, SearchConfig, SearchSpaceConfig, load_config  # noqa: E402
+from kdnas_core.config import (  # noqa: E402
+    ControllerConfig,
+    SearchConfig,
+    SearchSpaceConfig,
+    config_from_dict,
+    load_config,
+)
 from kdnas_core.controller import make_controller  # noqa: E402
 from kdnas_core.reward import reward  # noqa: E402
 from kdnas_core.search import run_search  # noqa: E402
 from kdnas_core.search_space import SearchSpace  # noqa: E402
 from kdnas_core.synthetic import additive_landscape  # noqa: E402
-from common import publish  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("lstm", "random", "evolution")
 
 
@@ -84,7 +85,11 @@ def real(args) -> str:
     from kdnas_core.reward import parse_budget
     from kdnas_core.search import budgets_in_ms
 
-    cfg = load_config(ROOT / "configs/default.yaml")
+    if args.smoke:
+        cfg = config_from_dict(smoke_config(args.out / "work"), "smoke")
+    else:
+        cfg = load_config(ROOT / "configs/default.yaml")
+    args.configs["(b)"] = cfg
     ws = Workspace.prepare(cfg)
     b, s = cfg.latency.reward_shape
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
@@ -102,27 +107,39 @@ def real(args) -> str:
     runs = compare(ws.space, evaluate, reward_fn, cfg.controller.model_copy(update={"epsilon_decay": 0.25}),
                    SearchConfig(episodes=args.real_episodes, candidates_per_episode=args.k), seeds)
     best = max(reward_fn(e.kd_loss, e.latency_ms) for e in cache.values())
-    return table(f"(b) real search, embedded default ({cfg.teacher.name}, {len(ws.space)} archs), "
+    where = "a tiny random teacher" if args.smoke else "embedded default"
+    return table(f"(b) real search, {where} ({cfg.teacher.name}, {len(ws.space)} archs), "
                  f"{args.real_episodes} x {args.k} evaluations, {args.real_seeds} seeds, "
                  f"{len(cache)} distinct archs distilled", runs, best)
 
 
-def main() -> None:
+# name: (default, --smoke default)
+SIZES = {"seeds": (10, 2), "episodes": (6, 2), "k": (4, 2), "real_seeds": (2, 1), "real_episodes": (3, 1)}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = argv_of(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=10)
-    p.add_argument("--episodes", type=int, default=6)
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--seeds", type=int, default=None, help="default 10")
+    p.add_argument("--episodes", type=int, default=None, help="default 6")
+    p.add_argument("--k", type=int, default=None, help="default 4")
     p.add_argument("--real", action="store_true", help="also run (b), a real search (tens of minutes)")
-    p.add_argument("--real-seeds", type=int, default=2)
-    p.add_argument("--real-episodes", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument("--real-seeds", type=int, default=None, help="default 2")
+    p.add_argument("--real-episodes", type=int, default=None, help="default 3")
+    add_common_args(p, RUNS_BENCH, "--real on a tiny random teacher")
+    args = p.parse_args(argv)
+    for k, (full, smoke) in SIZES.items():
+        if getattr(args, k) is None:
+            setattr(args, k, smoke if args.smoke else full)
+    args.out = out_folder(args.out, args.smoke, RUNS_BENCH)
+    args.configs = {}
     start = time.perf_counter()
-    parts = ["# Search efficiency", "", synthetic(args)]
+    parts = [synthetic(args)]
     if args.real:
         parts += ["", real(args)]
     parts += ["", f"total {time.perf_counter() - start:.0f} s"]
-    report = "\n".join(parts) + "\n"
-    publish("search_efficiency.md", report)
+    report = "\n".join([*header("Search efficiency", __file__, argv, args.configs or None), "", *parts]) + "\n"
+    return publish(report, args.out / "search_efficiency.md")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,21 @@
-"""bench/headline.py --smoke end to end on a tiny random teacher: correctness, not timing."""
+"""python -m bench.headline --smoke end to end on a tiny random teacher: correctness, not timing."""
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.runner import check_header, run_bench
+
+pytestmark = pytest.mark.bench
 
 
 def test_headline_smoke_writes_every_row(tmp_path):
-    spec = importlib.util.spec_from_file_location("headline", ROOT / "bench" / "headline.py")
-    headline = importlib.util.module_from_spec(spec)
-    sys.modules["headline"] = headline  # dataclasses look their module up while being defined
-    spec.loader.exec_module(headline)
-    md = headline.main(["--smoke", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
-                        "--cache-dir", str(tmp_path / "cache")])
+    argv = ["--smoke", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+            "--cache-dir", str(tmp_path / "cache")]
+    run_bench("headline", argv, tmp_path)
+    md = tmp_path / "out" / "headline-smoke.md"
+    check_header(md, "headline", argv)
     df = pd.read_csv(tmp_path / "out" / "headline-smoke.csv")
     kinds = set(df.kind)
     assert {"teacher", "off-the-shelf", "hand-picked", "kd-nas", "floor", "kd-nas int8", "inherited",
