@@ -161,9 +161,17 @@ def write_json(path: Path, data: Any, indent: int | None = 2) -> Path:
 def write_npy(path: Path, array) -> Path:
     import numpy as np
 
+    class _Chunks:
+        """Not a real file to numpy, so it writes in chunks through ``write``: its fast path
+        (``tofile``) reports a full disk as '... requested and ... written', without errno,
+        which read as an unexpected error instead of a full disk."""
+
+        def __init__(self, f):
+            self.write = f.write
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+            np.save(_Chunks(f), array, allow_pickle=False)
 
     return _write_atomically(path, write)
 

@@ -159,3 +159,13 @@ def test_a_destination_under_a_file_is_refused_without_creating_anything(tmp_pat
         check_can_write(tmp_path / "notes.txt" / "deeper" / "e.npy", "--output")
     check_can_write(tmp_path / "new" / "deeper" / "e.npy", "--output")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_arrays_written_in_chunks_read_back_the_same(tmp_path):
+    import numpy as np
+
+    from kdnas_core.atomic import write_npy
+
+    a = np.random.default_rng(0).standard_normal((3000, 7)).astype(np.float32)
+    np.testing.assert_array_equal(np.load(write_npy(tmp_path / "a.npy", a)), a)
+    np.testing.assert_array_equal(np.load(write_npy(tmp_path / "b.npy", a[:, ::2])), a[:, ::2])  # not contiguous

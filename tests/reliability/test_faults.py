@@ -253,3 +253,17 @@ def test_two_candidates_profiled_on_two_threads_take_turns_exporting(bert_teache
     assert root.level == level
     for report in reports:
         assert set(report.results) == {"ort-fp32", "ort-int8"} and report.median("ort-int8", 1, 16) > 0
+
+
+@pytest.mark.reliability
+def test_embeddings_on_a_full_disk_are_one_line_and_leave_nothing(tmp_path):
+    """numpy's fast path reported the full disk as '64000 requested and 16352 written' (no
+    errno): `kdnas embed --output e.npy` ended in 'unexpected OSError'."""
+    import numpy as np
+
+    from kdnas_core.atomic import DiskFullError, write_npy
+
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        with pytest.raises(DiskFullError, match=r"e.npy: no space left on the device for e.npy .*rerun the same command"):
+            write_npy(disk / "e.npy", np.ones((2000, 32), dtype=np.float32))
+        assert list(disk.iterdir()) == []
