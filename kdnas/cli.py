@@ -75,6 +75,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
             print(f"KD loss   held-out {r['initial_eval_loss']:.4f} -> {r['final_eval_loss']:.4f} (x{ratio:.2f})")
             parts = ", ".join(f"{k} {v:.4f}" for k, v in r["eval_parts"].items())
             print(f"          after: {parts}")
+            if r.get("best_step") is not None:
+                kept = "its inherited start (no check beat it)" if r["best_step"] == 0 else f"step {r['best_step']}"
+                early = ", stopped early" if r.get("stopped_early") else ""
+                print(f"          kept the state of {kept}: best of {len(r['eval_curve'])} held-out checks{early}")
         print(f"saved     {summary.path}")
         summary = summary.exported(cfg.latency)
     print(f"ONNX      {summary.onnx} (int8: {Path(summary.onnx_int8).name}); kdnas embed --model {summary.path}")

@@ -214,6 +214,18 @@ class TrainBudget(_Section):
     max_steps: int | None = Field(default=None, gt=0)
     # Overrides distill.lr: a short proxy run learns more with a larger step.
     lr: float | None = Field(default=None, gt=0)
+    # Every this many steps the held-out KD loss is measured, and the student ends as it was at
+    # its best check, the start (what it inherited) included: distillation can then not leave it
+    # worse on held-out texts than where it began. None: measured only at the start and the end.
+    eval_every: int | None = Field(default=None, gt=0)
+    # With eval_every: stop after this many checks in a row without a new best (None: never early).
+    patience: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _patience_needs_checks(self) -> TrainBudget:
+        if self.patience is not None and self.eval_every is None:
+            raise ValueError("patience counts held-out checks: set eval_every too")
+        return self
 
 
 class DistillConfig(_Section):
@@ -601,20 +613,32 @@ class KDNASConfig(_Section):
         values = {n: getattr(self, n) for n in names}
         payload = {n: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for n, v in values.items()}
         for dotted, default in ADDED_LATER.items():
-            section, _, name = dotted.partition(".")
-            if isinstance(payload.get(section), dict) and payload[section].get(name, default) == default:
-                payload[section].pop(name, None)
+            parent, name = _parent(payload, dotted)
+            if parent is not None and parent.get(name, default) == default:
+                parent.pop(name, None)
         for dotted in exclude:
-            section, _, name = dotted.partition(".")
-            if isinstance(payload.get(section), dict):
-                payload[section].pop(name, None)
+            parent, name = _parent(payload, dotted)
+            if parent is not None:
+                parent.pop(name, None)
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 
 
+def _parent(payload: dict, dotted: str) -> tuple[dict | None, str]:
+    """The dict holding the dotted field ``a.b.c`` in ``payload`` (None if there is none), and the
+    field's own name."""
+    *path, name = dotted.split(".")
+    node: Any = payload
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), name
+
+
 # Fields added after caches were keyed, with their defaults: left out of a hash while they hold
 # their default, so the searches and students of configs that do not use them stay valid.
-ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_targets": False, "data.mix": []}
+ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_targets": False, "data.mix": [],
+                               "distill.final.eval_every": None, "distill.final.patience": None,
+                               "distill.proxy.eval_every": None, "distill.proxy.patience": None}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

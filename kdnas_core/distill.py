@@ -13,6 +13,7 @@ embedding of a sentence-embedding teacher. Both are config.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -638,6 +639,12 @@ class DistillResult:
     eval_parts: dict[str, float] = field(default_factory=dict)
     # (step, training loss), thinned to at most 200 points for logging.
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    # With held-out checks (budget.eval_every): (step, held-out loss) of each check, step 0 the
+    # start; the step whose state the student ends with (0: what it inherited, no step improved
+    # it); whether patience ran out before the schedule's end.
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool = False
     # The learned map of the pooled student state into the teacher's pooled space (when the
     # pooled-cosine term is on): the student's teacher-space layer at export. Not serialised.
     pooled_projection: nn.Linear | None = field(default=None, repr=False, compare=False)
@@ -740,11 +747,28 @@ class _Trainer:
     sched: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     grad_clip: float
+    best: _Best | None = None  # with held-out checks: the best state so far
+    eval_every: int | None = None
+    patience: int | None = None
+    eval_states: TeacherStates | None = None
+    eval_batches: list[Batch] | None = None
 
     @property
     def modules(self) -> dict[str, nn.Module]:
         """The modules a checkpoint holds, by the names it stores them under."""
-        return {"student": self.student, "heads": self.loss_fn}
+        best = {} if self.best is None else {"best_student": self.best.student, "best_heads": self.best.heads}
+        return {"student": self.student, "heads": self.loss_fn, **best}
+
+    def check(self, run: _RunState) -> None:
+        """A held-out check at ``run.step``: a new best is kept, and patience is counted."""
+        loss = _evaluate(self.student, self.loss_fn, self.eval_states, self.eval_batches, self.capture)[0]
+        run.eval_curve.append([run.step, loss])
+        if loss < run.best_loss:
+            self.best.keep(self.student, self.loss_fn)
+            run.best_step, run.stale_checks = run.step, 0
+        else:
+            run.stale_checks += 1
+            run.stopped_early = self.patience is not None and run.stale_checks >= self.patience
 
     @property
     def main(self) -> bool:
@@ -761,10 +785,38 @@ class _RunState:
     tokens: int = 0
     seconds: float = 0.0
     initial_eval_loss: float | None = None
+    eval_curve: list[list] = field(default_factory=list)  # [step, held-out loss] of each check
+    best_step: int = 0
+    stale_checks: int = 0  # checks in a row without a new best
+    stopped_early: bool = False
+
+    @property
+    def best_loss(self) -> float:
+        return next(loss for step, loss in self.eval_curve if step == self.best_step)
 
     def info(self, total_steps: int) -> dict:
         return {"step": self.step, "total_steps": total_steps, "losses": self.losses, "tokens": self.tokens,
-                "seconds": self.seconds, "initial_eval_loss": self.initial_eval_loss}
+                "seconds": self.seconds, "initial_eval_loss": self.initial_eval_loss, "eval_curve": self.eval_curve,
+                "best_step": self.best_step, "stale_checks": self.stale_checks, "stopped_early": self.stopped_early}
+
+
+class _Best(nn.Module):
+    """Copies of the student and its projection heads as they were at the best held-out check
+    (a module, so a checkpoint saves and restores it with the rest)."""
+
+    def __init__(self, student: nn.Module, heads: nn.Module):
+        super().__init__()
+        self.student, self.heads = copy.deepcopy(student), copy.deepcopy(heads)
+
+    @torch.no_grad()
+    def keep(self, student: nn.Module, heads: nn.Module) -> None:
+        self.student.load_state_dict(student.state_dict())
+        self.heads.load_state_dict(heads.state_dict())
+
+    @torch.no_grad()
+    def restore(self, student: nn.Module, heads: nn.Module) -> None:
+        student.load_state_dict(self.student.state_dict())
+        heads.load_state_dict(self.heads.state_dict())
 
 
 def _check_targets(student: nn.Module, teacher_states: TeacherStates, batches: list[Batch],
@@ -841,11 +893,14 @@ def _resume(trainer: _Trainer, checkpoint: Path | None, checkpoint_every: int, e
                          f"{trainer.total_steps}; delete it to start over")
     if info:
         return _RunState(info.get("step", 0), list(info.get("losses", [])), info.get("tokens", 0),
-                         info.get("seconds", 0.0), info["initial_eval_loss"])
+                         info.get("seconds", 0.0), info["initial_eval_loss"], list(info.get("eval_curve", [])),
+                         info.get("best_step", 0), info.get("stale_checks", 0), info.get("stopped_early", False))
     if not eval_batches:
         return _RunState()
-    return _RunState(initial_eval_loss=_evaluate(trainer.student, trainer.loss_fn, eval_states, eval_batches,
-                                                 trainer.capture)[0])
+    initial = _evaluate(trainer.student, trainer.loss_fn, eval_states, eval_batches, trainer.capture)[0]
+    if trainer.best is not None:
+        trainer.best.keep(trainer.student, trainer.loss_fn)
+    return _RunState(initial_eval_loss=initial, eval_curve=[[0, initial]])
 
 
 def _train_step(trainer: _Trainer, batch: Batch) -> float:
@@ -880,7 +935,7 @@ def _train(trainer: _Trainer, run: _RunState, batches: list[Batch], seed: int,
     start = time.perf_counter() - run.seconds
     bar = Bar(trainer.total_steps, "distill", progress if trainer.main else False, "step", initial=run.step)
     try:
-        while run.step < trainer.total_steps:
+        while run.step < trainer.total_steps and not run.stopped_early:
             # Each epoch's batch order depends only on (seed, epoch): a resumed run continues
             # the same order from the middle of an epoch.
             epoch, pos = divmod(run.step, len(batches))
@@ -898,6 +953,10 @@ def _train(trainer: _Trainer, run: _RunState, batches: list[Batch], seed: int,
                 bar.update(1, loss=value)
                 if on_step is not None:
                     on_step(run.step, value, trainer.sched.get_last_lr()[0])
+                if trainer.best is not None and run.step % trainer.eval_every == 0 and run.step < trainer.total_steps:
+                    trainer.check(run)
+                    if run.stopped_early:
+                        break
                 if (checkpoint is not None and checkpoint_every > 0 and run.step % checkpoint_every == 0
                         and run.step < trainer.total_steps and trainer.main):
                     run.seconds = time.perf_counter() - start
@@ -920,6 +979,9 @@ def _result(run: _RunState, final: float | None, parts: dict[str, float]) -> Dis
         seconds=run.seconds,
         eval_parts=parts,
         loss_curve=[(i + 1, run.losses[i]) for i in range(0, len(run.losses), max(1, len(run.losses) // 200))],
+        eval_curve=[(int(step), float(loss)) for step, loss in run.eval_curve],
+        best_step=run.best_step if run.eval_curve else None,
+        stopped_early=run.stopped_early,
     )
 
 
@@ -957,10 +1019,21 @@ def distill(
     if init_heads is not None:  # before resuming: a checkpoint's heads replace these
         init_heads(trainer.loss_fn)
     eval_states = eval_states or teacher_states
+    if budget.eval_every and eval_batches:
+        trainer.best = _Best(student, trainer.loss_fn)
+        trainer.eval_every, trainer.patience = budget.eval_every, budget.patience
+        trainer.eval_states, trainer.eval_batches = eval_states, eval_batches
     run = _resume(trainer, checkpoint, checkpoint_every, eval_states, eval_batches)
     _train(trainer, run, batches, seed, on_step, progress, checkpoint, checkpoint_every)
     if eval_batches:
         final, parts = _evaluate(student, trainer.loss_fn, eval_states, eval_batches, trainer.capture)
+        if trainer.best is not None:
+            run.eval_curve.append([run.step, final])
+            if final < run.best_loss:
+                run.best_step = run.step
+            else:  # the end is no better than the best check (perhaps the start): back to it
+                trainer.best.restore(student, trainer.loss_fn)
+                final, parts = _evaluate(student, trainer.loss_fn, eval_states, eval_batches, trainer.capture)
     else:
         final, parts = None, {}
     trainer.capture.close()

@@ -189,13 +189,35 @@ def shown_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in cols if c in table.columns]
 
 
+def below_inherited(table: pd.DataFrame) -> dict[str, list[str]]:
+    """Per distilled student cut from the teacher, the tasks on which it scores below its own
+    inherited, undistilled start by more than their combined standard error: where distillation
+    took away what the student inherited."""
+    tasks = [t["task"] for t in table.attrs.get("tasks", [])]
+    rows = {(r["role"], r["arch"]): r for r in table.to_dict("records")}
+    out: dict[str, list[str]] = {}
+    for (role, arch), r in rows.items():
+        start = rows.get(("inherited", arch))
+        if role != "student" or start is None:
+            continue
+        worse = []
+        for t in tasks:
+            a, b = r.get(f"{t}.gap_closed"), start.get(f"{t}.gap_closed")
+            se = np.hypot(r.get(f"{t}.gap_closed_se") or 0.0, start.get(f"{t}.gap_closed_se") or 0.0)
+            if a is not None and b is not None and np.isfinite(a) and np.isfinite(b) and a < b - se:
+                worse.append(f"{t} ({a:.3f} vs {b:.3f} inherited)")
+        out[arch] = worse
+    return out
+
+
 def summary_lines(table: pd.DataFrame) -> list[str]:
-    """One line per student or baseline: its summary ± standard error, what the terminal shows."""
+    """One line per student or baseline: its summary ± standard error, what the terminal shows;
+    under a student that distillation left below its inherited start on some task, which."""
     n = len(table.attrs.get("tasks", []))
     rows = table[table.role.isin(["student", "inherited", "baseline"])].copy()
     for c in ("summary", "summary_se", "summary_pct_teacher", "dropin"):  # rows that went through JSON hold None
         rows[c] = pd.to_numeric(rows[c], errors="coerce") if c in rows.columns else np.nan
-    out = []
+    out, worse = [], below_inherited(table)
     for r in rows.itertuples():
         what = f"{r.model} ({r.role})" if r.role != "student" else r.model
         if np.isfinite(r.summary):
@@ -205,6 +227,8 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
                           if np.isfinite(r.dropin) else ""))
         else:
             out.append(f"{what}: summary undefined (the teacher does no better than the untrained floor)")
+        if r.role == "student" and worse.get(r.arch):
+            out.append(f"  below its inherited start on: {', '.join(worse[r.arch])}")
     return out
 
 

@@ -364,3 +364,44 @@ def test_translation_targets_put_a_translation_where_the_teacher_puts_its_source
         closeness[name] = torch.nn.functional.cosine_similarity(german_emb, teacher_en).mean().item()
     # measured: own 0.37, source 0.88
     assert closeness["source"] > 0.7 and closeness["source"] > closeness["own"] + 0.2, closeness
+
+
+# ---------------------------------------------------------------- held-out checks
+
+
+def _held_out(tiny_setup):
+    teacher, tokens, layers = tiny_setup
+    cache = CachedTeacherStates.build(teacher, tokens, layers, relation_layer=4, progress=False)
+    return teacher, cache, length_bucketed_batches(tokens, 8, seed=0), length_bucketed_batches(tokens, 16, seed=0,
+                                                                                               shuffle=False)
+
+
+def test_held_out_checks_keep_the_best_state_and_a_distillation_that_only_hurts_ends_where_it_began(tiny_setup):
+    teacher, cache, batches, held = _held_out(tiny_setup)
+    arch = StudentArch(2, 32, 4, 64)
+    good = build_student(arch, teacher, seed=1)
+    r = distill(good, cache, batches, CFG, TrainBudget(epochs=2, eval_every=3), eval_batches=held, seed=1,
+                progress=False)
+    assert r.best_step > 0 and r.final_eval_loss < r.initial_eval_loss
+    assert r.final_eval_loss == pytest.approx(min(loss for _, loss in r.eval_curve))
+    assert [s for s, _ in r.eval_curve] == [0, 3, 6, 9, 12]
+    # A learning rate that wrecks the student: every check is worse than the start, so the
+    # student ends as it began, bit for bit.
+    start = build_student(arch, teacher, seed=1)
+    wrecked = build_student(arch, teacher, seed=1)
+    bad = CFG.model_copy(update={"lr": 3.0})
+    r = distill(wrecked, cache, batches, bad, TrainBudget(epochs=2, eval_every=3), eval_batches=held, seed=1,
+                progress=False)
+    assert r.best_step == 0 and r.final_eval_loss == pytest.approx(r.initial_eval_loss, rel=1e-6)
+    for (name, a), (_, b) in zip(start.state_dict().items(), wrecked.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_patience_stops_a_distillation_that_stopped_improving(tiny_setup):
+    teacher, cache, batches, held = _held_out(tiny_setup)
+    bad = CFG.model_copy(update={"lr": 3.0})
+    r = distill(build_student(StudentArch(2, 32, 4, 64), teacher, seed=1), cache, batches, bad,
+                TrainBudget(epochs=4, eval_every=2, patience=2), eval_batches=held, seed=1, progress=False)
+    assert r.stopped_early and r.steps == 4 and r.best_step == 0  # two stale checks at steps 2 and 4
+    with pytest.raises(ValueError, match="patience counts held-out checks"):
+        TrainBudget(patience=2)

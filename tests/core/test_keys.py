@@ -57,7 +57,9 @@ ALSO = {"latency.reward_backend": {"latency.backends": ["ort-fp32", "ort-int8"]}
         "search_space.cap_to_teacher": {"student.init": "random"},
         "data.source_column": {"data.source": "csv"},
         "data.translation_targets": {"data.source": "messages"},
-        "data.mix": {"data.source": "mix"}}
+        "data.mix": {"data.source": "mix"},
+        "distill.proxy.patience": {"distill.proxy.eval_every": 10},
+        "distill.final.patience": {"distill.final.eval_every": 10}}
 
 
 def changed(field: str) -> KDNASConfig:
@@ -74,8 +76,11 @@ def changed(field: str) -> KDNASConfig:
             node = node[part]
         node[field.split(".")[-1]] = value
         for dotted, other in ALSO.get(field, {}).items():
-            section, name = dotted.split(".")
-            data[section][name] = other
+            *parents, name = dotted.split(".")
+            parent = data
+            for part in parents:
+                parent = parent[part]
+            parent[name] = other
         try:
             cfg = KDNASConfig.model_validate(data)
         except ValidationError:
@@ -145,10 +150,17 @@ def test_fields_added_later_leave_the_keys_of_configs_that_keep_their_defaults()
     from kdnas_core.config import ADDED_LATER
 
     cfg = KDNASConfig()
-    payload = {"data": cfg.data.model_dump(mode="json")}
+    payload = {"data": cfg.data.model_dump(mode="json"), "distill": cfg.distill.model_dump(mode="json")}
     for dotted in ADDED_LATER:
-        section, _, name = dotted.partition(".")
-        payload[section].pop(name)
-    before = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-    assert cfg.section_hash("data") == before
+        *parents, name = dotted.split(".")
+        node = payload
+        for part in parents:
+            node = node[part]
+        node.pop(name)
+    for section in payload:
+        before = hashlib.sha1(json.dumps({section: payload[section]}, sort_keys=True).encode()).hexdigest()[:12]
+        assert cfg.section_hash(section) == before
+    before = hashlib.sha1(json.dumps({"data": payload["data"]}, sort_keys=True).encode()).hexdigest()[:12]
     assert changed("data.translation_targets").section_hash("data") != before
+    before = hashlib.sha1(json.dumps({"distill": payload["distill"]}, sort_keys=True).encode()).hexdigest()[:12]
+    assert changed("distill.final.eval_every").section_hash("distill") != before

@@ -138,3 +138,20 @@ def test_every_floor_is_its_own_shape_with_every_weight_random(tiny_config, tmp_
     assert _gram_corr(inherited, t_words, rows) > 0.9  # what the old floor kept: the test can fail
     for floor in floors:
         assert abs(_gram_corr(floor.get_input_embeddings().weight.detach(), t_words, rows)) < 0.2
+
+
+def test_a_student_below_its_inherited_start_is_named_with_the_task():
+    import pandas as pd
+
+    from kdnas_core.student_eval import below_inherited, summary_lines
+
+    def row(role, model, a, b):  # gap closed on two tasks, each ± 0.02
+        return {"role": role, "arch": "L2-H64-A4-F64-gelu", "model": model, "summary": (a + b) / 2, "summary_se": 0.02,
+                "summary_pct_teacher": 0.9, "dropin": None, "t1.gap_closed": a, "t1.gap_closed_se": 0.02,
+                "t2.gap_closed": b, "t2.gap_closed_se": 0.02}
+
+    table = pd.DataFrame([row("student", "L2-H64-A4-F64-gelu", 0.50, 0.80),
+                          row("inherited", "L2-H64-A4-F64-gelu inherited", 0.70, 0.79)])
+    table.attrs["tasks"] = [{"task": "t1"}, {"task": "t2"}]
+    assert below_inherited(table) == {"L2-H64-A4-F64-gelu": ["t1 (0.500 vs 0.700 inherited)"]}  # t2: within SE
+    assert "  below its inherited start on: t1 (0.500 vs 0.700 inherited)" in summary_lines(table)
