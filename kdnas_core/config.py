@@ -251,6 +251,10 @@ class DistillConfig(_Section):
     # Keep cached teacher states as memory-mapped files under paths.cache_dir, so later runs
     # (and other processes) reuse them; False keeps them in RAM for this process only.
     cache_on_disk: bool = True
+    # The most one split's cached teacher states may take (GB; fp16, only the layers the loss
+    # maps, no padding: about tokens x mapped layers x teacher width x 2 bytes). Over it, "auto"
+    # runs the teacher live instead and "cache" is refused, both said before any work starts.
+    cache_max_gb: float = Field(default=20.0, gt=0)
     # Student dropout (hidden and attention) while distilling; None keeps BERT's 0.1.
     dropout: float | None = Field(default=None, ge=0, lt=1)
     # Where students train: "auto" is CUDA when torch sees a GPU, else the CPU.
@@ -638,7 +642,8 @@ def _parent(payload: dict, dotted: str) -> tuple[dict | None, str]:
 # their default, so the searches and students of configs that do not use them stay valid.
 ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_targets": False, "data.mix": [],
                                "distill.final.eval_every": None, "distill.final.patience": None,
-                               "distill.proxy.eval_every": None, "distill.proxy.patience": None}
+                               "distill.proxy.eval_every": None, "distill.proxy.patience": None,
+                               "distill.cache_max_gb": 20.0}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

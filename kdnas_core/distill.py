@@ -43,8 +43,9 @@ from kdnas_core.atomic import (
     partial_dir,
     remove_stale_partials,
     sha256_file,
+    write_npy,
 )
-from kdnas_core.errors import KdnasError
+from kdnas_core.errors import ConfigError, KdnasError
 from kdnas_core.sentence import pool
 from kdnas_core.seeding import seed_torch
 from kdnas_core.teachers import Teacher, find_qkv
@@ -86,9 +87,11 @@ def teacher_layers_needed(
     """Union of teacher states that students with any of ``student_layers`` layers need, so one
     cache serves a whole search space."""
     need: set[int] = set()
-    for n in student_layers:
+    for n in student_layers if weights.hidden_mse > 0 else ():  # only the hidden-state term maps layers
         for targets in layer_mapping(n, n_teacher, strategy):
             need.update(targets)
+    if weights.attention_relation > 0:
+        need.add(n_teacher)  # the relation layer's states ride along with its Q/K/V
     if weights.pooled_cosine > 0:
         need.add(n_teacher)
     return tuple(sorted(need))
@@ -118,11 +121,14 @@ class Targets:
     # [B, d] the teacher's pooled embedding of the source, used where has_source [B] is true.
     source_pooled: torch.Tensor | None = None
     has_source: torch.Tensor | None = None
+    # [B, d] the teacher's pooled embedding of each text itself, when the states were reduced to
+    # it (PooledTeacherStates): then ``states`` is empty.
+    pooled: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Targets:
         move = lambda x: x.to(device) if x is not None else None  # noqa: E731
         return Targets({k: v.to(device) for k, v in self.states.items()}, move(self.qkv), move(self.source_pooled),
-                       move(self.has_source))
+                       move(self.has_source), move(self.pooled))
 
 
 class SharedStates(Protocol):
@@ -280,6 +286,56 @@ def source_embeddings(teacher: Teacher, texts: list[str], sources: dict[str, str
         if t in sources:
             out[i] = pooled[row[sources[t]]]
     return out, has
+
+
+def pooled_only(weights: LossWeights) -> bool:
+    """Whether the loss reads nothing but each text's pooled teacher embedding."""
+    return weights.pooled_cosine > 0 and weights.hidden_mse == 0 and weights.attention_relation == 0
+
+
+class PooledTeacherStates:
+    """Teacher targets reduced to what the pooled term alone needs: each text's pooled embedding,
+    a vector a text rather than a vector a token and layer (for mpnet-base at 30 tokens a text,
+    1.5 KB a text in fp16 against 46 KB for the 6 layers an L3 student maps), computed in one
+    teacher pass and kept as one fp16 ``.npy`` file under the cache folder."""
+
+    relation_layer = None
+    stats = None
+
+    def __init__(self, pooled: torch.Tensor, n_layers: int, path: Path | None = None):
+        self.pooled, self.n_layers, self.hidden = pooled, n_layers, pooled.shape[1]
+        self.layers = (n_layers,)
+        self.path = path
+
+    def nbytes(self) -> int:
+        return self.pooled.numel() * 2
+
+    def targets(self, batch: Batch) -> Targets:
+        return Targets({}, pooled=self.pooled[batch.index])
+
+    @classmethod
+    def build(cls, teacher: Teacher, tokens: TokenizedTexts, pooling: str, cache_root: Path | None,
+              batch_size: int = 64, progress: Progress = True) -> PooledTeacherStates:
+        key = hashlib.sha1(json.dumps([teacher.fingerprint, tokens.fingerprint, "pooled", pooling]).encode()).hexdigest()
+        path = cache_root / f"pooled-{key[:16]}.npy" if cache_root is not None else None
+        if path is not None and path.is_file():
+            try:
+                array = np.load(path, allow_pickle=False)
+                if array.shape == (len(tokens), teacher.hidden):
+                    return cls(torch.from_numpy(array.astype(np.float32)), teacher.num_layers, path)
+            except (OSError, ValueError) as err:
+                warnings.warn(f"teacher-state cache {path} is unusable ({err}); rebuilding it")
+        pooled = torch.empty(len(tokens), teacher.hidden)
+        with torch.no_grad():
+            for b in track(length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False),
+                           f"teacher embeddings {key[:8]}", progress, "batch"):
+                last = teacher.hidden_states(b.input_ids, b.attention_mask)[teacher.num_layers]
+                pooled[b.index] = pool(last.float(), b.attention_mask, pooling)
+        pooled = pooled.half().float()  # as stored: a run from the file trains exactly as this one
+        if path is not None:
+            check_free_space(cache_root, pooled.numel() * 2, _CACHE_SETTING)
+            write_npy(path, pooled.numpy().astype(np.float16))
+        return cls(pooled, teacher.num_layers, path)
 
 
 class CachedTeacherStates:
@@ -607,9 +663,9 @@ class HiddenStateDistillLoss(nn.Module):
             parts["hidden_mse"] = torch.stack(per_layer).mean()
             total = total + self.weights.hidden_mse * parts["hidden_mse"]
         if self.pool_proj is not None:
-            last_t = targets.states[max(targets.states)]
             s_pool = self.pool_proj(pool(student_states[-1], mask, self.pooling))
-            t_pool = pool(last_t, mask, self.pooling)
+            t_pool = targets.pooled if targets.pooled is not None else pool(targets.states[max(targets.states)], mask,
+                                                                            self.pooling)
             if targets.has_source is not None:
                 t_pool = torch.where(targets.has_source.unsqueeze(-1), targets.source_pooled, t_pool)
             parts["pooled_cosine"] = (1 - F.cosine_similarity(s_pool, t_pool, dim=-1)).sum() / n_texts
@@ -825,7 +881,7 @@ def _check_targets(student: nn.Module, teacher_states: TeacherStates, batches: l
     if not batches:
         raise KdnasError("distill: no training batches (is the split empty?)")
     mapping = layer_mapping(student.config.num_hidden_layers, teacher_states.n_layers, cfg.mapping)
-    missing = {l for m in mapping for l in m} - set(teacher_states.layers)
+    missing = {l for m in mapping for l in m} - set(teacher_states.layers) if cfg.weights.hidden_mse > 0 else set()
     if cfg.weights.pooled_cosine > 0:
         missing |= {teacher_states.n_layers} - set(teacher_states.layers)
     if missing:
@@ -864,8 +920,8 @@ def _set_up(student: nn.Module, teacher_states: TeacherStates, cfg: DistillConfi
     student.to(device)
     # Seeds the heads' initialisation here and dropout during training.
     seed_torch(seed)
-    stats = teacher_states.stats if cfg.standardize_targets else None
-    if cfg.standardize_targets and stats is None:
+    stats = teacher_states.stats if cfg.standardize_targets and cfg.weights.hidden_mse > 0 else None
+    if cfg.standardize_targets and cfg.weights.hidden_mse > 0 and stats is None:
         raise KdnasError("distill.standardize_targets needs teacher-state statistics")
     loss_fn = HiddenStateDistillLoss(
         student.config.hidden_size, teacher_states.hidden, mapping, cfg.weights, stats, cfg.relation_heads, pooling
@@ -1044,6 +1100,27 @@ def distill(
     return result
 
 
+def cache_bytes(n_tokens: int, layers: tuple[int, ...], hidden: int, relation_layer: int | None) -> int:
+    """What cached teacher states of ``n_tokens`` tokens take on disk: fp16, one row per token."""
+    return n_tokens * sum(_array_widths(tuple(layers), hidden, relation_layer).values()) * 2
+
+
+def cache_plan(cfg: DistillConfig, passes: float, n_tokens: int, layers: tuple[int, ...], hidden: int,
+               relation_layer: int | None) -> tuple[bool, str | None]:
+    """Whether to cache the teacher's states for texts seen ``passes`` times, and a one-line
+    notice when "auto" runs the teacher live because the cache would pass distill.cache_max_gb.
+    A forced cache over the bound is a ConfigError (the line says needed vs allowed)."""
+    wanted = cfg.teacher_states == "cache" or (cfg.teacher_states == "auto" and passes > 1)
+    need = cache_bytes(n_tokens, layers, hidden, relation_layer) / 1e9
+    if not wanted or need <= cfg.cache_max_gb:
+        return wanted, None
+    what = (f"teacher states of {n_tokens:,} tokens x {len(layers)} layers x {hidden} need {need:.1f} GB, more "
+            f"than distill.cache_max_gb = {cfg.cache_max_gb:g}")
+    if cfg.teacher_states == "cache":
+        raise ConfigError(f"{what}; raise it, or set distill.teacher_states: live (or auto)")
+    return False, f"{what}: the teacher runs live on every batch instead"
+
+
 def make_teacher_states(
     teacher: Teacher,
     tokens: TokenizedTexts,
@@ -1054,10 +1131,19 @@ def make_teacher_states(
     stats_batches: list[Batch] | None = None,
     progress: Progress = True,
     shared: SharedStates | None = None,
+    pooling: str = "mean",
 ) -> TeacherStates:
-    """Cached states when the texts are seen more than once (or when asked), live otherwise."""
+    """Cached states when the texts are seen more than once (or when asked) and fit
+    distill.cache_max_gb, live otherwise; only each text's pooled embedding when that is all the
+    loss reads."""
+    if pooled_only(cfg.weights):
+        return PooledTeacherStates.build(teacher, tokens, pooling, cache_root if cfg.cache_on_disk else None,
+                                         progress=progress)
     relation_layer = teacher.num_layers if cfg.weights.attention_relation > 0 else None
-    use_cache = cfg.teacher_states == "cache" or (cfg.teacher_states == "auto" and passes > 1)
+    use_cache, notice = cache_plan(cfg, passes, sum(tokens.lengths), tuple(sorted(set(layers))), teacher.hidden,
+                                   relation_layer)
+    if notice:
+        warnings.warn(notice)
     if use_cache:
         root = cache_root if cfg.cache_on_disk else None
         return CachedTeacherStates.build(teacher, tokens, layers, relation_layer, root, progress=progress,

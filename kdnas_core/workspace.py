@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from kdnas_core.atomic import write_json
+from kdnas_core.atomic import check_free_space, write_json
 from kdnas_core.config import KDNASConfig, TrainBudget
 from kdnas_core.data import (
     Batch,
@@ -29,7 +29,10 @@ from kdnas_core.distill import (
     SharedStates,
     SourceTargets,
     TeacherStates,
+    cache_bytes,
+    cache_plan,
     make_teacher_states,
+    pooled_only,
     source_embeddings,
     teacher_layers_needed,
 )
@@ -97,7 +100,30 @@ class Workspace:
         if cfg.student.vocab == "corpus" and extra and not Path(extra).expanduser().is_file():
             raise ConfigError(f"student.vocab_texts = {extra!r}: no such file")
         self.space  # noqa: B018 - a search space the teacher leaves empty fails here, before any timing
+        self.check_state_room()
         return self
+
+    def check_state_room(self) -> None:
+        """The final distillation's teacher states, planned now rather than after the search:
+        over distill.cache_max_gb they will run live (said once, here), a forced cache over it is
+        refused, and a cache that the disk cannot hold fails in one line (needed vs free)."""
+        d = self.cfg.distill
+        if pooled_only(d.weights):  # a vector a text: nothing to plan
+            return
+        passes = d.final.epochs if not d.final.max_steps else min(d.final.epochs, d.final.max_steps / max(
+            1, math.ceil(len(self.splits.train) / self.cfg.data.batch_size)))
+        relation = self.teacher.num_layers if d.weights.attention_relation > 0 else None
+        n_tokens = sum(self.tokens("train").lengths)
+        # The deepest student maps the most teacher layers: the largest cache one student needs.
+        layers = max((self.layers_for([n]) for n in self.space.layers), key=len)
+        use, notice = cache_plan(d, math.ceil(passes), n_tokens, layers, self.teacher.hidden, relation)
+        if notice:
+            warnings.warn(notice)
+        root = self.state_cache_root
+        built = (root / CachedTeacherStates.cache_key(self.teacher, self.tokens("train"), layers, relation)).exists()
+        if use and d.cache_on_disk and not built:  # (free space is read on the nearest existing parent)
+            check_free_space(root, cache_bytes(n_tokens, layers, self.teacher.hidden, relation),
+                             "the final distillation's teacher states (distill.cache_max_gb)")
 
     def check_tasks(self) -> Workspace:
         """Read the downstream tasks now, when a search starts: a task that cannot be read fails
@@ -156,6 +182,7 @@ class Workspace:
         states = make_teacher_states(
             self.teacher, self.tokens(split), layers, self.cfg.distill,
             self.state_cache_root, math.ceil(passes), stats_batches, progress, self.shared_states,
+            self.teacher.head.pooling,
         )
         return self._with_sources(split, states, progress)
 

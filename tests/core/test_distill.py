@@ -405,3 +405,29 @@ def test_patience_stops_a_distillation_that_stopped_improving(tiny_setup):
     assert r.stopped_early and r.steps == 4 and r.best_step == 0  # two stale checks at steps 2 and 4
     with pytest.raises(ValueError, match="patience counts held-out checks"):
         TrainBudget(patience=2)
+
+
+def test_a_pooled_only_loss_trains_on_a_vector_a_text_as_it_would_on_the_cached_states(tiny_setup, tmp_path):
+    """The pooled term alone needs each text's pooled embedding, not every token's states: the
+    same distillation from either ends at the same loss, and the stored targets are a row a text."""
+    from kdnas_core.distill import PooledTeacherStates, pooled_only
+
+    teacher, tokens, _ = tiny_setup
+    pooled_cfg = DistillConfig(lr=1e-3, weights=LossWeights(hidden_mse=0, pooled_cosine=1))
+    assert pooled_only(pooled_cfg.weights) and not pooled_only(CFG.weights)
+    assert teacher_layers_needed([2, 3], 4, "uniform+last", pooled_cfg.weights) == (4,)
+    full = CachedTeacherStates.build(teacher, tokens, (4,), progress=False)
+    small = PooledTeacherStates.build(teacher, tokens, "mean", tmp_path, progress=False)
+    assert small.pooled.shape == (len(tokens), 64) and small.nbytes() * 10 < full.nbytes()
+    assert (tmp_path / small.path.name).is_file()
+    again = PooledTeacherStates.build(teacher, tokens, "mean", tmp_path, progress=False)  # from disk: no teacher
+    torch.testing.assert_close(again.pooled, small.pooled)
+    batches = length_bucketed_batches(tokens, 8, seed=0)
+    results = []
+    for states in (full, small):
+        student = build_student(StudentArch(2, 32, 4, 64), teacher, seed=1)
+        results.append(distill(student, states, batches, pooled_cfg, TrainBudget(max_steps=6), eval_batches=batches,
+                               seed=1, progress=False))
+    a, b = results
+    assert b.final_eval_loss < b.initial_eval_loss
+    assert b.final_eval_loss == pytest.approx(a.final_eval_loss, rel=2e-2)  # fp16 rounding of the targets

@@ -166,3 +166,42 @@ def test_translation_targets_reach_every_split_a_distillation_reads(tmp_path, to
         with torch.no_grad():
             want = teacher.hidden_states(enc["input_ids"], enc["attention_mask"])[-1].mean(1)[0]
         torch.testing.assert_close(t.source_pooled[i], want, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_plan_keeps_teacher_states_within_the_bound():
+    from kdnas_core.distill import cache_bytes, cache_plan
+    from kdnas_core.errors import ConfigError
+
+    assert cache_bytes(1000, (0, 3, 6), 768, None) == 1000 * 3 * 768 * 2
+    auto = DistillConfig(cache_max_gb=1)
+    assert cache_plan(auto, 2, 100_000, (0, 6, 12), 768, None) == (True, None)  # 0.46 GB
+    assert cache_plan(auto, 1, 10**9, (0, 6, 12), 768, None) == (False, None)  # seen once: live anyway
+    use, notice = cache_plan(auto, 2, 10**6, (0, 6, 12), 768, None)  # 4.6 GB
+    assert not use and "need 4.6 GB, more than distill.cache_max_gb = 1" in notice and "live" in notice
+    with pytest.raises(ConfigError, match="need 4.6 GB, more than distill.cache_max_gb = 1; raise it"):
+        cache_plan(DistillConfig(cache_max_gb=1, teacher_states="cache"), 1, 10**6, (0, 6, 12), 768, None)
+
+
+def test_the_final_distillations_states_are_planned_before_any_work(tiny_config, monkeypatch):
+    """Over the bound or the free disk, the one line comes when the search starts, not after it."""
+    import yaml
+
+    from kdnas_core import atomic
+    from kdnas_core.atomic import DiskFullError
+    from kdnas_core.errors import ConfigError
+
+    raw = yaml.safe_load(tiny_config.read_text())
+    raw["distill"] = {**raw.get("distill", {}), "final": {"epochs": 2}}
+
+    def workspace(**distill):
+        return Workspace.prepare(config_from_dict({**raw, "distill": {**raw["distill"], **distill}}))
+
+    with pytest.raises(ConfigError, match="more than distill.cache_max_gb = 1e-06; raise it"):
+        workspace(cache_max_gb=1e-6, teacher_states="cache").validate()
+    with pytest.warns(UserWarning, match="the teacher runs live on every batch instead"):
+        workspace(cache_max_gb=1e-6).validate()
+    monkeypatch.setattr(atomic, "_free_mb", lambda path: 0.001)
+    ws = workspace()
+    with pytest.raises(DiskFullError, match="final distillation's teacher states .* MB needed"):
+        ws.validate()
+    assert not ws.state_cache_root.exists()  # nothing written
