@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -265,16 +266,30 @@ class LatencyReport:
         )
 
 
+_THREADS_LOCK = threading.Lock()
+_threads_users = 0
+_threads_before: int | None = None
+
+
+@contextmanager
 def _torch_threads(n: int):
-    class _Ctx:
-        def __enter__(self):
-            self.old = torch.get_num_threads()
-            torch.set_num_threads(n)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.old)
-
-    return _Ctx()
+    """torch's thread count set to ``n`` while any caller is inside. The count is one setting
+    for the whole process: each caller restoring what it saw on entry left it at ``n`` for good
+    when two candidates were timed on two threads (search.max_parallel), so the first caller in
+    saves it and the last one out restores it."""
+    global _threads_users, _threads_before
+    with _THREADS_LOCK:
+        if _threads_users == 0:
+            _threads_before = torch.get_num_threads()
+        _threads_users += 1
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_before)
 
 
 def profile_model(model: nn.Module, cfg: LatencyConfig, workdir: Path | None = None,

@@ -175,3 +175,36 @@ def test_measure_uses_the_given_timer():
     seq = iter([0.010, 0.011, 0.009, 0.010])
     stats = measure(lambda: None, warmup=2, runs=4, cv_threshold=0.5, max_attempts=3, timer=lambda fn: (fn(), next(seq))[1])
     assert stats.attempts == 1 and stats.median_ms == pytest.approx(10.0) and stats.min_ms == pytest.approx(9.0)
+
+
+def test_two_threads_timing_with_torch_leave_its_thread_count_as_it_was():
+    """Each caller restored what it saw on entry, so two overlapping callers (the first in, then
+    out first) left torch at 1 thread for the rest of the process."""
+    import threading
+
+    import torch
+
+    from kdnas_core.latency import _torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    entered = [threading.Event(), threading.Event()]
+    leave = [threading.Event(), threading.Event()]
+
+    def time_one(k):
+        with _torch_threads(1):
+            entered[k].set()
+            leave[k].wait()
+
+    workers = [threading.Thread(target=time_one, args=(k,)) for k in range(2)]
+    try:
+        workers[0].start()
+        entered[0].wait()
+        workers[1].start()
+        entered[1].wait()
+        for k in range(2):  # the first in leaves first
+            leave[k].set()
+            workers[k].join()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
