@@ -83,7 +83,10 @@ def report() -> int:
             # After a live progress bar the cursor sits at the end of its line: without the
             # newline the message would be glued to the bar ("...loss=0.64]kdnas: interrupted").
             try:
-                print(("\n" if _bar_on_line else "") + MESSAGE, file=sys.stderr, flush=True)
+                # Not print(): inside a flow run with log_prints Prefect's print sends even
+                # print(file=sys.stderr) to the run logger, muted by then.
+                sys.stderr.write(("\n" if _bar_on_line else "") + MESSAGE + "\n")
+                sys.stderr.flush()
             except (OSError, ValueError):  # a hung-up terminal (EIO) or a closed stderr: the exit code says it
                 pass
     return exit_code()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -36,6 +37,9 @@ def main():
             bar = tqdm(total=100, desc="distill", mininterval=0)
             bar.update(10)
         print("ready", flush=True)
+        if "print-patched" in sys.argv:  # as Prefect's log_prints does in a run: print becomes a log record
+            import builtins
+            builtins.print = lambda *args, **kwargs: None
         time.sleep(60)
         return 0
     return handled.exit_code
@@ -97,6 +101,31 @@ def test_sighup_ignored_at_start_stays_ignored():
         proc.wait()
 
 
+@pytest.mark.skipif(not hasattr(os, "forkpty"), reason="needs a pseudo-terminal")
+def test_a_closed_terminal_exits_129_though_nothing_can_be_written():
+    """Closing the terminal hangs it up: SIGHUP arrives to the session, and every write to the
+    terminal, the message included, fails (EIO). That failure must not replace the exit code."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session leader whose controlling terminal is the pty
+        sigint_default()
+        os.execve(sys.executable, [sys.executable, "-c", SCRIPT], {**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        seen = b""
+        while b"ready\r\n" not in seen:
+            seen += os.read(terminal, 1024)
+        time.sleep(0.3)  # the child is asleep, past its last write
+    finally:
+        os.close(terminal)
+    deadline = time.monotonic() + 20
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("still running 20 s after its terminal closed")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 129
+
+
 def test_a_busy_thread_cannot_hold_the_process_past_the_deadline():
     rc, took, err = run_and_interrupt("busy-thread")
     assert (rc, err) == (130, interrupt.MESSAGE + "\n")
@@ -106,6 +135,13 @@ def test_a_busy_thread_cannot_hold_the_process_past_the_deadline():
 def test_a_second_ctrl_c_stops_at_once():
     rc, took, err = run_and_interrupt("busy-thread", signals=2)
     assert (rc, err) == (130, interrupt.MESSAGE + "\n") and took < 2
+
+
+def test_a_second_signal_inside_a_prefect_run_still_prints_the_line():
+    """Inside a flow run with log_prints, Prefect's print sends even print(file=sys.stderr) to the
+    run logger, which the first signal muted: the line must not go through print."""
+    rc, took, err = run_and_interrupt("busy-thread", "print-patched", signals=2, sig=signal.SIGTERM)
+    assert (rc, err) == (143, interrupt.MESSAGE + "\n") and took < 2
 
 
 def test_the_line_after_a_progress_bar_starts_a_line_of_its_own():
