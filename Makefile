@@ -44,8 +44,9 @@ distill: install
 test: install
 	$(BIN)/python -m pytest -q -m "not reliability and not bench"
 
-# kill -9 at every phase of a search (plain loop and Prefect flow), concurrent searches, a 60 s
-# S3 outage, an MLflow server stopped mid-search, Ctrl-C during a search (~11 minutes).
+# Everything under tests/reliability (the folder sets the marker, tests/conftest.py): bad input,
+# faults tried on purpose, security, kill -9 at every phase of a search (plain loop and Prefect
+# flow), concurrent searches, a 60 s S3 outage, an MLflow server stopped mid-search, signals.
 test-reliability: install
 	$(BIN)/python -m pytest -q -m reliability tests/reliability
 

@@ -778,12 +778,15 @@ class DataParallel:
         """All-reduce every gradient and the loss share in one flat buffer; returns the loss of
         the whole batch."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+        # Which parameters got a gradient anywhere: one the loss never reaches (the pooler) must
+        # stay without one, as in a single process, or AdamW would decay it there and not here.
+        has = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [has, loss.detach().reshape(1).to(grads[0].dtype)])
         self.dist.all_reduce(flat)
-        offset = 0
-        for p, g in zip(params, grads):
+        offset, reached = 0, flat[-1 - len(params):-1]
+        for i, (p, g) in enumerate(zip(params, grads)):
             n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
+            p.grad = flat[offset : offset + n].view_as(p).clone() if reached[i] > 0 else None
             offset += n
         return float(flat[-1])
 

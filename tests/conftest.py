@@ -182,3 +182,20 @@ def sigint_default() -> None:
     leaves so."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+
+
+FOLDER_MARKERS = {"reliability": "reliability", "bench": "bench"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test's folder decides its target: everything under tests/reliability is `reliability`
+    (make test-reliability) and everything under tests/bench is `bench` (make test-bench), so
+    `make test` never runs what those targets run, whatever marks a file sets itself."""
+    root = Path(__file__).parent
+    for item in items:
+        try:
+            first = Path(str(item.fspath)).relative_to(root).parts[0]
+        except ValueError:
+            continue
+        if first in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[first])

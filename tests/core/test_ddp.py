@@ -51,12 +51,17 @@ def assert_same_training(w1: dict, w2: dict, w0: dict, lr: float, steps: int) ->
     assert w1.keys() == w2.keys()
     for name in w1:
         d1, d2 = w1[name] - w0[name], w2[name] - w0[name]
+        assert float(np.abs(d2 - d1).max()) <= 2 * lr * steps * 1.01, name
         if not np.any(d1):  # never trained (e.g. token-type embeddings of an unused type)
             np.testing.assert_array_equal(w2[name], w1[name], err_msg=name)
             continue
+        if name.endswith("attention.self.key.bias"):
+            # Softmax is blind to the key bias (it adds one constant to all of a query's scores),
+            # so its gradient is pure rounding, which Adam scales up to lr-sized steps: two sums
+            # of it share nothing but the bound above.
+            continue
         gap = float(np.linalg.norm(d2 - d1)) / float(np.linalg.norm(d1))
         assert gap < 1e-2, f"{name}: updates differ by {gap:.2e} of their size"
-        assert float(np.abs(d2 - d1).max()) <= 2 * lr * steps * 1.01, name
 
 
 def test_two_processes_match_one_process(tiny_config):
