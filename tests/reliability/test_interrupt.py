@@ -208,64 +208,30 @@ def record(name: str, stops: list[dict]) -> None:
     path.write_text(json.dumps(report, indent=2))
 
 
-def test_ctrl_c_stops_the_prefect_flow_at_once_and_the_rerun_resumes(root, tmp_path):
-    config, out = small_config(root, "flow"), root / "flow"
+# Ctrl-C reaches the whole foreground process group. SIGTERM goes to the command alone, as `kill
+# <pid>` or a service manager sends it, during a proxy distillation; SIGHUP to its whole process
+# group, as a closing terminal does, during the final one.
+CTRL_C = [(signal.SIGINT, True, 130)] * 2
+OTHER_SIGNALS = [(signal.SIGTERM, False, 143), (signal.SIGHUP, True, 129)]
+
+
+def stop_flow_twice_then_resume(root: Path, tmp_path: Path, name: str, signals: list) -> None:
+    """The Prefect path stopped in two phases by ``signals`` ((signal, to the group, exit code)
+    each): each stop is clean and leaves the flow runs marked while the API was up (a signal to
+    the group does not reach the server); the rerun resumes and completes."""
+    config, out = small_config(root, name), root / name
     home = tmp_path / "prefect-home"
     # tracking on (the local MLflow store under the output folder), as a plain `kdnas search`
     env = {**{k: v for k, v in ENV.items() if k != "MLFLOW_TRACKING_URI"}, "PREFECT_HOME": str(home)}
     stops = []
-    for i, (label, trigger) in enumerate(phases(prefect=True)):
-        stop = interrupt_during(config, out, trigger, True, env, tmp_path / f"flow-{i}.err")
-        stops.append({"aimed_at": label, **stop})
-        check_stop(stop, label)
-        runs = flow_runs(home)
-        # the search's run, and from the second stop on the final-distill subflow's, not Running
-        stopped = [state for name, state in runs if name == "kdnas"][i:] + \
-            [state for name, state in runs if name == "final-distill"]
-        assert len(stopped) == i + 1 and set(stopped) <= {"CRASHED", "CANCELLED"}, (label, runs)
-    assert [s["last_event"] for s in stops] == ["evaluation-start", "final-start"], stops
-
-    rerun = subprocess.run(command(config, prefect=True), check=False, cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    check_resumed(out, expected_candidates=2)
-    assert [state for _, state in flow_runs(home)][-2:] == ["COMPLETED", "COMPLETED"]
-    record("prefect", stops)
-
-
-def test_ctrl_c_stops_the_plain_search_at_once_and_the_rerun_resumes(root, tmp_path):
-    config, out = small_config(root, "plain"), root / "plain"
-    stops = []
-    for i, (label, trigger) in enumerate(phases(prefect=False)):
-        stop = interrupt_during(config, out, trigger, False, ENV, tmp_path / f"plain-{i}.err")
-        stops.append({"aimed_at": label, **stop})
-        check_stop(stop, label)
-    assert [s["last_event"] for s in stops] == ["proxy-distill", "final-start"], stops
-
-    rerun = subprocess.run(command(config), check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    check_resumed(out, expected_candidates=2)
-    record("plain", stops)
-
-
-# SIGTERM to the command alone, as `kill <pid>` or a service manager sends it, during a proxy
-# distillation; SIGHUP to its whole process group, as a closing terminal does, during the final one.
-OTHER_SIGNALS = [(signal.SIGTERM, False, 143), (signal.SIGHUP, True, 129)]
-
-
-def test_sigterm_and_sighup_stop_the_prefect_flow_and_its_server_and_the_rerun_resumes(root, tmp_path):
-    config, out = small_config(root, "flow-term"), root / "flow-term"
-    home = tmp_path / "prefect-home"
-    env = {**{k: v for k, v in ENV.items() if k != "MLFLOW_TRACKING_URI"}, "PREFECT_HOME": str(home)}
-    stops = []
-    for i, ((label, trigger), (sig, group, code)) in enumerate(zip(phases(prefect=True), OTHER_SIGNALS)):
+    for i, ((label, trigger), (sig, group, code)) in enumerate(zip(phases(prefect=True), signals)):
         stop = interrupt_during(config, out, trigger, True, env, tmp_path / f"flow-{i}.err", sig, group)
         stops.append({"signal": sig.name, "aimed_at": label, **stop})
         check_stop(stop, f"{sig.name} during {label}", code)
         runs = flow_runs(home)
-        # marked while the API was up: SIGHUP to the group did not reach the server
-        stopped = [state for name, state in runs if name == "kdnas"][i:] + \
-            [state for name, state in runs if name == "final-distill"]
+        # the search's run, and from the second stop on the final-distill subflow's, not Running
+        stopped = [state for n, state in runs if n == "kdnas"][i:] + \
+            [state for n, state in runs if n == "final-distill"]
         assert len(stopped) == i + 1 and set(stopped) <= {"CRASHED", "CANCELLED"}, (label, runs)
     assert [s["last_event"] for s in stops] == ["evaluation-start", "final-start"], stops
 
@@ -274,13 +240,14 @@ def test_sigterm_and_sighup_stop_the_prefect_flow_and_its_server_and_the_rerun_r
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     check_resumed(out, expected_candidates=2)
     assert [state for _, state in flow_runs(home)][-2:] == ["COMPLETED", "COMPLETED"]
-    record("prefect-sigterm-sighup", stops)
+    record(name, stops)
 
 
-def test_sigterm_and_sighup_stop_the_plain_search_and_the_rerun_resumes(root, tmp_path):
-    config, out = small_config(root, "plain-term"), root / "plain-term"
+def stop_plain_twice_then_resume(root: Path, tmp_path: Path, name: str, signals: list) -> None:
+    """The plain loop stopped in two phases by ``signals``; the rerun resumes and completes."""
+    config, out = small_config(root, name), root / name
     stops = []
-    for i, ((label, trigger), (sig, group, code)) in enumerate(zip(phases(prefect=False), OTHER_SIGNALS)):
+    for i, ((label, trigger), (sig, group, code)) in enumerate(zip(phases(prefect=False), signals)):
         stop = interrupt_during(config, out, trigger, False, ENV, tmp_path / f"plain-{i}.err", sig, group)
         stops.append({"signal": sig.name, "aimed_at": label, **stop})
         check_stop(stop, f"{sig.name} during {label}", code)
@@ -289,4 +256,20 @@ def test_sigterm_and_sighup_stop_the_plain_search_and_the_rerun_resumes(root, tm
     rerun = subprocess.run(command(config), check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     check_resumed(out, expected_candidates=2)
-    record("plain-sigterm-sighup", stops)
+    record(name, stops)
+
+
+def test_ctrl_c_stops_the_prefect_flow_at_once_and_the_rerun_resumes(root, tmp_path):
+    stop_flow_twice_then_resume(root, tmp_path, "flow", CTRL_C)
+
+
+def test_ctrl_c_stops_the_plain_search_at_once_and_the_rerun_resumes(root, tmp_path):
+    stop_plain_twice_then_resume(root, tmp_path, "plain", CTRL_C)
+
+
+def test_sigterm_and_sighup_stop_the_prefect_flow_and_its_server_and_the_rerun_resumes(root, tmp_path):
+    stop_flow_twice_then_resume(root, tmp_path, "flow-term", OTHER_SIGNALS)
+
+
+def test_sigterm_and_sighup_stop_the_plain_search_and_the_rerun_resumes(root, tmp_path):
+    stop_plain_twice_then_resume(root, tmp_path, "plain-term", OTHER_SIGNALS)
