@@ -213,7 +213,7 @@ def smoke_config(work: Path) -> dict:
         "search": {"episodes": 1, "candidates_per_episode": 2},
         "tracking": {"enabled": False},
         "evaluate": {"bootstrap": 100, "batch_size": 32, "fidelity_texts": 40, "tasks": [
-            {"test_size": 150, "train_size": 200},
-            {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase", "test_size": 150},
-            {"kind": "clustering", "source": "packaged", "path": "chatterbot-topics", "test_size": 150}]},
+            {"test_size": 100, "train_size": 100},
+            {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase", "test_size": 100},
+            {"kind": "clustering", "source": "packaged", "path": "chatterbot-topics", "test_size": 100}]},
     }

@@ -106,14 +106,14 @@ def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("students", nargs="*", type=Path)
     ap.add_argument("--config", default="configs/default.yaml")
-    ap.add_argument("--test-texts", type=int, default=None, help="items per task (default 2000; --smoke: 150)")
+    ap.add_argument("--test-texts", type=int, default=None, help="items per task (default 2000; --smoke: 100)")
     ap.add_argument("--name", default="discrimination", help="the report's file name without suffix")
     add_common_args(ap, RESULTS, "three students of a tiny random teacher")
     args = ap.parse_args(argv)
     args.out = out_folder(args.out, args.smoke, RESULTS)
     import yaml
 
-    n = args.test_texts or (150 if args.smoke else 2000)
+    n = args.test_texts or (100 if args.smoke else 2000)
     base = smoke_config(args.out / "work") if args.smoke else yaml.safe_load((ROOT / args.config).read_text())
     dirs = args.students or (smoke_students(base, args.out / "work") if args.smoke
                              else sorted((ROOT / "runs" / "proxy-rank").glob("*/students/*")))

@@ -85,7 +85,7 @@ VARIANTS = {
                   proxy_epochs=2, episodes=3, candidates=4, probe_train=3000, test_texts=5000,
                   pairs=2000, budgets=["0.25x", "0.5x"], runs=20),
     "smoke": dict(config=None, train_texts=160, final_epochs=1, proxy_texts=48, proxy_epochs=1,
-                  episodes=2, candidates=2, probe_train=200, test_texts=150, pairs=150, budgets=["0.9x", "1000ms"],
+                  episodes=1, candidates=2, probe_train=100, test_texts=100, pairs=100, budgets=["0.9x", "1000ms"],
                   runs=3),
 }
 

@@ -123,7 +123,8 @@ def base_config(args) -> dict:
         "paths.cache_dir": str(work / "cache"), "paths.output_dir": str(work / "runs"),
         "teacher.name": str(tiny_teacher(work / "teacher")),
         "data.train_size": 64, "data.eval_size": 48, "data.proxy_size": 48, "data.batch_size": 16, "data.max_length": 24,
-        "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128], "activation": ["gelu"],
+        # the teacher's own FFN width (256) too: the layer-dropped teacher is a full-width arch
+        "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128, 256], "activation": ["gelu"],
                          "cap_to_teacher": True},
         "student.vocab_keep_top": 1000,
         "distill.proxy": {"epochs": 1, "lr": 1e-3}, "distill.final": {"epochs": 1}, "distill.eval_batches": 2,

@@ -78,15 +78,15 @@ def rescore(proxy_csv: Path, scores_csv: Path, out: Path, argv: list[str]) -> Pa
     return out
 
 
-# --smoke: 3 archs of a tiny random teacher, 64 train texts, 1 epoch, 150 probe / test items.
-SMOKE = {"archs": 3, "train_texts": 64, "probe_train": 150, "test_texts": 150}
+# --smoke: 2 archs of a tiny random teacher, 64 train texts, 1 epoch, 100 probe / test items.
+SMOKE = {"archs": 2, "train_texts": 64, "probe_train": 100, "test_texts": 100}
 
 
 def main(argv: list[str] | None = None) -> Path:
     argv = argv_of(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.yaml")
-    ap.add_argument("--archs", type=int, default=None, help="default 12")
+    ap.add_argument("--archs", type=int, default=None, help="default 12 (at least 2)")
     ap.add_argument("--inits", nargs="+", default=["teacher", "random"])
     ap.add_argument("--train-texts", type=int, default=None, help="default 2000")
     ap.add_argument("--final-epochs", type=int, default=1)

@@ -29,7 +29,7 @@ SCRIPTS = [
 ]
 
 
-@pytest.mark.parametrize("module,args,report", SCRIPTS, ids=[f"{m}-{'-'.join(a) or 'smoke'}" for m, a, _ in SCRIPTS])
+@pytest.mark.parametrize("module,args,report", SCRIPTS, ids=[m + "".join("-" + x.lstrip("-") for x in a) for m, a, _ in SCRIPTS])
 def test_smoke_writes_its_report_with_command_and_commit(tmp_path, module, args, report):
     out = tmp_path / "out"
     argv = [*args, "--smoke", "--out", str(out)]
