@@ -191,7 +191,7 @@ class StudentConfig(_Section):
     # A corpus-trimmed student also keeps the teacher's N most likely pieces (Unigram scores, BPE
     # merge order; WordPiece has no frequencies, its vocabulary order stands in), so text outside
     # the corpus keeps its words: trimmed to the fortunes alone, a me5-small student lost half
-    # its translation recall on software messages and French (bench/results/multilingual-recipe.md).
+    # its translation recall on software messages and French (bench/results/archive/multilingual-recipe.md).
     # Each kept piece costs one row of hidden-size parameters. 0: the corpus's pieces only.
     vocab_keep_top: int = Field(default=0, ge=0)
 
