@@ -217,3 +217,19 @@ def smoke_config(work: Path) -> dict:
             {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase", "test_size": 100},
             {"kind": "clustering", "source": "packaged", "path": "chatterbot-topics", "test_size": 100}]},
     }
+
+
+def search_size_args(argv: list[str] | None, description: str, default_out: Path, k: int):
+    """The arguments of a benchmark that runs small searches: ``--episodes`` (2; smoke 1) and
+    ``--k`` candidates an episode (``k``; smoke 2), with ``--smoke`` and ``--out``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--episodes", type=int, default=None, help="default 2 (--smoke: 1)")
+    p.add_argument("--k", type=int, default=None, help=f"candidates per episode (default {k}; --smoke: 2)")
+    add_common_args(p, default_out, "a tiny random teacher")
+    args = p.parse_args(argv_of(argv))
+    args.episodes = args.episodes or (1 if args.smoke else 2)
+    args.k = args.k or (2 if args.smoke else k)
+    args.out = out_folder(args.out, args.smoke, default_out)
+    return args

@@ -14,11 +14,10 @@ Writes bench/results/dask-scaling.{md,csv}.
 
 from __future__ import annotations
 
-from bench.common import RESULTS, ROOT, add_common_args, argv_of, flow_bench_env, header, out_folder, smoke_config
+from bench.common import RESULTS, ROOT, flow_bench_env, header, search_size_args, smoke_config
 
 flow_bench_env()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -37,15 +36,7 @@ def _search_seconds(folder: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    argv = argv_of(argv)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--episodes", type=int, default=None, help="default 2 (--smoke: 1)")
-    p.add_argument("--k", type=int, default=None, help="candidates per episode (default 4; --smoke: 2)")
-    add_common_args(p, RESULTS, "a tiny random teacher")
-    args = p.parse_args(argv)
-    args.episodes = args.episodes or (1 if args.smoke else 2)
-    args.k = args.k or (2 if args.smoke else 4)
-    args.out = out_folder(args.out, args.smoke, RESULTS)
+    args = search_size_args(argv, __doc__.splitlines()[0], RESULTS, k=4)
 
     from prefect import flow
 

@@ -16,18 +16,15 @@ from __future__ import annotations
 from bench.common import (
     ROOT,
     RUNS_BENCH,
-    add_common_args,
-    argv_of,
     flow_bench_env,
     header,
-    out_folder,
     publish,
+    search_size_args,
     smoke_config,
 )
 
 flow_bench_env()
 
-import argparse  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -37,15 +34,7 @@ import yaml  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
-    argv = argv_of(argv)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--episodes", type=int, default=None, help="default 2 (--smoke: 1)")
-    p.add_argument("--k", type=int, default=None, help="default 3 (--smoke: 2)")
-    add_common_args(p, RUNS_BENCH, "a tiny random teacher")
-    args = p.parse_args(argv)
-    args.episodes = args.episodes or (1 if args.smoke else 2)
-    args.k = args.k or (2 if args.smoke else 3)
-    args.out = out_folder(args.out, args.smoke, RUNS_BENCH)
+    args = search_size_args(argv, __doc__.splitlines()[0], RUNS_BENCH, k=3)
 
     from kdnas_core.config import load_config
     from kdnas_core.latency import predictor_path
