@@ -44,9 +44,10 @@ distill: install
 test: install
 	$(BIN)/python -m pytest -q -m "not reliability and not bench"
 
-# Everything under tests/reliability (the folder sets the marker, tests/conftest.py): bad input,
-# faults tried on purpose, security, kill -9 at every phase of a search (plain loop and Prefect
-# flow), concurrent searches, a 60 s S3 outage, an MLflow server stopped mid-search, signals.
+# kill -9 at every phase of a search (plain loop and Prefect flow), concurrent searches, a 60 s
+# S3 outage, an MLflow server stopped mid-search, Ctrl-C, SIGTERM and SIGHUP during a search.
+# (tests/reliability/test_bad_input, test_security and the unmarked tests of test_faults run in
+# make test: in this process they broke the outage tests' logging.)
 test-reliability: install
 	$(BIN)/python -m pytest -q -m reliability tests/reliability
 
