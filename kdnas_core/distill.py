@@ -264,6 +264,18 @@ class SourceTargets:
         return getattr(self.states, name)  # a cache's path, key, nbytes
 
 
+def teacher_pooled(teacher: Teacher, tokens: TokenizedTexts, pooling: str, batch_size: int, progress: Progress,
+                   what: str) -> torch.Tensor:
+    """[N, d] the teacher's pooled last-layer state of each text (pre-Dense, as the pooled term
+    compares)."""
+    pooled = torch.empty(len(tokens), teacher.hidden)
+    with torch.no_grad():
+        for b in track(length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False), what, progress, "batch"):
+            last = teacher.hidden_states(b.input_ids, b.attention_mask)[teacher.num_layers]
+            pooled[b.index] = pool(last.float(), b.attention_mask, pooling)
+    return pooled
+
+
 def source_embeddings(teacher: Teacher, texts: list[str], sources: dict[str, str], max_length: int, pooling: str,
                       batch_size: int = 64, progress: Progress = True) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, d] the teacher's pooled last-layer state (pre-Dense, as the pooled term compares) of
@@ -274,13 +286,8 @@ def source_embeddings(teacher: Teacher, texts: list[str], sources: dict[str, str
     has = torch.tensor([t in sources for t in texts], dtype=torch.bool)
     if not wanted:
         return out, has
-    tokens = tokenize(wanted, teacher.tokenizer, max_length)
-    pooled = torch.empty(len(wanted), teacher.hidden)
-    batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
-    with torch.no_grad():
-        for b in track(batches, "teacher embeds the translations' sources", progress, "batch"):
-            last = teacher.hidden_states(b.input_ids, b.attention_mask)[teacher.num_layers]
-            pooled[b.index] = pool(last.float(), b.attention_mask, pooling)
+    pooled = teacher_pooled(teacher, tokenize(wanted, teacher.tokenizer, max_length), pooling, batch_size, progress,
+                            "teacher embeds the translations' sources")
     row = {src: i for i, src in enumerate(wanted)}
     for i, t in enumerate(texts):
         if t in sources:
@@ -325,12 +332,7 @@ class PooledTeacherStates:
                     return cls(torch.from_numpy(array.astype(np.float32)), teacher.num_layers, path)
             except (OSError, ValueError) as err:
                 warnings.warn(f"teacher-state cache {path} is unusable ({err}); rebuilding it")
-        pooled = torch.empty(len(tokens), teacher.hidden)
-        with torch.no_grad():
-            for b in track(length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False),
-                           f"teacher embeddings {key[:8]}", progress, "batch"):
-                last = teacher.hidden_states(b.input_ids, b.attention_mask)[teacher.num_layers]
-                pooled[b.index] = pool(last.float(), b.attention_mask, pooling)
+        pooled = teacher_pooled(teacher, tokens, pooling, batch_size, progress, f"teacher embeddings {key[:8]}")
         pooled = pooled.half().float()  # as stored: a run from the file trains exactly as this one
         if path is not None:
             check_free_space(cache_root, pooled.numel() * 2, _CACHE_SETTING)

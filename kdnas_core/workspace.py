@@ -110,8 +110,7 @@ class Workspace:
         d = self.cfg.distill
         if pooled_only(d.weights):  # a vector a text: nothing to plan
             return
-        passes = d.final.epochs if not d.final.max_steps else min(d.final.epochs, d.final.max_steps / max(
-            1, math.ceil(len(self.splits.train) / self.cfg.data.batch_size)))
+        passes = _passes(d.final, math.ceil(len(self.splits.train) / self.cfg.data.batch_size))
         relation = self.teacher.num_layers if d.weights.attention_relation > 0 else None
         n_tokens = sum(self.tokens("train").lengths)
         # The deepest student maps the most teacher layers: the largest cache one student needs.
@@ -190,7 +189,7 @@ class Workspace:
                        ) -> tuple[list[Batch], TeacherStates, TeacherStates]:
         """Batches, teacher states and held-out states of a distillation of ``budget`` on ``split``."""
         batches = self.batches(split)
-        passes = budget.epochs if not budget.max_steps else min(budget.epochs, budget.max_steps / len(batches))
+        passes = _passes(budget, len(batches))
         layers = self.layers_for([student_layers])
         return batches, self.teacher_states(split, layers, passes, progress), self.eval_states(layers, progress)
 
@@ -302,6 +301,11 @@ class Workspace:
     @property
     def teacher_eval(self) -> ModelEval:
         return self.teacher_evaluation()
+
+
+def _passes(budget: TrainBudget, n_batches: int) -> float:
+    """How many times a distillation of ``budget`` reads each text (fractional under max_steps)."""
+    return budget.epochs if not budget.max_steps else min(budget.epochs, budget.max_steps / max(1, n_batches))
 
 
 def read_tasks(cfg: KDNASConfig, distilled_texts: list[str]) -> list[Task]:
