@@ -119,8 +119,10 @@ def make_config(args, scale: dict, work: Path) -> KDNASConfig:
         "paths.output_dir": str(work),
         "data.train_size": scale["train_texts"],
         "data.proxy_size": scale["proxy_texts"],
-        "distill.final": {"epochs": scale["final_epochs"]},
-        "distill.proxy": {"epochs": scale["proxy_epochs"], "lr": 1e-3},
+        # One key each: a whole section here would drop the config's other settings (eval_every).
+        "distill.final.epochs": scale["final_epochs"],
+        "distill.proxy.epochs": scale["proxy_epochs"],
+        "distill.proxy.lr": 1e-3,
         "search.episodes": scale["episodes"],
         "search.candidates_per_episode": scale["candidates"],
         "latency.backends": ["ort-fp32", "ort-int8"],

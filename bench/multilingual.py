@@ -127,7 +127,7 @@ def base_config(args) -> dict:
         "search_space": {"layers": [1, 2], "hidden": [32, 64], "heads": [2, 4], "ffn": [64, 128, 256], "activation": ["gelu"],
                          "cap_to_teacher": True},
         "student.vocab_keep_top": 1000,
-        "distill.proxy": {"epochs": 1, "lr": 1e-3}, "distill.final": {"epochs": 1}, "distill.eval_batches": 2,
+        "distill.proxy.epochs": 1, "distill.proxy.lr": 1e-3, "distill.final.epochs": 1, "distill.eval_batches": 2,
         "latency.grid": [[1, 16]], "latency.runs": 3, "latency.warmup": 1,
         "reward.budgets": ["0.9x", "1000ms"],
         "search.episodes": 1, "search.candidates_per_episode": 2,

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> Path:
     for init in args.inits:
         cfg = config_from_dict(apply_overrides(base, {
             "student.init": init, "paths.output_dir": str(work / init),
-            "data.train_size": args.train_texts, "distill.final": {"epochs": args.final_epochs},
+            "data.train_size": args.train_texts, "distill.final.epochs": args.final_epochs,
             "evaluate.tasks": [{"train_size": args.probe_train, "test_size": args.test_texts},
                                {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase",
                                 "test_size": args.test_texts},
