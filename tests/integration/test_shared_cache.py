@@ -44,7 +44,7 @@ def _workspace(tiny_config, cache: str):
 
 def test_a_worker_fetches_published_teacher_states_instead_of_running_the_teacher(s3, tiny_config, monkeypatch):
     from infra.storage import list_keys
-    from kdnas_core import distill
+    from kdnas_core.distill import cache
 
     a = _workspace(tiny_config, "cache-a")
     layers = a.layers_for([1, 2])
@@ -56,7 +56,7 @@ def test_a_worker_fetches_published_teacher_states_instead_of_running_the_teache
         raise AssertionError("the teacher ran: the published states were not used")
 
     with monkeypatch.context() as m:
-        m.setattr(distill, "_teacher_forward", no_teacher)
+        m.setattr(cache, "_teacher_forward", no_teacher)
         fetched = _workspace(tiny_config, "cache-b").cached_states("proxy", layers, progress=False)
     assert fetched.key == built.key and fetched.path.is_relative_to(tiny_config.parent / "cache-b")
     for name in [f"layer_{l}" for l in built.layers] + ["offsets"]:

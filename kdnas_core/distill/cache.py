@@ -1,0 +1,318 @@
+"""The teacher-state cache: every text's mapped-layer states computed once, packed as fp16 arrays
+(on disk, memory-mapped, or shared through a store), its size planned and bounded before any work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdnas_core.atomic import (
+    check_free_space,
+    commit_dir,
+    discard_partial,
+    disk_full_is_one_line,
+    partial_dir,
+    remove_stale_partials,
+    sha256_file,
+)
+from kdnas_core.config import DistillConfig
+from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches
+from kdnas_core.errors import ConfigError
+from kdnas_core.progress import Progress, track
+from kdnas_core.teachers import Teacher
+
+from kdnas_core.distill.targets import (
+    _CACHE_SETTING,
+    CorruptCache,
+    LayerStats,
+    LiveTeacherStates,
+    PooledTeacherStates,
+    SharedStates,
+    Targets,
+    TeacherStates,
+    _QKVCapture,
+    _StatsAccumulator,
+    _teacher_forward,
+    compute_stats,
+    pooled_only,
+)
+
+
+class CachedTeacherStates:
+    """Teacher states for one tokenised text set, computed once and kept as packed fp16 arrays.
+
+    Only non-padding tokens are stored (row ``offsets[i]:offsets[i+1]`` of each array is text i),
+    so the cache holds no padding and any batching of the texts can be served from it.
+    """
+
+    def __init__(self, meta: dict, arrays: dict[str, np.ndarray], stats: LayerStats, path: Path | None):
+        self.meta = meta
+        self.n_layers, self.hidden = meta["n_layers"], meta["hidden"]
+        self.layers = tuple(meta["layers"])
+        self.relation_layer = meta["relation_layer"]
+        self.stats = stats
+        self.path = path
+        self._arrays = arrays
+        self.offsets = torch.from_numpy(np.asarray(arrays["offsets"], dtype=np.int64))
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays.values())
+
+    def targets(self, batch: Batch) -> Targets:
+        mask = batch.attention_mask.bool()
+        starts = self.offsets[batch.index]
+        lengths = mask.sum(1)
+        # Row-major order of mask positions equals the concatenation of each text's token rows.
+        rows = torch.cat([torch.arange(s, s + n) for s, n in zip(starts.tolist(), lengths.tolist())]).numpy()
+
+        def unpack(name: str, width: int) -> torch.Tensor:
+            out = torch.zeros(*mask.shape, width)
+            out[mask] = torch.from_numpy(np.asarray(self._arrays[name][rows], dtype=np.float32))
+            return out
+
+        states = {layer: unpack(f"layer_{layer}", self.hidden) for layer in self.layers}
+        qkv = unpack("qkv", 3 * self.hidden) if self.relation_layer is not None else None
+        return Targets(states, qkv)
+
+    # ---- building and loading
+
+    @staticmethod
+    def cache_key(teacher: Teacher, tokens: TokenizedTexts, layers, relation_layer) -> str:
+        blob = json.dumps([teacher.fingerprint, tokens.fingerprint, list(layers), relation_layer])
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    @classmethod
+    def build(
+        cls,
+        teacher: Teacher,
+        tokens: TokenizedTexts,
+        layers: tuple[int, ...],
+        relation_layer: int | None = None,
+        cache_root: Path | None = None,
+        batch_size: int = 64,
+        progress: Progress = True,
+        shared: SharedStates | None = None,
+    ) -> CachedTeacherStates:
+        """Run the teacher once over ``tokens``; reuse a finished cache under ``cache_root``,
+        or one another machine published to ``shared`` (verified like a local one), and
+        publish what is built here. Without ``cache_root`` the states stay in memory."""
+        layers = tuple(sorted(set(layers)))
+        key = cls.cache_key(teacher, tokens, layers, relation_layer)
+        if cache_root is None:
+            return cls(*_compute_states(teacher, tokens, layers, relation_layer, key, None, batch_size, progress), None)
+        final = cache_root / key
+        reused = cls._reuse(final, key, shared)
+        if reused is not None:
+            return reused
+        widths = _array_widths(layers, teacher.hidden, relation_layer)
+        tmp = _partial_cache_dir(final, key, sum(tokens.lengths) * sum(widths.values()) * 2 + (1 << 20))
+        try:
+            meta, arrays, stats = _compute_states(teacher, tokens, layers, relation_layer, key, tmp, batch_size,
+                                                  progress)
+            _finish_partial(tmp, meta, arrays, stats)
+        except BaseException:
+            discard_partial(tmp)
+            raise
+        return cls._commit(tmp, final, key, shared)
+
+    @classmethod
+    def _reuse(cls, final: Path, key: str, shared: SharedStates | None) -> CachedTeacherStates | None:
+        """The verified cache at ``final``, fetched from ``shared`` first if only published there;
+        None when there is none or it is unusable (then it is removed)."""
+        if not (final / "meta.json").is_file() and shared is not None:
+            shared.fetch(key, final)
+        if not (final / "meta.json").is_file():
+            return None
+        try:
+            states = cls.load(final)
+            if shared is not None:
+                shared.publish(key, final)
+            return states
+        except (CorruptCache, ValueError, OSError, KeyError, json.JSONDecodeError) as err:
+            # Damaged or tampered with (a pickle planted as .npy fails here, unexecuted).
+            warnings.warn(f"teacher-state cache {final} is unusable ({err}); rebuilding it")
+            shutil.rmtree(final, ignore_errors=True)
+            return None
+
+    @classmethod
+    def _commit(cls, tmp: Path, final: Path, key: str, shared: SharedStates | None) -> CachedTeacherStates:
+        """Move the finished ``tmp`` into place as ``final``, load it and publish it to ``shared``."""
+        try:
+            commit_dir(tmp, final)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+        states = cls.load(final)
+        if shared is not None:
+            shared.publish(key, final)
+        return states
+
+    @classmethod
+    def load(cls, path: Path, verify: bool = True) -> CachedTeacherStates:
+        meta = json.loads((path / "meta.json").read_text())
+        for name, digest in meta.get("sha256", {}).items() if verify else ():
+            if sha256_file(path / name) != digest:
+                raise CorruptCache(f"{path / name}: content does not match its recorded sha256")
+        # Plain .npy arrays, memory-mapped; allow_pickle stays False (never unpickle storage).
+        names = [f"layer_{l}" for l in meta["layers"]] + (["qkv"] if meta["relation_layer"] is not None else [])
+        arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in names}
+        arrays["offsets"] = np.load(path / "offsets.npy", allow_pickle=False)
+        stats = LayerStats(
+            tuple(meta["layers"]),
+            torch.from_numpy(np.load(path / "stats_mean.npy", allow_pickle=False)),
+            torch.from_numpy(np.load(path / "stats_std.npy", allow_pickle=False)),
+        )
+        return cls(meta, arrays, stats, path)
+
+
+
+
+def _array_widths(layers: tuple[int, ...], hidden: int, relation_layer: int | None) -> dict[str, int]:
+    """Name and width of each packed array of a teacher-state cache."""
+    widths = {f"layer_{l}": hidden for l in layers}
+    if relation_layer is not None:
+        widths["qkv"] = 3 * hidden
+    return widths
+
+
+def _partial_cache_dir(final: Path, key: str, n_bytes: int) -> Path:
+    """A marked temporary folder next to ``final``, once ``n_bytes`` are known to fit there."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(final.parent, f".{key}-")
+    check_free_space(final.parent, n_bytes, _CACHE_SETTING)
+    return partial_dir(final.parent, f".{key}-")
+
+
+def _allocate(folder: Path | None, name: str, rows: int, width: int) -> np.ndarray:
+    """A zeroed fp16 array: in memory, or a memory-mapped ``name``.npy in ``folder``."""
+    if folder is None:
+        return np.zeros((rows, width), dtype=np.float16)
+    path = folder / f"{name}.npy"
+    with disk_full_is_one_line(path, _CACHE_SETTING):
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, width))
+        # open_memmap leaves a sparse file: writing into it on a full device kills
+        # the process with SIGBUS. Reserving the blocks now fails with ENOSPC instead.
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+    return array
+
+
+def _compute_states(teacher: Teacher, tokens: TokenizedTexts, layers: tuple[int, ...], relation_layer: int | None,
+                    key: str, folder: Path | None, batch_size: int,
+                    progress: Progress) -> tuple[dict, dict[str, np.ndarray], LayerStats]:
+    """Run the teacher over ``tokens`` into packed arrays (files in ``folder``, or memory when it is
+    None); returns the cache's meta, its arrays (``offsets`` last) and the layer statistics."""
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(tokens.lengths)
+    n_tok = sum(tokens.lengths)
+    widths = _array_widths(layers, teacher.hidden, relation_layer)
+    arrays = {name: _allocate(folder, name, n_tok, width) for name, width in widths.items()}
+    acc = _StatsAccumulator(layers, teacher.hidden)
+    capture = _QKVCapture(teacher.model, relation_layer)
+    batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
+    try:
+        for b in track(batches, f"teacher states {key[:8]}", progress, "batch"):
+            t = _teacher_forward(teacher, b, layers, capture)
+            acc.add(t, b.attention_mask)
+            m = b.attention_mask.bool()
+            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in b.index.tolist()])
+            for l in layers:
+                arrays[f"layer_{l}"][rows] = t.states[l][m].numpy().astype(np.float16)
+            if t.qkv is not None:
+                arrays["qkv"][rows] = t.qkv[m].numpy().astype(np.float16)
+    finally:
+        capture.close()
+    meta = {
+        "key": key,
+        "teacher": teacher.name,
+        "teacher_fingerprint": teacher.fingerprint,
+        "tokens_fingerprint": tokens.fingerprint,
+        "n_texts": len(tokens),
+        "n_tokens": int(n_tok),
+        "n_layers": teacher.num_layers,
+        "hidden": teacher.hidden,
+        "layers": list(layers),
+        "relation_layer": relation_layer,
+    }
+    arrays["offsets"] = offsets
+    return meta, arrays, acc.result()
+
+
+def _finish_partial(tmp: Path, meta: dict, arrays: dict[str, np.ndarray], stats: LayerStats) -> None:
+    """Write the rest of a computed cache into ``tmp``, checksummed, ``meta.json`` last."""
+    with disk_full_is_one_line(tmp, _CACHE_SETTING):
+        offsets = arrays.pop("offsets")
+        for a in arrays.values():
+            a.flush()
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "stats_mean.npy", stats.mean.numpy())
+        np.save(tmp / "stats_std.npy", stats.std.numpy())
+        meta["sha256"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.npy"))}
+        # meta.json last: its presence marks a complete cache.
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    # Unmap the files before their folder is renamed; the cache is read back through load().
+    arrays.clear()
+
+
+
+
+def cache_bytes(n_tokens: int, layers: tuple[int, ...], hidden: int, relation_layer: int | None) -> int:
+    """What cached teacher states of ``n_tokens`` tokens take on disk: fp16, one row per token."""
+    return n_tokens * sum(_array_widths(tuple(layers), hidden, relation_layer).values()) * 2
+
+
+def cache_plan(cfg: DistillConfig, passes: float, n_tokens: int, layers: tuple[int, ...], hidden: int,
+               relation_layer: int | None) -> tuple[bool, str | None]:
+    """Whether to cache the teacher's states for texts seen ``passes`` times, and a one-line
+    notice when "auto" runs the teacher live because the cache would pass distill.cache_max_gb.
+    A forced cache over the bound is a ConfigError (the line says needed vs allowed)."""
+    wanted = cfg.teacher_states == "cache" or (cfg.teacher_states == "auto" and passes > 1)
+    need = cache_bytes(n_tokens, layers, hidden, relation_layer) / 1e9
+    if not wanted or need <= cfg.cache_max_gb:
+        return wanted, None
+    what = (f"teacher states of {n_tokens:,} tokens x {len(layers)} layers x {hidden} need {need:.1f} GB, more "
+            f"than distill.cache_max_gb = {cfg.cache_max_gb:g}")
+    if cfg.teacher_states == "cache":
+        raise ConfigError(f"{what}; raise it, or set distill.teacher_states: live (or auto)")
+    return False, f"{what}: the teacher runs live on every batch instead"
+
+
+def make_teacher_states(
+    teacher: Teacher,
+    tokens: TokenizedTexts,
+    layers: tuple[int, ...],
+    cfg: DistillConfig,
+    cache_root: Path | None,
+    passes: int,
+    stats_batches: list[Batch] | None = None,
+    progress: Progress = True,
+    shared: SharedStates | None = None,
+    pooling: str = "mean",
+) -> TeacherStates:
+    """Cached states when the texts are seen more than once (or when asked) and fit
+    distill.cache_max_gb, live otherwise; only each text's pooled embedding when that is all the
+    loss reads."""
+    if pooled_only(cfg.weights):
+        return PooledTeacherStates.build(teacher, tokens, pooling, cache_root if cfg.cache_on_disk else None,
+                                         progress=progress)
+    relation_layer = teacher.num_layers if cfg.weights.attention_relation > 0 else None
+    use_cache, notice = cache_plan(cfg, passes, sum(tokens.lengths), tuple(sorted(set(layers))), teacher.hidden,
+                                   relation_layer)
+    if notice:
+        warnings.warn(notice)
+    if use_cache:
+        root = cache_root if cfg.cache_on_disk else None
+        return CachedTeacherStates.build(teacher, tokens, layers, relation_layer, root, progress=progress,
+                                         shared=shared if root is not None else None)
+    stats = compute_stats(teacher, stats_batches or [], layers) if cfg.standardize_targets and stats_batches else None
+    return LiveTeacherStates(teacher, layers, relation_layer, stats)
