@@ -10,6 +10,13 @@ Run:  python -m bench.distill_step [--teachers minilm-l6 mpnet-base] [--texts 25
                                    [--steps 12] [--repeats 3] [--arch L4-H384-A6-F1536-gelu]
       python -m bench.distill_step --smoke     # a tiny random teacher, 2 steps: seconds
 
+Then, on the cached path, where a step's time goes and what the field's CPU levers buy (the
+same proxy texts, runs interleaved): tokens per second of the configured step (length-bucketed
+batches of 32, fp32, every core) against batches in random order (no bucketing), batches of 16
+and 64, bf16 autocast (``distill.precision: bf16``) and one thread; each as a ratio to the
+configured step and as a share of this machine's measured fp32 matmul peak (the student's
+forward and backward taken as 6 x its non-embedding parameters x tokens FLOPs).
+
 Results are reported as live/cached ratios, not absolute times: on a small shared CPU box the
 absolute numbers drift from run to run, but both variants drift together because live and cached
 runs are interleaved, so their ratio is what stays meaningful. Target: >= 3x with mpnet-base.
@@ -25,7 +32,12 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import random  # noqa: E402
+
+import torch  # noqa: E402
+
 from kdnas_core.config import apply_overrides, config_from_dict, load_config  # noqa: E402
+from kdnas_core.data import collate, length_bucketed_batches  # noqa: E402
 from kdnas_core.distill import CachedTeacherStates, LiveTeacherStates, distill  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
@@ -74,7 +86,10 @@ def bench_teacher(name: str, args: argparse.Namespace) -> dict:
         cached_s.append(seconds_per_step(ws, arch, cache, batches, budget, cfg))
     live_ms, cached_ms = 1e3 * statistics.median(live_s), 1e3 * statistics.median(cached_s)
     saved_s = (live_ms - cached_ms) / 1e3
+    variants, peaks = step_variants(ws, arch, cache, args)
     return {
+        "variants": variants,
+        "peaks": peaks,
         "teacher": name,
         "params_m": count_parameters(ws.teacher.model) / 1e6,
         "live_ms": live_ms,
@@ -84,6 +99,66 @@ def bench_teacher(name: str, args: argparse.Namespace) -> dict:
         "cache_mb": cache.nbytes() / 2**20,
         "break_even": math.ceil(build_s / saved_s) if saved_s > 0 else math.inf,
     }
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n x n matmul in ``dtype`` on every core (median of ``repeats``)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # first-call costs outside the measurement
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def step_variants(ws: Workspace, arch: StudentArch, cache, args) -> tuple[list[dict], dict[str, float]]:
+    """Tokens per second of the cached step, as configured and under each lever, interleaved."""
+    cfg = ws.cfg
+    tokens, size, seed = ws.tokens("proxy"), cfg.data.batch_size, cfg.seed
+    order = list(range(len(tokens)))
+    random.Random(seed).shuffle(order)
+    unbucketed = [collate(tokens, order[i:i + size]) for i in range(0, len(order), size)]
+    bf16 = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"precision": "bf16"})})
+    threads = torch.get_num_threads()
+    variants = {  # name: (batches, config, threads)
+        f"as configured (length-bucketed, batch {size}, fp32, {threads} threads)": (ws.batches("proxy"), cfg, threads),
+        "batches in random order (no length bucketing)": (unbucketed, cfg, threads),
+        f"batch {size // 2}": (length_bucketed_batches(tokens, size // 2, seed), cfg, threads),
+        f"batch {size * 2}": (length_bucketed_batches(tokens, size * 2, seed), cfg, threads),
+        "bf16 autocast (distill.precision: bf16)": (ws.batches("proxy"), bf16, threads),
+        "1 thread": (ws.batches("proxy"), cfg, 1),
+    }
+    budget = cfg.distill.proxy.model_copy(update={"max_steps": args.steps, "epochs": 1000})
+    speeds: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(args.repeats + 1):  # the first round warms every variant up and is not kept
+        for name, (batches, c, n_threads) in variants.items():
+            torch.set_num_threads(n_threads)
+            try:
+                student = build_student(arch, ws.teacher, seed=0)
+                res = distill(student, cache, batches, c.distill, budget, seed=0, progress=False)
+            finally:
+                torch.set_num_threads(threads)
+            if rep:
+                speeds[name].append(res.tokens_per_s)
+    student = build_student(arch, ws.teacher, seed=0)
+    embeddings = sum(p.numel() for n, p in student.named_parameters() if "embeddings" in n)
+    flops_per_token = 6 * (count_parameters(student) - embeddings)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    base = statistics.median(next(iter(speeds.values())))
+    rows = []
+    for name, values in speeds.items():
+        tps = statistics.median(values)
+        rows.append({"variant": name, "tokens_per_s": tps, "ratio": tps / base,
+                     "pct_peak": 100 * tps * flops_per_token / 1e9 / peaks["fp32"]})
+    return rows, peaks
+
+
+def variants_table(rows: list[dict]) -> str:
+    lines = ["| cached step | tokens/s | vs configured | % of fp32 matmul peak |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f}x | {r['pct_peak']:.1f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -136,6 +211,12 @@ def main(argv: list[str] | None = None) -> Path:
              f"distill step: arch {args.arch}, {args.texts} proxy texts, "
              f"{args.steps} steps x {args.repeats} repeats (median)"]
     report = "\n".join(lines) + f"\n\n{table(rows)}\n\n{verdict(rows)}\n"
+    for r in rows:
+        p = r["peaks"]
+        report += (f"\n### Where a cached step's time goes: {r['teacher']} teacher, {args.arch}\n\n"
+                   f"matmul peak measured in this run (1024^3, every core): fp32 {p['fp32']:.0f} GFLOP/s, bf16 "
+                   f"{p['bf16']:.0f} GFLOP/s ({p['bf16'] / p['fp32']:.2f}x fp32; well above 1x only where the CPU "
+                   f"multiplies bf16 natively)\n\n{variants_table(r['variants'])}\n")
     out = publish(report, args.out / "distill_step.md")
     print(f"wrote {out}; total {time.perf_counter() - start:.0f} s")
     return out

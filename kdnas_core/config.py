@@ -2,6 +2,9 @@
 
 Every section is a frozen pydantic model with ``extra="forbid"``, so a typo in a YAML key is an
 error rather than a silently ignored setting. Components receive only their own section.
+
+Over 500 lines on purpose: every section, each key's default and the comment that says what it
+does sit in one file, the reference docs/configuration.md is checked against.
 """
 
 from __future__ import annotations
@@ -259,6 +262,10 @@ class DistillConfig(_Section):
     dropout: float | None = Field(default=None, ge=0, lt=1)
     # Where students train: "auto" is CUDA when torch sees a GPU, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16: the student's forward pass and the loss under autocast in bfloat16 (weights, gradients
+    # and optimiser stay fp32). It pays only where the hardware multiplies bf16 natively (AMX or
+    # AVX512-BF16 CPUs, recent GPUs); bench.distill_step measures it against fp32 on your machine.
+    precision: Literal["fp32", "bf16"] = "fp32"
     # Processes of the final distillation: > 1 launches torchrun (data parallel; gloo on the CPU,
     # NCCL on GPUs), each process taking a slice of every batch, so the result matches one process.
     world_size: int = Field(default=1, ge=1)
@@ -643,7 +650,7 @@ def _parent(payload: dict, dotted: str) -> tuple[dict | None, str]:
 ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_targets": False, "data.mix": [],
                                "distill.final.eval_every": None, "distill.final.patience": None,
                                "distill.proxy.eval_every": None, "distill.proxy.patience": None,
-                               "distill.cache_max_gb": 20.0}
+                               "distill.cache_max_gb": 20.0, "distill.precision": "fp32"}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

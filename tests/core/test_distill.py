@@ -431,3 +431,22 @@ def test_a_pooled_only_loss_trains_on_a_vector_a_text_as_it_would_on_the_cached_
     a, b = results
     assert b.final_eval_loss < b.initial_eval_loss
     assert b.final_eval_loss == pytest.approx(a.final_eval_loss, rel=2e-2)  # fp16 rounding of the targets
+
+
+def test_bf16_precision_trains_in_bfloat16_and_keeps_fp32_weights(tiny_setup):
+    """distill.precision bf16: the forward pass runs in bfloat16 (its losses differ from fp32's,
+    by bf16's rounding), the weights stay fp32, and the held-out loss still goes down."""
+    teacher, cache, batches, held = _held_out(tiny_setup)
+    arch = StudentArch(2, 32, 4, 64)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        losses = []
+        student = build_student(arch, teacher, seed=1)
+        r = distill(student, cache, batches, CFG.model_copy(update={"precision": precision}),
+                    TrainBudget(epochs=2, eval_every=3), eval_batches=held, seed=1,
+                    on_step=lambda s, l, lr: losses.append(l), progress=False)
+        assert all(p.dtype == torch.float32 for p in student.parameters())
+        assert r.final_eval_loss < r.initial_eval_loss
+        runs[precision] = losses
+    assert runs["bf16"] != runs["fp32"]
+    assert runs["bf16"][0] == pytest.approx(runs["fp32"][0], rel=0.05)
