@@ -29,19 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdnas_core.config import EvaluateConfig, FinetuneConfig, ProbeConfig
+from kdnas_core.config import EvaluateConfig, FinetuneConfig
 from kdnas_core.data import length_bucketed_batches, tokenize
 from kdnas_core.errors import EvalError
-from kdnas_core.eval_tasks import (
-    ClassificationTask,
-    Encode,
-    Outcome,
-    Ranks,
-    Scores,
-    Task,
-    retrieval_ranks,
-    score_task,
-)
+from kdnas_core.eval_tasks import ClassificationTask, Encode, Task
+from kdnas_core.scoring import Outcome, Ranks, Scores, retrieval_ranks, score_task
 from kdnas_core.pooling import masked_mean_pool
 from kdnas_core.progress import Progress, track
 from kdnas_core.seeding import seed_torch
@@ -110,59 +102,9 @@ def embed(model: nn.Module, tokenizer, texts: list[str], max_length: int, batch_
     return out
 
 
-def embed_onnx(onnx_path: Path, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
-               threads: int = 2) -> np.ndarray:
-    """Mean-pooled embeddings from an exported ONNX encoder (e.g. the int8 file users deploy),
-    so quantised students are scored on what they really output."""
-    from kdnas_core.latency import ort_session
-
-    sess = ort_session(Path(onnx_path), threads, 1)
-    tokens = tokenize(list(texts), tokenizer, max_length)
-    out = None
-    for batch in length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False):
-        feed = {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy()}
-        (hidden,) = sess.run(None, feed)
-        # a student's exported file already pools (sentence_embedding); a bare encoder's does not
-        pooled = hidden if hidden.ndim == 2 else masked_mean_pool(torch.from_numpy(hidden), batch.attention_mask).numpy()
-        if out is None:
-            out = np.empty((len(texts), pooled.shape[-1]), dtype=np.float32)
-        out[batch.index.numpy()] = pooled
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------------
-
-
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                 n_classes: int, cfg: ProbeConfig | None = None, seed: int = 0) -> Scores:
-    """Logistic regression on standardised embeddings: what a linear classifier can read off."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    cfg = cfg or ProbeConfig()
-    if cfg.C is not None:
-        model = LogisticRegression(C=cfg.C, max_iter=cfg.max_iter, random_state=seed)
-    else:
-        folds = min(cfg.cv, int(np.bincount(train_y).min()))
-        model = LogisticRegressionCV(Cs=cfg.Cs, cv=StratifiedKFold(max(2, folds), shuffle=True, random_state=seed),
-                                     scoring="accuracy", l1_ratios=(0.0,), max_iter=cfg.max_iter, random_state=seed,
-                                     # scikit-learn 1.9 warns on every fit until the new fitted
-                                     # attributes are chosen; only predict() is used here
-                                     use_legacy_attributes=False)
-    clf = make_pipeline(StandardScaler(), model)
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-
-    with warnings.catch_warnings():
-        # An unconverged lbfgs after max_iter is still a fitted probe; the score says how good.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(train_x, train_y)
-    return Scores(clf.predict(test_x).astype(np.int64), test_y, n_classes)
 
 
 def neighbour_recall(teacher: np.ndarray, student: np.ndarray, k: int = 10) -> float:

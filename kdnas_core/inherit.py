@@ -24,6 +24,10 @@ Approximations, all exact when nothing is dropped:
   that sum serves all of their values. MPNet's relative-position bias is summed the same way.
 - A different activation than the teacher's keeps the FFN weights as they are: gelu/silu/relu agree
   for large positive inputs, but the student then needs distillation to adapt.
+
+Over 500 lines on purpose: reading the teacher's structure (``_parts``, ``_Block``), measuring
+importance, selecting and copying all walk the same private view of the teacher's modules, which a
+split would have to make public.
 """
 
 from __future__ import annotations

@@ -12,16 +12,8 @@ from kdnas_core.config import (
     config_from_dict,
 )
 from kdnas_core.errors import ConfigError, EvalError
-from kdnas_core.eval_tasks import (
-    Clusters,
-    Cosines,
-    Ranks,
-    build_task,
-    load_tasks,
-    read_rows,
-    retrieval_ranks,
-    score_task,
-)
+from kdnas_core.eval_tasks import build_task, load_tasks, read_rows
+from kdnas_core.scoring import Clusters, Cosines, Ranks, retrieval_ranks, score_task
 from kdnas_core.evaluate import ModelEval, compare, evaluate_encoder
 
 DATA = DataConfig(min_chars=1)

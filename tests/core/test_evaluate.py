@@ -4,16 +4,16 @@ import torch
 
 from kdnas_core.config import DataConfig, EvalTaskConfig, EvaluateConfig, FinetuneConfig
 from kdnas_core.errors import EvalError
-from kdnas_core.eval_tasks import Scores, macro_f1, make_task, read_rows
+from kdnas_core.eval_tasks import make_task, read_rows
 from kdnas_core.evaluate import (
     bootstrap_gap,
     embed,
     finetune_classifier,
     gap_closed,
     linear_cka,
-    linear_probe,
     neighbour_recall,
 )
+from kdnas_core.scoring import Scores, linear_probe, macro_f1
 
 
 def read_labelled(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
@@ -175,7 +175,7 @@ def test_finetuning_learns_a_keyword_task(bert_teacher):
 
 
 def test_dropin_share_is_the_teachers_index_queried_by_the_student():
-    from kdnas_core.eval_tasks import Ranks, retrieval_ranks
+    from kdnas_core.scoring import Ranks, retrieval_ranks
     from kdnas_core.evaluate import dropin_share
 
     rng = np.random.default_rng(0)

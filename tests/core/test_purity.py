@@ -21,3 +21,68 @@ def test_core_imports_no_orchestration_or_tracking():
                 continue
             offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in FORBIDDEN]
     assert not offenders, f"forbidden imports in kdnas_core: {offenders}"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in CORE.rglob("*.py"):
+        parts = path.relative_to(CORE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def test_no_import_circle_in_kdnas_core():
+    """Imports inside functions count too: a circle hidden in a function is still one module
+    needing the other both ways."""
+    mods = _modules()
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in mods:
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in mods}
+        # a package's __init__ imports its own submodules; they never import the package back
+        graph[name] = {d for d in deps if d != name}
+    seen, on_path, circles = set(), [], []
+
+    def visit(node: str) -> None:
+        seen.add(node)
+        on_path.append(node)
+        for dep in sorted(graph[node]):
+            if dep in on_path:
+                circles.append(on_path[on_path.index(dep):] + [dep])
+            elif dep not in seen:
+                visit(dep)
+        on_path.pop()
+
+    for name in sorted(graph):
+        if name not in seen:
+            visit(name)
+    assert not circles, f"import circles in kdnas_core: {circles}"
+
+
+def test_modules_stay_small_or_say_why():
+    """No kdnas_core module over 500 lines unless its docstring says why ("Over 500 lines")."""
+    long = [f"{path.relative_to(CORE.parent)} ({n} lines)" for path in CORE.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 500
+            and "Over 500 lines" not in (ast.get_docstring(ast.parse(path.read_text())) or "")]
+    assert not long, f"split these, or say in the docstring why not: {long}"
+
+
+def test_functions_stay_short_or_say_why():
+    """No function over 60 lines outside bench/ unless a comment in it says why ("long because")."""
+    root = CORE.parent
+    long = []
+    for folder in ("kdnas_core", "kdnas", "flows", "tasks", "infra"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            lines = text.splitlines()
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                    body = "\n".join(lines[node.lineno - 1:node.end_lineno]).lower()
+                    if "long because" not in body:
+                        long.append(f"{path.relative_to(root)}:{node.lineno} {node.name}")
+    assert not long, f"split these, or say in a comment why not: {long}"
