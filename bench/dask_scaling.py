@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> Path:
     from flows.search import kdnas
     from kdnas_core.config import load_config
     from kdnas_core.latency import predictor_path
-    from kdnas_core.searching import search_without_prefect
+    from kdnas_core.pipeline import search_without_prefect
 
     tmp = Path(tempfile.mkdtemp(prefix="kdnas-dask-"))
     data = smoke_config(tmp / "smoke") if args.smoke else yaml.safe_load((ROOT / "configs/default.yaml").read_text())

@@ -65,7 +65,7 @@ from kdnas_core.final import final_student  # noqa: E402
 from kdnas_core.inherit import full_width  # noqa: E402
 from kdnas_core.reports import markdown_table  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
-from kdnas_core.searching import search_without_prefect  # noqa: E402
+from kdnas_core.pipeline import search_without_prefect  # noqa: E402
 from kdnas_core.student_eval import describe_tasks, evaluate_students  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
@@ -162,11 +162,11 @@ def table(args, argv: list[str]) -> Path:
     cfg = config_from_dict(apply_overrides(raw, overrides), args.config)
     ws = Workspace.prepare(cfg)
     result, out, teacher_ms = search_without_prefect(cfg, ws=ws)
-    picks = [r for r in result.recommendations if r["arch"]]
+    picks = [r for r in result.recommendations if r.arch]
     if not picks:
         raise SystemExit(f"KD-NAS found no student within any budget: {result.recommendations}")
-    archs = {r["arch"]: f"KD-NAS pick, budget {r['budget']}" for r in picks}
-    hand = layer_dropped(ws, picks[0]["latency_ms"])
+    archs = {r.arch: f"KD-NAS pick, budget {r.budget}" for r in picks}
+    hand = layer_dropped(ws, picks[0].latency_ms)
     archs.setdefault(hand.name, f"layer-dropped teacher ({hand.layers} evenly spread layers)")
     finals = {name: final_student(cfg, ws, StudentArch.from_name(name)) for name in archs}
     table = evaluate_students(ws, [f.path for f in finals.values()])
@@ -250,7 +250,7 @@ def recipe(args, argv: list[str]) -> Path:
         final = final_student(cfg, ws, arch)
         table = evaluate_students(ws, [final.path])
         table["recipe"] = [name if role == "student" else role for role in table.role]
-        table["final_L_HS"] = [final.result.get("final_eval_loss") if role == "student" else None for role in table.role]
+        table["final_L_HS"] = [final.result.final_eval_loss if role == "student" else None for role in table.role]
         parts.append(table if not parts else table[table.role == "student"])
     full = pd.concat(parts, ignore_index=True)
     recall = [c for c in full.columns if c.endswith(".recall@1")]

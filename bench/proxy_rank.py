@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> Path:
                          "params_m": count_params(arch, t.vocab_size, t.max_position_embeddings)["encoder"] / 1e6,
                          "proxy_L_HS": proxy.kd_loss, "latency_ms": latency,
                          "reward": reward(proxy.kd_loss, latency, teacher_ms, cfg.reward.alpha, cfg.reward.beta),
-                         "final_L_HS": final.result["final_eval_loss"]})
+                         "final_L_HS": final.result.final_eval_loss})
         table = evaluate_students(ws, [r["path"] for r in rows if r["init"] == init])
         students = table[table["role"] == "student"].set_index("arch")
         for r in rows:

@@ -1,14 +1,16 @@
 """The KD-NAS search as a Prefect flow: flow ``kdnas``, deployment ``search``.
 
-Control flow only: the episode loop is kdnas_core's ``run_search``; here each episode's
-candidates fan out as ``profile-latency`` and ``proxy-distill`` tasks (at most
+Control flow only: the job's order is kdnas_core.pipeline's ``run_search_job`` (the same recipe
+as ``kdnas search --no-prefect``) and the episode loop is kdnas_core's ``run_search``; here each
+episode's candidates fan out as ``profile-latency`` and ``proxy-distill`` tasks (at most
 ``search.max_parallel`` at once, or over a Dask cluster with ``runner.kind: dask``), and the
-chosen students go through a ``final-distill`` subflow. Results land in
+chosen students go through a ``final-distill`` subflow each. Results land in
 ``<paths.output_dir>/search/<config hash>/`` and as Prefect artifacts.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from infra.dask_runner import resources as dask_resources
 from infra.preflight import check_services
 from kdnas_core.config import KDNASConfig, config_from_parameters
 from kdnas_core.evaluators import EventLog, RecordedEvaluator
+from kdnas_core.final import FinalStudent
+from kdnas_core.pipeline import EvaluationTable, final_from_dict, run_search_job
 from kdnas_core.progress import Phases
 from kdnas_core.search import Evaluation
 from kdnas_core.search_space import StudentArch
@@ -90,20 +94,6 @@ def final_distill_flow(cfg: dict, arch: str) -> dict:
     return {**student, **exported}
 
 
-@flow(name="final-students", log_prints=True)
-def final_students_flow(cfg: dict, recommendations: list[dict], out: str,
-                        evaluate: bool) -> tuple[dict, dict | None, dict[str, float]]:
-    """Each recommended architecture distilled once (a student can win several budgets), then
-    the students evaluated downstream together; with the seconds each of the two took."""
-    phases = Phases()
-    with phases("final distillation"):
-        finals = {arch: final_distill_flow(cfg, arch)
-                  for arch in dict.fromkeys(r["arch"] for r in recommendations if r["arch"])}
-    with phases("evaluation"):
-        evaluation = evaluate_students_task(cfg, [f["path"] for f in finals.values()], out) if finals and evaluate else None
-    return finals, evaluation, phases.seconds
-
-
 def evaluate_episode(c: dict, cfg: KDNASConfig, archs: list[StudentArch], dask_address: str | None,
                      side: dict[str, dict]) -> list[Evaluation]:
     """One episode's candidates: latency and proxy distillation as tasks, in waves on this
@@ -129,13 +119,57 @@ def evaluate_episode(c: dict, cfg: KDNASConfig, archs: list[StudentArch], dask_a
     return out
 
 
-def observed(c: dict, parent: str | None, side: dict[str, dict], o) -> None:
-    """Each candidate the search records: logged, and tracked as a child run of ``parent``."""
-    get_run_logger().info("episode %d: %s reward %.4f L_HS %.4f %.2f ms", o.episode, o.arch.name, o.reward,
-                          o.kd_loss, o.latency_ms)
-    if parent:
-        extra = side.get(o.arch.arch_id, {})
-        track_candidate(c, parent, o.to_dict(), extra.get("report"), extra.get("curve"))
+class PrefectSteps:
+    """The job's steps as Prefect tasks and subflows (kdnas_core.pipeline.run_search_job calls
+    them in order): the teacher's states and latency, the episodes' candidates fanned out, each
+    final student as a ``final-distill`` subflow, the evaluation as a task. Each candidate is
+    logged and, with tracking on, a child run of the search's parent run (opened once the
+    teacher's latency is known)."""
+
+    def __init__(self, cfg: KDNASConfig, research: bool):
+        self.cfg, self.c, self.research = cfg, cfg.model_dump(mode="json"), research
+        self.parent: str | None = None
+        self._reports: dict[str, dict] = {}  # arch_id -> latency report and loss curve, for tracking
+
+    def teacher(self) -> float:
+        prep = prepare_teacher_states(self.c)
+        teacher_ms = teacher_latency_ms(self.c)
+        get_run_logger().info("teacher %s: %.2f ms; proxy cache %s", self.cfg.teacher.name, teacher_ms,
+                              prep["proxy_cache"])
+        if self.cfg.tracking.enabled:
+            info = {"splits_fingerprint": workspace(self.cfg).splits.fingerprint, **prep}
+            self.parent = open_search_run(self.c, search_dir(self.cfg), teacher_ms, info)
+        return teacher_ms
+
+    def search(self, teacher_ms: float):
+        cfg, out = self.cfg, search_dir(self.cfg)
+        with dask_cluster(cfg.runner) as dask_address:
+            if dask_address:
+                get_run_logger().info("candidates fan out over the Dask cluster at %s", dask_address)
+            # evals/ and events.jsonl as in the plain loop: a killed flow resumes without sending a
+            # recorded candidate out again, even where Prefect's own result cache is not shared.
+            recorded = RecordedEvaluator.batch(partial(evaluate_episode, self.c, cfg, dask_address=dask_address,
+                                                       side=self._reports), out, EventLog(out))
+            result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=recorded,
+                                      research=self.research, on_observation=self.observed,
+                                      teacher=workspace(cfg).teacher.fingerprint)
+        publish_search_tables(result, cfg.teacher.name, teacher_ms)
+        return result
+
+    def observed(self, o) -> None:
+        """Each candidate the search records: logged, and tracked as a child run."""
+        get_run_logger().info("episode %d: %s reward %.4f L_HS %.4f %.2f ms", o.episode, o.arch.name, o.reward,
+                              o.kd_loss, o.latency_ms)
+        if self.parent:
+            extra = self._reports.get(o.arch.arch_id, {})
+            track_candidate(self.c, self.parent, o.to_dict(), extra.get("report"), extra.get("curve"))
+
+    def final_student(self, arch: str) -> FinalStudent:
+        return final_from_dict(final_distill_flow(self.c, arch))
+
+    def evaluate(self, student_paths: list[str]) -> EvaluationTable:
+        d = evaluate_students_task(self.c, student_paths, str(search_dir(self.cfg)))
+        return EvaluationTable(d["rows"], d["tasks"], {"csv": d["csv"], "md": d["md"]})
 
 
 @flow(name="kdnas", log_prints=True, validate_parameters=True)
@@ -154,56 +188,27 @@ def kdnas(
     when this config's search already finished, run a new round warm-started from it (what a
     scheduled re-search does); final: distil and export the recommended students; preflight:
     check tracking, storage and the Dask scheduler first (the CLI has checked them already).
+    Returns ``kdnas_core.pipeline.SearchOutcome.to_dict()``.
     """
     logger = get_run_logger()
     cfg = config_from_parameters(config_path, overrides, config)
-    c = cfg.model_dump(mode="json")
     if preflight:
         check_services(cfg)  # an unreachable server, bucket or scheduler fails now, not hours in
+    steps = PrefectSteps(cfg, research)
+    outcome = run_search_job(cfg, steps, final=final)
     phases = Phases()
-    with phases("teacher"):
-        prep = prepare_teacher_states(c)
-        teacher_ms = teacher_latency_ms(c)
-    logger.info("teacher %s: %.2f ms; proxy cache %s", cfg.teacher.name, teacher_ms, prep["proxy_cache"])
-
-    out = search_dir(cfg)
-    info = {"splits_fingerprint": workspace(cfg).splits.fingerprint, **prep}
-    parent = open_search_run(c, out, teacher_ms, info) if cfg.tracking.enabled else None
-    side: dict[str, dict] = {}  # filled by evaluate_episode, read by observed
-    on_observation = partial(observed, c, parent, side)
-
-    with phases("search"), dask_cluster(cfg.runner) as dask_address:
-        if dask_address:
-            logger.info("candidates fan out over the Dask cluster at %s", dask_address)
-        # evals/ and events.jsonl as in the plain loop: a killed flow resumes without sending a
-        # recorded candidate out again, even where Prefect's own result cache is not shared.
-        recorded = RecordedEvaluator.batch(partial(evaluate_episode, c, cfg, dask_address=dask_address, side=side),
-                                           out, EventLog(out))
-        result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=recorded, research=research,
-                                  on_observation=on_observation, teacher=workspace(cfg).teacher.fingerprint)
-    publish_search_tables(result, cfg.teacher.name, teacher_ms)
-    recs = result.recommendations
-    finals, evaluation, seconds = final_students_flow(c, recs, str(out), cfg.evaluate.enabled) if final else ({}, None, {})
-    phases.seconds |= seconds
+    phases.seconds = dict(outcome.phases)
     logger.info("time per phase:\n%s", "\n".join(phases.lines()))
-    spool = close_search_run(c, parent, out, finals, recs, (evaluation or {}).get("metrics", {})) if parent else None
-    url = candidates_url(c) if parent else None
-    if url:
-        logger.info("candidate runs in the MLflow UI: %s", url)
-    return {
-        "tracking_run_id": parent,
-        "tracking_url": url,
-        "search_dir": str(out),
-        "teacher_ms": teacher_ms,
-        "evaluated": len(result.observations),
-        "best": result.best.arch.name if result.best else None,
-        "recommendations": recs,
-        "final": finals,
-        "evaluation": evaluation["rows"] if evaluation else None,
-        "evaluation_tasks": evaluation["tasks"] if evaluation else None,
-        "tracking_spool": spool,
-        "phases": phases.seconds,
-    }
+    if steps.parent:
+        metrics = outcome.evaluation.metrics() if outcome.evaluation else {}
+        spool, registered = close_search_run(steps.c, steps.parent, search_dir(cfg), outcome.finals,
+                                             outcome.recommendations, metrics)
+        finals = {arch: replace(f, registered=registered.get(arch)) for arch, f in outcome.finals.items()}
+        outcome = replace(outcome, finals=finals, tracking_run_id=steps.parent, tracking_url=candidates_url(steps.c),
+                          tracking_spool=spool)
+        if outcome.tracking_url:
+            logger.info("candidate runs in the MLflow UI: %s", outcome.tracking_url)
+    return outcome.to_dict()
 
 
 if __name__ == "__main__":

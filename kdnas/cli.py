@@ -69,16 +69,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
         r = summary.result
         print(f"student   {summary.arch} (arch_id {summary.arch_id}, {summary.params / 1e6:.1f} M params)")
         print(f"teacher   {summary.teacher} ({summary.teacher_params / 1e6:.1f} M params)")
-        print(f"data      {summary.n_texts} {args.split} texts, {r['steps']} steps, {r['tokens_per_s']:.0f} tokens/s")
-        if r["initial_eval_loss"] is not None:
-            ratio = r["final_eval_loss"] / r["initial_eval_loss"]
-            print(f"KD loss   held-out {r['initial_eval_loss']:.4f} -> {r['final_eval_loss']:.4f} (x{ratio:.2f})")
-            parts = ", ".join(f"{k} {v:.4f}" for k, v in r["eval_parts"].items())
+        print(f"data      {summary.n_texts} {args.split} texts, {r.steps} steps, {r.tokens_per_s:.0f} tokens/s")
+        if r.initial_eval_loss is not None:
+            ratio = r.final_eval_loss / r.initial_eval_loss
+            print(f"KD loss   held-out {r.initial_eval_loss:.4f} -> {r.final_eval_loss:.4f} (x{ratio:.2f})")
+            parts = ", ".join(f"{k} {v:.4f}" for k, v in r.eval_parts.items())
             print(f"          after: {parts}")
-            if r.get("best_step") is not None:
-                kept = "its inherited start (no check beat it)" if r["best_step"] == 0 else f"step {r['best_step']}"
-                early = ", stopped early" if r.get("stopped_early") else ""
-                print(f"          kept the state of {kept}: best of {len(r['eval_curve'])} held-out checks{early}")
+            if r.best_step is not None:
+                kept = "its inherited start (no check beat it)" if r.best_step == 0 else f"step {r.best_step}"
+                early = ", stopped early" if r.stopped_early else ""
+                print(f"          kept the state of {kept}: best of {len(r.eval_curve)} held-out checks{early}")
         print(f"saved     {summary.path}")
         summary = summary.exported(cfg.latency)
     print(f"ONNX      {summary.onnx} (int8: {Path(summary.onnx_int8).name}); kdnas embed --model {summary.path}")
@@ -121,77 +121,42 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from kdnas_core.config import load_config
-    from kdnas_core.reports import markdown_table
-    from kdnas_core.search_space import StudentArch
-    from kdnas_core.searching import search_without_prefect
+    from kdnas_core.pipeline import LocalSteps, SearchOutcome, render_outcome, run_search_job
 
     cfg = load_config(args.config, _parse_set(args.set))
     if not args.no_prefect:
-        return _search_flow(args, cfg)
-    if cfg.runner.kind != "local":
-        from kdnas_core.errors import ConfigError
+        outcome = SearchOutcome.from_dict(_search_flow(args, cfg))
+    else:
+        if cfg.runner.kind != "local":
+            from kdnas_core.errors import ConfigError
 
-        raise ConfigError(f"runner.kind = {cfg.runner.kind!r} fans candidates out through the Prefect flow; "
-                          "drop --no-prefect (or set runner.kind: local)")
+            raise ConfigError(f"runner.kind = {cfg.runner.kind!r} fans candidates out through the Prefect flow; "
+                              "drop --no-prefect (or set runner.kind: local)")
 
-    def show(o):
-        if o.failed:
-            print(f"  episode {o.episode}: {o.arch.name:<24} FAILED: {o.extra.get('error')}", flush=True)
-            return
-        print(f"  episode {o.episode}: {o.arch.name:<24} reward {o.reward:.4f}  L_HS {o.kd_loss:.4f}  "
-              f"{o.latency_ms:7.2f} ms", flush=True)
+        def show(o):
+            if o.failed:
+                print(f"  episode {o.episode}: {o.arch.name:<24} FAILED: {o.extra.get('error')}", flush=True)
+                return
+            print(f"  episode {o.episode}: {o.arch.name:<24} reward {o.reward:.4f}  L_HS {o.kd_loss:.4f}  "
+                  f"{o.latency_ms:7.2f} ms", flush=True)
 
-    from kdnas_core.workspace import Workspace
+        steps = LocalSteps(cfg, warm_from=args.warm_from, fresh=args.fresh, research=args.research, on_observation=show)
+        outcome = run_search_job(cfg, steps, final=not args.no_final)
+    print()
+    print("\n".join(render_outcome(outcome, cfg.teacher.name, args.top)))
+    if outcome.tracking_url:
+        from infra.tracking import tracking_uri
 
-    from kdnas_core.progress import Phases
-
-    phases = Phases()
-    with phases("search"):
-        ws = Workspace.prepare(cfg)
-        result, out, teacher_ms = search_without_prefect(cfg, warm_from=args.warm_from, fresh=args.fresh,
-                                                         research=args.research, on_observation=show, ws=ws)
-    from kdnas_core.search import SUMMARY_COLUMNS as cols
-
-    print(f"\nLeaderboard (teacher {cfg.teacher.name}: {teacher_ms:.2f} ms)")
-    print(markdown_table(result.leaderboard[cols].head(args.top)))
-    print("\nRecommendations per latency budget")
-    for r in result.recommendations:
-        if r["arch"]:
-            print(f"  {r['budget']:>8} (<= {r['budget_ms']:.2f} ms): {r['arch']} ({r['arch_id']}), "
-                  f"reward {r['reward']:.4f}, {r['latency_ms']:.2f} ms, {teacher_ms / r['latency_ms']:.1f}x faster")
-        else:
-            print(f"  {r['budget']:>8} (<= {r['budget_ms']:.2f} ms): none: {r['reason']}")
-    if not args.no_final:
-        from kdnas_core.evaluators import EventLog
-        from kdnas_core.final import final_student
-        from kdnas_core.student_eval import (
-            evaluate_students,
-            summary_lines,
-            write_evaluation,
-        )
-
-        finals = {}
-        for name in dict.fromkeys(r["arch"] for r in result.recommendations if r["arch"]):
-            with phases("final distillation"):
-                final = final_student(cfg, ws, StudentArch.from_name(name), EventLog(out)).exported(cfg.latency)
-            finals[name] = final
-            print(f"final student {name}: {final.path} (ONNX: {final.onnx}, int8: {final.onnx_int8})")
-        if finals and cfg.evaluate.enabled:
-            with phases("evaluation"):
-                table = evaluate_students(ws, [f.path for f in finals.values()])
-            files = write_evaluation(table, out)
-            print((out / "evaluation.md").read_text())
-            print("\n".join(summary_lines(table)))
-            print(f"evaluation: {files['md']}")
-    print(f"\nstate and tables: {out}")
-    _print_phases(phases.seconds)
+        uri = tracking_uri(cfg)
+        serve = "" if uri.startswith(("http://", "https://")) else f" (serve it first: mlflow ui --backend-store-uri {uri})"
+        print(f"MLflow: candidate runs at {outcome.tracking_url}{serve}")
+    _print_phases(outcome.phases)
     return 0
 
 
-def _search_flow(args: argparse.Namespace, cfg) -> int:
+def _search_flow(args: argparse.Namespace, cfg) -> dict:
     """The search as the Prefect flow `kdnas` (ephemeral API unless PREFECT_API_URL is set)."""
     from flows.search import kdnas
-    from kdnas_core.searching import search_dir
 
     if args.warm_from or args.fresh:
         raise KdnasError("--warm-from and --fresh need --no-prefect (the flow resumes and warm-starts by itself)")
@@ -205,28 +170,8 @@ def _search_flow(args: argparse.Namespace, cfg) -> int:
 
         read_tasks(cfg, load_splits(cfg.data, cfg.seed).train)
     _quiet_flow_tracebacks(getattr(args, "debug", False))
-    out = kdnas(config_path=str(args.config), overrides=_parse_set(args.set) or None,
-                research=args.research, final=not args.no_final, preflight=False)
-    print((search_dir(cfg) / "report.md").read_text())
-    for arch, final in out["final"].items():
-        print(f"final student {arch}: {final['path']} (ONNX: {final['onnx']}, int8: {final['onnx_int8']})")
-    if out["evaluation"]:
-        import pandas as pd
-
-        from kdnas_core.student_eval import summary_lines
-
-        table = pd.DataFrame(out["evaluation"])
-        table.attrs["tasks"] = out["evaluation_tasks"]
-        print((search_dir(cfg) / "evaluation.md").read_text())
-        print("\n".join(summary_lines(table)))
-    if out["tracking_url"]:
-        from infra.tracking import tracking_uri
-
-        uri = tracking_uri(cfg)
-        serve = "" if uri.startswith(("http://", "https://")) else f" (serve it first: mlflow ui --backend-store-uri {uri})"
-        print(f"MLflow: candidate runs at {out['tracking_url']}{serve}")
-    _print_phases(out.get("phases") or {})
-    return 0
+    return kdnas(config_path=str(args.config), overrides=_parse_set(args.set) or None,
+                 research=args.research, final=not args.no_final, preflight=False)
 
 
 def _print_phases(seconds: dict[str, float]) -> None:
@@ -421,6 +366,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long because every subcommand and flag is declared here, in the order --help lists them.
     p = _Parser(prog="kdnas", description="Knowledge-distillation neural architecture search")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error or of Ctrl-C")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -17,7 +17,7 @@ from typing import Iterator
 from kdnas_core.atomic import check_can_write
 from kdnas_core.checkpoint import remove_checkpoint
 from kdnas_core.config import KDNASConfig, LatencyConfig
-from kdnas_core.distill import DataParallel, distill
+from kdnas_core.distill import DataParallel, DistillResult, distill
 from kdnas_core.errors import ArchError, KdnasError
 from kdnas_core.evaluators import EventLog
 from kdnas_core.keys import key
@@ -47,7 +47,7 @@ class FinalStudent:
     arch: str
     arch_id: str
     path: str
-    result: dict  # the DistillResult of its distillation, as saved in kdnas_arch.json
+    result: DistillResult  # its distillation, as saved in kdnas_arch.json (no pooled projection)
     world_size: int = 1
     teacher: str | None = None
     params: int | None = None
@@ -55,13 +55,28 @@ class FinalStudent:
     n_texts: int | None = None
     onnx: str | None = None
     onnx_int8: str | None = None
+    registered: dict | None = None  # its model in the MLflow registry (name, version, aliases), when tracked
 
     def exported(self, latency: LatencyConfig) -> FinalStudent:
         files = export_student(self.path, latency)
-        return replace(self, onnx=files["onnx"], onnx_int8=files["onnx_int8"])
+        return replace(self, onnx=files.onnx, onnx_int8=files.onnx_int8)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        d = {k: v for k, v in asdict(replace(self, result=None)).items() if v is not None}
+        return d | {"result": self.result.to_dict()}
+
+
+@dataclass(frozen=True)
+class ExportedFiles:
+    """A saved student's ONNX files (``export_student``)."""
+
+    arch: str
+    arch_id: str
+    onnx: str
+    onnx_int8: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def student_dir(cfg: KDNASConfig, arch: StudentArch) -> Path:
@@ -139,7 +154,7 @@ def distill_student(
         meta["sentence"] = {"pooling": head.pooling, "normalize": head.normalize, "teacher_space": head.teacher_space}
         path = save_student(student, tokenizer, arch, out_dir, meta, head)
         remove_checkpoint(ckpt)
-    return FinalStudent(arch.name, arch.arch_id, str(path), result.to_dict(), meta["world_size"],
+    return FinalStudent(arch.name, arch.arch_id, str(path), replace(result, pooled_projection=None), meta["world_size"],
                         cfg.teacher.name, count_parameters(student), count_parameters(ws.teacher.model), len(ws.splits.get(split)))
 
 
@@ -183,13 +198,15 @@ def _final_student(cfg: KDNASConfig, ws: Workspace, arch: StudentArch, folder: P
         log("final-reused", arch)
         # killed after saving the student but before removing its checkpoint: tidy up
         remove_checkpoint(checkpoint_path(cfg, folder, "train", cfg.distill.final.max_steps))
-        return FinalStudent(arch.name, arch.arch_id, str(folder), meta["result"], meta.get("world_size", 1))
+        return FinalStudent(arch.name, arch.arch_id, str(folder), DistillResult.from_dict(meta["result"]),
+                            meta.get("world_size", 1))
     log("final-start", arch, world_size=cfg.distill.world_size)
     if cfg.distill.world_size > 1:
         ws.distill_inputs("train", cfg.distill.final, arch.layers, progress)  # built once; the processes read them
         launch_torchrun(cfg, arch, folder)
         meta = saved_meta(folder)
-        summary = FinalStudent(arch.name, arch.arch_id, str(folder), meta["result"], meta["world_size"])
+        summary = FinalStudent(arch.name, arch.arch_id, str(folder), DistillResult.from_dict(meta["result"]),
+                               meta["world_size"])
     else:
         summary = distill_student(cfg, arch, split="train", out_dir=folder, ws=ws, progress=progress)
     log("final-done", arch)
@@ -214,7 +231,7 @@ def saved_student_meta(folder: Path, log=None) -> dict:
         return {}
 
 
-def export_student(student_path: str | Path, cfg: LatencyConfig) -> dict:
+def export_student(student_path: str | Path, cfg: LatencyConfig) -> ExportedFiles:
     """ONNX (fp32) and dynamic-int8 ONNX files next to a saved student: token ids and attention
     mask in, the finished sentence embedding out (pooling, teacher-space layer and normalisation
     inside the graph), as ``kdnas embed`` and the registered MLflow model use it."""
@@ -222,7 +239,7 @@ def export_student(student_path: str | Path, cfg: LatencyConfig) -> dict:
     model, arch = load_sentence_student(path)
     onnx = export_onnx(model, path / "model.onnx", cfg.opset)
     int8 = quantize_onnx(onnx, path / "model.int8.onnx")
-    return {"arch": arch.name, "arch_id": arch.arch_id, "onnx": str(onnx), "onnx_int8": str(int8)}
+    return ExportedFiles(arch.name, arch.arch_id, str(onnx), str(int8))
 
 
 def launch_torchrun(cfg: KDNASConfig, arch: StudentArch, out_dir: Path, timeout: float | None = None) -> None:

@@ -15,7 +15,7 @@ def write_search_tables(result: SearchResult, out: Path, teacher_ms: float) -> N
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "leaderboard.csv", result.leaderboard.to_csv(index=False))
     write_text(out / "pareto.csv", result.pareto.to_csv(index=False))
-    recs = pd.DataFrame(result.recommendations)
+    recs = pd.DataFrame([r.to_dict() for r in result.recommendations])
     write_text(out / "recommendations.csv", recs.to_csv(index=False))
     cols = SUMMARY_COLUMNS
     md = [f"# KD-NAS search\n\nteacher latency: {teacher_ms:.2f} ms\n", "## Leaderboard\n",
@@ -40,10 +40,10 @@ def pareto_plot(result: SearchResult, path: Path) -> Path:
     ax.plot(front["latency_ms"], front["kd_loss"], "-o", c="tab:blue", ms=5, label="Pareto front")
     for i, rec in enumerate(result.recommendations):
         color = f"C{(i + 1) % 10}"
-        ax.axvline(rec["budget_ms"], ls="--", lw=1, c=color, label=f"budget {rec['budget']}")
-        if rec["arch"]:
-            ax.scatter([rec["latency_ms"]], [rec["kd_loss"]], s=160, facecolors="none", edgecolors=color, lw=2)
-            ax.annotate(rec["arch"], (rec["latency_ms"], rec["kd_loss"]), fontsize=7, xytext=(4, 6), textcoords="offset points")
+        ax.axvline(rec.budget_ms, ls="--", lw=1, c=color, label=f"budget {rec.budget}")
+        if rec.arch:
+            ax.scatter([rec.latency_ms], [rec.kd_loss], s=160, facecolors="none", edgecolors=color, lw=2)
+            ax.annotate(rec.arch, (rec.latency_ms, rec.kd_loss), fontsize=7, xytext=(4, 6), textcoords="offset points")
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("normalised KD loss L_HS (lower is better)")
     ax.set_title("KD-NAS candidates")

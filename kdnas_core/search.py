@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -136,12 +136,35 @@ class SearchState:
                    student_init=previous.student_init)
 
 
+@dataclass(frozen=True)
+class Recommendation:
+    """The student chosen for one latency budget (``arch`` None: none fits, ``reason`` says why;
+    a ``reason`` beside an arch is a note, e.g. that nothing came near the budget)."""
+
+    budget: str
+    budget_ms: float
+    arch: str | None = None
+    arch_id: str | None = None
+    reward: float | None = None
+    kd_loss: float | None = None
+    latency_ms: float | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def chosen_archs(recommendations: Sequence[Recommendation]) -> list[str]:
+    """Each recommended architecture once, in budget order (one student can win several budgets)."""
+    return list(dict.fromkeys(r.arch for r in recommendations if r.arch))
+
+
 @dataclass
 class SearchResult:
     observations: list[Observation]
     leaderboard: pd.DataFrame
     pareto: pd.DataFrame
-    recommendations: list[dict]
+    recommendations: list[Recommendation]
     state: SearchState
 
     @property
@@ -288,7 +311,7 @@ def pareto_front(observations: Sequence[Observation]) -> pd.DataFrame:
 NEAR_BUDGET = 0.75
 
 
-def recommend(observations: Sequence[Observation], budgets_ms: Sequence[tuple[str, float]]) -> list[dict]:
+def recommend(observations: Sequence[Observation], budgets_ms: Sequence[tuple[str, float]]) -> list[Recommendation]:
     """The best-quality candidate (lowest L_HS, then fastest) within each budget. Not the best
     reward: the reward's alpha term also pays for being faster than the budget asks, which costs
     quality the user's budget allows. An impossible budget says why; a budget with no candidate
@@ -301,14 +324,12 @@ def recommend(observations: Sequence[Observation], budgets_ms: Sequence[tuple[st
             near = max(o.latency_ms for o in ok)
             note = "" if near >= NEAR_BUDGET * limit else (
                 f"no candidate within 25 % below {limit:.2f} ms (slowest within it: {near:.2f} ms)")
-            out.append({"budget": label, "budget_ms": limit, "arch": b.arch.name, "arch_id": b.arch.arch_id,
-                        "reward": b.reward, "kd_loss": b.kd_loss, "latency_ms": b.latency_ms, "reason": note})
+            out.append(Recommendation(label, limit, b.arch.name, b.arch.arch_id, b.reward, b.kd_loss, b.latency_ms, note))
         else:
             fastest = min((o for o in observations if not o.failed), key=lambda o: o.latency_ms, default=None)
             why = (f"no evaluated candidate is within {limit:.2f} ms"
                    + (f" (fastest: {fastest.arch.name} at {fastest.latency_ms:.2f} ms)" if fastest else ""))
-            out.append({"budget": label, "budget_ms": limit, "arch": None, "arch_id": None,
-                        "reward": None, "kd_loss": None, "latency_ms": None, "reason": why})
+            out.append(Recommendation(label, limit, reason=why))
     return out
 
 

@@ -1,5 +1,5 @@
 """A search of one config in its folder: where it starts (resume, new round, warm start), the
-reward, the latency predictor, and the plain loop without Prefect."""
+reward and the latency predictor (the job around it: kdnas_core.pipeline)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ from pathlib import Path
 from kdnas_core.config import KDNASConfig
 from kdnas_core.controller import FiltersProposals, TargetsBudgets, make_controller
 from kdnas_core.errors import KdnasError
-from kdnas_core.evaluators import (
-    EventLog,
-    ProxyEvaluator,
-    RecordedEvaluator,
-    teacher_latency,
-)
 from kdnas_core.keys import key
 from kdnas_core.latency import LatencyPredictor, predictor_path
 from kdnas_core.lock import exclusive
-from kdnas_core.progress import Progress
 from kdnas_core.reports import write_search_tables
 from kdnas_core.reward import budgeted_reward, parse_budget, reward
 from kdnas_core.search import (
@@ -32,7 +25,6 @@ from kdnas_core.search import (
     run_search,
 )
 from kdnas_core.search_space import SearchSpace
-from kdnas_core.workspace import Workspace
 
 
 def search_dir(cfg: KDNASConfig) -> Path:
@@ -57,13 +49,13 @@ def initial_state(cfg: KDNASConfig, state_path: Path, warm_from: Path | None = N
                   research: bool = False, fresh: bool = False, teacher: str = "") -> SearchState:
     state = _initial_state(cfg, state_path, warm_from, research, fresh)
     source = warm_from if warm_from is not None and not state.observations else state_path
-    _check_compatible(state, teacher, cfg, source)
+    check_compatible(state, teacher, cfg, source)
     state.teacher = teacher or state.teacher
     state.student_init = cfg.student.init
     return state
 
 
-def _check_compatible(state: SearchState, teacher: str, cfg: KDNASConfig, source: Path) -> None:
+def check_compatible(state: SearchState, teacher: str, cfg: KDNASConfig, source: Path) -> None:
     if teacher and state.teacher and state.teacher != teacher:
         raise KdnasError(f"{source}: searched with another teacher (fingerprint {state.teacher}, this config's "
                          f"teacher {cfg.teacher.name!r} is {teacher}); its rewards do not apply here "
@@ -175,22 +167,3 @@ def search_in_folder(
         write_search_tables(result, out, teacher_ms)
         update_latency_predictor(cfg, result.state.history)
     return result
-
-
-def search_without_prefect(cfg: KDNASConfig, warm_from: Path | None = None, fresh: bool = False,
-                     progress: Progress = True, on_observation=None, ws: Workspace | None = None,
-                     research: bool = False) -> tuple[SearchResult, Path, float]:
-    """A full search on this machine without Prefect: resumes an interrupted run of the same
-    config, or warm-starts from another search's ``state.json``."""
-    ws = (ws or Workspace.prepare(cfg)).validate().check_tasks()
-    if warm_from is not None:  # before any work: a state of another teacher is refused at once
-        _check_compatible(SearchState.load(warm_from), ws.teacher.fingerprint, cfg, warm_from)
-    b, s = cfg.latency.reward_shape
-    teacher_ms = teacher_latency(ws, progress=progress).median(cfg.latency.reward_backend, b, s)
-    folder = search_dir(cfg)
-    log = EventLog(folder)
-    evaluate = RecordedEvaluator(ProxyEvaluator(ws, progress, on_event=log), folder, log)
-    result = search_in_folder(cfg, ws.space, teacher_ms, evaluate=evaluate, warm_from=warm_from,
-                              fresh=fresh, research=research, on_observation=on_observation,
-                              teacher=ws.teacher.fingerprint)
-    return result, folder, teacher_ms

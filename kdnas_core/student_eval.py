@@ -236,6 +236,12 @@ def write_evaluation(table: pd.DataFrame, out: Path) -> dict:
     """``evaluation.csv`` and ``evaluation.md`` next to a search's other tables."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "evaluation.csv", table.to_csv(index=False))
+    write_text(out / "evaluation.md", evaluation_markdown(table))
+    return {"csv": str(out / "evaluation.csv"), "md": str(out / "evaluation.md")}
+
+
+def evaluation_markdown(table: pd.DataFrame) -> str:
+    """The table as evaluation.md holds it: what the columns mean, the tasks, the rows."""
     tasks = table.attrs.get("tasks", [])
     md = ["# Downstream evaluation\n",
           "Gap closed = (model - untrained floor) / (teacher - floor) on each task's primary score, ± paired "
@@ -247,5 +253,4 @@ def write_evaluation(table: pd.DataFrame, out: Path) -> dict:
           *[f"| {t['task']} | {t['kind']} | {PRIMARY[t['kind']]} | {t['size']} |" for t in tasks], "",
           *[f"- note ({t['task']}): {n}" for t in tasks for n in t["notes"]], "",
           markdown_table(table[shown_columns(table)]), ""]
-    write_text(out / "evaluation.md", "\n".join(md))
-    return {"csv": str(out / "evaluation.csv"), "md": str(out / "evaluation.md")}
+    return "\n".join(md)

@@ -8,7 +8,6 @@ JSON (never pickle), so re-running a flow does not redo finished candidates.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -31,6 +30,7 @@ from kdnas_core.evaluators import (
 )
 from kdnas_core.final import export_student, final_student
 from kdnas_core.keys import KEYS, key
+from kdnas_core.pipeline import EvaluationTable
 from kdnas_core.progress import Report, every
 from kdnas_core.search import Evaluation
 from kdnas_core.search_space import StudentArch
@@ -173,7 +173,7 @@ def final_distill(cfg: dict, arch: str) -> dict:
 @task(name="export-onnx", task_run_name=_arch_run_name("export-onnx"))
 def export_onnx_task(cfg: dict, arch: str, student_path: str) -> dict:
     c = config_from_dict(cfg)
-    return export_student(student_path, c.latency)
+    return export_student(student_path, c.latency).to_dict()
 
 
 def publish_search_tables(result, teacher: str, teacher_ms: float) -> None:
@@ -185,23 +185,18 @@ def publish_search_tables(result, teacher: str, teacher_ms: float) -> None:
 
     create_markdown_artifact(markdown_table(result.leaderboard[SUMMARY_COLUMNS]), key="kdnas-leaderboard",
                              description=f"KD-NAS leaderboard ({teacher}, {teacher_ms:.2f} ms)")
-    create_markdown_artifact(markdown_table(pd.DataFrame(result.recommendations).drop(columns=["arch_id"])),
+    create_markdown_artifact(markdown_table(pd.DataFrame([r.to_dict() for r in result.recommendations]).drop(columns=["arch_id"])),
                              key="kdnas-recommendations", description="best student per latency budget")
 
 
 @task(name="evaluate-students")
 def evaluate_students_task(cfg: dict, student_dirs: list[str], out_dir: str) -> dict:
     """Downstream table of the final students (teacher, student, untrained floor) written next
-    to the search's tables; returns the rows, each student's MLflow metrics and the file paths."""
+    to the search's tables; returns the rows, the tasks and the file paths (an EvaluationTable's fields)."""
     c = config_from_dict(cfg)
     table = evaluate_students(workspace(c), student_dirs, progress=run_progress())
     files = write_evaluation(table, Path(out_dir))
     create_markdown_artifact(Path(files["md"]).read_text(), key="kdnas-evaluation",
                              description="downstream quality of the final students")
-    # via JSON: NaN becomes None, numpy scalars become plain numbers
-    rows = json.loads(table.to_json(orient="records"))
-    # Each student's own row (not its floor's) as MLflow metrics.
-    metrics = {r["arch"]: {f"downstream.{k}": v for k, v in r.items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "params_m"}
-               for r in rows if r["role"] == "student"}
-    return {"rows": rows, "metrics": metrics, "tasks": table.attrs["tasks"], **files}
+    ev = EvaluationTable.from_frame(table, files)
+    return {"rows": ev.rows, "tasks": ev.tasks, **ev.files}

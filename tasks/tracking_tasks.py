@@ -12,6 +12,8 @@ from infra.tracking import Tracker, TrackingError
 from kdnas_core.atomic import write_json
 from kdnas_core.config import KDNASConfig, config_from_dict
 from kdnas_core.latency import count_flops
+from kdnas_core.final import FinalStudent
+from kdnas_core.search import Recommendation
 from kdnas_core.search_space import StudentArch
 
 RETRY = dict(retries=2, retry_delay_seconds=5)
@@ -125,18 +127,20 @@ def track_candidate(cfg: dict, parent: str, obs: dict, report: dict | None, curv
                                  obs["arch"], err)
 
 
-def close_search_run(cfg: dict, parent: str, out: Path, finals: dict[str, dict], recommendations: list[dict],
-                     metrics: dict[str, dict]) -> dict:
+def close_search_run(cfg: dict, parent: str, out: Path, finals: dict[str, FinalStudent],
+                     recommendations: list[Recommendation], metrics: dict[str, dict]) -> tuple[dict, dict[str, dict]]:
     """Register the final students (an alias per budget), sync candidates and results, upload
-    what was spooled during an outage and close the parent run. The tracking server may have
-    gone away during the search: every result is already on disk, so one clear failure and a
-    rerun that syncs is all that is needed; nothing is redone then."""
+    what was spooled during an outage and close the parent run; the spool's account and each
+    student's registered model. The tracking server may have gone away during the search: every
+    result is already on disk, so one clear failure and a rerun that syncs is all that is
+    needed; nothing is redone then."""
     c = config_from_dict(cfg)
+    registered: dict[str, dict] = {}
     try:
         for arch, f in finals.items():
-            chosen_for = [r["budget"] for r in recommendations if r["arch"] == arch]
-            numbers = {k: v for k, v in f["result"].items() if isinstance(v, (int, float))} | metrics.get(arch, {})
-            f["registered"] = register_student(cfg, parent, f["path"], chosen_for, numbers)
+            chosen_for = [r.budget for r in recommendations if r.arch == arch]
+            numbers = {k: v for k, v in f.result.to_dict().items() if isinstance(v, (int, float))} | metrics.get(arch, {})
+            registered[arch] = register_student(cfg, parent, f.path, chosen_for, numbers)
         sync_candidates(cfg, parent, str(out / "state.json"))
         log_search_results(cfg, parent, str(out))
     except Exception as err:  # noqa: BLE001 - say what is safe and how to finish
@@ -152,4 +156,4 @@ def close_search_run(cfg: dict, parent: str, out: Path, finals: dict[str, dict],
         raise TrackingError(f"artifact store still unavailable after {spool['waited_s']:.0f} s: {spool['pending']} "
                             f"artifacts are kept in {spool['spool']} and are uploaded by the next run of this search")
     finish_search_run(cfg, parent)
-    return spool
+    return spool, registered

@@ -158,6 +158,25 @@ def registered_student(tiny_config, monkeypatch):
     return {"tracker": tracker, "student": Path(student.path), "uri": f"models:/{reg['model']}@budget-0_9x", **reg}
 
 
+def embed_onnx(onnx_path: Path, tokenizer, texts: list[str], max_length: int, batch_size: int = 64):
+    """Embeddings from an exported ONNX file, tokenised by transformers and kdnas_core.data: a
+    second, independent way of running the file that the product's one ONNX path
+    (kdnas_core.onnx_embedder.OnnxEmbedder, tokenizers only) is checked against."""
+    import numpy as np
+
+    from kdnas_core.data import length_bucketed_batches, tokenize
+    from kdnas_core.latency import ort_session
+
+    sess = ort_session(Path(onnx_path), 2, 1)
+    out = None
+    for batch in length_bucketed_batches(tokenize(list(texts), tokenizer, max_length), batch_size, seed=0, shuffle=False):
+        (pooled,) = sess.run(None, {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy()})
+        if out is None:
+            out = np.empty((len(texts), pooled.shape[-1]), dtype=np.float32)
+        out[batch.index.numpy()] = pooled
+    return out
+
+
 @pytest.fixture(scope="session")
 def onnx_reference():
     """``(student folder, texts, onnx file name) -> embeddings`` as kdnas's own ONNX path gives
@@ -165,8 +184,6 @@ def onnx_reference():
     import json
 
     from transformers import AutoTokenizer
-
-    from kdnas_core.evaluate import embed_onnx
 
     def reference(student: Path, texts: list[str], onnx: str = "model.onnx"):
         limit = json.loads((student / "sentence_bert_config.json").read_text())["max_seq_length"]

@@ -11,7 +11,7 @@ from kdnas_core.config import config_from_dict
 from kdnas_core.final import final_student
 from kdnas_core.packaged import load_packaged
 from kdnas_core.search_space import StudentArch
-from kdnas_core.searching import search_without_prefect
+from kdnas_core.pipeline import search_without_prefect
 from kdnas_core.student_eval import evaluate_students
 from kdnas_core.workspace import Workspace
 
@@ -67,7 +67,7 @@ def test_a_tiny_multilingual_teacher_through_search_trimming_export_and_evaluati
     ws = Workspace.prepare(cfg)
     assert len(ws.splits.sources) > 300  # each translation has its English original as target
     result, _, _ = search_without_prefect(cfg, ws=ws, progress=False)
-    arch = StudentArch.from_name(result.recommendations[0]["arch"])
+    arch = StudentArch.from_name(result.recommendations[0].arch)
     final = final_student(cfg, ws, arch, progress=False).exported(cfg.latency)
 
     student = AutoModel.from_pretrained(final.path)

@@ -7,7 +7,7 @@ from transformers import AutoModel
 
 from kdnas_core.config import config_from_dict
 from kdnas_core.final import distill_student
-from kdnas_core.searching import search_without_prefect
+from kdnas_core.pipeline import search_without_prefect
 from kdnas_core.workspace import Workspace
 
 
@@ -43,9 +43,9 @@ def test_small_real_search_completes_resumes_and_recommends(tiny_ws):
     assert len(result.observations) == 4 == len({o.arch.arch_id for o in result.observations})
     assert all(0 <= o.kd_loss <= 1 and o.latency_ms > 0 for o in result.observations)
     assert teacher_ms > 0 and (out / "state.json").is_file() and (out / "report.md").is_file()
-    recs = {r["budget"]: r for r in result.recommendations}
-    assert recs["1000ms"]["kd_loss"] == min(o.kd_loss for o in result.observations)  # best quality within it
-    assert recs["0.001ms"]["arch"] is None
+    recs = {r.budget: r for r in result.recommendations}
+    assert recs["1000ms"].kd_loss == min(o.kd_loss for o in result.observations)  # best quality within it
+    assert recs["0.001ms"].arch is None
     # The measured latencies trained this hardware's predictor; the next search uses it.
     from kdnas_core.controller import LSTMRewardController
     from kdnas_core.latency import LatencyPredictor, predictor_path

@@ -131,11 +131,11 @@ def test_results_leaderboard_pareto_and_budgets():
     budgets = budgets_in_ms([parse_budget("0.05x"), parse_budget("1000ms"), parse_budget("0.0001x")], TEACHER_MS)
     recs = recommend(res.observations, budgets)
     for rec, (_, limit) in zip(recs, budgets):
-        if rec["arch"] is not None:  # the best quality within the budget, not the best reward
-            assert rec["latency_ms"] <= limit
-            assert rec["kd_loss"] == min(o.kd_loss for o in res.observations if o.latency_ms <= limit)
-    assert recs[1]["kd_loss"] == min(o.kd_loss for o in res.observations)
-    assert recs[2]["arch"] is None and "no evaluated candidate is within 0.03 ms (fastest: " in recs[2]["reason"]
+        if rec.arch is not None:  # the best quality within the budget, not the best reward
+            assert rec.latency_ms <= limit
+            assert rec.kd_loss == min(o.kd_loss for o in res.observations if o.latency_ms <= limit)
+    assert recs[1].kd_loss == min(o.kd_loss for o in res.observations)
+    assert recs[2].arch is None and "no evaluated candidate is within 0.03 ms (fastest: " in recs[2].reason
 
 
 def test_a_budget_without_candidates_near_it_is_reported():
@@ -144,9 +144,9 @@ def test_a_budget_without_candidates_near_it_is_reported():
     arch = StudentArch(2, 384, 6, 512)
     fast = [Observation(arch, 0.5, 10.0, 0.6, 0)]
     (rec,) = recommend(fast, [("0.5x", 100.0)])
-    assert rec["arch"] == arch.name and "no candidate within 25 % below 100.00 ms (slowest within it: 10.00 ms)" in rec["reason"]
+    assert rec.arch == arch.name and "no candidate within 25 % below 100.00 ms (slowest within it: 10.00 ms)" in rec.reason
     (rec,) = recommend(fast + [Observation(StudentArch(4, 384, 6, 512), 0.3, 80.0, 0.5, 0)], [("0.5x", 100.0)])
-    assert rec["arch"] == "L4-H384-A6-F512-gelu" and rec["reason"] == ""  # better quality, slower, within budget
+    assert rec.arch == "L4-H384-A6-F512-gelu" and rec.reason == ""  # better quality, slower, within budget
 
 
 def test_bad_state_file(tmp_path):
@@ -246,4 +246,4 @@ def test_a_warm_start_from_a_wider_space_keeps_only_what_the_new_space_allows():
         res = run_search(LSTMRewardController(capped, cfg, 1), evaluate, reward_fn,
                          SearchConfig(episodes=2, candidates_per_episode=4), state=state, budgets_ms=budgets, seed=1)
     assert res.observations and all(o.arch in capped for o in res.state.history)
-    assert all(StudentArch.from_name(r["arch"]) in capped for r in res.recommendations if r["arch"])
+    assert all(StudentArch.from_name(r.arch) in capped for r in res.recommendations if r.arch)

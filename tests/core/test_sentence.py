@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from kdnas_core.config import load_config
-from kdnas_core.evaluate import embed, embed_onnx
+from kdnas_core.evaluate import embed
+from kdnas_core.onnx_embedder import OnnxEmbedder
 from kdnas_core.final import distill_student, export_student
 from kdnas_core.sentence import (
     SentenceEncoder,
@@ -86,10 +87,10 @@ def test_the_onnx_file_gives_the_finished_embedding(teacher_space_student):
     files = export_student(student.path, ws.cfg.latency)
     model, _ = load_sentence_student(student.path)
     ours = embed(model, ws.teacher.tokenizer, TEXTS, 24)
-    onnx = embed_onnx(files["onnx"], ws.teacher.tokenizer, TEXTS, 24, batch_size=3)  # padded batches
+    onnx = OnnxEmbedder(student.path, "fp32", batch_size=3)(TEXTS)  # padded batches
     np.testing.assert_allclose(onnx, ours, atol=1e-4)
-    int8 = embed_onnx(files["onnx_int8"], ws.teacher.tokenizer, TEXTS, 24)
-    assert int8.shape == ours.shape
+    int8 = OnnxEmbedder(student.path, "int8")(TEXTS)
+    assert int8.shape == ours.shape and files.onnx_int8.endswith("model.int8.onnx")
 
 
 def test_a_plain_teacher_gives_a_student_in_its_own_space(tiny_config):

@@ -40,7 +40,7 @@ def test_candidates_fan_out_over_two_dask_workers_and_match_the_local_search(das
 
     from flows.search import kdnas
     from kdnas_core.config import load_config
-    from kdnas_core.searching import search_without_prefect
+    from kdnas_core.pipeline import search_without_prefect
 
     four = {"search.candidates_per_episode": 4}  # two per worker each episode
     # The same search on this machine alone (plain loop, so no Prefect task cache is shared with
