@@ -35,7 +35,7 @@ distilled with ``inherit.init_projections`` as this checkout has it, everything 
 
 from __future__ import annotations
 
-from bench.common import RESULTS, ROOT, add_common_args, argv_of, header, out_folder, smoke_config
+from bench.common import GENERAL_MIX, RESULTS, ROOT, add_common_args, argv_of, header, out_folder, smoke_config
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -58,19 +58,19 @@ from kdnas_core.distill import distill  # noqa: E402
 from kdnas_core.evaluate import (  # noqa: E402
     ModelEval,
     compare,
-    embed_onnx,
     evaluate_encoder,
     evaluate_model,
 )
 from kdnas_core.evaluators import ProxyEvaluator, teacher_latency  # noqa: E402
-from kdnas_core.final import student_head  # noqa: E402
+from kdnas_core.final import export_student, student_head  # noqa: E402
+from kdnas_core.onnx_embedder import OnnxEmbedder  # noqa: E402
 from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head  # noqa: E402
 from kdnas_core.inherit import full_width  # noqa: E402
-from kdnas_core.latency import export_onnx, profile_model, quantize_onnx  # noqa: E402
+from kdnas_core.latency import profile_model  # noqa: E402
 from kdnas_core.reports import markdown_table  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
 from kdnas_core.searching import search_in_folder  # noqa: E402
-from kdnas_core.student import build_student, untrained_floor  # noqa: E402
+from kdnas_core.student import build_student, save_student, untrained_floor  # noqa: E402
 from kdnas_core.student_eval import PRIMARY, describe_tasks, evaluate_static  # noqa: E402
 from kdnas_core.teachers import load_teacher  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
@@ -138,6 +138,8 @@ def make_config(args, scale: dict, work: Path) -> KDNASConfig:
     }
     if args.cache_dir:
         overrides["paths.cache_dir"] = str(args.cache_dir)
+    if getattr(args, "mix", False) and not args.smoke:  # the search's proxy texts come from the mix too
+        overrides |= {"data.source": "mix", "data.path": None, "data.mix": GENERAL_MIX}
     return config_from_dict(apply_overrides(base, overrides), "headline benchmark config")
 
 
@@ -335,14 +337,16 @@ def evaluate_rows(ws: Workspace, rows: list[Row], int8_of: Row | None, work: Pat
             r.eval = evaluate_model(r.model, tok, r.name, ws.tasks, ws.fidelity_texts, e, max_len, cache, seed,
                                     progress=True)
     if int8_of is not None:
-        # The int8 ONNX file a user deploys, scored on what it outputs.
+        # The int8 ONNX file a user deploys, saved and exported as a final student is and run as
+        # `kdnas embed` and the registered MLflow model run it (OnnxEmbedder: its own tokenizer file).
         folder = work / "onnx" / _slug(int8_of.name)
-        fp32 = export_onnx(int8_of.model, folder / "model.onnx", ws.cfg.latency.opset)
-        int8 = quantize_onnx(fp32, folder / "model.int8.onnx")
-        tok = ws.teacher.tokenizer
+        if not (folder / "model.int8.onnx").is_file():
+            arch = StudentArch.from_name(int8_of.arch)
+            save_student(int8_of.model.encoder, ws.teacher.tokenizer, arch, folder, head=int8_of.model.head)
+            export_student(folder, ws.cfg.latency)
+        embedder = OnnxEmbedder(folder, "int8", batch_size=e.batch_size)
         row = Row(f"{int8_of.name}, int8 ONNX", "kd-nas int8", int8_of.arch, None, floor=int8_of.floor)
-        row.eval = evaluate_encoder(lambda texts: embed_onnx(int8, tok, texts, max_len, e.batch_size), row.name,
-                                    ws.tasks, ws.fidelity_texts, e, seed, int8_of.eval.params)
+        row.eval = evaluate_encoder(embedder, row.name, ws.tasks, ws.fidelity_texts, e, seed, int8_of.eval.params)
         row.latency = {"ort-int8": int8_of.latency.get("ort-int8", {})}
         rows.insert(rows.index(int8_of) + 1, row)
 
@@ -598,6 +602,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--work", type=Path, default=None, help="work folder (default runs/headline-<variant>)")
     p.add_argument("--cache-dir", type=Path, default=None, help="override paths.cache_dir")
     p.add_argument("--no-off-the-shelf", action="store_true", help="skip the MiniLM-L6-as-shipped row")
+    p.add_argument("--mix", action="store_true", help="distil on the general English mix (WordNet, GCIDE, tweets; "
+                   "bench.common.GENERAL_MIX) instead of the config's corpus")
     args = p.parse_args(argv)
     variant = "smoke" if args.smoke else "small" if args.small else "full"
     args.out = out_folder(args.out, args.smoke, RESULTS)
@@ -630,7 +636,7 @@ def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, a
     kdnas, rnd, kdnas_random, n_distinct, n_new = run_searches(ws, cfg, teacher_ms)
     phase["searches"] = time.perf_counter() - t0
     reused = [] if n_new else ["searches"]
-    picks = [r for r in kdnas.recommendations if r["arch"]]
+    picks = [r for r in kdnas.recommendations if r.arch]
     if not picks:
         raise SystemExit(f"KD-NAS found no student within any budget: {kdnas.recommendations}")
     target = picks[0]
@@ -646,36 +652,36 @@ def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, a
         # closed sits beside the students' and the first comparison a user makes can be read.
         rows.append(with_floor(shipped, untrained_floor(mini.model.config, seed)))
     t0 = time.perf_counter()
-    for r in hand_picked(ws, target["latency_ms"], seed):
+    for r in hand_picked(ws, target.latency_ms, seed):
         rows.append(r if r.floor else with_floor(r, untrained_floor(r.model.config, seed)))
     phase["hand-picking"] = time.perf_counter() - t0
     if (static := static_row(ws, work)) is not None:
         rows.append(static)
-    rbest = next((r for r in rnd.recommendations if r["budget"] == target["budget"] and r["arch"]), None)
+    rbest = next((r for r in rnd.recommendations if r.budget == target.budget and r.arch), None)
     random_note = "random search found nothing within the target budget"
-    if rbest and rbest["arch"] == target["arch"]:
-        random_note = f"random search's best within {target['budget']} is the KD-NAS pick itself ({target['arch']})"
+    if rbest and rbest.arch == target.arch:
+        random_note = f"random search's best within {target.budget} is the KD-NAS pick itself ({target.arch})"
     elif rbest:
-        a = StudentArch.from_name(rbest["arch"])
+        a = StudentArch.from_name(rbest.arch)
         random_note = ""
         rows.append(inherited_row(ws, a, f"random search best {a.name}", "random-search"))
     int8_of = None
     for rec in picks:
-        a = StudentArch.from_name(rec["arch"])
+        a = StudentArch.from_name(rec.arch)
         if any(r.kind == "kd-nas" and r.arch == a.name for r in rows):
-            next(r for r in rows if r.kind == "kd-nas" and r.arch == a.name).note += f", {rec['budget']}"
+            next(r for r in rows if r.kind == "kd-nas" and r.arch == a.name).note += f", {rec.budget}"
             continue
-        row = inherited_row(ws, a, f"KD-NAS {a.name} (budget {rec['budget']})", "kd-nas", f"budget {rec['budget']}")
+        row = inherited_row(ws, a, f"KD-NAS {a.name} (budget {rec.budget})", "kd-nas", f"budget {rec.budget}")
         rows.append(row)
         int8_of = int8_of or row
-    for rec in (r for r in kdnas_random.recommendations if r["arch"]):
-        a = StudentArch.from_name(rec["arch"])
+    for rec in (r for r in kdnas_random.recommendations if r.arch):
+        a = StudentArch.from_name(rec.arch)
         if (same := next((r for r in rows if r.kind == "kd-nas random init" and r.arch == a.name), None)) is not None:
-            same.note += f", {rec['budget']}"
+            same.note += f", {rec.budget}"
             continue
         student = build_student(a, ws.teacher, seed)
-        rows.append(with_floor(Row(f"KD-NAS, random init {a.name} (budget {rec['budget']})", "kd-nas random init",
-                                   a.name, student, distil=True, note=f"budget {rec['budget']}"),
+        rows.append(with_floor(Row(f"KD-NAS, random init {a.name} (budget {rec.budget})", "kd-nas random init",
+                                   a.name, student, distil=True, note=f"budget {rec.budget}"),
                                untrained_floor(student.config, seed)))
     all_rows = [x for r in rows for x in ([r] + [y for y in (r.inherited, r.floor) if y is not None])]
 
@@ -718,7 +724,7 @@ def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, a
         f"- scale: final distillation on {len(ws.splits.train)} train texts x {cfg.distill.final.epochs} epochs "
         f"(batch {cfg.data.batch_size}), same for every student row; search {cfg.search.episodes} episodes x "
         f"{cfg.search.candidates_per_episode} candidates for KD-NAS and for random search on {len(ws.splits.proxy)} proxy "
-        f"texts ({n_distinct} distinct archs distilled); budgets {', '.join(cfg.reward.budgets)} (target {target['budget']}).",
+        f"texts ({n_distinct} distinct archs distilled); budgets {', '.join(cfg.reward.budgets)} (target {target.budget}).",
         *[f"- task {t['task']} ({t['kind']}, {PRIMARY[t['kind']]}): {t['size']}" for t in describe_tasks(ws)],
         "- every scored text lies outside what the students were distilled on; gap closed = (row - its untrained "
         "floor) / (teacher - floor) per task, ± paired-bootstrap SE; summary = mean over the tasks ± SE [95 % interval].",
