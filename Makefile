@@ -39,8 +39,8 @@ demo: install
 distill: install
 	$(BIN)/kdnas distill --config $(CONFIG) --arch $(ARCH)
 
-# The default suite (under 15 minutes on 2 cores); the long reliability runs and the benchmarks'
-# smoke runs are separate.
+# The default suite (measured 2026-12-05: 624 tests in 953 s on the 2-core AMD EPYC box, over the
+# 15 minutes it should take); the long reliability runs and the benchmarks' smoke runs are separate.
 test: install
 	$(BIN)/python -m pytest -q -m "not reliability and not bench"
 
