@@ -9,6 +9,8 @@ import struct
 
 import numpy as np
 
+from kdnas_core.errors import TeacherError
+
 
 def _normaliser_trie(norm: dict[int, str]) -> tuple[dict, bytes]:
     """A byte trie over the UTF-8 of every mapped character (the value, under key None, is the

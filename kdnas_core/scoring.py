@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kdnas_core.config import ProbeConfig
+from kdnas_core.errors import EvalError
 from kdnas_core.eval_tasks import Encode, Task
 
 # --------------------------------------------------------------------------------------------

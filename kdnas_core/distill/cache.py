@@ -175,8 +175,6 @@ class CachedTeacherStates:
         return cls(meta, arrays, stats, path)
 
 
-
-
 def _array_widths(layers: tuple[int, ...], hidden: int, relation_layer: int | None) -> dict[str, int]:
     """Name and width of each packed array of a teacher-state cache."""
     widths = {f"layer_{l}": hidden for l in layers}
@@ -262,8 +260,6 @@ def _finish_partial(tmp: Path, meta: dict, arrays: dict[str, np.ndarray], stats:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     # Unmap the files before their folder is renamed; the cache is read back through load().
     arrays.clear()
-
-
 
 
 def cache_bytes(n_tokens: int, layers: tuple[int, ...], hidden: int, relation_layer: int | None) -> int:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from kdnas_core.config import LossWeights
 from kdnas_core.errors import KdnasError
-from kdnas_core.teachers import Teacher
-
 
 
 MAPPINGS = ("uniform", "last", "uniform+last", "all-to-one")

@@ -4,7 +4,6 @@ standardise them."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import warnings
@@ -23,7 +22,6 @@ from kdnas_core.errors import KdnasError
 from kdnas_core.progress import Progress, track
 from kdnas_core.sentence import pool
 from kdnas_core.teachers import Teacher, find_qkv
-
 
 
 _CACHE_SETTING = "the teacher-state cache (paths.cache_dir)"

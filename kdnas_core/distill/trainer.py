@@ -4,7 +4,6 @@ start included), checkpoints to resume from, data parallelism, bf16 autocast."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time
