@@ -170,6 +170,35 @@ def add_common_args(parser, default_out: Path, smoke_help: str = "", group=None)
                              "with --smoke a new temporary folder)")
 
 
+# ---------------------------------------------------------------------------------------- students
+
+
+def final_distilled(ws, student, batches, states, eval_states, init_heads, folder: Path):
+    """``student`` final-distilled on ``batches`` with ``ws``'s recipe and saved in ``folder`` as a
+    final student ships (safetensors, with its sentence head: teacher space where the teacher has
+    one); a folder holding ``result.json`` is a finished run and is reused. Returns the model as a
+    SentenceEncoder and the DistillResult as a dict, without its loss curve."""
+    from transformers import AutoModel
+
+    from kdnas_core.distill import distill
+    from kdnas_core.final import student_head
+    from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head
+
+    done = folder / "result.json"
+    if done.is_file():
+        model = AutoModel.from_pretrained(folder, use_safetensors=True)
+        return SentenceEncoder(model, read_head(folder) or SentenceHead()), json.loads(done.read_text())
+    cfg = ws.cfg
+    res = distill(student, states, batches, cfg.distill, cfg.distill.final, eval_batches=ws.batches("eval"),
+                  eval_states=eval_states, seed=cfg.seed, init_heads=init_heads, pooling=ws.teacher.head.pooling)
+    head = student_head(cfg, ws, res.pooled_projection)
+    student.save_pretrained(folder, safe_serialization=True)
+    write_head(folder, head, student.config.hidden_size)
+    result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"}
+    done.write_text(json.dumps(result, indent=2))
+    return SentenceEncoder(student, head), result
+
+
 # ---------------------------------------------------------------------------------------- smoke
 
 

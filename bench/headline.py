@@ -35,7 +35,17 @@ distilled with ``inherit.init_projections`` as this checkout has it, everything 
 
 from __future__ import annotations
 
-from bench.common import GENERAL_MIX, RESULTS, ROOT, add_common_args, argv_of, header, out_folder, smoke_config
+from bench.common import (
+    GENERAL_MIX,
+    RESULTS,
+    ROOT,
+    add_common_args,
+    argv_of,
+    final_distilled,
+    header,
+    out_folder,
+    smoke_config,
+)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -54,7 +64,6 @@ from kdnas_core.config import (  # noqa: E402
     apply_overrides,
     config_from_dict,
 )
-from kdnas_core.distill import distill  # noqa: E402
 from kdnas_core.evaluate import (  # noqa: E402
     ModelEval,
     compare,
@@ -62,9 +71,8 @@ from kdnas_core.evaluate import (  # noqa: E402
     evaluate_model,
 )
 from kdnas_core.evaluators import ProxyEvaluator, teacher_latency  # noqa: E402
-from kdnas_core.final import export_student, student_head  # noqa: E402
+from kdnas_core.final import export_student  # noqa: E402
 from kdnas_core.onnx_embedder import OnnxEmbedder  # noqa: E402
-from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head  # noqa: E402
 from kdnas_core.inherit import full_width  # noqa: E402
 from kdnas_core.latency import profile_model  # noqa: E402
 from kdnas_core.reports import markdown_table  # noqa: E402
@@ -274,34 +282,17 @@ def run_searches(ws: Workspace, cfg: KDNASConfig, teacher_ms: float):
 def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:
     """Full-corpus distillation of every student row with one shared teacher-state cache; each
     result is saved (safetensors) so a rerun skips finished students."""
-    from transformers import AutoModel
-
     todo = [r for r in rows if r.distil]
     distilled = 0
     layers = ws.layers_for(sorted({r.model.config.num_hidden_layers for r in todo}))
     states = ws.cached_states("train", layers)
     eval_states = ws.eval_states(layers)
-    cfg = ws.cfg
     for r in todo:
         folder = work / "students" / _slug(r.name)
-        done = folder / "result.json"
-        if done.is_file():
-            r.model = SentenceEncoder(AutoModel.from_pretrained(folder, use_safetensors=True),
-                                      read_head(folder) or SentenceHead())
-            r.result = json.loads(done.read_text())
-            continue
-        print(f"distilling {r.name}", flush=True)
-        res = distill(r.model, states, ws.batches("train"), cfg.distill, cfg.distill.final,
-                      eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, init_heads=r.init_heads,
-                      pooling=ws.teacher.head.pooling)
-        # as a final student ships: with its sentence head (teacher space where the teacher has one)
-        head = student_head(cfg, ws, res.pooled_projection)
-        r.model.save_pretrained(folder, safe_serialization=True)
-        write_head(folder, head, r.model.config.hidden_size)
-        r.model = SentenceEncoder(r.model, head)
-        r.result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"}
-        done.write_text(json.dumps(r.result, indent=2))
-        distilled += 1
+        if not (folder / "result.json").is_file():
+            print(f"distilling {r.name}", flush=True)
+            distilled += 1
+        r.model, r.result = final_distilled(ws, r.model, ws.batches("train"), states, eval_states, r.init_heads, folder)
     return distilled
 
 

@@ -20,11 +20,21 @@ a reading of the trend, not a promise.
 
 from __future__ import annotations
 
-from bench.common import GENERAL_MIX, RESULTS, ROOT, add_common_args, argv_of, header, out_folder, publish, smoke_config
+from bench.common import (
+    GENERAL_MIX,
+    RESULTS,
+    ROOT,
+    add_common_args,
+    argv_of,
+    final_distilled,
+    header,
+    out_folder,
+    publish,
+    smoke_config,
+)
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -36,12 +46,9 @@ import yaml  # noqa: E402
 from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.corpora import WORDNET_ROOT  # noqa: E402
 from kdnas_core.data import TokenizedTexts, length_bucketed_batches  # noqa: E402
-from kdnas_core.distill import distill  # noqa: E402
 from kdnas_core.evaluate import compare  # noqa: E402
-from kdnas_core.final import student_head  # noqa: E402
 from kdnas_core.reports import markdown_table  # noqa: E402
 from kdnas_core.search_space import StudentArch  # noqa: E402
-from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head  # noqa: E402
 from kdnas_core.student_eval import PRIMARY, describe_tasks  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
@@ -93,25 +100,11 @@ def first_texts(ws: Workspace, n: int) -> list:
 
 def distil_point(ws: Workspace, start, arch: StudentArch, n: int, states, eval_states, folder: Path):
     """The student distilled on the first ``n`` texts (reused from ``folder`` when finished)."""
-    from transformers import AutoModel
-
-    done = folder / "result.json"
-    if done.is_file():
-        model = SentenceEncoder(AutoModel.from_pretrained(folder, use_safetensors=True), read_head(folder) or SentenceHead())
-        return model, json.loads(done.read_text())
-    print(f"distilling {arch.name} on {n} texts", flush=True)
-    cfg = ws.cfg
-    student = copy.deepcopy(start.model)
-    res = distill(student, states, first_texts(ws, n), cfg.distill, cfg.distill.final,
-                  eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed,
-                  init_heads=start.init_heads, pooling=ws.teacher.head.pooling)
-    head = student_head(cfg, ws, res.pooled_projection)
-    folder.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(folder, safe_serialization=True)
-    write_head(folder, head, student.config.hidden_size)
-    result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"}
-    done.write_text(json.dumps(result, indent=2))
-    return SentenceEncoder(student, head), result
+    if not (folder / "result.json").is_file():
+        print(f"distilling {arch.name} on {n} texts", flush=True)
+    # every point starts from the same inherited weights
+    return final_distilled(ws, copy.deepcopy(start.model), first_texts(ws, n), states, eval_states, start.init_heads,
+                           folder)
 
 
 def fit_log_line(ns: list[int], ys: list[float]) -> tuple[float, float] | None:

@@ -11,11 +11,17 @@ from kdnas_core.atomic import write_text
 from kdnas_core.search import SUMMARY_COLUMNS, SearchResult
 
 
+def recommendations_frame(result: SearchResult) -> pd.DataFrame:
+    """One row per budget (recommendations.csv; report.md and Prefect's artifact show it without
+    the arch_id column)."""
+    return pd.DataFrame([r.to_dict() for r in result.recommendations])
+
+
 def write_search_tables(result: SearchResult, out: Path, teacher_ms: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "leaderboard.csv", result.leaderboard.to_csv(index=False))
     write_text(out / "pareto.csv", result.pareto.to_csv(index=False))
-    recs = pd.DataFrame([r.to_dict() for r in result.recommendations])
+    recs = recommendations_frame(result)
     write_text(out / "recommendations.csv", recs.to_csv(index=False))
     cols = SUMMARY_COLUMNS
     md = [f"# KD-NAS search\n\nteacher latency: {teacher_ms:.2f} ms\n", "## Leaderboard\n",

@@ -178,14 +178,12 @@ def export_onnx_task(cfg: dict, arch: str, student_path: str) -> dict:
 
 def publish_search_tables(result, teacher: str, teacher_ms: float) -> None:
     """The leaderboard and the recommendations as Prefect artifacts (shown in Prefect's UI)."""
-    import pandas as pd
-
-    from kdnas_core.reports import markdown_table
+    from kdnas_core.reports import markdown_table, recommendations_frame
     from kdnas_core.search import SUMMARY_COLUMNS
 
     create_markdown_artifact(markdown_table(result.leaderboard[SUMMARY_COLUMNS]), key="kdnas-leaderboard",
                              description=f"KD-NAS leaderboard ({teacher}, {teacher_ms:.2f} ms)")
-    create_markdown_artifact(markdown_table(pd.DataFrame([r.to_dict() for r in result.recommendations]).drop(columns=["arch_id"])),
+    create_markdown_artifact(markdown_table(recommendations_frame(result).drop(columns=["arch_id"])),
                              key="kdnas-recommendations", description="best student per latency budget")
 
 
