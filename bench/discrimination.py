@@ -25,10 +25,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from kdnas_core.config import apply_overrides, config_from_dict  # noqa: E402
-from kdnas_core.evaluate import gap_closed, gap_draws  # noqa: E402
-from kdnas_core.reports import markdown_table  # noqa: E402
+from kdnas_core.evaluation.evaluate import gap_closed, gap_draws  # noqa: E402
+from kdnas_core.search.reports import markdown_table  # noqa: E402
 from kdnas_core.student import load_student, saved_meta, untrained_floor  # noqa: E402
-from kdnas_core.student_eval import describe_tasks  # noqa: E402
+from kdnas_core.evaluation.table import describe_tasks  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
 

@@ -40,7 +40,7 @@ from kdnas_core.config import apply_overrides, config_from_dict, load_config  # 
 from kdnas_core.data import collate, length_bucketed_batches  # noqa: E402
 from kdnas_core.distill import CachedTeacherStates, LiveTeacherStates, distill  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
-from kdnas_core.search_space import StudentArch  # noqa: E402
+from kdnas_core.search.space import StudentArch  # noqa: E402
 from kdnas_core.student import build_student, count_parameters  # noqa: E402
 
 TARGET_TEACHER, TARGET_SPEEDUP = "mpnet-base", 3.0

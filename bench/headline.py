@@ -64,23 +64,23 @@ from kdnas_core.config import (  # noqa: E402
     apply_overrides,
     config_from_dict,
 )
-from kdnas_core.evaluate import (  # noqa: E402
+from kdnas_core.evaluation.evaluate import (  # noqa: E402
     ModelEval,
     compare,
     evaluate_encoder,
     evaluate_model,
 )
-from kdnas_core.evaluators import ProxyEvaluator, teacher_latency  # noqa: E402
+from kdnas_core.search.candidates import ProxyEvaluator, teacher_latency  # noqa: E402
 from kdnas_core.final import export_student  # noqa: E402
 from kdnas_core.onnx_embedder import OnnxEmbedder  # noqa: E402
 from kdnas_core.inherit import full_width  # noqa: E402
 from kdnas_core.latency import profile_model  # noqa: E402
-from kdnas_core.reports import markdown_table  # noqa: E402
-from kdnas_core.search_space import StudentArch  # noqa: E402
-from kdnas_core.searching import search_in_folder  # noqa: E402
+from kdnas_core.search.reports import markdown_table  # noqa: E402
+from kdnas_core.search.space import StudentArch  # noqa: E402
+from kdnas_core.search.runner import search_in_folder  # noqa: E402
 from kdnas_core.student import build_student, save_student, untrained_floor  # noqa: E402
-from kdnas_core.student_eval import PRIMARY, describe_tasks, evaluate_static  # noqa: E402
-from kdnas_core.teachers import load_teacher  # noqa: E402
+from kdnas_core.evaluation.table import PRIMARY, describe_tasks, evaluate_static  # noqa: E402
+from kdnas_core.teachers.loading import load_teacher  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
 # Per variant: base config and default scale. "full" is the mpnet-base benchmark, cut to
@@ -178,7 +178,7 @@ def static_row(ws: Workspace, work: Path) -> Row | None:
     except ImportError as err:
         print(f"no model2vec row: {err}", flush=True)
         return None
-    from kdnas_core.teachers import _resolve_path
+    from kdnas_core.teachers.loading import _resolve_path
 
     folder = work / "model2vec"
     dims = min(256, ws.teacher.hidden)

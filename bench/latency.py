@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from kdnas_core.config import apply_overrides, config_from_dict, load_config  # noqa: E402
-from kdnas_core.evaluators import profile_arch, teacher_latency  # noqa: E402
+from kdnas_core.search.candidates import profile_arch, teacher_latency  # noqa: E402
 from kdnas_core.latency import LatencyPredictor, params_baseline, predictor_error  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 

@@ -60,13 +60,13 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from kdnas_core.config import apply_overrides, config_from_dict  # noqa: E402
-from kdnas_core.evaluators import ProxyEvaluator, latency_profile  # noqa: E402
+from kdnas_core.search.candidates import ProxyEvaluator, latency_profile  # noqa: E402
 from kdnas_core.final import final_student  # noqa: E402
 from kdnas_core.inherit import full_width  # noqa: E402
-from kdnas_core.reports import markdown_table  # noqa: E402
-from kdnas_core.search_space import StudentArch  # noqa: E402
+from kdnas_core.search.reports import markdown_table  # noqa: E402
+from kdnas_core.search.space import StudentArch  # noqa: E402
 from kdnas_core.pipeline import search_without_prefect  # noqa: E402
-from kdnas_core.student_eval import describe_tasks, evaluate_students  # noqa: E402
+from kdnas_core.evaluation.table import describe_tasks, evaluate_students  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
 # The fortunes' languages (zh_CN for zh) and French: every language the evaluation scores.

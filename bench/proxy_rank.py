@@ -25,12 +25,12 @@ from pathlib import Path  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from kdnas_core.config import apply_overrides, config_from_dict  # noqa: E402
-from kdnas_core.evaluators import ProxyEvaluator, latency_profile, teacher_latency  # noqa: E402
+from kdnas_core.search.candidates import ProxyEvaluator, latency_profile, teacher_latency  # noqa: E402
 from kdnas_core.final import final_student  # noqa: E402
 from kdnas_core.latency import count_params  # noqa: E402
-from kdnas_core.reports import markdown_table  # noqa: E402
-from kdnas_core.reward import reward  # noqa: E402
-from kdnas_core.student_eval import evaluate_students  # noqa: E402
+from kdnas_core.search.reports import markdown_table  # noqa: E402
+from kdnas_core.search.reward import reward  # noqa: E402
+from kdnas_core.evaluation.table import evaluate_students  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
 

@@ -46,10 +46,10 @@ import yaml  # noqa: E402
 from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.corpora import WORDNET_ROOT  # noqa: E402
 from kdnas_core.data import TokenizedTexts, length_bucketed_batches  # noqa: E402
-from kdnas_core.evaluate import compare  # noqa: E402
-from kdnas_core.reports import markdown_table  # noqa: E402
-from kdnas_core.search_space import StudentArch  # noqa: E402
-from kdnas_core.student_eval import PRIMARY, describe_tasks  # noqa: E402
+from kdnas_core.evaluation.evaluate import compare  # noqa: E402
+from kdnas_core.search.reports import markdown_table  # noqa: E402
+from kdnas_core.search.space import StudentArch  # noqa: E402
+from kdnas_core.evaluation.table import PRIMARY, describe_tasks  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
 DEFAULTS = dict(students=["L3-H768-A12-F384-gelu"], sizes=[1000, 4000, 16000], epochs=3, probe_train=3000,

@@ -30,11 +30,11 @@ from kdnas_core.config import (  # noqa: E402
     config_from_dict,
     load_config,
 )
-from kdnas_core.controller import make_controller  # noqa: E402
-from kdnas_core.reward import reward  # noqa: E402
-from kdnas_core.search import run_search  # noqa: E402
-from kdnas_core.search_space import SearchSpace  # noqa: E402
-from kdnas_core.synthetic import additive_landscape  # noqa: E402
+from kdnas_core.search.controller import make_controller  # noqa: E402
+from kdnas_core.search.reward import reward  # noqa: E402
+from kdnas_core.search.loop import run_search  # noqa: E402
+from kdnas_core.search.space import SearchSpace  # noqa: E402
+from kdnas_core.search.synthetic import additive_landscape  # noqa: E402
 
 KINDS = ("lstm", "random", "evolution")
 
@@ -79,11 +79,11 @@ def synthetic(args) -> str:
 
 
 def real(args) -> str:
-    from kdnas_core.evaluators import ProxyEvaluator, teacher_latency
-    from kdnas_core.searching import make_reward_fn
+    from kdnas_core.search.candidates import ProxyEvaluator, teacher_latency
+    from kdnas_core.search.runner import make_reward_fn
     from kdnas_core.workspace import Workspace
-    from kdnas_core.reward import parse_budget
-    from kdnas_core.search import budgets_in_ms
+    from kdnas_core.search.reward import parse_budget
+    from kdnas_core.search.loop import budgets_in_ms
 
     if args.smoke:
         cfg = config_from_dict(smoke_config(args.out / "work"), "smoke")

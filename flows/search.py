@@ -21,13 +21,13 @@ from infra.dask_runner import dask_cluster, task_runner
 from infra.dask_runner import resources as dask_resources
 from infra.preflight import check_services
 from kdnas_core.config import KDNASConfig, config_from_parameters
-from kdnas_core.evaluators import EventLog, RecordedEvaluator
+from kdnas_core.search.candidates import EventLog, RecordedEvaluator
 from kdnas_core.final import FinalStudent
 from kdnas_core.pipeline import EvaluationTable, final_from_dict, run_search_job
 from kdnas_core.progress import Phases
-from kdnas_core.search import Evaluation
-from kdnas_core.search_space import StudentArch
-from kdnas_core.searching import search_dir, search_in_folder
+from kdnas_core.search.loop import Evaluation
+from kdnas_core.search.space import StudentArch
+from kdnas_core.search.runner import search_dir, search_in_folder
 from tasks.search_tasks import (
     evaluate_students_task,
     evaluation_from,

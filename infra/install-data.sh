@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian packages that hold the packaged evaluation sets (kdnas_core/packaged.py): the SWORD
+# Debian packages that hold the packaged evaluation sets (kdnas_core/evaluation/packaged.py): the SWORD
 # Bible modules and the diatheke reader, and the tools whose message catalogues are translations;
 # also the fortunes corpus of configs/multilingual.yaml. Installs only what is missing, so reruns are free.
 # Without root (and without password-less sudo) it prints the command to run and exits 0:

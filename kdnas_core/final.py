@@ -14,17 +14,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from kdnas_core.atomic import check_can_write
-from kdnas_core.checkpoint import remove_checkpoint
+from kdnas_core.files.atomic import check_can_write
+from kdnas_core.files.checkpoint import remove_checkpoint
 from kdnas_core.config import KDNASConfig, LatencyConfig
 from kdnas_core.distill import DataParallel, DistillResult, distill
 from kdnas_core.errors import ArchError, KdnasError
-from kdnas_core.evaluators import EventLog
+from kdnas_core.search.candidates import EventLog
 from kdnas_core.keys import key
 from kdnas_core.latency import export_onnx, quantize_onnx
-from kdnas_core.lock import exclusive
+from kdnas_core.files.lock import exclusive
 from kdnas_core.progress import Progress
-from kdnas_core.search_space import StudentArch
+from kdnas_core.search.space import StudentArch
 from kdnas_core.sentence import SentenceHead
 from kdnas_core.student import (
     TRAINING_BYTES_PER_PARAM,
@@ -170,10 +170,10 @@ def student_head(cfg: KDNASConfig, ws: Workspace, projection) -> SentenceHead:
 
 def trimmed(cfg: KDNASConfig, ws: Workspace, student) -> tuple[object, object, dict | None]:
     """The student and its tokenizer as saved: with ``student.vocab: corpus`` only the tokens of
-    the distillation corpus and ``student.vocab_texts`` (see kdnas_core/vocab.py)."""
+    the distillation corpus and ``student.vocab_texts`` (see kdnas_core/teachers/vocab.py)."""
     if cfg.student.vocab == "teacher":
         return student, ws.teacher.tokenizer, None
-    from kdnas_core.vocab import trim_to_corpus
+    from kdnas_core.teachers.vocab import trim_to_corpus
 
     # The held-out eval split is left out: fidelity is measured on it, as on unseen text.
     texts = list(ws.splits.train) + list(ws.splits.proxy)

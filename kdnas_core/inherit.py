@@ -42,7 +42,7 @@ from torch import nn
 
 from kdnas_core.data import Batch
 from kdnas_core.errors import ArchError, TeacherError
-from kdnas_core.search_space import StudentArch, activation_named
+from kdnas_core.search.space import StudentArch, activation_named
 
 LAYER_STRATEGIES = ("uniform", "first", "importance")
 # Part of a cached importance file: bump it when a measure changes, so stale caches are refused.

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdnas_core.atomic import temporary_sibling, user_permissions, write_json
+from kdnas_core.files.atomic import temporary_sibling, user_permissions, write_json
 from kdnas_core.config import LatencyConfig
 from kdnas_core.errors import KdnasError
 from kdnas_core.progress import Progress, track
-from kdnas_core.search_space import StudentArch
+from kdnas_core.search.space import StudentArch
 from kdnas_core.sentence import SentenceEncoder
 
 BACKENDS = ("ort-fp32", "ort-int8", "torch", "cuda")

@@ -91,7 +91,7 @@ class OnnxEmbedder:
         except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
             raise EmbedError(f"{folder / 'tokenizer.json'}: not a readable tokenizer file "
                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-        # As kdnas_core.teachers.tokenizer_problem: a tokenizer far smaller than the model's
+        # As kdnas_core.teachers.loading.tokenizer_problem: a tokenizer far smaller than the model's
         # vocabulary (another model's, or an empty one) would embed nearly every word as [UNK].
         vocab = _read_int(folder, "config.json", "vocab_size")
         if vocab is not None and self.tokenizer.get_vocab_size() < vocab // 2:

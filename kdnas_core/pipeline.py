@@ -19,20 +19,20 @@ import pandas as pd
 
 from kdnas_core.config import KDNASConfig
 from kdnas_core.distill import DistillResult
-from kdnas_core.evaluators import EventLog, ProxyEvaluator, RecordedEvaluator, teacher_latency
+from kdnas_core.search.candidates import EventLog, ProxyEvaluator, RecordedEvaluator, teacher_latency
 from kdnas_core.final import FinalStudent, final_student
 from kdnas_core.progress import Phases, Progress
-from kdnas_core.reports import markdown_table
-from kdnas_core.search import SUMMARY_COLUMNS, Recommendation, SearchResult, SearchState, chosen_archs
-from kdnas_core.search_space import StudentArch
-from kdnas_core.searching import check_compatible, search_dir, search_in_folder
-from kdnas_core.student_eval import evaluate_students, evaluation_markdown, summary_lines, write_evaluation
+from kdnas_core.search.reports import markdown_table
+from kdnas_core.search.loop import SUMMARY_COLUMNS, Recommendation, SearchResult, SearchState, chosen_archs
+from kdnas_core.search.space import StudentArch
+from kdnas_core.search.runner import check_compatible, search_dir, search_in_folder
+from kdnas_core.evaluation.table import evaluate_students, evaluation_markdown, summary_lines, write_evaluation
 from kdnas_core.workspace import Workspace
 
 
 @dataclass(frozen=True)
 class EvaluationTable:
-    """The downstream table of a job's students (``student_eval.evaluate_students``): one row per
+    """The downstream table of a job's students (``evaluation.table.evaluate_students``): one row per
     model (teacher, each student, what it inherited, its floor), the tasks it was scored on, and
     the files it was written to."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdnas_core.atomic import (
+from kdnas_core.files.atomic import (
     MANIFEST,
     PARTIAL_MARKER,
     commit_dir,
@@ -26,7 +26,7 @@ from kdnas_core.atomic import (
     write_manifest,
 )
 from kdnas_core.errors import ArchError
-from kdnas_core.search_space import StudentArch
+from kdnas_core.search.space import StudentArch
 from kdnas_core.seeding import seed_torch
 from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from kdnas_core.atomic import check_free_space, write_json
+from kdnas_core.files.atomic import check_free_space, write_json
 from kdnas_core.config import KDNASConfig, TrainBudget
 from kdnas_core.data import (
     Batch,
@@ -37,8 +37,8 @@ from kdnas_core.distill import (
     teacher_layers_needed,
 )
 from kdnas_core.errors import ArchError, ConfigError, DataError
-from kdnas_core.eval_tasks import Task, load_tasks
-from kdnas_core.evaluate import ModelEval, evaluate_model
+from kdnas_core.evaluation.downstream import Task, load_tasks
+from kdnas_core.evaluation.evaluate import ModelEval, evaluate_model
 from kdnas_core.inherit import (
     IMPORTANCE_VERSION,
     Importance,
@@ -51,10 +51,10 @@ from kdnas_core.inherit import (
     supports_inheritance,
 )
 from kdnas_core.progress import Progress
-from kdnas_core.search_space import SearchSpace, StudentArch
+from kdnas_core.search.space import SearchSpace, StudentArch
 from kdnas_core.sentence import SentenceEncoder
 from kdnas_core.student import build_student, check_fits_in_memory, untrained_floor
-from kdnas_core.teachers import Teacher, load_teacher
+from kdnas_core.teachers.loading import Teacher, load_teacher
 
 
 @dataclass

@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from kdnas_core.config import KDNASConfig, config_from_dict
-from kdnas_core.evaluators import (
+from kdnas_core.search.candidates import (
     EventLog,
     LatencyProfile,
     ProxyEvaluator,
@@ -32,10 +32,10 @@ from kdnas_core.final import export_student, final_student
 from kdnas_core.keys import KEYS, key
 from kdnas_core.pipeline import EvaluationTable
 from kdnas_core.progress import Report, every
-from kdnas_core.search import Evaluation
-from kdnas_core.search_space import StudentArch
-from kdnas_core.searching import search_dir
-from kdnas_core.student_eval import evaluate_students, write_evaluation
+from kdnas_core.search.loop import Evaluation
+from kdnas_core.search.space import StudentArch
+from kdnas_core.search.runner import search_dir
+from kdnas_core.evaluation.table import evaluate_students, write_evaluation
 from kdnas_core.workspace import Workspace
 
 _LOCK = threading.Lock()
@@ -178,8 +178,8 @@ def export_onnx_task(cfg: dict, arch: str, student_path: str) -> dict:
 
 def publish_search_tables(result, teacher: str, teacher_ms: float) -> None:
     """The leaderboard and the recommendations as Prefect artifacts (shown in Prefect's UI)."""
-    from kdnas_core.reports import markdown_table, recommendations_frame
-    from kdnas_core.search import SUMMARY_COLUMNS
+    from kdnas_core.search.reports import markdown_table, recommendations_frame
+    from kdnas_core.search.loop import SUMMARY_COLUMNS
 
     create_markdown_artifact(markdown_table(result.leaderboard[SUMMARY_COLUMNS]), key="kdnas-leaderboard",
                              description=f"KD-NAS leaderboard ({teacher}, {teacher_ms:.2f} ms)")

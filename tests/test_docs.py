@@ -164,7 +164,7 @@ def test_key_resolution():
     assert resolve_key("runner.resources.GPU") is None  # dict-valued
     assert resolve_key("distill.learning_rate") is not None
     assert resolve_key("distill.lr.x") is not None
-    assert KEY.findall("see `search_space.cap_activation`, not kdnas_core/search.py") == ["search_space.cap_activation"]
+    assert KEY.findall("see `search_space.cap_activation`, not kdnas_core/search/loop.py") == ["search_space.cap_activation"]
 
 
 # --------------------------------------------------------------------------- make targets

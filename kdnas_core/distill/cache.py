@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdnas_core.atomic import (
+from kdnas_core.files.atomic import (
     check_free_space,
     commit_dir,
     discard_partial,
@@ -26,7 +26,7 @@ from kdnas_core.config import DistillConfig
 from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches
 from kdnas_core.errors import ConfigError
 from kdnas_core.progress import Progress, track
-from kdnas_core.teachers import Teacher
+from kdnas_core.teachers.loading import Teacher
 
 from kdnas_core.distill.targets import (
     _CACHE_SETTING,

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdnas_core.atomic import check_free_space, write_npy
+from kdnas_core.files.atomic import check_free_space, write_npy
 from kdnas_core.config import LossWeights
 from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches, tokenize
 from kdnas_core.errors import KdnasError
 from kdnas_core.progress import Progress, track
 from kdnas_core.sentence import pool
-from kdnas_core.teachers import Teacher, find_qkv
+from kdnas_core.teachers.loading import Teacher, find_qkv
 
 
 _CACHE_SETTING = "the teacher-state cache (paths.cache_dir)"

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kdnas_core.checkpoint import (
+from kdnas_core.files.checkpoint import (
     UnusableCheckpoint,
     find_checkpoint,
     load_checkpoint,

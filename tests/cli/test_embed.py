@@ -10,7 +10,7 @@ import pytest
 
 from kdnas.cli import main
 from kdnas_core.config import load_config
-from kdnas_core.evaluate import embed
+from kdnas_core.evaluation.evaluate import embed
 from kdnas_core.final import distill_student
 from kdnas_core.student import load_sentence_student
 

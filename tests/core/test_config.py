@@ -69,7 +69,7 @@ def test_section_hash_tracks_only_named_sections(tmp_path):
 
 def test_the_final_budget_does_not_change_the_search_folder():
     from kdnas_core.config import KDNASConfig
-    from kdnas_core.searching import search_dir
+    from kdnas_core.search.runner import search_dir
 
     base = KDNASConfig()
     longer_final = KDNASConfig.model_validate({"distill": {"final": {"epochs": 5}, "checkpoint_every": 10}})

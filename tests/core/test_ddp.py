@@ -25,7 +25,7 @@ def _run(cfg):
 
     from kdnas_core.final import final_student
     from kdnas_core.workspace import Workspace
-    from kdnas_core.search_space import StudentArch
+    from kdnas_core.search.space import StudentArch
 
     summary = final_student(cfg, Workspace.prepare(cfg).validate(), StudentArch(2, 64, 4, 128, "gelu"), progress=False)
     return summary.to_dict(), load_file(f"{summary.path}/model.safetensors")
@@ -33,7 +33,7 @@ def _run(cfg):
 
 def _start(cfg) -> dict[str, np.ndarray]:
     """The student's weights before its first step (cut from the teacher: deterministic)."""
-    from kdnas_core.search_space import StudentArch
+    from kdnas_core.search.space import StudentArch
     from kdnas_core.workspace import Workspace
 
     model = Workspace.prepare(cfg).build_student(StudentArch(2, 64, 4, 128, "gelu"))

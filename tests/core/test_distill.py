@@ -17,7 +17,7 @@ from kdnas_core.distill import (
     teacher_layers_needed,
 )
 from kdnas_core.errors import KdnasError
-from kdnas_core.search_space import StudentArch
+from kdnas_core.search.space import StudentArch
 from kdnas_core.student import build_student
 
 MSE_ONLY = LossWeights(hidden_mse=1.0, pooled_cosine=0.0)
@@ -332,7 +332,7 @@ def test_translation_targets_put_a_translation_where_the_teacher_puts_its_source
     English source embeds the German messages near those sources; distilled on the same texts
     with their own targets it does not. Seeded, about 15 s."""
     from kdnas_core.distill import SourceTargets, source_embeddings
-    from kdnas_core.packaged import load_packaged
+    from kdnas_core.evaluation.packaged import load_packaged
     from kdnas_core.sentence import pool
 
     teacher = minilm_teacher

@@ -24,7 +24,7 @@ from kdnas_core.inherit import (
     supports_inheritance,
 )
 from kdnas_core.latency import export_onnx
-from kdnas_core.search_space import StudentArch
+from kdnas_core.search.space import StudentArch
 from kdnas_core.student import save_student
 
 SENTENCES = [

@@ -20,7 +20,7 @@ from kdnas_core.latency import (
     quantize_onnx,
     summarize,
 )
-from kdnas_core.search_space import SearchSpace, StudentArch
+from kdnas_core.search.space import SearchSpace, StudentArch
 from kdnas_core.student import build_student, count_parameters
 
 QUICK = LatencyConfig(grid=[(1, 16), (2, 8)], warmup=1, runs=3, backends=["ort-fp32", "ort-int8", "torch"])

@@ -9,10 +9,10 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast, XLMR
 
 from kdnas_core.config import config_from_dict
 from kdnas_core.final import final_student
-from kdnas_core.packaged import load_packaged
-from kdnas_core.search_space import StudentArch
+from kdnas_core.evaluation.packaged import load_packaged
+from kdnas_core.search.space import StudentArch
 from kdnas_core.pipeline import search_without_prefect
-from kdnas_core.student_eval import evaluate_students
+from kdnas_core.evaluation.table import evaluate_students
 from kdnas_core.workspace import Workspace
 
 pytestmark = pytest.mark.slow

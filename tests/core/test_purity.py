@@ -31,6 +31,51 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _core_imports(path: Path) -> set[str]:
+    """The kdnas_core modules ``path`` imports, anywhere in it (without the prefix)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("kdnas_core."):
+            out.add(node.module.removeprefix("kdnas_core."))
+        elif isinstance(node, ast.Import):
+            out |= {a.name.removeprefix("kdnas_core.") for a in node.names if a.name.startswith("kdnas_core.")}
+    return out
+
+
+# What each room may import. The search's algorithm (space, controller, reward, loop, synthetic)
+# is tested on synthetic problems without a model, so it never reaches for teachers, students,
+# distillation or evaluation; the file helpers sit below everything.
+ALLOWED = {
+    "files": {"errors", "files"},
+    "search.space": {"config", "errors"},
+    "search.reward": {"errors"},
+    "search.controller": {"config", "errors", "seeding", "search.space"},
+    "search.loop": {"config", "errors", "files", "search.space", "search.reward", "search.controller"},
+    "search.synthetic": {"search.space", "search.loop"},
+}
+
+
+def test_rooms_import_only_what_they_may():
+    offenders = []
+    for path in CORE.rglob("*.py"):
+        name = ".".join(path.relative_to(CORE).with_suffix("").parts)
+        rule = next((ALLOWED[k] for k in ALLOWED if name == k or name.startswith(k + ".")), None)
+        if rule is None:
+            continue
+        bad = {m for m in _core_imports(path) if not any(m == a or m.startswith(a + ".") for a in rule)}
+        offenders += [f"{name} imports {m}" for m in sorted(bad)]
+    assert not offenders, offenders
+
+
+def test_every_room_is_a_package_with_a_docstring():
+    """A newcomer reads a room's __init__ first: it says what the room holds."""
+    rooms = [d for d in CORE.iterdir() if d.is_dir() and d.name != "__pycache__"]
+    assert {"search", "distill", "evaluation", "teachers", "files"} <= {d.name for d in rooms}
+    for d in rooms:
+        init = d / "__init__.py"
+        assert init.is_file() and ast.get_docstring(ast.parse(init.read_text())), f"{d.name}/ needs a docstring"
+
+
 def test_no_import_circle_in_kdnas_core():
     """Imports inside functions count too: a circle hidden in a function is still one module
     needing the other both ways."""

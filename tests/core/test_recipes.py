@@ -47,9 +47,9 @@ def test_small_real_search_completes_resumes_and_recommends(tiny_ws):
     assert recs["1000ms"].kd_loss == min(o.kd_loss for o in result.observations)  # best quality within it
     assert recs["0.001ms"].arch is None
     # The measured latencies trained this hardware's predictor; the next search uses it.
-    from kdnas_core.controller import LSTMRewardController
+    from kdnas_core.search.controller import LSTMRewardController
     from kdnas_core.latency import LatencyPredictor, predictor_path
-    from kdnas_core.searching import attach_latency_predictor
+    from kdnas_core.search.runner import attach_latency_predictor
 
     path = predictor_path(tiny_ws.cfg.paths.cache_path(), tiny_ws.cfg.latency)
     assert path.is_file() and LatencyPredictor.load(path).predict(result.best.arch) > 0

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from kdnas_core.config import load_config
-from kdnas_core.evaluate import embed
+from kdnas_core.evaluation.evaluate import embed
 from kdnas_core.onnx_embedder import OnnxEmbedder
 from kdnas_core.final import distill_student, export_student
 from kdnas_core.sentence import (

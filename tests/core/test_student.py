@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModel
 
 from kdnas_core.errors import ArchError
-from kdnas_core.search_space import StudentArch
+from kdnas_core.search.space import StudentArch
 from kdnas_core.student import ARCH_FILE, build_student, count_parameters, load_student, save_student
 
 
@@ -58,7 +58,7 @@ def test_narrow_student_embeddings_keep_the_teachers_geometry(minilm_teacher):
 
 def test_saving_never_deletes_a_folder_kdnas_did_not_create(bert_teacher, tmp_path):
     from kdnas_core.errors import ArchError
-    from kdnas_core.search_space import StudentArch
+    from kdnas_core.search.space import StudentArch
     from kdnas_core.student import build_student, load_student, save_student
 
     arch = StudentArch(1, 32, 2, 64)

@@ -9,7 +9,7 @@ import torch
 from kdnas_core.config import DistillConfig, config_from_dict
 from kdnas_core.data import length_bucketed_batches
 from kdnas_core.distill import CachedTeacherStates, HiddenStateDistillLoss, layer_mapping
-from kdnas_core.search_space import StudentArch
+from kdnas_core.search.space import StudentArch
 from kdnas_core.workspace import Workspace
 
 
@@ -137,7 +137,7 @@ def test_translation_targets_reach_every_split_a_distillation_reads(tmp_path, to
     """A parallel csv with data.translation_targets: the train, proxy and held-out states give each
     translated text its source's teacher embedding, and the untranslated texts their own."""
     from kdnas_core.distill import SourceTargets
-    from kdnas_core.packaged import load_packaged
+    from kdnas_core.evaluation.packaged import load_packaged
     from tests.conftest import tiny_teacher
 
     pairs = load_packaged("gettext-fr", tmp_path / "cache").head(60)
@@ -186,8 +186,8 @@ def test_the_final_distillations_states_are_planned_before_any_work(tiny_config,
     """Over the bound or the free disk, the one line comes when the search starts, not after it."""
     import yaml
 
-    from kdnas_core import atomic
-    from kdnas_core.atomic import DiskFullError
+    from kdnas_core.files import atomic
+    from kdnas_core.files.atomic import DiskFullError
     from kdnas_core.errors import ConfigError
 
     raw = yaml.safe_load(tiny_config.read_text())

@@ -11,11 +11,11 @@ pytestmark = pytest.mark.slow
 
 def test_search_flow_runs_caches_and_recommends(prefect_harness, tiny_config, monkeypatch):
     from flows.search import kdnas
-    from kdnas_core import evaluators
+    from kdnas_core.search import candidates
 
     distilled = []
-    original = evaluators.ProxyEvaluator.distill
-    monkeypatch.setattr(evaluators.ProxyEvaluator, "distill",
+    original = candidates.ProxyEvaluator.distill
+    monkeypatch.setattr(candidates.ProxyEvaluator, "distill",
                         lambda self, arch, **kw: (distilled.append(arch.name), original(self, arch, **kw))[1])
 
     out = kdnas(config_path=str(tiny_config), research=False)

@@ -8,7 +8,7 @@ import torch
 
 from kdnas_core.config import LatencyConfig, config_from_dict
 from kdnas_core.final import export_student
-from kdnas_core.search_space import StudentArch
+from kdnas_core.search.space import StudentArch
 from kdnas_core.student import build_student, save_student
 
 

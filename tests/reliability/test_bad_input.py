@@ -123,9 +123,9 @@ def _damaged_student(root: Path) -> Path:
 
 
 def _state_of_random_init(root: Path) -> str:
-    from kdnas_core.controller import Observation
-    from kdnas_core.search import SearchState
-    from kdnas_core.search_space import StudentArch
+    from kdnas_core.search.controller import Observation
+    from kdnas_core.search.loop import SearchState
+    from kdnas_core.search.space import StudentArch
 
     path = root / "random-init-state.json"
     obs = Observation(StudentArch(1, 32, 2, 64), 0.5, 1.0, 0.5, 0)
@@ -333,9 +333,9 @@ def s3_with_auth():
 def _student(root: Path, tmp_path: Path) -> Path:
     from transformers import AutoModel, AutoTokenizer
 
-    from kdnas_core.search_space import StudentArch
+    from kdnas_core.search.space import StudentArch
     from kdnas_core.student import build_student, save_student
-    from kdnas_core.teachers import Teacher
+    from kdnas_core.teachers.loading import Teacher
 
     teacher = Teacher.from_model(AutoModel.from_pretrained(root / "teacher"), AutoTokenizer.from_pretrained(root / "teacher"), "t")
     arch = StudentArch(1, 32, 2, 64)

@@ -3,7 +3,7 @@ raised inside the Prefect flow. Each ends in one line (exit code 2), leaves noth
 half-written, and the rerun of the same command resumes once the fault is gone.
 
 Full disks are real: a small tmpfs mounted for the test (root on this box and in CI); where
-mounting is not allowed the test is skipped, and tests/core/test_atomic.py still injects ENOSPC.
+mounting is not allowed the test is skipped, and tests/core/files/test_atomic.py still injects ENOSPC.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def small_disk(path: Path, size: str):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                              capture_output=True).returncode == 0
     if not mounted:
-        pytest.skip("cannot mount a small tmpfs here (not root?); ENOSPC is injected in tests/core/test_atomic.py")
+        pytest.skip("cannot mount a small tmpfs here (not root?); ENOSPC is injected in tests/core/files/test_atomic.py")
     try:
         yield path
     finally:
@@ -146,7 +146,7 @@ def test_prefect_flow_errors_are_one_line_without_traceback(setup, tmp_path):
 def test_stale_temporary_folders_are_recognised_by_their_marker(setup, tmp_path):
     """A killed save leaves a marked folder: removed by the next save. A folder that only looks
     like ours by its name is the user's: kept."""
-    from kdnas_core.atomic import PARTIAL_MARKER
+    from kdnas_core.files.atomic import PARTIAL_MARKER
 
     out = tmp_path / "students"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -207,7 +207,7 @@ def test_two_candidates_profiled_on_two_threads_take_turns_exporting(bert_teache
     import torch
 
     from kdnas_core.config import LatencyConfig
-    from kdnas_core.search_space import StudentArch
+    from kdnas_core.search.space import StudentArch
     from kdnas_core.student import build_student
 
     from kdnas_core import latency
@@ -261,7 +261,7 @@ def test_embeddings_on_a_full_disk_are_one_line_and_leave_nothing(tmp_path):
     errno): `kdnas embed --output e.npy` ended in 'unexpected OSError'."""
     import numpy as np
 
-    from kdnas_core.atomic import DiskFullError, write_npy
+    from kdnas_core.files.atomic import DiskFullError, write_npy
 
     with small_disk(tmp_path / "disk", "64k") as disk:
         with pytest.raises(DiskFullError, match=r"e.npy: no space left on the device for e.npy .*rerun the same command"):

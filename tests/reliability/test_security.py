@@ -13,7 +13,7 @@ import pytest
 from kdnas_core.config import LossWeights
 from kdnas_core.data import tokenize
 from kdnas_core.distill import CachedTeacherStates, teacher_layers_needed
-from kdnas_core.evaluate import embed
+from kdnas_core.evaluation.evaluate import embed
 
 ROOT = Path(__file__).resolve().parents[2]
 
