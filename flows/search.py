@@ -37,6 +37,7 @@ from tasks.search_tasks import (
     profile_latency,
     proxy_distill,
     publish_search_tables,
+    screen_candidates,
     teacher_latency_ms,
     workspace,
 )
@@ -110,7 +111,7 @@ def evaluate_episode(c: dict, cfg: KDNASConfig, archs: list[StudentArch], dask_a
             c, [a.name for a in archs], dict(cfg.runner.resources))
     out = []
     for a, latency, proxy in zip(archs, lat, kd):
-        ev = evaluation_from(latency, proxy)
+        ev = evaluation_from(latency, proxy, cfg.reward.quality)
         if ev.failed:
             get_run_logger().warning("candidate %s failed: %s", a.name, ev.extra.get("error"))
         else:
@@ -150,9 +151,10 @@ class PrefectSteps:
             # recorded candidate out again, even where Prefect's own result cache is not shared.
             recorded = RecordedEvaluator.batch(partial(evaluate_episode, self.c, cfg, dask_address=dask_address,
                                                        side=self._reports), out, EventLog(out))
+            screen = (lambda archs: screen_candidates(self.c, [a.name for a in archs])) if cfg.search.screen else None
             result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=recorded,
                                       research=self.research, on_observation=self.observed,
-                                      teacher=workspace(cfg).teacher.fingerprint)
+                                      teacher=workspace(cfg).teacher.fingerprint, screen=screen)
         publish_search_tables(result, cfg.teacher.name, teacher_ms)
         return result
 

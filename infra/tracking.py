@@ -331,6 +331,13 @@ class Tracker:
             metrics.append(Metric("params_m", float(obs["params_m"]), now, 0))
         metrics += [Metric(_metric_key(k), float(v), now, 0) for k, v in obs.get("extra", {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        # The reward's quality term (reward.quality) and every quality signal of the proxy run
+        # (kdnas_core/search/signals.py), to chart against each other in the UI.
+        if obs.get("quality") is not None:
+            metrics.append(Metric("quality", float(obs["quality"]), now, 0))
+        metrics += [Metric(_metric_key(f"signal.{k}"), float(v), now, 0)
+                    for k, v in (obs.get("extra", {}).get("signals") or {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for backend, shapes in (latency_report or {}).get("results", {}).items():
             for shape, st in shapes.items():
                 metrics += [Metric(_metric_key(f"latency.{backend}.{shape}.{s}"), float(st[s]), now, 0)

@@ -316,6 +316,12 @@ class RewardConfig(_Section):
     # A candidate over a hard budget: excluded from that budget, or its reward scaled down.
     over_budget: Literal["exclude", "penalize"] = "exclude"
     penalty: float = Field(default=0.5, ge=0, le=1)
+    # The reward's quality term Q, measured on held-out texts after the proxy distillation
+    # (kdnas_core/search/signals.py): hidden = the paper's normalised hidden-state loss L_HS;
+    # cosine = the pooled-cosine loss alone; recall10 / cka = how the student's sentence
+    # embeddings keep the teacher's neighbourhoods (as 1 - value); translation_r1 = 1 - recall@1 of
+    # held-out translation pairs (parallel corpora only).
+    quality: Literal["hidden", "cosine", "recall10", "cka", "translation_r1"] = "hidden"
 
     @field_validator("budgets")
     @classmethod
@@ -354,6 +360,19 @@ class SearchConfig(_Section):
     # Prefect tasks run at once (latency profiling and proxy distillation each count): torch
     # already uses every core for one candidate, so 1 is right for a small box.
     max_parallel: int = Field(default=1, gt=0)
+    # Candidates screened each episode before any training (0: off): every student is a
+    # sub-network of the teacher, so each is scored zero-cost (``screen_signal`` of the student as
+    # cut from the teacher, forward passes only) and only the best-screened
+    # ``candidates_per_episode`` are proxy-distilled; the controller also learns from the rest.
+    screen: int = Field(default=0, ge=0)
+    screen_signal: Literal["hidden", "cosine", "recall10", "cka"] = "recall10"
+
+    @model_validator(mode="after")
+    def _screen_is_a_pool(self) -> SearchConfig:
+        if 0 < self.screen < self.candidates_per_episode:
+            raise ValueError(f"search.screen = {self.screen} screens fewer candidates than an episode distils "
+                             f"(search.candidates_per_episode = {self.candidates_per_episode}): set 0 (off) or more")
+        return self
 
 
 class RunnerConfig(_Section):
@@ -607,6 +626,19 @@ class KDNASConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _signals_have_what_they_read(self) -> KDNASConfig:
+        if self.search.screen and self.student.init != "teacher":
+            raise ValueError("search.screen scores students as cut from the teacher before any training: "
+                             "set student.init: teacher, or search.screen: 0")
+        if self.reward.quality == "translation_r1" and not (self.data.source == "messages" or self.data.source_column):
+            raise ValueError("reward.quality = 'translation_r1' needs translation pairs in the corpus "
+                             "(data.source: messages, or data.source_column)")
+        if "cosine" in (self.reward.quality, self.search.screen_signal) and self.distill.weights.pooled_cosine == 0:
+            raise ValueError("the 'cosine' quality signal is the pooled-cosine loss term: set "
+                             "distill.weights.pooled_cosine > 0, or another reward.quality / search.screen_signal")
+        return self
+
+    @model_validator(mode="after")
     def _inherited_students_fit_the_teacher(self) -> KDNASConfig:
         if self.student.init == "teacher" and not self.search_space.cap_to_teacher:
             raise ValueError("student.init = 'teacher' cuts students out of the teacher, so they cannot be "
@@ -650,7 +682,8 @@ def _parent(payload: dict, dotted: str) -> tuple[dict | None, str]:
 ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_targets": False, "data.mix": [],
                                "distill.final.eval_every": None, "distill.final.patience": None,
                                "distill.proxy.eval_every": None, "distill.proxy.patience": None,
-                               "distill.cache_max_gb": 20.0, "distill.precision": "fp32"}
+                               "distill.cache_max_gb": 20.0, "distill.precision": "fp32", "reward.quality": "hidden",
+                               "search.screen": 0, "search.screen_signal": "recall10"}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

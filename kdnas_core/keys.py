@@ -26,10 +26,14 @@ class Key:
     exclude: tuple[str, ...] = ()
     why: str = ""
     trained: bool = False  # a result of training: keyed by RECIPE too
+    # Bumped when what is cached under this key gains content (a new field of the result), so
+    # that no older entry without it is read back; other keys stay valid.
+    version: int = 0
 
     def of(self, cfg: KDNASConfig) -> str:
         h = cfg.section_hash(*self.sections, exclude=self.exclude)
-        return hashlib.sha1(f"{h}/recipe-{RECIPE}".encode()).hexdigest()[:12] if self.trained else h
+        h = hashlib.sha1(f"{h}/recipe-{RECIPE}".encode()).hexdigest()[:12] if self.trained else h
+        return hashlib.sha1(f"{h}/v{self.version}".encode()).hexdigest()[:12] if self.version else h
 
 
 # Fields that change the final students but not the search: a new final budget reuses the search.
@@ -42,8 +46,9 @@ KEYS: dict[str, Key] = {
     "workspace": Key(("seed", "teacher", "data", "search_space", "student", "distill", "paths"), exclude=TRIM,
                      why="the loaded teacher, splits and cached states of a process"),
     # A candidate's proxy distillation (Prefect's task cache and the flow's evaluator).
+    # Version 1: the result carries the trained student's quality signals (reward.quality).
     "proxy": Key(("seed", "teacher", "data", "search_space", "student", "distill"), exclude=NOT_SEARCH,
-                 why="the KD loss of one proxy distillation", trained=True),
+                 why="the KD loss and quality signals of one proxy distillation", trained=True, version=1),
     # A candidate's latency measurement (Prefect's task cache).
     "latency": Key(("teacher", "student", "latency"), exclude=TRIM, why="one candidate's measured latency (of the student's model class)"),
     # The latency of the teacher, and of students of its vocabulary, on this hardware.

@@ -26,6 +26,7 @@ from kdnas_core.search.reports import markdown_table
 from kdnas_core.search.loop import SUMMARY_COLUMNS, Recommendation, SearchResult, SearchState, chosen_archs
 from kdnas_core.search.space import StudentArch
 from kdnas_core.search.runner import check_compatible, search_dir, search_in_folder
+from kdnas_core.search.signals import zero_cost_screen
 from kdnas_core.evaluation.table import evaluate_students, evaluation_markdown, summary_lines, write_evaluation
 from kdnas_core.workspace import Workspace
 
@@ -172,9 +173,10 @@ class LocalSteps:
         folder = search_dir(self.cfg)
         log = EventLog(folder)
         evaluate = RecordedEvaluator(ProxyEvaluator(self.ws, self.progress, on_event=log), folder, log)
+        screen = zero_cost_screen(self.ws, self.cfg.search.screen_signal, self.progress) if self.cfg.search.screen else None
         return search_in_folder(self.cfg, self.ws.space, teacher_ms, evaluate=evaluate, warm_from=self.warm_from,
                                 fresh=self.fresh, research=self.research, on_observation=self.on_observation,
-                                teacher=self.ws.teacher.fingerprint)
+                                teacher=self.ws.teacher.fingerprint, screen=screen)
 
     def final_student(self, arch: str) -> FinalStudent:
         folder = search_dir(self.cfg)

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from kdnas_core.config import KDNASConfig, config_from_dict
+from kdnas_core.errors import KdnasError
 from kdnas_core.search.candidates import (
     EventLog,
     LatencyProfile,
@@ -33,6 +34,7 @@ from kdnas_core.keys import KEYS, key
 from kdnas_core.pipeline import EvaluationTable
 from kdnas_core.progress import Report, every
 from kdnas_core.search.loop import Evaluation
+from kdnas_core.search.signals import zero_cost_screen
 from kdnas_core.search.space import StudentArch
 from kdnas_core.search.runner import search_dir
 from kdnas_core.evaluation.table import evaluate_students, write_evaluation
@@ -94,13 +96,18 @@ class ArchCache(CachePolicy):
         return f"{task_ctx.task.name}-{arch.arch_id}-{KEYS[self.key].of(cfg)}"
 
 
-def evaluation_from(latency: dict | BaseException, proxy: dict | BaseException) -> Evaluation:
-    """A candidate's evaluation from its two task results; an exception in either makes it a
-    failed candidate (recorded, never recommended)."""
+def evaluation_from(latency: dict | BaseException, proxy: dict | BaseException, quality: str = "hidden") -> Evaluation:
+    """A candidate's evaluation from its two task results, ``quality`` (reward.quality) its
+    reward's quality term; an exception in either makes it a failed candidate (recorded, never
+    recommended)."""
     err = next((x for x in (proxy, latency) if isinstance(x, BaseException)), None)
     if err is not None:
         return Evaluation.failure(err)
-    return ProxyResult.from_dict(proxy).evaluation(LatencyProfile.from_dict(latency).latency_ms, worker=proxy["worker"])
+    try:
+        return ProxyResult.from_dict(proxy).evaluation(LatencyProfile.from_dict(latency).latency_ms, quality,
+                                                       worker=proxy["worker"])
+    except KdnasError as err:  # the signal is missing from this result: said once per candidate
+        return Evaluation.failure(err)
 
 
 def _arch_run_name(prefix: str):
@@ -151,6 +158,21 @@ def _where() -> str:
         return f"dask:{get_worker().name}"
     except (ImportError, ValueError):
         return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_SCREENS: dict[str, object] = {}
+
+
+@task(name="screen-candidates", cache_policy=NO_CACHE)
+def screen_candidates(cfg: dict, archs: list[str]) -> list[float]:
+    """An episode's pool scored zero-cost (search.screen): the quality loss of each candidate as
+    cut from the teacher, forward passes only, in this process's workspace."""
+    c = config_from_dict(cfg)
+    name = key("workspace", c)
+    with _LOCK:
+        if name not in _SCREENS:
+            _SCREENS[name] = zero_cost_screen(workspace(c), c.search.screen_signal)
+    return _SCREENS[name]([StudentArch.from_name(a) for a in archs])
 
 
 @task(name="profile-latency", cache_policy=ArchCache(key="latency"), persist_result=True,

@@ -34,7 +34,7 @@ from kdnas_core.distill.targets import (
 )
 from kdnas_core.distill.cache import CachedTeacherStates, cache_bytes, cache_plan, make_teacher_states
 from kdnas_core.distill.losses import HiddenStateDistillLoss, relation_kl
-from kdnas_core.distill.trainer import DataParallel, DistillResult, distill, resolve_device
+from kdnas_core.distill.trainer import DataParallel, DistillResult, distill, held_out_loss, resolve_device
 
 __all__ = [
     "CachedTeacherStates",
@@ -54,6 +54,7 @@ __all__ = [
     "cache_plan",
     "compute_stats",
     "distill",
+    "held_out_loss",
     "layer_mapping",
     "make_teacher_states",
     "pooled_only",

@@ -407,6 +407,31 @@ def _result(run: _RunState, final: float | None, parts: dict[str, float]) -> Dis
     )
 
 
+def held_out_loss(
+    student: nn.Module,
+    eval_states: TeacherStates,
+    eval_batches: list[Batch],
+    cfg: DistillConfig,
+    *,
+    init_heads: Callable[[nn.Module], None] | None = None,
+    seed: int = 0,
+    pooling: str = "mean",
+) -> tuple[float, dict[str, float]]:
+    """The held-out KD loss of ``student`` as it is, with no training step: the loss and its
+    parts (``hidden_mse``, ``pooled_cosine``, ...), the heads started as ``distill`` starts them.
+    For a student cut from the teacher this is a zero-cost quality signal (Minitron ranks its
+    candidates by forward passes only); it equals a distillation's ``initial_eval_loss``."""
+    mapping, relation = _check_targets(student, eval_states, eval_batches, cfg)
+    trainer = _set_up(student, eval_states, cfg, TrainBudget(), mapping, relation, len(eval_batches), seed, pooling)
+    if init_heads is not None:
+        init_heads(trainer.loss_fn)
+    try:
+        return _evaluate(student, trainer.loss_fn, eval_states, eval_batches, trainer.capture)
+    finally:
+        trainer.capture.close()
+        student.to("cpu")
+
+
 def distill(
     student: nn.Module,
     teacher_states: TeacherStates,

@@ -4,6 +4,7 @@ resumes without redoing one."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -17,6 +18,7 @@ from kdnas_core.latency import LatencyReport, hardware_key, profile_model
 from kdnas_core.progress import Progress
 from kdnas_core.search.reward import normalised_loss
 from kdnas_core.search.loop import BatchEvaluator, Evaluation, Evaluator
+from kdnas_core.search.signals import SignalProbe, Signals
 from kdnas_core.search.space import StudentArch
 from kdnas_core.student import TRAINING_BYTES_PER_PARAM, count_parameters
 from kdnas_core.workspace import Workspace
@@ -90,6 +92,9 @@ class ProxyResult:
     steps: int
     distill_s: float
     loss_curve: list = field(default_factory=list, repr=False)
+    # The trained student's quality signals on the held-out texts (``search.signals``), when the
+    # evaluator has a probe.
+    signals: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,10 +103,12 @@ class ProxyResult:
     def from_dict(cls, d: dict) -> ProxyResult:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
-    def evaluation(self, latency_ms: float, **extra) -> Evaluation:
-        """What the search records: the loss curve goes to tracking, not into the state."""
+    def evaluation(self, latency_ms: float, quality: str = "hidden", **extra) -> Evaluation:
+        """What the search records: the loss curve goes to tracking, not into the state.
+        ``quality`` (reward.quality) names the signal that is the reward's quality term."""
         details = {k: v for k, v in self.to_dict().items() if k not in ("kd_loss", "loss_curve")}
-        return Evaluation(self.kd_loss, latency_ms, {**details, **extra})
+        q = None if quality == "hidden" else Signals(**self.signals).quality(quality)
+        return Evaluation(self.kd_loss, latency_ms, {**details, **extra}, quality=q)
 
 
 class ProxyEvaluator:
@@ -131,14 +138,22 @@ class ProxyEvaluator:
             pooling=self.ws.teacher.head.pooling,
         )
         hidden = r.eval_parts.get("hidden_mse", r.final_eval_loss)
+        # A forward pass or two over the held-out texts: a few per cent of the proxy run.
+        signals = self.probe.of(student, r.eval_parts).to_dict()
         return ProxyResult(normalised_loss(hidden), r.final_eval_loss, r.eval_parts.get("pooled_cosine"),
-                           count_parameters(student) / 1e6, r.steps, round(r.seconds, 1), r.loss_curve)
+                           count_parameters(student) / 1e6, r.steps, round(r.seconds, 1), r.loss_curve, signals)
+
+    @functools.cached_property
+    def probe(self) -> SignalProbe:
+        """The held-out texts and the teacher's embeddings the quality signals read (built at
+        the first candidate)."""
+        return SignalProbe(self.ws)
 
     def __call__(self, arch: StudentArch) -> Evaluation:
         self.on_event("proxy-distill", arch)
         proxy = self.distill(arch)
         self.on_event("profile-latency", arch)
-        return proxy.evaluation(latency_profile(self.ws, arch, self.progress).latency_ms)
+        return proxy.evaluation(latency_profile(self.ws, arch, self.progress).latency_ms, self.ws.cfg.reward.quality)
 
 
 class EventLog:
@@ -184,7 +199,7 @@ class RecordedEvaluator:
             try:
                 d = json.loads(path.read_text())
                 self.log("evaluation-reused", arch)
-                return Evaluation(d["kd_loss"], d["latency_ms"], d.get("extra", {}))
+                return Evaluation(d["kd_loss"], d["latency_ms"], d.get("extra", {}), quality=d.get("quality"))
             except (ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)
         return None
@@ -193,7 +208,8 @@ class RecordedEvaluator:
         if ev.failed:  # not kept: a resumed search tries a failed candidate again
             self.log("evaluation-failed", arch, error=ev.extra.get("error", ""))
             return
-        write_json(self.folder / f"{arch.arch_id}.json", {"kd_loss": ev.kd_loss, "latency_ms": ev.latency_ms, "extra": ev.extra})
+        write_json(self.folder / f"{arch.arch_id}.json",
+                   {"kd_loss": ev.kd_loss, "latency_ms": ev.latency_ms, "extra": ev.extra, "quality": ev.quality})
         self.log("evaluation-done", arch)
 
     def __call__(self, arch: StudentArch) -> Evaluation:

@@ -44,12 +44,19 @@ class Observation:
     context: tuple[str | None, str | None] = (None, None)
     extra: dict = field(default_factory=dict)
     status: Literal["ok", "failed"] = "ok"
+    # The reward's quality term when reward.quality is not the paper's L_HS (None: kd_loss is it).
+    quality: float | None = None
 
     @property
     def failed(self) -> bool:
         """The candidate could not be evaluated (``extra["error"]`` says why): it is kept so the
         controller learns to avoid it, and never recommended."""
         return self.status == "failed"
+
+    @property
+    def quality_loss(self) -> float:
+        """The quality term Q of the reward (lower is better): the configured signal, else L_HS."""
+        return self.kd_loss if self.quality is None else self.quality
 
     def to_dict(self) -> dict:
         d = asdict(self)

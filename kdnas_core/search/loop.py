@@ -19,9 +19,10 @@ import pandas as pd
 
 from kdnas_core.files.atomic import write_json
 from kdnas_core.config import SearchConfig
-from kdnas_core.search.controller import Controller, Observation, PredictsRewards, context_for
+from kdnas_core.search.controller import Controller, LatencyModel, Observation, PredictsRewards, context_for
 from kdnas_core.errors import KdnasError
 from kdnas_core.search.reward import Budget
+from kdnas_core.search.screen import Screen, choose, pseudo_observations
 from kdnas_core.search.space import StudentArch
 
 
@@ -33,7 +34,11 @@ class Evaluation:
     latency_ms: float
     extra: dict = field(default_factory=dict)
     status: Literal["ok", "failed"] = "ok"
+    quality: float | None = None  # the reward's quality term Q when reward.quality is not L_HS
 
+    @property
+    def quality_loss(self) -> float:
+        return self.kd_loss if self.quality is None else self.quality
 
     @classmethod
     def failure(cls, err: BaseException) -> Evaluation:
@@ -84,6 +89,8 @@ class SearchState:
     teacher: str = ""  # fingerprint of the teacher whose students these observations are
     # How those students started (student.init); searches from before it existed were random.
     student_init: str = "random"
+    # search.screen: arch name -> zero-cost quality loss of every candidate screened so far.
+    screened: dict[str, float] = field(default_factory=dict)
 
     @property
     def history(self) -> list[Observation]:
@@ -103,6 +110,7 @@ class SearchState:
             "rng": self.rng,
             "teacher": self.teacher,
             "student_init": self.student_init,
+            "screened": dict(self.screened),
         }
 
     @classmethod
@@ -114,7 +122,7 @@ class SearchState:
             observations=[Observation.from_dict(o) for o in d["observations"]],
             prior=[Observation.from_dict(o) for o in d.get("prior", [])],
             controller=d.get("controller", {}), rng=d.get("rng"), teacher=d.get("teacher", ""),
-            student_init=d.get("student_init", "random"),
+            student_init=d.get("student_init", "random"), screened=dict(d.get("screened", {})),
         )
 
     def save(self, path: Path) -> Path:
@@ -149,6 +157,7 @@ class Recommendation:
     kd_loss: float | None = None
     latency_ms: float | None = None
     reason: str = ""
+    quality: float | None = None  # the reward's quality term, when reward.quality is not L_HS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,13 +192,19 @@ def run_search(
     on_observation: Callable[[Observation], None] | None = None,
     seed: int = 0,
     evaluate_batch: BatchEvaluator | None = None,
+    screen: Screen | None = None,
+    latency_model: LatencyModel | None = None,
 ) -> SearchResult:
     """Run (or resume) ``cfg.episodes`` episodes of ``cfg.candidates_per_episode`` evaluations.
 
     ``evaluate`` scores one architecture at a time; pass ``evaluate_batch`` instead to score an
     episode's pending candidates together (they are recorded, and the state saved, one by one
-    in proposal order either way).
+    in proposal order either way). With ``cfg.screen`` > 0 and a ``screen``, each episode scores
+    that many of the controller's candidates zero-cost and evaluates the best (``search.screen``);
+    ``latency_model`` says what a candidate's latency will be, from what was measured so far.
     """
+    screening = _Screening(screen, reward_fn, latency_model, [ms for _, ms in budgets_ms]) \
+        if screen is not None and cfg.screen else None
     state = state or SearchState(seed=seed)
     rng = random.Random(state.seed)
     if state.rng is not None:
@@ -198,7 +213,7 @@ def run_search(
     save = on_state or (lambda s: None)
     end = state.start_episode + cfg.episodes
     while state.episode < end:
-        if not state.pending and not _propose(controller, state, cfg, rng, save):
+        if not state.pending and not _propose(controller, state, cfg, rng, save, screening):
             break  # the space is exhausted
         known = {o.arch.arch_id for o in state.history}
         todo = [a for a in map(StudentArch.from_name, state.pending) if a.arch_id not in known]
@@ -211,9 +226,9 @@ def run_search(
                 extra = dict(ev.extra)
                 if arch.name in state.pending_predicted:
                     extra["predicted_reward"] = state.pending_predicted[arch.name]
-                value = 0.0 if ev.failed else reward_fn(ev.kd_loss, ev.latency_ms)
+                value = 0.0 if ev.failed else reward_fn(ev.quality_loss, ev.latency_ms)
                 obs = Observation(arch, ev.kd_loss, ev.latency_ms, value, state.episode, state.pending_context, extra,
-                                  ev.status)
+                                  ev.status, ev.quality)
                 state.observations.append(obs)
                 _abort_on_failure_streak(state, min(MAX_CONSECUTIVE_FAILURES, cfg.candidates_per_episode), save)
                 save(state)  # the result is on disk before anything else can go wrong
@@ -226,7 +241,7 @@ def run_search(
             state.pending.pop(0)
             save(state)
         state.pending = []
-        controller.update(state.history)
+        controller.update(state.history + (screening.pseudo(state) if screening else []))
         state.controller = controller.state_dict()
         state.episode += 1
         state.rng = _rng_to_json(rng.getstate())
@@ -234,12 +249,44 @@ def run_search(
     return summarize(state, budgets_ms)
 
 
+@dataclass
+class _Screening:
+    """An episode's zero-cost screen (search.screen): its scorer and what it needs to estimate a
+    candidate's reward before any training."""
+
+    screen: Screen
+    reward_fn: RewardFn
+    latency_model: LatencyModel | None
+    budgets_ms: list[float]
+
+    def propose(self, controller: Controller, state: SearchState, cfg: SearchConfig,
+                rng: random.Random) -> list[StudentArch]:
+        history = state.history
+        pool = controller.propose(history, cfg.screen, rng)
+        new = [a for a in pool if a.name not in state.screened]
+        if new:
+            state.screened.update(zip([a.name for a in new], map(float, self.screen(new))))
+        latency = self.latency_model(history) if self.latency_model else None
+        predicted = controller.predicted_rewards(history, pool) if isinstance(controller, PredictsRewards) else None
+        return choose(pool, state.screened, cfg.candidates_per_episode, self.reward_fn, latency, self.budgets_ms,
+                      NEAR_BUDGET, predicted)
+
+    def pseudo(self, state: SearchState) -> list[Observation]:
+        latency = self.latency_model(state.history) if self.latency_model else None
+        return pseudo_observations(state.history, state.screened, self.reward_fn, latency, state.episode,
+                                   context_for(state.history))
+
+
 def _propose(controller: Controller, state: SearchState, cfg: SearchConfig, rng: random.Random,
-             save: Callable[[SearchState], None]) -> bool:
+             save: Callable[[SearchState], None], screening: _Screening | None = None) -> bool:
     """Queue the next episode's proposals (saved before any is evaluated, so a resumed search
-    evaluates the same ones); False when the space has nothing new left."""
+    evaluates the same ones, and with the screen's scores, so it never screens them again);
+    False when the space has nothing new left."""
     history = state.history
-    proposals = controller.propose(history, cfg.candidates_per_episode, rng)
+    if screening is not None:
+        proposals = screening.propose(controller, state, cfg, rng)
+    else:
+        proposals = controller.propose(history, cfg.candidates_per_episode, rng)
     if not proposals:
         return False
     state.pending = [a.name for a in proposals]
@@ -284,7 +331,8 @@ SUMMARY_COLUMNS = ["rank", "arch", "arch_id", "reward", "kd_loss", "latency_ms",
 def leaderboard(observations: Sequence[Observation]) -> pd.DataFrame:
     rows = [
         {"arch": o.arch.name, "arch_id": o.arch.arch_id, "reward": o.reward, "kd_loss": o.kd_loss,
-         "latency_ms": o.latency_ms, "episode": o.episode, **o.extra}
+         **({"quality": o.quality} if o.quality is not None else {}), "latency_ms": o.latency_ms,
+         "episode": o.episode, **o.extra}
         for o in observations
     ]
     df = pd.DataFrame(rows, columns=None if rows else ["arch", "arch_id", "reward", "kd_loss", "latency_ms", "episode"])
@@ -294,12 +342,14 @@ def leaderboard(observations: Sequence[Observation]) -> pd.DataFrame:
 
 
 def pareto_front(observations: Sequence[Observation]) -> pd.DataFrame:
-    """Candidates no other candidate beats on both KD loss and latency, fastest first."""
+    """Candidates no other candidate beats on both quality (the reward's quality term: L_HS by
+    default) and latency, fastest first."""
     observations = [o for o in observations if not o.failed]
     front = [
         o for o in observations
         if not any(
-            p.kd_loss <= o.kd_loss and p.latency_ms <= o.latency_ms and (p.kd_loss < o.kd_loss or p.latency_ms < o.latency_ms)
+            p.quality_loss <= o.quality_loss and p.latency_ms <= o.latency_ms
+            and (p.quality_loss < o.quality_loss or p.latency_ms < o.latency_ms)
             for p in observations
         )
     ]
@@ -312,7 +362,7 @@ NEAR_BUDGET = 0.75
 
 
 def recommend(observations: Sequence[Observation], budgets_ms: Sequence[tuple[str, float]]) -> list[Recommendation]:
-    """The best-quality candidate (lowest L_HS, then fastest) within each budget. Not the best
+    """The best-quality candidate (lowest quality term, L_HS by default, then fastest) within each budget. Not the best
     reward: the reward's alpha term also pays for being faster than the budget asks, which costs
     quality the user's budget allows. An impossible budget says why; a budget with no candidate
     within 25 % below it says so."""
@@ -320,11 +370,12 @@ def recommend(observations: Sequence[Observation], budgets_ms: Sequence[tuple[st
     for label, limit in budgets_ms:
         ok = [o for o in observations if o.latency_ms <= limit and not o.failed]
         if ok:
-            b = min(ok, key=lambda o: (o.kd_loss, o.latency_ms))
+            b = min(ok, key=lambda o: (o.quality_loss, o.latency_ms))
             near = max(o.latency_ms for o in ok)
             note = "" if near >= NEAR_BUDGET * limit else (
                 f"no candidate within 25 % below {limit:.2f} ms (slowest within it: {near:.2f} ms)")
-            out.append(Recommendation(label, limit, b.arch.name, b.arch.arch_id, b.reward, b.kd_loss, b.latency_ms, note))
+            out.append(Recommendation(label, limit, b.arch.name, b.arch.arch_id, b.reward, b.kd_loss, b.latency_ms, note,
+                                      b.quality))
         else:
             fastest = min((o for o in observations if not o.failed), key=lambda o: o.latency_ms, default=None)
             why = (f"no evaluated candidate is within {limit:.2f} ms"

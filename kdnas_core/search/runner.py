@@ -11,7 +11,7 @@ from kdnas_core.config import KDNASConfig
 from kdnas_core.search.controller import FiltersProposals, TargetsBudgets, make_controller
 from kdnas_core.errors import KdnasError
 from kdnas_core.keys import key
-from kdnas_core.latency import LatencyPredictor, predictor_path
+from kdnas_core.latency import LatencyPredictor, count_flops, predictor_path
 from kdnas_core.files.lock import exclusive
 from kdnas_core.search.reports import write_search_tables
 from kdnas_core.search.reward import budgeted_reward, parse_budget, reward
@@ -24,7 +24,8 @@ from kdnas_core.search.loop import (
     budgets_in_ms,
     run_search,
 )
-from kdnas_core.search.space import SearchSpace
+from kdnas_core.search.screen import Screen
+from kdnas_core.search.space import SearchSpace, StudentArch
 
 
 def search_dir(cfg: KDNASConfig) -> Path:
@@ -123,6 +124,24 @@ def budget_latency_model(cfg: KDNASConfig):
     return model
 
 
+def screen_latency_model(cfg: KDNASConfig, space: SearchSpace, teacher_ms: float):
+    """``budget_latency_model``, and before it has three measurements a FLOPs share of the
+    teacher's latency: the screen of the first episode must already tell which candidates fit a
+    budget, or it would pick the largest (best-scoring) students, all over every budget."""
+    fitted = budget_latency_model(cfg)
+    b, s = cfg.latency.reward_shape
+    t = space.teacher
+    teacher_flops = count_flops(StudentArch(t.layers, t.hidden, 1, t.ffn, "gelu"), b, s)["total"] if t else None
+
+    def model(history):
+        measured = fitted(history)
+        if measured is not None or teacher_flops is None:
+            return measured
+        return lambda a: teacher_ms * count_flops(a, b, s)["total"] / teacher_flops
+
+    return model
+
+
 def update_latency_predictor(cfg: KDNASConfig, observations, hardware: str = "") -> Path | None:
     """Refit the predictor on every measured latency so far and save it for later searches."""
     measured = [o for o in observations if o.latency_ms > 0]
@@ -145,10 +164,12 @@ def search_in_folder(
     research: bool = False,
     on_observation=None,
     teacher: str = "",
+    screen: Screen | None = None,
 ) -> SearchResult:
     """The search of one config in its folder (``search_dir``): find where it starts, run the
-    episodes with the given evaluator, write the tables and refit the latency predictor. The
-    plain loop and the Prefect flow differ only in the evaluator they pass."""
+    episodes with the given evaluator (and, with search.screen, the zero-cost ``screen``), write
+    the tables and refit the latency predictor. The plain loop and the Prefect flow differ only
+    in the evaluator and screen they pass."""
     out = search_dir(cfg)
     state_path = out / "state.json"
     budgets = budgets_in_ms([parse_budget(x) for x in cfg.reward.budgets], teacher_ms)
@@ -157,13 +178,17 @@ def search_in_folder(
             shutil.rmtree(out / "evals", ignore_errors=True)
         state = initial_state(cfg, state_path, warm_from, research, fresh, teacher)
         drop_prior_outside(state, space)
-        controller = make_controller(space, cfg.controller, cfg.seed)
+        screen = screen if cfg.search.screen else None
+        # The controller's pool is what the screen scores: at least search.screen candidates.
+        ccfg = cfg.controller.model_copy(update={"pool_size": max(cfg.controller.pool_size, cfg.search.screen)})
+        controller = make_controller(space, ccfg, cfg.seed)
         attach_latency_predictor(controller, cfg, budgets)
         if isinstance(controller, TargetsBudgets) and budgets:
             controller.set_budget_targets([ms for _, ms in budgets], budget_latency_model(cfg), NEAR_BUDGET)
         result = run_search(controller, evaluate, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
                             budgets, on_state=lambda st: st.save(state_path), on_observation=on_observation,
-                            seed=state.seed, evaluate_batch=evaluate_batch)
+                            seed=state.seed, evaluate_batch=evaluate_batch, screen=screen,
+                            latency_model=screen_latency_model(cfg, space, teacher_ms) if screen else None)
         write_search_tables(result, out, teacher_ms)
         update_latency_predictor(cfg, result.state.history)
     return result

@@ -23,6 +23,7 @@ SCRIPTS = [
     ("orchestration_overhead", [], "orchestration_overhead.md"),
     ("discrimination", [], "discrimination.md"),
     ("proxy_rank", [], "proxy-rank.md"),
+    ("within_budget", [], "within-budget-smoke.md"),
     ("multilingual", ["table"], "multilingual.md"),
     ("multilingual", ["recipe"], "multilingual-recipe.md"),
     ("multilingual", ["proxy"], "multilingual-proxy-seeds.md"),

@@ -99,3 +99,24 @@ def test_apply_overrides_returns_a_new_dict_and_leaves_its_input_alone():
     assert raw == {"distill": {"lr": 1e-4, "weights": {"pooled_cosine": 5.0}}}
     assert first == {"distill": {"lr": 1e-4, "weights": {"pooled_cosine": 1.0}}, "seed": 3}
     assert second == {"distill": {"lr": 2e-4, "weights": {"pooled_cosine": 5.0}}}
+
+
+@pytest.mark.parametrize("overrides,says", [
+    ({"search": {"screen": 2, "candidates_per_episode": 4}}, "search.screen = 2 screens fewer candidates"),
+    ({"search": {"screen": 200}, "student": {"init": "random"}}, "set student.init: teacher"),
+    ({"reward": {"quality": "translation_r1"}}, "needs translation pairs in the corpus"),
+    ({"reward": {"quality": "cosine"}, "distill": {"weights": {"pooled_cosine": 0}}}, "pooled-cosine loss term"),
+])
+def test_quality_signals_and_the_screen_refuse_what_they_cannot_read_in_one_line(overrides, says):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(overrides, "x.yaml")
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_default_search_and_reward_keep_their_folder_and_keys():
+    """search.screen, search.screen_signal and reward.quality came after searches were keyed: at
+    their defaults they leave every search folder where it was."""
+    base = KDNASConfig()
+    same = config_from_dict({"search": {"screen": 0, "screen_signal": "recall10"}, "reward": {"quality": "hidden"}}, "x")
+    assert base.section_hash("search", "reward") == same.section_hash("search", "reward")
+    assert KDNASConfig(reward={"quality": "recall10"}).section_hash("reward") != base.section_hash("reward")

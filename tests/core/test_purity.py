@@ -42,7 +42,7 @@ def _core_imports(path: Path) -> set[str]:
     return out
 
 
-# What each room may import. The search's algorithm (space, controller, reward, loop, synthetic)
+# What each room may import. The search's algorithm (space, controller, reward, screen, loop, synthetic)
 # is tested on synthetic problems without a model, so it never reaches for teachers, students,
 # distillation or evaluation; the file helpers sit below everything.
 ALLOWED = {
@@ -50,7 +50,8 @@ ALLOWED = {
     "search.space": {"config", "errors"},
     "search.reward": {"errors"},
     "search.controller": {"config", "errors", "seeding", "search.space"},
-    "search.loop": {"config", "errors", "files", "search.space", "search.reward", "search.controller"},
+    "search.screen": {"search.space", "search.controller"},
+    "search.loop": {"config", "errors", "files", "search.space", "search.reward", "search.controller", "search.screen"},
     "search.synthetic": {"search.space", "search.loop"},
 }
 

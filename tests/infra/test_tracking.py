@@ -24,7 +24,8 @@ def tracker(tmp_path, monkeypatch):
 
 def _obs(arch: StudentArch) -> dict:
     return {"arch": arch.name, "arch_id": arch.arch_id, "arch_dict": arch.to_dict(), "reward": 0.25, "kd_loss": 0.7,
-            "latency_ms": 12.5, "episode": 1, "params_m": 3.2, "flops_g": 0.4, "extra": {"pooled_cosine": 0.3, "note": "x"}}
+            "latency_ms": 12.5, "episode": 1, "params_m": 3.2, "flops_g": 0.4, "quality": 0.35,
+            "extra": {"pooled_cosine": 0.3, "note": "x", "signals": {"recall10": 0.65, "translation_r1": None}}}
 
 
 def test_parent_and_child_runs_with_params_metrics_and_artifacts(tracker, tmp_path):
@@ -41,6 +42,9 @@ def test_parent_and_child_runs_with_params_metrics_and_artifacts(tracker, tmp_pa
     assert r.info.run_name == arch.arch_id and r.data.tags["mlflow.parentRunId"] == parent
     assert r.data.params["hidden"] == "64" and r.data.params["activation"] == "gelu"
     assert r.data.metrics["reward"] == 0.25 and r.data.metrics["latency.ort-fp32.1x128.p90_ms"] == 13.0
+    # The reward's quality term and the proxy run's quality signals, chartable in the UI.
+    assert r.data.metrics["quality"] == 0.35 and r.data.metrics["signal.recall10"] == 0.65
+    assert "signal.translation_r1" not in r.data.metrics
     assert [m.value for m in c.get_metric_history(child, "proxy_kd_loss")] == [1.0, 0.9, 0.8]
     assert {a.path for a in c.list_artifacts(child)} == {"arch.json", "latency.json"}
     children = c.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
