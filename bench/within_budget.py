@@ -41,7 +41,7 @@ from kdnas_core.latency import LatencyPredictor, count_params, predictor_error  
 from kdnas_core.search.candidates import ProxyEvaluator, latency_profile, teacher_latency  # noqa: E402
 from kdnas_core.search.reports import markdown_table  # noqa: E402
 from kdnas_core.search.reward import parse_budget  # noqa: E402
-from kdnas_core.search.signals import HIGHER_IS_BETTER, SignalProbe  # noqa: E402
+from kdnas_core.search.signals import HIGHER_IS_BETTER  # noqa: E402
 from kdnas_core.search.space import StudentArch  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> Path:
                                          band=args.band)
     if len(picked) < 2:
         raise SystemExit(f"only {len(picked)} architectures measured within ±{args.band:.0%} of {budget_ms:.2f} ms")
-    probe = SignalProbe(ws)
-    ev = ProxyEvaluator(ws, probe=probe)
+    ev = ProxyEvaluator(ws)
+    probe = ev.probe  # the same held-out texts and teacher embeddings for both moments
     t = ws.teacher.config
     rows, models, floors = [], {}, {}
     layers = ws.layers_for(sorted({a.layers for a, _ in picked}))

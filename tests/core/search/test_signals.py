@@ -40,15 +40,17 @@ def test_zero_cost_screen_ranks_a_pool_without_training(ws):
     assert all(s.seconds >= 0 for s in got.values())
 
 
-def test_proxy_evaluator_with_a_probe_records_the_trained_students_signals(ws):
-    ev = ProxyEvaluator(ws, progress=False, probe=SignalProbe(ws))
-    res = ev.distill(StudentArch.from_name("L1-H32-A2-F64-gelu"))
+def test_every_proxy_run_records_the_trained_students_signals_and_quality_picks_one(ws):
+    res = ProxyEvaluator(ws, progress=False).distill(StudentArch.from_name("L1-H32-A2-F64-gelu"))
     s = res.signals
-    assert 0.0 <= s["recall10"] <= 1.0 and 0.0 <= s["hidden"] <= 1.0
+    assert 0.0 <= s["recall10"] <= 1.0 and 0.0 <= s["hidden"] <= 1.0 and s["seconds"] < res.distill_s + 60
     assert s["hidden"] == pytest.approx(res.kd_loss)  # the same held-out texts as the search's L_HS
     assert s["translation_r1"] is None  # tweets: no translation pairs
-    # Without a probe the search pays nothing for them.
-    assert ProxyEvaluator(ws, progress=False).distill(StudentArch.from_name("L1-H32-A2-F64-gelu")).signals == {}
+    # reward.quality: the evaluation's quality term is the named signal; L_HS stays reported.
+    assert res.evaluation(5.0).quality is None and res.evaluation(5.0).quality_loss == res.kd_loss
+    assert res.evaluation(5.0, "recall10").quality == pytest.approx(1 - s["recall10"])
+    with pytest.raises(KdnasError, match="translation pairs"):
+        res.evaluation(5.0, "translation_r1")
 
 
 def test_a_signal_that_needs_pairs_on_a_corpus_without_them_is_one_line():
