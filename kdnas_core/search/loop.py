@@ -223,12 +223,7 @@ def run_search(
             known = {o.arch.arch_id for o in state.history}
             if arch.arch_id not in known:  # never evaluate an arch twice
                 ev = ready.pop(arch.arch_id) if arch.arch_id in ready else _evaluate_safely(evaluate, arch)
-                extra = dict(ev.extra)
-                if arch.name in state.pending_predicted:
-                    extra["predicted_reward"] = state.pending_predicted[arch.name]
-                value = 0.0 if ev.failed else reward_fn(ev.quality_loss, ev.latency_ms)
-                obs = Observation(arch, ev.kd_loss, ev.latency_ms, value, state.episode, state.pending_context, extra,
-                                  ev.status, ev.quality)
+                obs = _observation(state, arch, ev, reward_fn)
                 state.observations.append(obs)
                 _abort_on_failure_streak(state, min(MAX_CONSECUTIVE_FAILURES, cfg.candidates_per_episode), save)
                 save(state)  # the result is on disk before anything else can go wrong
@@ -240,13 +235,20 @@ def run_search(
                 break
             state.pending.pop(0)
             save(state)
-        state.pending = []
-        controller.update(state.history + (screening.pseudo(state) if screening else []))
-        state.controller = controller.state_dict()
-        state.episode += 1
-        state.rng = _rng_to_json(rng.getstate())
-        save(state)
+        _end_episode(controller, state, screening, rng, save)
     return summarize(state, budgets_ms)
+
+
+def _end_episode(controller: Controller, state: SearchState, screening: _Screening | None, rng: random.Random,
+                 save: Callable[[SearchState], None]) -> None:
+    """The controller learns from every observation so far (and the screened candidates'
+    estimates), and the next episode starts in the same save."""
+    state.pending = []
+    controller.update(state.history + (screening.pseudo(state) if screening else []))
+    state.controller = controller.state_dict()
+    state.episode += 1
+    state.rng = _rng_to_json(rng.getstate())
+    save(state)
 
 
 @dataclass
@@ -275,6 +277,17 @@ class _Screening:
         latency = self.latency_model(state.history) if self.latency_model else None
         return pseudo_observations(state.history, state.screened, self.reward_fn, latency, state.episode,
                                    context_for(state.history))
+
+
+def _observation(state: SearchState, arch: StudentArch, ev: Evaluation, reward_fn: RewardFn) -> Observation:
+    """What the search records of an evaluated candidate: its reward (0 for a failure) and, in
+    ``extra``, what the controller had predicted for it."""
+    extra = dict(ev.extra)
+    if arch.name in state.pending_predicted:
+        extra["predicted_reward"] = state.pending_predicted[arch.name]
+    value = 0.0 if ev.failed else reward_fn(ev.quality_loss, ev.latency_ms)
+    return Observation(arch, ev.kd_loss, ev.latency_ms, value, state.episode, state.pending_context, extra,
+                       ev.status, ev.quality)
 
 
 def _propose(controller: Controller, state: SearchState, cfg: SearchConfig, rng: random.Random,
