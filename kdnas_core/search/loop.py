@@ -82,6 +82,7 @@ class SearchState:
     pending: list[str] = field(default_factory=list)  # proposed for this episode, not yet evaluated
     pending_context: tuple[str | None, str | None] = (None, None)
     pending_predicted: dict[str, float] = field(default_factory=dict)  # arch name -> predicted reward
+    pending_latency: dict[str, float] = field(default_factory=dict)  # arch name -> latency expected when proposed
     observations: list[Observation] = field(default_factory=list)
     prior: list[Observation] = field(default_factory=list)  # from a previous search (warm start)
     controller: dict = field(default_factory=dict)
@@ -104,6 +105,7 @@ class SearchState:
             "pending": list(self.pending),
             "pending_context": list(self.pending_context),
             "pending_predicted": dict(self.pending_predicted),
+            "pending_latency": dict(self.pending_latency),
             "observations": [o.to_dict() for o in self.observations],
             "prior": [o.to_dict() for o in self.prior],
             "controller": self.controller,
@@ -119,6 +121,7 @@ class SearchState:
             seed=d["seed"], episode=d["episode"], start_episode=d.get("start_episode", 0),
             pending=list(d["pending"]), pending_context=tuple(d["pending_context"]),
             pending_predicted=dict(d.get("pending_predicted", {})),
+            pending_latency=dict(d.get("pending_latency", {})),
             observations=[Observation.from_dict(o) for o in d["observations"]],
             prior=[Observation.from_dict(o) for o in d.get("prior", [])],
             controller=d.get("controller", {}), rng=d.get("rng"), teacher=d.get("teacher", ""),
@@ -200,8 +203,9 @@ def run_search(
     ``evaluate`` scores one architecture at a time; pass ``evaluate_batch`` instead to score an
     episode's pending candidates together (they are recorded, and the state saved, one by one
     in proposal order either way). With ``cfg.screen`` > 0 and a ``screen``, each episode scores
-    that many of the controller's candidates zero-cost and evaluates the best (``search.screen``);
-    ``latency_model`` says what a candidate's latency will be, from what was measured so far.
+    that many of the controller's candidates zero-cost and evaluates the best (``search.screen``).
+    ``latency_model`` says what a candidate's latency will be, from what was measured so far (the
+    screen reads it; each observation records what it expected, ``predicted_latency_ms``).
     """
     screening = _Screening(screen, reward_fn, latency_model, [ms for _, ms in budgets_ms]) \
         if screen is not None and cfg.screen else None
@@ -213,7 +217,7 @@ def run_search(
     save = on_state or (lambda s: None)
     end = state.start_episode + cfg.episodes
     while state.episode < end:
-        if not state.pending and not _propose(controller, state, cfg, rng, save, screening):
+        if not state.pending and not _propose(controller, state, cfg, rng, save, screening, latency_model):
             break  # the space is exhausted
         known = {o.arch.arch_id for o in state.history}
         todo = [a for a in map(StudentArch.from_name, state.pending) if a.arch_id not in known]
@@ -285,13 +289,16 @@ def _observation(state: SearchState, arch: StudentArch, ev: Evaluation, reward_f
     extra = dict(ev.extra)
     if arch.name in state.pending_predicted:
         extra["predicted_reward"] = state.pending_predicted[arch.name]
+    if arch.name in state.pending_latency:  # the latency predictor's error, as the search saw it
+        extra["predicted_latency_ms"] = state.pending_latency[arch.name]
     value = 0.0 if ev.failed else reward_fn(ev.quality_loss, ev.latency_ms)
     return Observation(arch, ev.kd_loss, ev.latency_ms, value, state.episode, state.pending_context, extra,
                        ev.status, ev.quality)
 
 
 def _propose(controller: Controller, state: SearchState, cfg: SearchConfig, rng: random.Random,
-             save: Callable[[SearchState], None], screening: _Screening | None = None) -> bool:
+             save: Callable[[SearchState], None], screening: _Screening | None = None,
+             latency_model: LatencyModel | None = None) -> bool:
     """Queue the next episode's proposals (saved before any is evaluated, so a resumed search
     evaluates the same ones, and with the screen's scores, so it never screens them again);
     False when the space has nothing new left."""
@@ -306,6 +313,8 @@ def _propose(controller: Controller, state: SearchState, cfg: SearchConfig, rng:
     state.pending_context = context_for(history)
     predicted = controller.predicted_rewards(history, proposals) if isinstance(controller, PredictsRewards) else None
     state.pending_predicted = dict(zip(state.pending, predicted)) if predicted else {}
+    latency = latency_model(history) if latency_model else None
+    state.pending_latency = {a.name: float(latency(a)) for a in proposals} if latency else {}
     state.rng = _rng_to_json(rng.getstate())
     save(state)
     return True

@@ -9,6 +9,7 @@ import pandas as pd
 
 from kdnas_core.files.atomic import write_text
 from kdnas_core.search.loop import SUMMARY_COLUMNS, SearchResult
+from kdnas_core.search.space import StudentArch
 
 
 def recommendations_frame(result: SearchResult) -> pd.DataFrame:
@@ -24,12 +25,31 @@ def write_search_tables(result: SearchResult, out: Path, teacher_ms: float) -> N
     recs = recommendations_frame(result)
     write_text(out / "recommendations.csv", recs.to_csv(index=False))
     cols = SUMMARY_COLUMNS
-    md = [f"# KD-NAS search\n\nteacher latency: {teacher_ms:.2f} ms\n", "## Leaderboard\n",
+    md = [f"# KD-NAS search\n\nteacher latency: {teacher_ms:.2f} ms\n", *predictor_lines(result.leaderboard),
+          "## Leaderboard\n",
           markdown_table(result.leaderboard[cols]), "\n## Pareto front (KD loss vs latency)\n",
           markdown_table(result.pareto[cols]), "\n## Recommendations per budget\n",
           markdown_table(recs.drop(columns=["arch_id"])), ""]
     write_text(out / "report.md", "\n".join(md))
     pareto_plot(result, out / "pareto.png")
+
+
+def predictor_lines(lb: pd.DataFrame) -> list[str]:
+    """How far the latency each candidate was expected to have (when it was proposed, from the
+    measurements before it) lay from what was measured: overall, and on wide and deep students,
+    where a predictor fitted on few points errs most."""
+    if "predicted_latency_ms" not in lb or lb["predicted_latency_ms"].isna().all():
+        return []
+    ok = lb.dropna(subset=["predicted_latency_ms"])
+    ok = ok[ok["latency_ms"] > 0]
+    err = (ok["predicted_latency_ms"] - ok["latency_ms"]).abs() / ok["latency_ms"]
+    arch = ok["arch"].map(StudentArch.from_name)
+    parts = [f"median {err.median():.0%} over {len(ok)} candidates"]
+    for label, mask in (("wide (hidden >= 512)", arch.map(lambda a: a.hidden >= 512)),
+                        ("deep (layers >= 6)", arch.map(lambda a: a.layers >= 6))):
+        if mask.any():
+            parts.append(f"{label} {err[mask].median():.0%} over {int(mask.sum())}")
+    return [f"latency predictor error when each candidate was proposed: {'; '.join(parts)}\n"]
 
 
 def pareto_plot(result: SearchResult, path: Path) -> Path:

@@ -188,7 +188,7 @@ def search_in_folder(
         result = run_search(controller, evaluate, make_reward_fn(cfg, teacher_ms, budgets), cfg.search, state,
                             budgets, on_state=lambda st: st.save(state_path), on_observation=on_observation,
                             seed=state.seed, evaluate_batch=evaluate_batch, screen=screen,
-                            latency_model=screen_latency_model(cfg, space, teacher_ms) if screen else None)
+                            latency_model=screen_latency_model(cfg, space, teacher_ms))
         write_search_tables(result, out, teacher_ms)
         update_latency_predictor(cfg, result.state.history)
     return result

@@ -140,3 +140,20 @@ def test_the_reward_and_the_recommendation_follow_the_quality_term():
     assert by[archs[1].arch_id].reward == pytest.approx(reward_fn(0.3, 5.0))
     assert res.recommendations[0].arch == archs[1].name and res.recommendations[0].quality == pytest.approx(0.3)
     assert recommend(res.observations, [BUDGET])[0].kd_loss == pytest.approx(0.4)  # L_HS still reported
+
+
+def test_each_observation_records_the_latency_expected_when_it_was_proposed(tmp_path):
+    """The latency predictor's error as the search saw it (issue: proposals near every budget),
+    in the leaderboard and as a line of the search's report."""
+    from kdnas_core.search.reports import predictor_lines
+
+    evaluate = additive_landscape(SPACE, 0)
+    half = lambda history: (lambda a: 0.5 * latency_of(a)) if len(history) >= 3 else None  # noqa: E731
+    ctrl = make_controller(SPACE, ControllerConfig(kind="random"), seed=0)
+    res = run_search(ctrl, evaluate, reward_fn, SearchConfig(episodes=2, candidates_per_episode=3), seed=0,
+                     latency_model=half)
+    first, second = res.observations[:3], res.observations[3:]
+    assert all("predicted_latency_ms" not in o.extra for o in first)  # nothing measured yet
+    assert [o.extra["predicted_latency_ms"] for o in second] == pytest.approx([0.5 * o.latency_ms for o in second])
+    line = predictor_lines(res.leaderboard)[0]
+    assert "median 50% over 3 candidates" in line
