@@ -41,12 +41,11 @@ from kdnas_core.latency import LatencyPredictor, count_params, predictor_error  
 from kdnas_core.search.candidates import ProxyEvaluator, latency_profile, teacher_latency  # noqa: E402
 from kdnas_core.search.reports import markdown_table  # noqa: E402
 from kdnas_core.search.reward import parse_budget  # noqa: E402
-from kdnas_core.search.signals import HIGHER_IS_BETTER  # noqa: E402
+from kdnas_core.search.signals import HIGHER_IS_BETTER, SIGNALS  # noqa: E402
 from kdnas_core.search.space import StudentArch  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
 
 BAND = 0.25  # students within ±25 % of the budget's latency (--band)
-SIGNALS = ["hidden", "cosine", "recall10", "cka", "translation_r1"]
 
 
 def shape_vector(a: StudentArch) -> np.ndarray:

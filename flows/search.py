@@ -151,12 +151,15 @@ class PrefectSteps:
             # recorded candidate out again, even where Prefect's own result cache is not shared.
             recorded = RecordedEvaluator.batch(partial(evaluate_episode, self.c, cfg, dask_address=dask_address,
                                                        side=self._reports), out, EventLog(out))
-            screen = (lambda archs: screen_candidates(self.c, [a.name for a in archs])) if cfg.search.screen else None
             result = search_in_folder(cfg, workspace(cfg).space, teacher_ms, evaluate_batch=recorded,
                                       research=self.research, on_observation=self.observed,
-                                      teacher=workspace(cfg).teacher.fingerprint, screen=screen)
+                                      teacher=workspace(cfg).teacher.fingerprint, screen=self.screen)
         publish_search_tables(result, cfg.teacher.name, teacher_ms)
         return result
+
+    def screen(self, archs: list[StudentArch]) -> list[float]:
+        """An episode's pool scored zero-cost (search.screen), as a task of this flow."""
+        return screen_candidates(self.c, [a.name for a in archs])
 
     def observed(self, o) -> None:
         """Each candidate the search records: logged, and tracked as a child run."""

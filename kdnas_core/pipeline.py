@@ -10,6 +10,7 @@ Prefect, on Dask). The CLI renders the outcome the same way for both (``render_o
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,7 +27,7 @@ from kdnas_core.search.reports import markdown_table
 from kdnas_core.search.loop import SUMMARY_COLUMNS, Recommendation, SearchResult, SearchState, chosen_archs
 from kdnas_core.search.space import StudentArch
 from kdnas_core.search.runner import check_compatible, search_dir, search_in_folder
-from kdnas_core.search.signals import zero_cost_screen
+from kdnas_core.search.signals import SignalProbe, zero_cost_screen
 from kdnas_core.evaluation.table import evaluate_students, evaluation_markdown, summary_lines, write_evaluation
 from kdnas_core.workspace import Workspace
 
@@ -172,8 +173,9 @@ class LocalSteps:
     def search(self, teacher_ms: float) -> SearchResult:
         folder = search_dir(self.cfg)
         log = EventLog(folder)
-        evaluate = RecordedEvaluator(ProxyEvaluator(self.ws, self.progress, on_event=log), folder, log)
-        screen = zero_cost_screen(self.ws, self.cfg.search.screen_signal, self.progress) if self.cfg.search.screen else None
+        probe = functools.cache(lambda: SignalProbe(self.ws))  # one for the proxy runs and the screen
+        evaluate = RecordedEvaluator(ProxyEvaluator(self.ws, self.progress, on_event=log, probe=probe), folder, log)
+        screen = zero_cost_screen(probe, self.cfg.search.screen_signal, self.progress)
         return search_in_folder(self.cfg, self.ws.space, teacher_ms, evaluate=evaluate, warm_from=self.warm_from,
                                 fresh=self.fresh, research=self.research, on_observation=self.on_observation,
                                 teacher=self.ws.teacher.fingerprint, screen=screen)

@@ -34,7 +34,7 @@ from kdnas_core.keys import KEYS, key
 from kdnas_core.pipeline import EvaluationTable
 from kdnas_core.progress import Report, every
 from kdnas_core.search.loop import Evaluation
-from kdnas_core.search.signals import zero_cost_screen
+from kdnas_core.search.signals import SignalProbe, zero_cost_screen
 from kdnas_core.search.space import StudentArch
 from kdnas_core.search.runner import search_dir
 from kdnas_core.evaluation.table import evaluate_students, write_evaluation
@@ -43,6 +43,7 @@ from kdnas_core.workspace import Workspace
 _LOCK = threading.Lock()
 _WORKSPACES: dict[str, Workspace] = {}
 _EVALUATORS: dict[str, ProxyEvaluator] = {}
+_PROBES: dict[str, SignalProbe] = {}
 # Seconds between two progress lines of one task run: the Prefect UI shows where a long step
 # stands (e.g. "distill: step 120/400, loss 0.41, ETA 1m20s") without a line per batch.
 PROGRESS_EVERY_S = 15.0
@@ -77,10 +78,21 @@ def evaluator(cfg: KDNASConfig) -> ProxyEvaluator:
     ws = workspace(cfg)
     with _LOCK:
         if name not in _EVALUATORS:
-            ev = ProxyEvaluator(ws, progress=run_progress())
+            ev = ProxyEvaluator(ws, progress=run_progress(), probe=lambda: probe(cfg))
             ev.progress = False  # later distillations pass their own run's, never this one's
             _EVALUATORS[name] = ev
         return _EVALUATORS[name]
+
+
+def probe(cfg: KDNASConfig) -> SignalProbe:
+    """The quality signals' probe (held-out texts, the teacher's embeddings of them): one per
+    process and workspace, shared by the proxy runs and the zero-cost screen."""
+    name = key("workspace", cfg)
+    ws = workspace(cfg)
+    with _LOCK:
+        if name not in _PROBES:
+            _PROBES[name] = SignalProbe(ws)
+        return _PROBES[name]
 
 
 @dataclass
@@ -160,19 +172,12 @@ def _where() -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
 
-_SCREENS: dict[str, object] = {}
-
-
 @task(name="screen-candidates", cache_policy=NO_CACHE)
 def screen_candidates(cfg: dict, archs: list[str]) -> list[float]:
     """An episode's pool scored zero-cost (search.screen): the quality loss of each candidate as
     cut from the teacher, forward passes only, in this process's workspace."""
     c = config_from_dict(cfg)
-    name = key("workspace", c)
-    with _LOCK:
-        if name not in _SCREENS:
-            _SCREENS[name] = zero_cost_screen(workspace(c), c.search.screen_signal)
-    return _SCREENS[name]([StudentArch.from_name(a) for a in archs])
+    return zero_cost_screen(lambda: probe(c), c.search.screen_signal)([StudentArch.from_name(a) for a in archs])
 
 
 @task(name="profile-latency", cache_policy=ArchCache(key="latency"), persist_result=True,

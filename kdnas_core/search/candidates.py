@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 from kdnas_core.files.atomic import write_json
 from kdnas_core.config import LatencyConfig
@@ -92,8 +93,7 @@ class ProxyResult:
     steps: int
     distill_s: float
     loss_curve: list = field(default_factory=list, repr=False)
-    # The trained student's quality signals on the held-out texts (``search.signals``), when the
-    # evaluator has a probe.
+    # The trained student's quality signals on the held-out texts (``search.signals``).
     signals: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -115,8 +115,12 @@ class ProxyEvaluator:
     """The real KD-NAS evaluator: distil a candidate on the proxy split (teacher states from the
     cache, built once for every depth in the space) and measure its latency."""
 
-    def __init__(self, ws: Workspace, progress: Progress = True, on_event=None):
+    def __init__(self, ws: Workspace, progress: Progress = True, on_event=None,
+                 probe: Callable[[], SignalProbe] | None = None):
+        """``probe`` gives the quality signals' probe when it is shared (with the zero-cost
+        screen); by default the evaluator builds its own at the first candidate."""
         self.ws, self.progress = ws, progress
+        self._probe = probe or functools.cache(lambda: SignalProbe(ws))
         self.on_event = on_event or (lambda event, arch: None)
         layers = ws.layers_for(ws.space.layers)
         self.states = ws.cached_states("proxy", layers, progress)
@@ -143,11 +147,10 @@ class ProxyEvaluator:
         return ProxyResult(normalised_loss(hidden), r.final_eval_loss, r.eval_parts.get("pooled_cosine"),
                            count_parameters(student) / 1e6, r.steps, round(r.seconds, 1), r.loss_curve, signals)
 
-    @functools.cached_property
+    @property
     def probe(self) -> SignalProbe:
-        """The held-out texts and the teacher's embeddings the quality signals read (built at
-        the first candidate)."""
-        return SignalProbe(self.ws)
+        """The held-out texts and the teacher's embeddings the quality signals read."""
+        return self._probe()
 
     def __call__(self, arch: StudentArch) -> Evaluation:
         self.on_event("proxy-distill", arch)

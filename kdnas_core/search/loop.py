@@ -265,14 +265,13 @@ class _Screening:
     latency_model: LatencyModel | None
     budgets_ms: list[float]
 
-    def propose(self, controller: Controller, state: SearchState, cfg: SearchConfig,
-                rng: random.Random) -> list[StudentArch]:
+    def propose(self, controller: Controller, state: SearchState, cfg: SearchConfig, rng: random.Random,
+                latency: Callable[[StudentArch], float] | None) -> list[StudentArch]:
         history = state.history
         pool = controller.propose(history, cfg.screen, rng)
         new = [a for a in pool if a.name not in state.screened]
         if new:
             state.screened.update(zip([a.name for a in new], map(float, self.screen(new))))
-        latency = self.latency_model(history) if self.latency_model else None
         predicted = controller.predicted_rewards(history, pool) if isinstance(controller, PredictsRewards) else None
         return choose(pool, state.screened, cfg.candidates_per_episode, self.reward_fn, latency, self.budgets_ms,
                       NEAR_BUDGET, predicted)
@@ -303,8 +302,9 @@ def _propose(controller: Controller, state: SearchState, cfg: SearchConfig, rng:
     evaluates the same ones, and with the screen's scores, so it never screens them again);
     False when the space has nothing new left."""
     history = state.history
+    latency = latency_model(history) if latency_model else None
     if screening is not None:
-        proposals = screening.propose(controller, state, cfg, rng)
+        proposals = screening.propose(controller, state, cfg, rng, latency)
     else:
         proposals = controller.propose(history, cfg.candidates_per_episode, rng)
     if not proposals:
@@ -313,7 +313,6 @@ def _propose(controller: Controller, state: SearchState, cfg: SearchConfig, rng:
     state.pending_context = context_for(history)
     predicted = controller.predicted_rewards(history, proposals) if isinstance(controller, PredictsRewards) else None
     state.pending_predicted = dict(zip(state.pending, predicted)) if predicted else {}
-    latency = latency_model(history) if latency_model else None
     state.pending_latency = {a.name: float(latency(a)) for a in proposals} if latency else {}
     state.rng = _rng_to_json(rng.getstate())
     save(state)

@@ -178,7 +178,6 @@ def search_in_folder(
             shutil.rmtree(out / "evals", ignore_errors=True)
         state = initial_state(cfg, state_path, warm_from, research, fresh, teacher)
         drop_prior_outside(state, space)
-        screen = screen if cfg.search.screen else None
         # The controller's pool is what the screen scores: at least search.screen candidates.
         ccfg = cfg.controller.model_copy(update={"pool_size": max(cfg.controller.pool_size, cfg.search.screen)})
         controller = make_controller(space, ccfg, cfg.seed)

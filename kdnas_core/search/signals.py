@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 from torch import nn
@@ -33,6 +34,8 @@ from kdnas_core.search.reward import normalised_loss
 from kdnas_core.search.space import StudentArch
 from kdnas_core.workspace import Workspace
 
+# Every signal a candidate gets (Signals' fields but the cost); reward.quality names one of them.
+SIGNALS = ("hidden", "cosine", "recall10", "cka", "translation_r1")
 # Signals where a larger value means a better student; the rest are losses.
 HIGHER_IS_BETTER = frozenset({"recall10", "cka", "translation_r1"})
 # Signals that need (text, source) pairs in the corpus (data.source: messages or a source_column).
@@ -56,9 +59,9 @@ class Signals:
 
     def quality(self, name: str) -> float:
         """``name`` as a loss in [0, 1] (lower is better), the form the reward's quality term takes."""
-        value = getattr(self, name, None)
-        if name not in self.__dataclass_fields__ or name == "seconds":
-            raise KdnasError(f"quality signal {name!r}: expected one of hidden, cosine, recall10, cka, translation_r1")
+        if name not in SIGNALS:
+            raise KdnasError(f"quality signal {name!r}: expected one of {', '.join(SIGNALS)}")
+        value = getattr(self, name)
         if value is None:
             raise KdnasError(f"quality signal {name!r} is not available here"
                              + (": the corpus has no translation pairs (data.source: messages or data.source_column)"
@@ -119,19 +122,19 @@ class SignalProbe:
         )
 
 
-def zero_cost_screen(ws: Workspace, signal: str, progress: Progress = False):
-    """A ``search.screen`` scorer over ``ws``: each architecture's zero-cost ``signal`` as a
-    quality loss in [0, 1]. A candidate that cannot be cut or run scores the worst (1.0) instead
-    of stopping the episode: the screen only orders candidates, the proxy run still judges them."""
-    probe: list[SignalProbe] = []  # built at the first call: a search without a screen pays nothing
+def zero_cost_screen(probe: Callable[[], SignalProbe], signal: str, progress: Progress = False):
+    """A ``search.screen`` scorer: each architecture's zero-cost ``signal`` as a quality loss in
+    [0, 1]. ``probe`` gives the probe the proxy evaluator uses too (built at the first call: a
+    search without a screen pays nothing). A candidate that cannot be cut or run scores the worst
+    (1.0) instead of stopping the episode: the screen only orders candidates, the proxy run still
+    judges them."""
 
     def screen(archs: list[StudentArch]) -> list[float]:
-        if not probe:
-            probe.append(SignalProbe(ws))
+        p = probe()
         out = []
         for arch in track(archs, "screen", progress, "candidate"):
             try:
-                out.append(probe[0].zero_cost(arch).quality(signal))
+                out.append(p.zero_cost(arch).quality(signal))
             except (KdnasError, RuntimeError, ValueError) as err:
                 warnings.warn(f"screen: {arch.name} scored as the worst ({type(err).__name__}: {err})")
                 out.append(1.0)
