@@ -46,8 +46,7 @@ test: install
 
 # kill -9 at every phase of a search (plain loop and Prefect flow), concurrent searches, a 60 s
 # S3 outage, an MLflow server stopped mid-search, Ctrl-C, SIGTERM and SIGHUP during a search.
-# (tests/reliability/test_bad_input, test_security and the unmarked tests of test_faults run in
-# make test: in this process they broke the outage tests' logging.)
+# A folder is its suite: tests/reliability here, tests/bench in test-bench, the rest in test.
 test-reliability: install
 	$(BIN)/python -m pytest -q -m reliability tests/reliability
 

@@ -201,16 +201,18 @@ def sigint_default() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-# Only tests/bench is marked by its folder. Marking all of tests/reliability so moved bad input,
-# security and faults into the reliability run's process, where outage and security tests then
-# failed with "I/O operation on closed file" in Prefect's logging (2026-12-05): left as it was.
-FOLDER_MARKERS = {"bench": "bench"}
+# A folder is its marker: make test-bench and make test-reliability run a folder each, and make
+# test runs everything else. (Bad input, security and the quick fault tests live in tests/faults:
+# run in the reliability process they broke the outage tests' Prefect logging, 2026-12-05.)
+FOLDER_MARKERS = {"bench": "bench", "reliability": "reliability"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Everything under tests/bench is `bench` (make test-bench), so `make test` never runs the
-    benchmarks' smoke runs, whatever marks a file sets itself."""
+    """Everything under tests/bench is `bench`, everything under tests/reliability `reliability`;
+    a test marked with either elsewhere is a collection error, so no test runs in two suites or
+    in none."""
     root = Path(__file__).parent
+    misplaced = []
     for item in items:
         try:
             first = Path(str(item.fspath)).relative_to(root).parts[0]
@@ -218,3 +220,8 @@ def pytest_collection_modifyitems(config, items):
             continue
         if first in FOLDER_MARKERS:
             item.add_marker(FOLDER_MARKERS[first])
+        for folder, marker in FOLDER_MARKERS.items():
+            if first != folder and item.get_closest_marker(marker) is not None:
+                misplaced.append(f"{item.nodeid} is marked {marker} outside tests/{folder}")
+    if misplaced:
+        raise pytest.UsageError("; ".join(misplaced))
