@@ -171,8 +171,8 @@ def inherited_row(ws: Workspace, arch: StudentArch, name: str, kind: str, note: 
 
 def static_row(ws: Workspace, work: Path) -> Row | None:
     """A model2vec static model distilled from the same teacher: the peer users pick for raw
-    speed. Needs `pip install model2vec skeletoken` (model2vec's `distill` extra pins an older
-    transformers; its distillation ran here with the project's)."""
+    speed. Needs the `baselines` extra: model2vec and skeletoken, not model2vec's own `distill`
+    extra, which pins an older transformers."""
     try:
         from model2vec.distill import distill as static_distill
     except ImportError as err:
