@@ -256,9 +256,10 @@ def with_floor(row: Row, floor_model, label: str = "untrained") -> Row:
 # ---------------------------------------------------------------------------------------- phases
 
 
-def run_searches(ws: Workspace, cfg: KDNASConfig, teacher_ms: float):
+def run_searches(ws: Workspace, cfg: KDNASConfig, teacher_ms: float, random_init: bool = True):
     """KD-NAS (LSTM controller) and random search with the same number of distilled candidates;
-    an architecture both visit is distilled once (evaluation is deterministic per arch)."""
+    an architecture both visit is distilled once (evaluation is deterministic per arch). With
+    ``random_init``, KD-NAS once more with random-init students (None otherwise)."""
     proxy = ProxyEvaluator(ws)
     cache: dict[str, object] = {}
 
@@ -271,6 +272,8 @@ def run_searches(ws: Workspace, cfg: KDNASConfig, teacher_ms: float):
     rcfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"kind": "random"})})
     rnd = search_in_folder(rcfg, ws.space, teacher_ms, evaluate=evaluate)
     n_distinct = len({o.arch.arch_id for o in kdnas.observations + rnd.observations})
+    if not random_init:
+        return kdnas, rnd, None, n_distinct, len(cache)
     # KD-NAS as it was before teacher-initialised students: random BERT students throughout.
     icfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"init": "random"})})
     random_proxy = ProxyEvaluator(Workspace(icfg, ws.teacher))
@@ -593,6 +596,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--work", type=Path, default=None, help="work folder (default runs/headline-<variant>)")
     p.add_argument("--cache-dir", type=Path, default=None, help="override paths.cache_dir")
     p.add_argument("--no-off-the-shelf", action="store_true", help="skip the MiniLM-L6-as-shipped row")
+    p.add_argument("--no-random-init", action="store_true",
+                   help="skip the random-init KD-NAS search and its rows (a third of the run's time)")
     p.add_argument("--mix", action="store_true", help="distil on the general English mix (WordNet, GCIDE, tweets; "
                    "bench.common.GENERAL_MIX) instead of the config's corpus")
     args = p.parse_args(argv)
@@ -624,7 +629,7 @@ def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, a
     phase = {}
 
     t0 = time.perf_counter()
-    kdnas, rnd, kdnas_random, n_distinct, n_new = run_searches(ws, cfg, teacher_ms)
+    kdnas, rnd, kdnas_random, n_distinct, n_new = run_searches(ws, cfg, teacher_ms, not args.no_random_init)
     phase["searches"] = time.perf_counter() - t0
     reused = [] if n_new else ["searches"]
     picks = [r for r in kdnas.recommendations if r.arch]
@@ -665,7 +670,7 @@ def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, a
         row = inherited_row(ws, a, f"KD-NAS {a.name} (budget {rec.budget})", "kd-nas", f"budget {rec.budget}")
         rows.append(row)
         int8_of = int8_of or row
-    for rec in (r for r in kdnas_random.recommendations if r.arch):
+    for rec in (r for r in (kdnas_random.recommendations if kdnas_random else []) if r.arch):
         a = StudentArch.from_name(rec.arch)
         if (same := next((r for r in rows if r.kind == "kd-nas random init" and r.arch == a.name), None)) is not None:
             same.note += f", {rec.budget}"
@@ -719,7 +724,8 @@ def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, a
         *[f"- task {t['task']} ({t['kind']}, {PRIMARY[t['kind']]}): {t['size']}" for t in describe_tasks(ws)],
         "- every scored text lies outside what the students were distilled on; gap closed = (row - its untrained "
         "floor) / (teacher - floor) per task, ± paired-bootstrap SE; summary = mean over the tasks ± SE [95 % interval].",
-        *[f"- note: {n}" for n in [n for t in ws.tasks for n in t.notes] + ([random_note] if random_note else [])],
+        *[f"- note: {n}" for n in [n for t in ws.tasks for n in t.notes] + ([random_note] if random_note else [])
+          + (["no random-init rows (--no-random-init)"] if args.no_random_init else [])],
         f"- time {sum(times.values()) / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + reuse_note,
         "",
         markdown_table(render(df, [t.label for t in ws.tasks])),

@@ -36,3 +36,10 @@ def test_headline_smoke_writes_every_row(tmp_path):
     text = md.read_text()
     assert "## Against the targets" in text and "every scored text lies outside" in text and "machine:" in text
     assert (tmp_path / "out" / "headline-smoke.png").stat().st_size > 10_000
+    # --no-random-init, on the same work folder (searches and students reused): no random-init rows
+    again = ["--smoke", "--no-random-init", "--out", str(tmp_path / "again"), "--work", str(tmp_path / "work"),
+             "--cache-dir", str(tmp_path / "cache")]
+    run_bench("headline", again, tmp_path)
+    kinds = set(pd.read_csv(tmp_path / "again" / "headline-smoke.csv").kind)
+    assert "kd-nas random init" not in kinds and {"kd-nas", "random-search"} <= kinds
+    assert "no random-init rows (--no-random-init)" in (tmp_path / "again" / "headline-smoke.md").read_text()
