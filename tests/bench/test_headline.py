@@ -41,5 +41,5 @@ def test_headline_smoke_writes_every_row(tmp_path):
              "--cache-dir", str(tmp_path / "cache")]
     run_bench("headline", again, tmp_path)
     kinds = set(pd.read_csv(tmp_path / "again" / "headline-smoke.csv").kind)
-    assert "kd-nas random init" not in kinds and {"kd-nas", "random-search"} <= kinds
+    assert "kd-nas random init" not in kinds and {"kd-nas", "hand-picked"} <= kinds
     assert "no random-init rows (--no-random-init)" in (tmp_path / "again" / "headline-smoke.md").read_text()
