@@ -427,6 +427,27 @@ def verdicts(df: pd.DataFrame) -> list[str]:
     return out
 
 
+def against_start(df: pd.DataFrame, rows: list[Row], tasks: list[str]) -> list[str]:
+    """Each distilled student against its own inherited, undistilled start: the held-out KD loss
+    on corpus texts, and every task's gap closed (both scored against the same floor; ± unpaired
+    SE). A task where the student is lower is named, however small the difference."""
+    by_name = {r["model"]: r for r in df.to_dict("records")}
+    out = []
+    for row in rows:
+        if row.inherited is None or row.model is None:
+            continue
+        r, base = by_name[row.name], by_name[row.inherited.name]
+        below = [f"{t} ({r[f'{t}.gap_closed'] - base[f'{t}.gap_closed']:+.3f} ± "
+                 f"{np.hypot(r[f'{t}.gap_closed_se'], base[f'{t}.gap_closed_se']):.3f})"
+                 for t in tasks if r.get(f"{t}.gap_closed", np.nan) < base.get(f"{t}.gap_closed", np.nan)]
+        loss = row.result or {}
+        kd = (f"held-out KD loss {loss['initial_eval_loss']:.3f} -> {loss['final_eval_loss']:.3f}; "
+              if "initial_eval_loss" in loss and "final_eval_loss" in loss else "")
+        out.append(f"- {row.arch} ({row.kind}): {kd}summary {r['summary'] - base['summary']:+.3f} over its start; "
+                   + (f"below its start on {', '.join(below)}" if below else "at or above its start on every task"))
+    return out
+
+
 def plot(df: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -733,6 +754,10 @@ def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, a
         "## Against the targets",
         "",
         *verdicts(df),
+        "",
+        "## Against the inherited start",
+        "",
+        *against_start(df, rows, [t.label for t in ws.tasks]),
         "",
         f"![quality vs latency]({stem.name}.png)",
         "",

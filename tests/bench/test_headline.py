@@ -35,6 +35,7 @@ def test_headline_smoke_writes_every_row(tmp_path):
     assert teacher.speedup_fp32 == pytest.approx(1.0) and teacher["recall@10"] == pytest.approx(1.0)
     text = md.read_text()
     assert "## Against the targets" in text and "every scored text lies outside" in text and "machine:" in text
+    assert "## Against the inherited start" in text and "over its start" in text
     assert (tmp_path / "out" / "headline-smoke.png").stat().st_size > 10_000
     # --no-random-init, on the same work folder (searches and students reused): no random-init rows
     again = ["--smoke", "--no-random-init", "--out", str(tmp_path / "again"), "--work", str(tmp_path / "work"),
