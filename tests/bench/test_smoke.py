@@ -24,6 +24,7 @@ SCRIPTS = [
     ("discrimination", [], "discrimination.md"),
     ("proxy_rank", [], "proxy-rank.md"),
     ("within_budget", [], "within-budget-smoke.md"),
+    ("search_real", [], "search-real-smoke.md"),
     ("multilingual", ["table"], "multilingual.md"),
     ("multilingual", ["recipe"], "multilingual-recipe.md"),
     ("multilingual", ["proxy"], "multilingual-proxy-seeds.md"),
@@ -37,6 +38,12 @@ def test_smoke_writes_its_report_with_command_and_commit(tmp_path, module, args,
     run_bench(module, argv, tmp_path)
     text = check_header(out / report, module, argv)
     assert "|---" in text  # a table came out
+    if module == "search_real":  # one row per (controller, seed, budget) pick, the columns
+        picks = pd.read_csv(out / "search-real.csv")
+        assert list(picks.columns) == ["teacher", "budget", "controller", "seed", "arch", "latency_ms", "summary",
+                                       "summary_se", "dropin"]
+        assert len(picks) == 3 * 2 * 2 and set(picks.controller) == {"lstm", "random", "lstm+screen"}
+        assert "## Against random search and the hand-picks" in text
 
 
 def test_proxy_rank_rescore(tmp_path):
