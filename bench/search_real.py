@@ -74,10 +74,10 @@ def make_config(args, work: Path):
 def controller_config(cfg, controller: str, seed: int, screen: int):
     """The config one search runs: its controller, its seed, and the screen for ``lstm+screen``."""
     kind, _, extra = controller.partition("+")
-    overrides = {"controller.kind": kind, "seed": seed}
+    update = {"controller": cfg.controller.model_copy(update={"kind": kind}), "seed": seed}
     if extra == "screen":
-        overrides["search.screen"] = screen
-    return config_from_dict(apply_overrides(cfg.model_dump(mode="json"), overrides), f"{controller} seed {seed}")
+        update["search"] = cfg.search.model_copy(update={"screen": screen})
+    return cfg.model_copy(update=update)
 
 
 def run_searches(ws: Workspace, teacher_ms: float, controllers: list[str], seeds: list[int], screen: int):
