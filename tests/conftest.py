@@ -202,8 +202,11 @@ def sigint_default() -> None:
 
 
 # A folder is its marker: make test-bench and make test-reliability run a folder each, and make
-# test runs everything else. (Bad input, security and the quick fault tests live in tests/faults:
-# run in the reliability process they broke the outage tests' Prefect logging, 2026-12-05.)
+# test runs everything else. Bad input, security and the quick fault tests live in tests/robustness,
+# which sorts after tests/flows and tests/integration on purpose: their capsys/capfd around
+# in-process Prefect runs leave Prefect's console logging on a closed stream, and every Prefect
+# test after them fails with "I/O operation on closed file" (seen 2026-12-05 when the folder sorted
+# before tests/flows; in the reliability process they broke the outage tests the same way).
 FOLDER_MARKERS = {"bench": "bench", "reliability": "reliability"}
 
 
