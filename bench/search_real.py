@@ -129,7 +129,7 @@ def summarise(df: pd.DataFrame, hands: pd.DataFrame, budgets: dict[str, float]) 
                          "summary": m, "summary_se_over_seeds": se, "dropin": d,
                          "latency_over_budget": float((g.latency_ms / ms).mean()),
                          "archs": ", ".join(sorted(set(g.arch.dropna())))})
-        near = hands[(hands.latency_ms - ms).abs() <= BAND * ms]
+        near = hands[((hands.latency_ms - ms).abs() <= BAND * ms) & pd.to_numeric(hands.summary).notna()]
         best_hand = near.loc[near.summary.idxmax()] if len(near) else None
         for controller in (c for c in stats if c.startswith("lstm")):
             m, se = stats[controller]
