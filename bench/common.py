@@ -173,6 +173,20 @@ def add_common_args(parser, default_out: Path, smoke_help: str = "", group=None)
 # ---------------------------------------------------------------------------------------- students
 
 
+class OncePerArch:
+    """An evaluator that runs ``evaluate`` once per architecture and hands the same result to
+    every search that asks again (a proxy result is deterministic per arch): searches of several
+    controllers or seeds then share their candidates' cost. ``results`` holds them by arch_id."""
+
+    def __init__(self, evaluate):
+        self.evaluate, self.results = evaluate, {}
+
+    def __call__(self, arch):
+        if arch.arch_id not in self.results:
+            self.results[arch.arch_id] = self.evaluate(arch)
+        return self.results[arch.arch_id]
+
+
 def final_distilled(ws, student, batches, states, eval_states, init_heads, folder: Path):
     """``student`` final-distilled on ``batches`` with ``ws``'s recipe and saved in ``folder`` as a
     final student ships (safetensors, with its sentence head: teacher space where the teacher has

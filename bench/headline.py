@@ -39,6 +39,7 @@ from bench.common import (
     GENERAL_MIX,
     RESULTS,
     ROOT,
+    OncePerArch,
     add_common_args,
     argv_of,
     final_distilled,
@@ -260,26 +261,18 @@ def run_searches(ws: Workspace, cfg: KDNASConfig, teacher_ms: float, random_init
     """KD-NAS (LSTM controller) and random search with the same number of distilled candidates;
     an architecture both visit is distilled once (evaluation is deterministic per arch). With
     ``random_init``, KD-NAS once more with random-init students (None otherwise)."""
-    proxy = ProxyEvaluator(ws)
-    cache: dict[str, object] = {}
-
-    def evaluate(arch):
-        if arch.arch_id not in cache:
-            cache[arch.arch_id] = proxy(arch)
-        return cache[arch.arch_id]
-
+    evaluate = OncePerArch(ProxyEvaluator(ws))
     kdnas = search_in_folder(cfg, ws.space, teacher_ms, evaluate=evaluate)
     rcfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"kind": "random"})})
     rnd = search_in_folder(rcfg, ws.space, teacher_ms, evaluate=evaluate)
     n_distinct = len({o.arch.arch_id for o in kdnas.observations + rnd.observations})
     if not random_init:
-        return kdnas, rnd, None, n_distinct, len(cache)
+        return kdnas, rnd, None, n_distinct, len(evaluate.results)
     # KD-NAS as it was before teacher-initialised students: random BERT students throughout.
     icfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"init": "random"})})
-    random_proxy = ProxyEvaluator(Workspace(icfg, ws.teacher))
-    kdnas_random = search_in_folder(icfg, ws.space, teacher_ms, evaluate=lambda a: (cache.setdefault("r" + a.arch_id, 0),
-                                                                                     random_proxy(a))[1])
-    return kdnas, rnd, kdnas_random, n_distinct, len(cache)
+    evaluate_random = OncePerArch(ProxyEvaluator(Workspace(icfg, ws.teacher)))
+    kdnas_random = search_in_folder(icfg, ws.space, teacher_ms, evaluate=evaluate_random)
+    return kdnas, rnd, kdnas_random, n_distinct, len(evaluate.results) + len(evaluate_random.results)
 
 
 def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:

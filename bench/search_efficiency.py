@@ -16,7 +16,7 @@ Writes runs/bench/search_efficiency.md.
 
 from __future__ import annotations
 
-from bench.common import RUNS_BENCH, ROOT, add_common_args, argv_of, header, out_folder, publish, smoke_config
+from bench.common import RUNS_BENCH, ROOT, OncePerArch, add_common_args, argv_of, header, out_folder, publish, smoke_config
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -94,23 +94,17 @@ def real(args) -> str:
     b, s = cfg.latency.reward_shape
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
     budgets = budgets_in_ms([parse_budget(x) for x in cfg.reward.budgets], teacher_ms)
-    proxy = ProxyEvaluator(ws, progress=False)
-    cache: dict = {}
-
-    def evaluate(arch):
-        if arch.arch_id not in cache:
-            cache[arch.arch_id] = proxy(arch)
-        return cache[arch.arch_id]
+    evaluate = OncePerArch(ProxyEvaluator(ws, progress=False))
 
     reward_fn = make_reward_fn(cfg, teacher_ms, budgets)
     seeds = range(args.real_seeds)
     runs = compare(ws.space, evaluate, reward_fn, cfg.controller.model_copy(update={"epsilon_decay": 0.25}),
                    SearchConfig(episodes=args.real_episodes, candidates_per_episode=args.k), seeds)
-    best = max(reward_fn(e.kd_loss, e.latency_ms) for e in cache.values())
+    best = max(reward_fn(e.kd_loss, e.latency_ms) for e in evaluate.results.values())
     where = "a tiny random teacher" if args.smoke else "embedded default"
     return table(f"(b) real search, {where} ({cfg.teacher.name}, {len(ws.space)} archs), "
                  f"{args.real_episodes} x {args.k} evaluations, {args.real_seeds} seeds, "
-                 f"{len(cache)} distinct archs distilled", runs, best)
+                 f"{len(evaluate.results)} distinct archs distilled", runs, best)
 
 
 # name: (default, --smoke default)

@@ -23,7 +23,8 @@ spread over sessions on one machine.
 
 from __future__ import annotations
 
-from bench.common import GENERAL_MIX, RESULTS, ROOT, add_common_args, argv_of, header, out_folder, smoke_config
+from bench.common import GENERAL_MIX, RESULTS, ROOT, OncePerArch, add_common_args, argv_of, header, out_folder, \
+    publish, smoke_config
 
 import argparse  # noqa: E402
 import time  # noqa: E402
@@ -84,13 +85,7 @@ def run_searches(ws: Workspace, teacher_ms: float, controllers: list[str], seeds
     """Every (controller, seed) search on one shared proxy cache. Returns one dict per pick and
     the number of distinct architectures proxy-distilled."""
     proxy = ProxyEvaluator(ws)
-    cache: dict[str, object] = {}
-
-    def evaluate(arch):
-        if arch.arch_id not in cache:
-            cache[arch.arch_id] = proxy(arch)
-        return cache[arch.arch_id]
-
+    evaluate = OncePerArch(proxy)
     scorer = zero_cost_screen(lambda: proxy.probe, ws.cfg.search.screen_signal, progress=True)
     picks = []
     for controller in controllers:
@@ -103,7 +98,7 @@ def run_searches(ws: Workspace, teacher_ms: float, controllers: list[str], seeds
             for rec in res.recommendations:
                 picks.append({"controller": controller, "seed": seed, "budget": rec.budget, "arch": rec.arch,
                               "search_latency_ms": rec.latency_ms, "search_s": time.perf_counter() - t0})
-    return picks, len(cache)
+    return picks, len(evaluate.results)
 
 
 def mean_se(values) -> tuple[float, float]:
@@ -240,9 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
           "## Every pick", "", markdown_table(df.round(3)), "",
           f"## Hand-picks (sized to each budget; ±{BAND:.0%} of it counts as within)", "",
           markdown_table(hand_df.round(3)), ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
-    print("\n".join(md))
-    return stem.with_suffix(".md")
+    return publish("\n".join(md), stem.with_suffix(".md"))
 
 
 if __name__ == "__main__":

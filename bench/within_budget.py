@@ -25,7 +25,7 @@ runs/within-budget-<teacher>/ so a rerun resumes.
 from __future__ import annotations
 
 from bench.common import GENERAL_MIX, RESULTS, ROOT, add_common_args, argv_of, final_distilled, header, out_folder, \
-    smoke_config
+    publish, smoke_config
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -223,9 +223,7 @@ def main(argv: list[str] | None = None) -> Path:
           "", "## Rank correlation with the final summary", "", markdown_table(corr), "",
           "## Students", "", markdown_table(df), "", "## Latency measurements while picking", "",
           markdown_table(lat_log.round(3)), ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
-    print("\n".join(md))
-    return stem.with_suffix(".md")
+    return publish("\n".join(md), stem.with_suffix(".md"))
 
 
 if __name__ == "__main__":
