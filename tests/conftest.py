@@ -5,6 +5,7 @@ Tests never reach a model hub: HF_HUB_OFFLINE makes any accidental hub call fail
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +19,37 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# `import prefect` configures Prefect's logging once per process, and its console handler keeps
+# the sys.stderr of that moment. When that moment fell inside a test with capsys or capfd (a CLI
+# test whose command loads the flow), the stream was closed when the test ended and every
+# in-process Prefect run after it failed with "I/O operation on closed file" (2026-12-05: seven
+# failures in make test, depending on the order of the test folders); bound to pytest's session
+# capture instead, a test's capfd would never see Prefect's console lines (the credentials test
+# reads them). So the handler writes to whatever sys.stderr is when it writes.
+import prefect  # noqa: E402, F401
+
+
+class _CurrentStderr:
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def __getattr__(self, name):
+        return getattr(sys.stderr, name)
+
+
+def _prefect_console_follows_sys_stderr() -> None:
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in {h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)}:
+        handler.setStream(_CurrentStderr())
+        handler.console.file = handler.stream
+
+
+_prefect_console_follows_sys_stderr()
 
 torch.set_num_threads(2)
 
@@ -202,11 +234,7 @@ def sigint_default() -> None:
 
 
 # A folder is its marker: make test-bench and make test-reliability run a folder each, and make
-# test runs everything else. Bad input, security and the quick fault tests live in tests/robustness,
-# which sorts after tests/flows and tests/integration on purpose: their capsys/capfd around
-# in-process Prefect runs leave Prefect's console logging on a closed stream, and every Prefect
-# test after them fails with "I/O operation on closed file" (seen 2026-12-05 when the folder sorted
-# before tests/flows; in the reliability process they broke the outage tests the same way).
+# test runs everything else.
 FOLDER_MARKERS = {"bench": "bench", "reliability": "reliability"}
 
 

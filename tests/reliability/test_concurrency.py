@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.robustness.test_faults import error_line, kdnas, write_config
+from tests.reliability.test_faults import error_line, kdnas, write_config
 from tests.reliability.test_kill_resume import ENV, ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]

@@ -1,5 +1,5 @@
 """Atomic writes, kdnas's own temporary folders and full disks (ENOSPC injected; the real
-full-disk runs on a small tmpfs are in tests/robustness/test_faults.py)."""
+full-disk runs on a small tmpfs are in tests/reliability/test_faults.py)."""
 
 import errno
 import os
