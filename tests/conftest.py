@@ -20,14 +20,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# `import prefect` configures Prefect's logging once per process, and its console handler keeps
-# the sys.stderr of that moment. When that moment fell inside a test with capsys or capfd (a CLI
-# test whose command loads the flow), the stream was closed when the test ended and every
-# in-process Prefect run after it failed with "I/O operation on closed file" (2026-12-05: seven
-# failures in make test, depending on the order of the test folders); bound to pytest's session
-# capture instead, a test's capfd would never see Prefect's console lines (the credentials test
-# reads them). So the handler writes to whatever sys.stderr is when it writes.
-import prefect  # noqa: E402, F401
+# `import prefect` configures Prefect's logging, and its console handler keeps the sys.stderr of
+# that moment. When that moment fell inside a test with capsys or capfd (a CLI test whose command
+# loads the flow), the stream was closed when the test ended and every in-process Prefect run after
+# it failed with "I/O operation on closed file" (2026-12-05: seven failures in make test, depending
+# on the order of the test folders); bound to pytest's session capture instead, a test's capfd
+# would never see Prefect's console lines (the credentials test reads them). So before every test
+# the handler is pointed at whatever sys.stderr is when it writes.
 
 
 class _CurrentStderr:
@@ -39,19 +38,31 @@ class _CurrentStderr:
 
 
 def _prefect_console_follows_sys_stderr() -> None:
+    """Prefect's console handlers, and any console handler left on a closed stream, write to the
+    current sys.stderr."""
     import logging
 
     from prefect.logging.handlers import PrefectConsoleHandler
 
     loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
-    for handler in {h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)}:
-        handler.setStream(_CurrentStderr())
-        handler.console.file = handler.stream
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+            continue
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.stream = _CurrentStderr()  # not setStream: it flushes the old, maybe closed, stream
+            handler.console.file = handler.stream
+        elif getattr(handler.stream, "closed", False):
+            handler.stream = _CurrentStderr()
 
-
-_prefect_console_follows_sys_stderr()
 
 torch.set_num_threads(2)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Again before every test and its fixtures: a command run in-process can configure Prefect's
+    logging anew (the unwritable-PREFECT_HOME case of test_bad_input did, inside its capsys)."""
+    _prefect_console_follows_sys_stderr()
 
 
 @pytest.fixture(autouse=True)
