@@ -156,11 +156,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _search_flow(args: argparse.Namespace, cfg) -> dict:
     """The search as the Prefect flow `kdnas` (ephemeral API unless PREFECT_API_URL is set)."""
-    from flows.search import kdnas
-
     if args.warm_from or args.fresh:
         raise KdnasError("--warm-from and --fresh need --no-prefect (the flow resumes and warm-starts by itself)")
     _check_prefect_home()
+    from flows.search import kdnas
     from infra.preflight import check_services
 
     check_services(cfg)  # seconds, before Prefect starts, rather than deep inside the run
@@ -188,11 +187,14 @@ def _check_prefect_home() -> None:
     here in one line, not as a server that cannot start and is retried for minutes."""
     if os.environ.get("PREFECT_API_URL"):
         return
-    from prefect.settings import get_current_settings
-
     from kdnas_core.workspace import check_writable
 
-    check_writable(Path(os.environ.get("PREFECT_HOME") or get_current_settings().home).expanduser(), "PREFECT_HOME")
+    home = os.environ.get("PREFECT_HOME")
+    if not home:  # from a Prefect profile or the default; importing prefect with a bad home warns first
+        from prefect.settings import get_current_settings
+
+        home = get_current_settings().home
+    check_writable(Path(home).expanduser(), "PREFECT_HOME")
 
 
 class _NoTraceback:
