@@ -145,16 +145,21 @@ def _on_signal(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def console_handlers() -> list[logging.StreamHandler]:
+    """Every console log handler of this process (stream handlers that are not files, Prefect's
+    included), each once."""
+    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(x, logging.Logger))]
+    return list({h: None for logger in loggers for h in logger.handlers
+                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)})
+
+
 def _mute() -> None:
     """Nothing but our one line on stderr from now on: console log handlers (Prefect's
     included) raised above CRITICAL, warnings and exceptions in other threads dropped. Prefect's
     API log handler still sends the run's last lines to the server."""
-    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(x, logging.Logger))]
-    for logger in loggers:
-        for h in logger.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setLevel(logging.CRITICAL + 1)
+    for h in console_handlers():
+        h.setLevel(logging.CRITICAL + 1)
     if logging.lastResort is not None:
         logging.lastResort.setLevel(logging.CRITICAL + 1)
     warnings.simplefilter("ignore")

@@ -39,16 +39,12 @@ class _CurrentStderr:
 
 def _prefect_console_follows_sys_stderr() -> None:
     """Prefect's console handlers, and any console handler left on a closed stream, write to the
-    current sys.stderr."""
-    import logging
+    current sys.stderr. Prefect is not imported for it: until it is, it has no handler."""
+    from kdnas.interrupt import console_handlers
 
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
-    for handler in {h for lg in loggers for h in lg.handlers}:
-        if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
-            continue
-        if isinstance(handler, PrefectConsoleHandler):
+    prefect_handlers = sys.modules.get("prefect.logging.handlers")
+    for handler in console_handlers():
+        if prefect_handlers is not None and isinstance(handler, prefect_handlers.PrefectConsoleHandler):
             handler.stream = _CurrentStderr()  # not setStream: it flushes the old, maybe closed, stream
             handler.console.file = handler.stream
         elif getattr(handler.stream, "closed", False):
