@@ -38,7 +38,7 @@ import pandas as pd  # noqa: E402
 from kdnas_core.config import apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.evaluation.evaluate import compare, evaluate_model  # noqa: E402
 from kdnas_core.latency import LatencyPredictor, count_params, predictor_error  # noqa: E402
-from kdnas_core.search.candidates import ProxyEvaluator, latency_profile, teacher_latency  # noqa: E402
+from kdnas_core.search.candidates import ProxyEvaluator, ProxyResult, latency_profile, teacher_latency  # noqa: E402
 from kdnas_core.search.reports import markdown_table  # noqa: E402
 from kdnas_core.search.reward import parse_budget  # noqa: E402
 from kdnas_core.search.signals import HIGHER_IS_BETTER, SIGNALS  # noqa: E402
@@ -137,6 +137,21 @@ def make_config(args, work: Path):
     return config_from_dict(apply_overrides(base, overrides), "smoke" if args.smoke else args.config)
 
 
+def proxy_distilled(ev: ProxyEvaluator, arch: StudentArch, path: Path) -> ProxyResult:
+    """``ev.distill(arch)``, kept in ``path`` so that a resumed run does not repeat ten proxy
+    runs (about 3 minutes each for mpnet-base) before it reaches the scoring it stopped in."""
+    import json
+
+    from kdnas_core.files.atomic import write_json
+
+    if path.is_file():
+        return ProxyResult.from_dict(json.loads(path.read_text()))
+    proxy = ev.distill(arch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, proxy.to_dict())
+    return proxy
+
+
 def score_students(ws: Workspace, rows: list[dict], models: dict, floors: dict) -> None:
     cfg = ws.cfg
     e, max_len = cfg.evaluate, cfg.evaluate.max_length or cfg.data.max_length
@@ -192,7 +207,7 @@ def main(argv: list[str] | None = None) -> Path:
     for arch, ms in picked:
         print(f"--- {arch.name} ({ms:.2f} ms)", flush=True)
         zc = probe.zero_cost(arch)
-        proxy = ev.distill(arch)
+        proxy = proxy_distilled(ev, arch, work / "proxy" / f"{arch.arch_id}.json")
         start = ws.start_student(arch)
         model, result = final_distilled(ws, start.model, ws.batches("train"), states, eval_states, start.init_heads,
                                         work / "students" / arch.arch_id)
