@@ -43,7 +43,7 @@ distill: install
 # end-to-end fault tests moved to test-reliability), still over the 15 minutes it should take; the
 # long reliability runs and the benchmarks' smoke runs are separate.
 test: install
-	$(BIN)/python -m pytest -q -m "not reliability and not bench"
+	$(BIN)/python -m pytest -q -m "not reliability and not bench" --durations=25
 
 # kill -9 at every phase of a search (plain loop and Prefect flow), concurrent searches, a 60 s
 # S3 outage, an MLflow server stopped mid-search, Ctrl-C, SIGTERM and SIGHUP during a search, full

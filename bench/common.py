@@ -187,15 +187,23 @@ class OncePerArch:
         return self.results[arch.arch_id]
 
 
+# Steps between a benchmark student's checkpoints: a few minutes of training on 2 cores, not the
+# product's 50 steps (each save writes the student, its heads and Adam's moments).
+CHECKPOINT_EVERY = 250
+
+
 def final_distilled(ws, student, batches, states, eval_states, init_heads, folder: Path):
     """``student`` final-distilled on ``batches`` with ``ws``'s recipe and saved in ``folder`` as a
     final student ships (safetensors, with its sentence head: teacher space where the teacher has
-    one); a folder holding ``result.json`` is a finished run and is reused. Returns the model as a
-    SentenceEncoder and the DistillResult as a dict, without its loss curve."""
+    one); a folder holding ``result.json`` is a finished run and is reused, and an unfinished one
+    resumes from its checkpoint (every ``CHECKPOINT_EVERY`` steps, keyed by config like the
+    product's: a 64k-text point trains for about two hours, more than one session on 2 cores).
+    Returns the model as a SentenceEncoder and the DistillResult as a dict, without its loss curve."""
     from transformers import AutoModel
 
     from kdnas_core.distill import distill
-    from kdnas_core.final import student_head
+    from kdnas_core.files.checkpoint import remove_checkpoint
+    from kdnas_core.final import checkpoint_path, student_head
     from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head
 
     done = folder / "result.json"
@@ -203,13 +211,16 @@ def final_distilled(ws, student, batches, states, eval_states, init_heads, folde
         model = AutoModel.from_pretrained(folder, use_safetensors=True)
         return SentenceEncoder(model, read_head(folder) or SentenceHead()), json.loads(done.read_text())
     cfg = ws.cfg
+    ckpt = checkpoint_path(cfg, folder, "train", len(batches))
     res = distill(student, states, batches, cfg.distill, cfg.distill.final, eval_batches=ws.batches("eval"),
-                  eval_states=eval_states, seed=cfg.seed, init_heads=init_heads, pooling=ws.teacher.head.pooling)
+                  eval_states=eval_states, seed=cfg.seed, init_heads=init_heads, pooling=ws.teacher.head.pooling,
+                  checkpoint=ckpt, checkpoint_every=max(cfg.distill.checkpoint_every, CHECKPOINT_EVERY))
     head = student_head(cfg, ws, res.pooled_projection)
     student.save_pretrained(folder, safe_serialization=True)
     write_head(folder, head, student.config.hidden_size)
     result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"}
     done.write_text(json.dumps(result, indent=2))
+    remove_checkpoint(ckpt)
     return SentenceEncoder(student, head), result
 
 
