@@ -78,6 +78,17 @@ def git_commit() -> str:
     return commit + ("+dirty" if git("status", "--porcelain") else "")
 
 
+# The checkout a run started from. A long run's report is written hours after it started, often
+# after other commits: it names the code that ran, and the commit at the end only where it differs.
+STARTED_AT = git_commit()
+
+
+def commit_of_run() -> str:
+    """``STARTED_AT``, with the checkout at the time of asking where it has moved since."""
+    now = git_commit()
+    return STARTED_AT if now == STARTED_AT else f"{STARTED_AT} when the run started ({now} when the report was written)"
+
+
 def short_commit() -> str:
     """The checkout a report was made from (see git_commit for uncommitted changes)."""
     return git_commit()
@@ -131,7 +142,7 @@ def header(title: str, script: str, argv: list[str] | None, configs=None) -> lis
     ``configs``: a config, or ``{label: config}`` when the report ran several (one per recipe,
     init or seed); omitted where the script has no config.
     """
-    lines = [f"# {title}", "", f"- command: `{command_line(script, argv)}`", f"- commit: {git_commit()}"]
+    lines = [f"# {title}", "", f"- command: `{command_line(script, argv)}`", f"- commit: {commit_of_run()}"]
     if configs is not None:
         if isinstance(configs, dict):
             lines.append("- config (sha1 of each model_dump): "

@@ -27,6 +27,14 @@ def test_header_names_command_commit_config_machine_and_date():
     assert "- config" not in "\n".join(common.header("t", "bench/search_efficiency.py", []))
 
 
+def test_header_names_the_commit_the_run_started_from(monkeypatch):
+    """A run that outlives a commit names the code that ran, then where the checkout moved."""
+    now = common.git_commit()
+    monkeypatch.setattr(common, "STARTED_AT", "0123abc")
+    text = "\n".join(common.header("t", "bench/latency.py", []))
+    assert f"- commit: 0123abc when the run started ({now} when the report was written)" in text
+
+
 def test_config_hash_follows_the_settings():
     a, b = KDNASConfig(), KDNASConfig(seed=1)
     assert common.config_hash(a) == common.config_hash(KDNASConfig()) != common.config_hash(b)
