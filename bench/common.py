@@ -84,9 +84,11 @@ STARTED_AT = git_commit()
 
 
 def commit_of_run() -> str:
-    """``STARTED_AT``, with the checkout at the time of asking where it has moved since."""
+    """``STARTED_AT``, with the checkout at the time of asking where HEAD has moved since (files the
+    run itself wrote into the tree do not count: only another commit does)."""
     now = git_commit()
-    return STARTED_AT if now == STARTED_AT else f"{STARTED_AT} when the run started ({now} when the report was written)"
+    moved = now.split("+")[0] != STARTED_AT.split("+")[0]
+    return f"{STARTED_AT} when the run started ({now} when the report was written)" if moved else STARTED_AT
 
 
 def short_commit() -> str:
