@@ -91,11 +91,6 @@ def commit_of_run() -> str:
     return f"{STARTED_AT} when the run started ({now} when the report was written)" if moved else STARTED_AT
 
 
-def short_commit() -> str:
-    """The checkout a report was made from (see git_commit for uncommitted changes)."""
-    return git_commit()
-
-
 def config_hash(cfg) -> str:
     """sha1 of a validated config's ``model_dump``: two reports with the same hash ran the same
     settings."""
