@@ -167,7 +167,9 @@ def table(args, argv: list[str]) -> Path:
         raise SystemExit(f"KD-NAS found no student within any budget: {result.recommendations}")
     archs = {r.arch: f"KD-NAS pick, budget {r.budget}" for r in picks}
     hand = layer_dropped(ws, picks[0].latency_ms)
-    archs.setdefault(hand.name, f"layer-dropped teacher ({hand.layers} evenly spread layers)")
+    dropped = f"layer-dropped teacher ({hand.layers} evenly spread layers)"
+    # A pick can be the layer-dropped teacher itself: one row then, named for both.
+    archs[hand.name] = f"{archs[hand.name]} = {dropped}" if hand.name in archs else dropped
     finals = {name: final_student(cfg, ws, StudentArch.from_name(name)) for name in archs}
     table = evaluate_students(ws, [f.path for f in finals.values()])
 
