@@ -39,9 +39,9 @@ demo: install
 distill: install
 	$(BIN)/kdnas distill --config $(CONFIG) --arch $(ARCH)
 
-# The default suite: 645 tests passed in 990 s on the 2-core AMD EPYC box (2026-12-05, after the six
-# end-to-end fault tests moved to test-reliability), still over the 15 minutes it should take; the
-# long reliability runs and the benchmarks' smoke runs are separate.
+# The default suite, 645 tests: 302 s on a 2-core AMD EPYC with AVX-512 (2026-12-06), 990 s on a
+# 2-core AMD EPYC with AVX2 only (2026-12-05), over the 15 minutes it should take there; the long
+# reliability runs and the benchmarks' smoke runs are separate.
 test: install
 	$(BIN)/python -m pytest -q -m "not reliability and not bench" --durations=25
 
