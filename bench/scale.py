@@ -75,6 +75,7 @@ def make_config(args, work: Path) -> KDNASConfig:
         "data.mix": mix,
         "data.train_size": max(args.sizes),
         "distill.final.epochs": args.epochs,
+        "distill.precision": args.precision,
         "evaluate.tasks": [
             {"test_size": args.test_texts, "train_size": args.probe_train},
             {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase", "test_size": args.pairs},
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--sizes", nargs="+", type=int, default=None, help=f"texts per point (default {DEFAULTS['sizes']})")
     for knob in ("epochs", "probe_train", "test_texts", "pairs"):
         p.add_argument(f"--{knob.replace('_', '-')}", type=int, default=None, help=f"default {DEFAULTS[knob]}")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="distill.precision of every point (bf16 pays only where the CPU has bf16 units)")
     p.add_argument("--name", default="scale-curve", help="the report's file name without suffix")
     p.add_argument("--work", type=Path, default=None, help="work folder (default runs/scale)")
     p.add_argument("--cache-dir", type=Path, default=None, help="override paths.cache_dir")
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> Path:
         *header(f"Scale curve: {cfg.teacher.name} teacher, final distillation on more texts", __file__, argv, cfg),
         f"- corpus: {', '.join(f'{m.source} (weight {m.weight:g})' for m in cfg.data.mix)}; "
         f"the points' texts are the first n of one seeded {n_train:,}-text training split",
-        f"- recipe: configs/benchmark.yaml's distillation, {cfg.distill.final.epochs} epochs (batch "
+        f"- recipe: configs/benchmark.yaml's distillation, {cfg.distill.final.epochs} epochs, "
+        f"{cfg.distill.precision} (batch "
         f"{cfg.data.batch_size}), held-out KD loss on {len(ws.texts('eval'))} held-out corpus texts "
         + (f"every {cfg.distill.final.eval_every} steps, the student ending at its best check (its inherited start "
            "included)" if cfg.distill.final.eval_every else "at the start and the end only"),
