@@ -36,6 +36,7 @@ from bench.common import (
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import time  # noqa: E402
+import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -43,7 +44,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
+from kdnas_core.config import DistillConfig, KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.corpora import WORDNET_ROOT  # noqa: E402
 from kdnas_core.data import TokenizedTexts, length_bucketed_batches  # noqa: E402
 from kdnas_core.evaluation.evaluate import compare  # noqa: E402
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--sizes", nargs="+", type=int, default=None, help=f"texts per point (default {DEFAULTS['sizes']})")
     for knob in ("epochs", "probe_train", "test_texts", "pairs"):
         p.add_argument(f"--{knob.replace('_', '-')}", type=int, default=None, help=f"default {DEFAULTS[knob]}")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    precision = DistillConfig.model_fields["precision"]  # the config's choices and default, not a copy
+    p.add_argument("--precision", choices=typing.get_args(precision.annotation), default=precision.default,
                    help="distill.precision of every point (bf16 pays only where the CPU has bf16 units)")
     p.add_argument("--name", default="scale-curve", help="the report's file name without suffix")
     p.add_argument("--work", type=Path, default=None, help="work folder (default runs/scale)")
