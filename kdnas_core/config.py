@@ -265,7 +265,8 @@ class DistillConfig(_Section):
     # bf16: the student's forward pass and the loss under autocast in bfloat16 (weights, gradients
     # and optimiser stay fp32). It pays only where the hardware multiplies bf16 natively (AMX or
     # AVX512-BF16 CPUs, recent GPUs); bench.distill_step measures it against fp32 on your machine.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # "auto" is bf16 on such hardware and fp32 elsewhere; cache keys hold what it resolves to.
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     # Processes of the final distillation: > 1 launches torchrun (data parallel; gloo on the CPU,
     # NCCL on GPUs), each process taking a slice of every batch, so the result matches one process.
     world_size: int = Field(default=1, ge=1)
@@ -655,6 +656,11 @@ class KDNASConfig(_Section):
         ``exclude`` drops dotted fields that do not change the result being keyed."""
         values = {n: getattr(self, n) for n in names}
         payload = {n: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for n, v in values.items()}
+        if isinstance(payload.get("distill"), dict) and payload["distill"].get("precision") == "auto":
+            # What "auto" means on this machine: the same numbers as the explicit setting, the same key.
+            from kdnas_core.distill.trainer import precision_name
+
+            payload["distill"]["precision"] = precision_name(self.distill)
         for dotted, default in ADDED_LATER.items():
             parent, name = _parent(payload, dotted)
             if parent is not None and parent.get(name, default) == default:

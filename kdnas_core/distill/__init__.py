@@ -34,7 +34,15 @@ from kdnas_core.distill.targets import (
 )
 from kdnas_core.distill.cache import CachedTeacherStates, cache_bytes, cache_plan, make_teacher_states
 from kdnas_core.distill.losses import HiddenStateDistillLoss, relation_kl
-from kdnas_core.distill.trainer import DataParallel, DistillResult, distill, held_out_loss, resolve_device
+from kdnas_core.distill.trainer import (
+    DataParallel,
+    DistillResult,
+    distill,
+    held_out_loss,
+    native_bf16,
+    precision_name,
+    resolve_device,
+)
 
 __all__ = [
     "CachedTeacherStates",
@@ -59,6 +67,8 @@ __all__ = [
     "make_teacher_states",
     "pooled_only",
     "relation_kl",
+    "native_bf16",
+    "precision_name",
     "resolve_device",
     "source_embeddings",
     "teacher_layers_needed",

@@ -105,6 +105,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 natively, so bf16 autocast is faster than fp32 there
+    (on a CPU without AVX512-BF16 or AMX it is emulated and many times slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def precision_name(cfg: DistillConfig) -> str:
+    """``distill.precision`` with "auto" resolved for this machine: "bf16" or "fp32"."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if native_bf16(resolve_device(cfg.device)) else "fp32"
+
+
 class DataParallel:
     """Data parallelism over an initialised ``torch.distributed`` group (torchrun: gloo on the
     CPU, NCCL on GPUs). Every process holds the whole model and every batch; each takes its slice
@@ -293,7 +309,7 @@ def _set_up(student: nn.Module, teacher_states: TeacherStates, cfg: DistillConfi
     params = [p for p in list(student.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     opt, sched, total_steps = _optimiser(params, cfg, budget, n_batches)
     return _Trainer(student, loss_fn, teacher_states, capture, device, parallel, params, opt, sched, total_steps,
-                    cfg.grad_clip, autocast=torch.bfloat16 if cfg.precision == "bf16" else None)
+                    cfg.grad_clip, autocast=torch.bfloat16 if precision_name(cfg) == "bf16" else None)
 
 
 def _resume(trainer: _Trainer, checkpoint: Path | None, checkpoint_every: int, eval_states: TeacherStates,

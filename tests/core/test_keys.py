@@ -165,3 +165,20 @@ def test_fields_added_later_leave_the_keys_of_configs_that_keep_their_defaults()
     assert changed("data.translation_targets").section_hash("data") != before
     before = hashlib.sha1(json.dumps({"distill": payload["distill"]}, sort_keys=True).encode()).hexdigest()[:12]
     assert changed("distill.final.eval_every").section_hash("distill") != before
+
+
+def test_precision_auto_is_keyed_as_what_it_resolves_to(monkeypatch):
+    """distill.precision: auto trains in bf16 where the hardware has bf16 units and in fp32
+    elsewhere; its cache keys are those of the explicit setting it resolves to, so an fp32 machine
+    keeps every key it had."""
+    from kdnas_core.distill import trainer
+
+    auto = KDNASConfig(distill={"precision": "auto"})
+    hashes = {}
+    for native, resolved in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(trainer, "native_bf16", lambda device, native=native: native)
+        explicit = KDNASConfig(distill={"precision": resolved})
+        assert trainer.precision_name(auto.distill) == resolved
+        assert auto.section_hash("distill") == explicit.section_hash("distill")
+        hashes[resolved] = explicit.section_hash("distill")
+    assert hashes["fp32"] == KDNASConfig().section_hash("distill") != hashes["bf16"]
