@@ -17,6 +17,7 @@ SCRIPTS = [
     ("headline", ["--head-width"], "head-width.md"),
     ("headline", ["--init-heads-ab"], "init-heads-ab.md"),
     ("distill_step", [], "distill_step.md"),
+    ("cache_read", [], "cache_read.md"),
     ("latency", [], "latency.md"),
     ("search_efficiency", ["--real"], "search_efficiency.md"),
     ("dask_scaling", [], "dask-scaling.md"),

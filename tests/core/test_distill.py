@@ -157,6 +157,7 @@ def test_disk_cache_is_reused_without_the_teacher(tiny_setup, tmp_path, monkeypa
     teacher, tokens, layers = tiny_setup
     first = CachedTeacherStates.build(teacher, tokens, layers, None, tmp_path, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == [first.key]  # nothing half-written beside it
+    in_memory = CachedTeacherStates.build(teacher, tokens, layers, None, None, progress=False)
     monkeypatch.setattr(teacher.model, "forward", _raise)
     again = CachedTeacherStates.build(teacher, tokens, layers, None, tmp_path, progress=False)
     assert again.key == first.key
@@ -164,6 +165,10 @@ def test_disk_cache_is_reused_without_the_teacher(tiny_setup, tmp_path, monkeypa
     for layer in layers:
         torch.testing.assert_close(again.targets(b).states[layer], first.targets(b).states[layer])
     torch.testing.assert_close(again.stats.std, first.stats.std)
+    # read from the files run by run, the targets are those of the same cache held in memory
+    for b in length_bucketed_batches(tokens, 16, seed=1)[:3]:
+        for layer in layers:
+            assert torch.equal(again.targets(b).states[layer], in_memory.targets(b).states[layer])
 
 
 def test_two_seeded_runs_give_identical_losses(tiny_setup):
