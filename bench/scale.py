@@ -4,6 +4,8 @@ and its untrained floor.
 
     python -m bench.scale                                   # mpnet-base, the 0.1x student, 1k 4k 16k texts
     python -m bench.scale --students L3-H768-A12-F384-gelu L6-H768-A12-F768-gelu --sizes 4000 16000 64000 128000
+    python -m bench.scale --sizes 4000 16000 --split 128000 --precision bf16 --work runs/scale-bf16 --name ...
+                          # points of another run's split: its teacher states and held-out texts reused
     python -m bench.scale --smoke                           # tiny random teacher: correctness only
 
 Every point of a student starts from the same inherited weights and uses the same recipe
@@ -46,6 +48,7 @@ import yaml  # noqa: E402
 
 from kdnas_core.config import DistillConfig, KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.corpora import WORDNET_ROOT  # noqa: E402
+from kdnas_core.distill import precision_name  # noqa: E402
 from kdnas_core.data import TokenizedTexts, length_bucketed_batches  # noqa: E402
 from kdnas_core.evaluation.evaluate import compare  # noqa: E402
 from kdnas_core.search.reports import markdown_table  # noqa: E402
@@ -74,7 +77,7 @@ def make_config(args, work: Path) -> KDNASConfig:
         "data.source": "mix",
         "data.path": None,
         "data.mix": mix,
-        "data.train_size": max(args.sizes),
+        "data.train_size": args.split or max(args.sizes),
         "distill.final.epochs": args.epochs,
         "distill.precision": args.precision,
         "evaluate.tasks": [
@@ -153,6 +156,9 @@ def main(argv: list[str] | None = None) -> Path:
     precision = DistillConfig.model_fields["precision"]  # the config's choices and default, not a copy
     p.add_argument("--precision", choices=typing.get_args(precision.annotation), default=precision.default,
                    help="distill.precision of every point (bf16 pays only where the CPU has bf16 units)")
+    p.add_argument("--split", type=int, default=None,
+                   help="texts in the training split the points take their first n from (default: the largest "
+                        "size); give another run's largest size to reuse its teacher states and held-out texts")
     p.add_argument("--name", default="scale-curve", help="the report's file name without suffix")
     p.add_argument("--work", type=Path, default=None, help="work folder (default runs/scale)")
     p.add_argument("--cache-dir", type=Path, default=None, help="override paths.cache_dir")
@@ -161,6 +167,8 @@ def main(argv: list[str] | None = None) -> Path:
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.sizes = sorted(set(args.sizes))
+    if args.split is not None and args.split < max(args.sizes):
+        p.error(f"--split {args.split}: must be at least the largest --sizes ({max(args.sizes)})")
     args.out = out_folder(args.out, args.smoke, RESULTS)
     work = args.work or (args.out / "work" if args.smoke else ROOT / "runs" / "scale")
     work.mkdir(parents=True, exist_ok=True)
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"- corpus: {', '.join(f'{m.source} (weight {m.weight:g})' for m in cfg.data.mix)}; "
         f"the points' texts are the first n of one seeded {n_train:,}-text training split",
         f"- recipe: configs/benchmark.yaml's distillation, {cfg.distill.final.epochs} epochs, "
-        f"{cfg.distill.precision} (batch "
+        f"{precision_name(cfg.distill)} (batch "
         f"{cfg.data.batch_size}), held-out KD loss on {len(ws.texts('eval'))} held-out corpus texts "
         + (f"every {cfg.distill.final.eval_every} steps, the student ending at its best check (its inherited start "
            "included)" if cfg.distill.final.eval_every else "at the start and the end only"),

@@ -32,8 +32,11 @@ def test_benchmark_overrides_keep_the_configs_held_out_checks():
     from bench import headline, scale
 
     args = argparse.Namespace(smoke=False, cache_dir=None, sizes=[1000], epochs=2, test_texts=100,
-                              probe_train=100, pairs=100, precision="fp32")
-    assert scale.make_config(args, scale.ROOT / "runs" / "unused").distill.final.eval_every == 100
+                              probe_train=100, pairs=100, precision="fp32", split=None)
+    cfg = scale.make_config(args, scale.ROOT / "runs" / "unused")
+    assert cfg.distill.final.eval_every == 100 and cfg.data.train_size == 1000  # the split is the largest size
+    args.split = 4000  # --split: another run's split, so its teacher states and held-out texts are reused
+    assert scale.make_config(args, scale.ROOT / "runs" / "unused").data.train_size == 4000
     args.precision = "bf16"  # --precision reaches the distillation config
     assert scale.make_config(args, scale.ROOT / "runs" / "unused").distill.precision == "bf16"
     hargs = argparse.Namespace(smoke=False, cache_dir=None)
