@@ -48,7 +48,7 @@ import yaml  # noqa: E402
 
 from kdnas_core.config import DistillConfig, KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.corpora import WORDNET_ROOT  # noqa: E402
-from kdnas_core.distill import precision_name  # noqa: E402
+from kdnas_core.hardware import precision_name  # noqa: E402
 from kdnas_core.data import TokenizedTexts, length_bucketed_batches  # noqa: E402
 from kdnas_core.evaluation.evaluate import compare  # noqa: E402
 from kdnas_core.search.reports import markdown_table  # noqa: E402
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"- corpus: {', '.join(f'{m.source} (weight {m.weight:g})' for m in cfg.data.mix)}; "
         f"the points' texts are the first n of one seeded {n_train:,}-text training split",
         f"- recipe: configs/benchmark.yaml's distillation, {cfg.distill.final.epochs} epochs, "
-        f"{precision_name(cfg.distill)} (batch "
+        f"{precision_name(cfg.distill.precision, cfg.distill.device)} (batch "
         f"{cfg.data.batch_size}), held-out KD loss on {len(ws.texts('eval'))} held-out corpus texts "
         + (f"every {cfg.distill.final.eval_every} steps, the student ending at its best check (its inherited start "
            "included)" if cfg.distill.final.eval_every else "at the start and the end only"),

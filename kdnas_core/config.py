@@ -658,9 +658,9 @@ class KDNASConfig(_Section):
         payload = {n: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for n, v in values.items()}
         if isinstance(payload.get("distill"), dict) and payload["distill"].get("precision") == "auto":
             # What "auto" means on this machine: the same numbers as the explicit setting, the same key.
-            from kdnas_core.distill.trainer import precision_name
+            from kdnas_core.hardware import precision_name
 
-            payload["distill"]["precision"] = precision_name(self.distill)
+            payload["distill"]["precision"] = precision_name("auto", self.distill.device)
         for dotted, default in ADDED_LATER.items():
             parent, name = _parent(payload, dotted)
             if parent is not None and parent.get(name, default) == default:

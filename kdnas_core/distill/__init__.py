@@ -34,15 +34,8 @@ from kdnas_core.distill.targets import (
 )
 from kdnas_core.distill.cache import CachedTeacherStates, cache_bytes, cache_plan, make_teacher_states
 from kdnas_core.distill.losses import HiddenStateDistillLoss, relation_kl
-from kdnas_core.distill.trainer import (
-    DataParallel,
-    DistillResult,
-    distill,
-    held_out_loss,
-    native_bf16,
-    precision_name,
-    resolve_device,
-)
+from kdnas_core.distill.trainer import DataParallel, DistillResult, distill, held_out_loss
+from kdnas_core.hardware import native_bf16, precision_name, resolve_device
 
 __all__ = [
     "CachedTeacherStates",

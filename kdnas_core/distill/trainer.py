@@ -25,6 +25,7 @@ from kdnas_core.files.checkpoint import (
 from kdnas_core.config import DistillConfig, TrainBudget
 from kdnas_core.data import Batch
 from kdnas_core.errors import KdnasError
+from kdnas_core.hardware import precision_name, resolve_device
 from kdnas_core.progress import Bar, Progress
 from kdnas_core.seeding import seed_torch
 
@@ -97,28 +98,6 @@ def _step_loss(student, loss_fn, teacher_states: TeacherStates, batch: Batch, ca
         batch = Batch(batch.index, batch.input_ids.to(device), batch.attention_mask.to(device))
     out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
     return loss_fn(out.hidden_states, targets, batch.attention_mask, capture.take(), norm)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KdnasError("distill.device = 'cuda' but torch sees no GPU (use 'auto' or 'cpu')")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 natively, so bf16 autocast is faster than fp32 there
-    (on a CPU without AVX512-BF16 or AMX it is emulated and many times slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def precision_name(cfg: DistillConfig) -> str:
-    """``distill.precision`` with "auto" resolved for this machine: "bf16" or "fp32"."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if native_bf16(resolve_device(cfg.device)) else "fp32"
 
 
 class DataParallel:
@@ -309,7 +288,7 @@ def _set_up(student: nn.Module, teacher_states: TeacherStates, cfg: DistillConfi
     params = [p for p in list(student.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     opt, sched, total_steps = _optimiser(params, cfg, budget, n_batches)
     return _Trainer(student, loss_fn, teacher_states, capture, device, parallel, params, opt, sched, total_steps,
-                    cfg.grad_clip, autocast=torch.bfloat16 if precision_name(cfg) == "bf16" else None)
+                    cfg.grad_clip, autocast=torch.bfloat16 if precision_name(cfg.precision, cfg.device) == "bf16" else None)
 
 
 def _resume(trainer: _Trainer, checkpoint: Path | None, checkpoint_every: int, eval_states: TeacherStates,

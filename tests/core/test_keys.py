@@ -171,14 +171,14 @@ def test_precision_auto_is_keyed_as_what_it_resolves_to(monkeypatch):
     """distill.precision: auto trains in bf16 where the hardware has bf16 units and in fp32
     elsewhere; its cache keys are those of the explicit setting it resolves to, so an fp32 machine
     keeps every key it had."""
-    from kdnas_core.distill import trainer
+    from kdnas_core import hardware
 
     auto = KDNASConfig(distill={"precision": "auto"})
     hashes = {}
     for native, resolved in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(trainer, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(hardware, "native_bf16", lambda device, native=native: native)
         explicit = KDNASConfig(distill={"precision": resolved})
-        assert trainer.precision_name(auto.distill) == resolved
+        assert hardware.precision_name("auto", auto.distill.device) == resolved
         assert auto.section_hash("distill") == explicit.section_hash("distill")
         hashes[resolved] = explicit.section_hash("distill")
     assert hashes["fp32"] == KDNASConfig().section_hash("distill") != hashes["bf16"]
