@@ -35,7 +35,7 @@ from kdnas_core.distill.targets import (
 from kdnas_core.distill.cache import CachedTeacherStates, cache_bytes, cache_plan, make_teacher_states
 from kdnas_core.distill.losses import HiddenStateDistillLoss, relation_kl
 from kdnas_core.distill.trainer import DataParallel, DistillResult, distill, held_out_loss
-from kdnas_core.hardware import native_bf16, precision_name, resolve_device
+from kdnas_core.hardware import resolve_device
 
 __all__ = [
     "CachedTeacherStates",
@@ -60,8 +60,6 @@ __all__ = [
     "make_teacher_states",
     "pooled_only",
     "relation_kl",
-    "native_bf16",
-    "precision_name",
     "resolve_device",
     "source_embeddings",
     "teacher_layers_needed",

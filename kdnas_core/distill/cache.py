@@ -94,7 +94,7 @@ class CachedTeacherStates:
         cache no longer fits in memory."""
         array = self._arrays[name]
         if self.path is None or not isinstance(array, np.memmap):
-            return np.asarray(array[np.concatenate([np.arange(s, s + n) for s, n in runs])])
+            return np.concatenate([array[s:s + n] for s, n in runs])
         row_bytes = array.shape[1] * array.dtype.itemsize
         out = np.empty((sum(n for _, n in runs), array.shape[1]), dtype=array.dtype)
         view, at = memoryview(out).cast("B"), 0
