@@ -39,7 +39,7 @@ demo: install
 distill: install
 	$(BIN)/kdnas distill --config $(CONFIG) --arch $(ARCH)
 
-# The default suite, 645 tests: 302 s on a 2-core AMD EPYC with AVX-512 (2026-12-06), 990 s on a
+# The default suite, 646 tests: 318 s on a 2-core AMD EPYC with AVX-512 (2026-12-06), 990 s on a
 # 2-core AMD EPYC with AVX2 only (2026-12-05), over the 15 minutes it should take there; the long
 # reliability runs and the benchmarks' smoke runs are separate.
 test: install
