@@ -115,7 +115,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
 
 def step_variants(ws: Workspace, arch: StudentArch, cache, args) -> tuple[list[dict], dict[str, float]]:
     """Tokens per second of the cached step, as configured and under each lever, interleaved."""
-    cfg = ws.cfg
+    # The base is fp32 whatever distill.precision says, so every lever is a ratio to fp32.
+    cfg = ws.cfg.model_copy(update={"distill": ws.cfg.distill.model_copy(update={"precision": "fp32"})})
     tokens, size, seed = ws.tokens("proxy"), cfg.data.batch_size, cfg.seed
     order = list(range(len(tokens)))
     random.Random(seed).shuffle(order)

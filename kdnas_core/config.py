@@ -265,8 +265,10 @@ class DistillConfig(_Section):
     # bf16: the student's forward pass and the loss under autocast in bfloat16 (weights, gradients
     # and optimiser stay fp32). It pays only where the hardware multiplies bf16 natively (AMX or
     # AVX512-BF16 CPUs, recent GPUs); bench.distill_step measures it against fp32 on your machine.
-    # "auto" is bf16 on such hardware and fp32 elsewhere; cache keys hold what it resolves to.
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    # "auto" (the default) is bf16 on such hardware and fp32 elsewhere; cache keys hold what it
+    # resolves to, so on an fp32 machine they are the keys fp32 always had. On the scale curve bf16
+    # scored within one SE of fp32 at 1.8-2.3x the speed (docs/benchmarks.md).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Processes of the final distillation: > 1 launches torchrun (data parallel; gloo on the CPU,
     # NCCL on GPUs), each process taking a slice of every batch, so the result matches one process.
     world_size: int = Field(default=1, ge=1)
