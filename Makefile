@@ -39,7 +39,8 @@ demo: install
 distill: install
 	$(BIN)/kdnas distill --config $(CONFIG) --arch $(ARCH)
 
-# The default suite, 646 tests: 318 s on a 2-core AMD EPYC with AVX-512 (2026-12-06), 990 s on a
+# The default suite, 646 tests: 363 s on a 2-core AMD EPYC with AVX-512 and bf16 units (training in
+# bf16 there since distill.precision: auto, 2026-12-06; 318 s in fp32), 990 s on a
 # 2-core AMD EPYC with AVX2 only (2026-12-05), over the 15 minutes it should take there; the long
 # reliability runs and the benchmarks' smoke runs are separate.
 test: install
