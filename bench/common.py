@@ -178,6 +178,19 @@ def add_common_args(parser, default_out: Path, smoke_help: str = "", group=None)
                              "with --smoke a new temporary folder)")
 
 
+def add_precision_arg(parser, what: str) -> None:
+    """``--precision``: ``distill.precision`` for ``what``, its choices read from the config (not a
+    copy); unset, the config's own setting holds."""
+    import typing
+
+    from kdnas_core.config import DistillConfig
+
+    field = DistillConfig.model_fields["precision"]
+    parser.add_argument("--precision", choices=typing.get_args(field.annotation), default=None,
+                        help=f"distill.precision of {what} (default: the config's, {field.default!r} unless it sets "
+                             "one; bf16 pays only where the hardware has bf16 units)")
+
+
 # ---------------------------------------------------------------------------------------- students
 
 

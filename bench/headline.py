@@ -41,6 +41,7 @@ from bench.common import (
     ROOT,
     OncePerArch,
     add_common_args,
+    add_precision_arg,
     argv_of,
     final_distilled,
     header,
@@ -51,7 +52,6 @@ from bench.common import (
 import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
-import typing  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -61,7 +61,6 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from kdnas_core.config import (  # noqa: E402
-    DistillConfig,
     KDNASConfig,
     TeacherConfig,
     apply_overrides,
@@ -617,9 +616,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--no-off-the-shelf", action="store_true", help="skip the MiniLM-L6-as-shipped row")
     p.add_argument("--no-random-init", action="store_true",
                    help="skip the random-init KD-NAS search and its rows (a third of the run's time)")
-    precision = DistillConfig.model_fields["precision"]  # the config's choices, not a copy
-    p.add_argument("--precision", choices=typing.get_args(precision.annotation), default=None,
-                   help="distill.precision of the searches and every distilled row (default: the config's)")
+    add_precision_arg(p, "the searches and every distilled row")
     p.add_argument("--mix", action="store_true", help="distil on the general English mix (WordNet, GCIDE, tweets; "
                    "bench.common.GENERAL_MIX) instead of the config's corpus")
     args = p.parse_args(argv)
@@ -740,7 +737,8 @@ def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, a
         f"{cfg.latency.runs} runs; speed-ups are against the teacher's fp32 latency ({rows[0].latency['ort-fp32'][f'{b}x{s}']:.1f} ms, "
         f"measured in this run).",
         f"- scale: final distillation on {len(ws.splits.train)} train texts x {cfg.distill.final.epochs} epochs "
-        f"(batch {cfg.data.batch_size}, {precision_name(cfg.distill.precision, cfg.distill.device)}), same for every student row; search {cfg.search.episodes} episodes x "
+        f"(batch {cfg.data.batch_size}, {precision_name(cfg.distill.precision, cfg.distill.device)}), same for "
+        f"every student row; search {cfg.search.episodes} episodes x "
         f"{cfg.search.candidates_per_episode} candidates for KD-NAS and for random search on {len(ws.splits.proxy)} proxy "
         f"texts ({n_distinct} distinct archs distilled); budgets {', '.join(cfg.reward.budgets)} (target {target.budget}).",
         *[f"- task {t['task']} ({t['kind']}, {PRIMARY[t['kind']]}): {t['size']}" for t in describe_tasks(ws)],

@@ -27,6 +27,7 @@ from bench.common import (
     RESULTS,
     ROOT,
     add_common_args,
+    add_precision_arg,
     argv_of,
     final_distilled,
     header,
@@ -38,7 +39,6 @@ from bench.common import (
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import time  # noqa: E402
-import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -46,7 +46,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from kdnas_core.config import DistillConfig, KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
+from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
 from kdnas_core.corpora import WORDNET_ROOT  # noqa: E402
 from kdnas_core.hardware import precision_name  # noqa: E402
 from kdnas_core.data import TokenizedTexts, length_bucketed_batches  # noqa: E402
@@ -79,7 +79,6 @@ def make_config(args, work: Path) -> KDNASConfig:
         "data.mix": mix,
         "data.train_size": args.split or max(args.sizes),
         "distill.final.epochs": args.epochs,
-        "distill.precision": args.precision,
         "evaluate.tasks": [
             {"test_size": args.test_texts, "train_size": args.probe_train},
             {"kind": "retrieval", "source": "packaged", "path": "bible-paraphrase", "test_size": args.pairs},
@@ -90,6 +89,8 @@ def make_config(args, work: Path) -> KDNASConfig:
     }
     if args.cache_dir:
         overrides["paths.cache_dir"] = str(args.cache_dir)
+    if args.precision:
+        overrides["distill.precision"] = args.precision
     return config_from_dict(apply_overrides(base, overrides), "scale benchmark config")
 
 
@@ -153,9 +154,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--sizes", nargs="+", type=int, default=None, help=f"texts per point (default {DEFAULTS['sizes']})")
     for knob in ("epochs", "probe_train", "test_texts", "pairs"):
         p.add_argument(f"--{knob.replace('_', '-')}", type=int, default=None, help=f"default {DEFAULTS[knob]}")
-    precision = DistillConfig.model_fields["precision"]  # the config's choices and default, not a copy
-    p.add_argument("--precision", choices=typing.get_args(precision.annotation), default=precision.default,
-                   help="distill.precision of every point (bf16 pays only where the CPU has bf16 units)")
+    add_precision_arg(p, "every point")
     p.add_argument("--split", type=int, default=None,
                    help="texts in the training split the points take their first n from (default: the largest "
                         "size); give another run's largest size to reuse its teacher states and held-out texts")
