@@ -47,8 +47,9 @@ KEYS: dict[str, Key] = {
                      why="the loaded teacher, splits and cached states of a process"),
     # A candidate's proxy distillation (Prefect's task cache and the flow's evaluator).
     # Version 1: the result carries the trained student's quality signals (reward.quality).
+    # Version 2: L_HS reads the transformer layers only (kdnas_core.search.reward.l_hs).
     "proxy": Key(("seed", "teacher", "data", "search_space", "student", "distill"), exclude=NOT_SEARCH,
-                 why="the KD loss and quality signals of one proxy distillation", trained=True, version=1),
+                 why="the KD loss and quality signals of one proxy distillation", trained=True, version=2),
     # A candidate's latency measurement (Prefect's task cache).
     "latency": Key(("teacher", "student", "latency"), exclude=TRIM, why="one candidate's measured latency (of the student's model class)"),
     # The latency of the teacher, and of students of its vocabulary, on this hardware.
@@ -59,10 +60,10 @@ KEYS: dict[str, Key] = {
     # A final distillation's checkpoint (next to its student folder).
     "checkpoint": Key(("seed", "teacher", "data", "student", "distill"), exclude=TRIM, why="a resumable training run",
                       trained=True),
-    # The search folder: re-running the same config resumes it.
+    # The search folder: re-running the same config resumes it. Version 1: L_HS as the proxy key's version 2.
     "search": Key(("seed", "teacher", "data", "search_space", "student", "distill", "latency", "reward", "controller",
                    "search"),
-                  exclude=NOT_SEARCH, why="the search's observations, controller and tables", trained=True),
+                  exclude=NOT_SEARCH, why="the search's observations, controller and tables", trained=True, version=1),
 }
 
 # Sections and fields in no key, and why none of them can change a cached result.

@@ -119,6 +119,12 @@ class HiddenStateDistillLoss(nn.Module):
                 se = (pred - target).pow(2).mean(dim=(-1, -2))  # [B, T]
                 per_layer.append((se * m).sum() / n_tokens)
             parts["hidden_mse"] = torch.stack(per_layer).mean()
+            if len(per_layer) > 1:
+                # The transformer layers alone: the search's L_HS. Entry 0 (embeddings to embeddings)
+                # is matched almost for free by a student cut from the teacher, and weighs 1/(n+1)
+                # of the mean above: with it a one-layer student's loss is half its layer's, and a
+                # search prefers the shallowest students whatever their layers learned.
+                parts["hidden_mse_layers"] = torch.stack(per_layer[1:]).mean()
             total = total + self.weights.hidden_mse * parts["hidden_mse"]
         if self.pool_proj is not None:
             s_pool = self.pool_proj(pool(student_states[-1], mask, self.pooling))

@@ -17,7 +17,7 @@ from kdnas_core.distill import distill
 from kdnas_core.keys import key
 from kdnas_core.latency import LatencyReport, hardware_key, profile_model
 from kdnas_core.progress import Progress
-from kdnas_core.search.reward import normalised_loss
+from kdnas_core.search.reward import l_hs
 from kdnas_core.search.loop import BatchEvaluator, Evaluation, Evaluator
 from kdnas_core.search.signals import SignalProbe, Signals
 from kdnas_core.search.space import StudentArch
@@ -141,10 +141,9 @@ class ProxyEvaluator:
             progress=self.progress if progress is None else progress, init_heads=start.init_heads,
             pooling=self.ws.teacher.head.pooling,
         )
-        hidden = r.eval_parts.get("hidden_mse", r.final_eval_loss)
         # A forward pass or two over the held-out texts: a few per cent of the proxy run.
         signals = self.probe.of(student, r.eval_parts).to_dict()
-        return ProxyResult(normalised_loss(hidden), r.final_eval_loss, r.eval_parts.get("pooled_cosine"),
+        return ProxyResult(l_hs(r.eval_parts, r.final_eval_loss), r.final_eval_loss, r.eval_parts.get("pooled_cosine"),
                            count_parameters(student) / 1e6, r.steps, round(r.seconds, 1), r.loss_curve, signals)
 
     @property

@@ -2,8 +2,9 @@
 
     R = (1 - L_HS) * (lat_S / (beta * lat_T)) ** alpha
 
-``L_HS`` is the normalised hidden-state loss: the held-out ``hidden_mse`` on targets standardised
-per teacher layer and dimension, clipped to [0, 1]. Predicting each dimension's mean scores 1, a
+``L_HS`` is the normalised hidden-state loss: the held-out hidden-state MSE of the student's
+transformer layers (not its embeddings, see ``l_hs``) on targets standardised per teacher layer
+and dimension, clipped to [0, 1]. Predicting each dimension's mean scores 1, a
 perfect student 0, so ``1 - L_HS`` is the share of the teacher's (standardised) hidden-state
 variance the student reproduces on unseen text. Standardisation removes the teacher's scale,
 which keeps the number comparable across teachers (MiniLM, mpnet, XLM-R). With ``alpha < 0`` a
@@ -23,6 +24,15 @@ _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(x|ms)\s*$")
 
 def normalised_loss(hidden_mse: float) -> float:
     return min(1.0, max(0.0, float(hidden_mse)))
+
+
+def l_hs(parts: dict[str, float], fallback: float | None = None) -> float | None:
+    """L_HS from a held-out loss's parts: the transformer layers' hidden-state loss. Not the
+    training loss's ``hidden_mse``, whose embeddings-to-embeddings term a student cut from the
+    teacher matches for free and which weighs 1/(layers + 1): with it, shallower students score
+    better for no reason but their depth."""
+    value = parts.get("hidden_mse_layers", parts.get("hidden_mse", fallback))
+    return None if value is None else normalised_loss(value)
 
 
 def reward(l_hs: float, lat_student: float, lat_teacher: float, alpha: float = -0.07, beta: float = 0.6) -> float:

@@ -30,7 +30,7 @@ from kdnas_core.errors import KdnasError
 from kdnas_core.evaluation.evaluate import embed, linear_cka, neighbour_recall
 from kdnas_core.evaluation.scoring import retrieval_ranks
 from kdnas_core.progress import Progress, track
-from kdnas_core.search.reward import normalised_loss
+from kdnas_core.search.reward import l_hs
 from kdnas_core.search.space import StudentArch
 from kdnas_core.workspace import Workspace
 
@@ -111,9 +111,8 @@ class SignalProbe:
             a = self._embed(student, [t for t, _ in self.pairs])
             b = self._embed(student, [s for _, s in self.pairs])
             r1 = float(((retrieval_ranks(a, b) == 0).mean() + (retrieval_ranks(b, a) == 0).mean()) / 2)
-        hidden = kd_parts.get("hidden_mse")
         return Signals(
-            hidden=None if hidden is None else normalised_loss(hidden),
+            hidden=l_hs(kd_parts),
             cosine=kd_parts.get("pooled_cosine"),
             recall10=neighbour_recall(self.teacher_emb, emb, k=10) if len(self.texts) > 10 else None,
             cka=linear_cka(self.teacher_emb, emb),
