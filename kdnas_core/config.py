@@ -321,10 +321,11 @@ class RewardConfig(_Section):
     penalty: float = Field(default=0.5, ge=0, le=1)
     # The reward's quality term Q, measured on held-out texts after the proxy distillation
     # (kdnas_core/search/signals.py): hidden = the paper's normalised hidden-state loss L_HS;
-    # cosine = the pooled-cosine loss alone; recall10 / cka = how the student's sentence
-    # embeddings keep the teacher's neighbourhoods (as 1 - value); translation_r1 = 1 - recall@1 of
-    # held-out translation pairs (parallel corpora only).
-    quality: Literal["hidden", "cosine", "recall10", "cka", "translation_r1"] = "hidden"
+    # hidden_last = the same for the student's last state alone (mapped to the teacher's last
+    # layer, so comparable across depths); cosine = the pooled-cosine loss alone; recall10 / cka = how the
+    # student's sentence embeddings keep the teacher's neighbourhoods (as 1 - value);
+    # translation_r1 = 1 - recall@1 of held-out translation pairs (parallel corpora only).
+    quality: Literal["hidden", "hidden_last", "cosine", "recall10", "cka", "translation_r1"] = "hidden"
 
     @field_validator("budgets")
     @classmethod
@@ -368,7 +369,7 @@ class SearchConfig(_Section):
     # cut from the teacher, forward passes only) and only the best-screened
     # ``candidates_per_episode`` are proxy-distilled; the controller also learns from the rest.
     screen: int = Field(default=0, ge=0)
-    screen_signal: Literal["hidden", "cosine", "recall10", "cka"] = "recall10"
+    screen_signal: Literal["hidden", "hidden_last", "cosine", "recall10", "cka"] = "recall10"
 
     @model_validator(mode="after")
     def _screen_is_a_pool(self) -> SearchConfig:
@@ -639,6 +640,9 @@ class KDNASConfig(_Section):
         if "cosine" in (self.reward.quality, self.search.screen_signal) and self.distill.weights.pooled_cosine == 0:
             raise ValueError("the 'cosine' quality signal is the pooled-cosine loss term: set "
                              "distill.weights.pooled_cosine > 0, or another reward.quality / search.screen_signal")
+        if "hidden_last" in (self.reward.quality, self.search.screen_signal) and self.distill.weights.hidden_mse == 0:
+            raise ValueError("the 'hidden_last' quality signal is the hidden-state loss of the last layer: set "
+                             "distill.weights.hidden_mse > 0, or another reward.quality / search.screen_signal")
         return self
 
     @model_validator(mode="after")

@@ -48,8 +48,9 @@ KEYS: dict[str, Key] = {
     # A candidate's proxy distillation (Prefect's task cache and the flow's evaluator).
     # Version 1: the result carries the trained student's quality signals (reward.quality).
     # Version 2: L_HS reads the transformer layers only (kdnas_core.search.reward.l_hs).
+    # Version 3: the signals carry hidden_last.
     "proxy": Key(("seed", "teacher", "data", "search_space", "student", "distill"), exclude=NOT_SEARCH,
-                 why="the KD loss and quality signals of one proxy distillation", trained=True, version=2),
+                 why="the KD loss and quality signals of one proxy distillation", trained=True, version=3),
     # A candidate's latency measurement (Prefect's task cache).
     "latency": Key(("teacher", "student", "latency"), exclude=TRIM, why="one candidate's measured latency (of the student's model class)"),
     # The latency of the teacher, and of students of its vocabulary, on this hardware.

@@ -125,6 +125,10 @@ class HiddenStateDistillLoss(nn.Module):
                 # of the mean above: with it a one-layer student's loss is half its layer's, and a
                 # search prefers the shallowest students whatever their layers learned.
                 parts["hidden_mse_layers"] = torch.stack(per_layer[1:]).mean()
+                # The last state alone: the mappings send it to the teacher's last layer, the one a
+                # sentence embedding is pooled from ("uniform" only where the student's depth
+                # divides the teacher's), so it compares students of any depth.
+                parts["hidden_mse_last"] = per_layer[-1]
             total = total + self.weights.hidden_mse * parts["hidden_mse"]
         if self.pool_proj is not None:
             s_pool = self.pool_proj(pool(student_states[-1], mask, self.pooling))

@@ -30,12 +30,12 @@ from kdnas_core.errors import KdnasError
 from kdnas_core.evaluation.evaluate import embed, linear_cka, neighbour_recall
 from kdnas_core.evaluation.scoring import retrieval_ranks
 from kdnas_core.progress import Progress, track
-from kdnas_core.search.reward import l_hs
+from kdnas_core.search.reward import l_hs, normalised_loss
 from kdnas_core.search.space import StudentArch
 from kdnas_core.workspace import Workspace
 
 # Every signal a candidate gets (Signals' fields but the cost); reward.quality names one of them.
-SIGNALS = ("hidden", "cosine", "recall10", "cka", "translation_r1")
+SIGNALS = ("hidden", "hidden_last", "cosine", "recall10", "cka", "translation_r1")
 # Signals where a larger value means a better student; the rest are losses.
 HIGHER_IS_BETTER = frozenset({"recall10", "cka", "translation_r1"})
 # Signals that need (text, source) pairs in the corpus (data.source: messages or a source_column).
@@ -52,6 +52,7 @@ class Signals:
     recall10: float | None  # teacher-neighbour recall@10 of the sentence embeddings (None: <= 10 texts)
     cka: float  # linear CKA between the student's and the teacher's sentence embeddings
     translation_r1: float | None = None  # held-out text -> its source sentence, recall@1, both ways
+    hidden_last: float | None = None  # the last state's hidden-state loss alone, in [0, 1]
     seconds: float = 0.0  # what computing them cost (forward passes, no training)
 
     def to_dict(self) -> dict:
@@ -113,6 +114,7 @@ class SignalProbe:
             r1 = float(((retrieval_ranks(a, b) == 0).mean() + (retrieval_ranks(b, a) == 0).mean()) / 2)
         return Signals(
             hidden=l_hs(kd_parts),
+            hidden_last=None if "hidden_mse_last" not in kd_parts else normalised_loss(kd_parts["hidden_mse_last"]),
             cosine=kd_parts.get("pooled_cosine"),
             recall10=neighbour_recall(self.teacher_emb, emb, k=10) if len(self.texts) > 10 else None,
             cka=linear_cka(self.teacher_emb, emb),

@@ -106,6 +106,7 @@ def test_apply_overrides_returns_a_new_dict_and_leaves_its_input_alone():
     ({"search": {"screen": 200}, "student": {"init": "random"}}, "set student.init: teacher"),
     ({"reward": {"quality": "translation_r1"}}, "needs translation pairs in the corpus"),
     ({"reward": {"quality": "cosine"}, "distill": {"weights": {"pooled_cosine": 0}}}, "pooled-cosine loss term"),
+    ({"search": {"screen_signal": "hidden_last"}, "distill": {"weights": {"hidden_mse": 0}}}, "loss of the last layer"),
 ])
 def test_quality_signals_and_the_screen_refuse_what_they_cannot_read_in_one_line(overrides, says):
     with pytest.raises(ConfigError) as err:

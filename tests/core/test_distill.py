@@ -66,7 +66,8 @@ def test_loss_equals_a_hand_computation():
     # layer 1: preds (3,2) and (2,0) vs (3,0) and (1,1) -> errors (0,2),(1,-1) -> 2 and 1 -> 1.5
     loss, parts = loss_fn(s, t, mask)
     assert loss.item() == pytest.approx((1.0 + 1.5) / 2)
-    assert parts == {"hidden_mse": pytest.approx(1.25), "hidden_mse_layers": pytest.approx(1.5)}
+    assert parts == {"hidden_mse": pytest.approx(1.25), "hidden_mse_layers": pytest.approx(1.5),
+                     "hidden_mse_last": pytest.approx(1.5)}
 
 
 def test_l_hs_does_not_favour_shallow_students():
@@ -88,6 +89,7 @@ def test_l_hs_does_not_favour_shallow_students():
         states = tuple(teacher[m[0]] + (1.0 if i else 0.0) for i, m in enumerate(mapping))
         _, parts = loss_fn(states, Targets(teacher), mask)
         l_hs_by_depth[depth], train_by_depth[depth] = l_hs(parts), parts["hidden_mse"]
+        assert parts["hidden_mse_last"] == pytest.approx(1.0)
     assert train_by_depth[1] == pytest.approx(0.5) and train_by_depth[3] == pytest.approx(0.75)
     assert l_hs_by_depth[1] == pytest.approx(1.0) and l_hs_by_depth[3] == pytest.approx(1.0)
 
@@ -115,7 +117,7 @@ def test_loss_is_zero_when_student_equals_projected_teacher():
     s = (h[0], h[1], h[1])
     loss, parts = loss_fn(s, t, torch.ones(2, 5))
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
-    assert set(parts) == {"hidden_mse", "hidden_mse_layers", "pooled_cosine"}
+    assert set(parts) == {"hidden_mse", "hidden_mse_layers", "hidden_mse_last", "pooled_cosine"}
 
 
 def test_padding_does_not_change_the_loss():

@@ -32,7 +32,8 @@ def test_zero_cost_screen_ranks_a_pool_without_training(ws):
     smallest = got["L1-H32-A2-F64-gelu"]
     assert smallest.recall10 < whole.recall10 and smallest.hidden > whole.hidden + 0.05
     # Ranked by any zero-cost signal, the teacher itself comes first and the smallest cut last.
-    for name in ("recall10", "hidden"):
+    assert whole.hidden_last == pytest.approx(0.0, abs=1e-3) and smallest.hidden_last > whole.hidden_last + 0.05
+    for name in ("recall10", "hidden", "hidden_last"):
         ranked = sorted(pool, key=lambda a: got[a].quality(name))
         assert ranked[0] == "L4-H64-A4-F256-gelu" and ranked[-1] == "L1-H32-A2-F64-gelu", (name, got)
     # Forward passes only: the teacher is untouched and nothing was trained.
@@ -49,6 +50,9 @@ def test_every_proxy_run_records_the_trained_students_signals_and_quality_picks_
     # reward.quality: the evaluation's quality term is the named signal; L_HS stays reported.
     assert res.evaluation(5.0).quality is None and res.evaluation(5.0).quality_loss == res.kd_loss
     assert res.evaluation(5.0, "recall10").quality == pytest.approx(1 - s["recall10"])
+    # One layer: its last state is its only transformer state, so both hidden-state signals agree.
+    assert s["hidden_last"] == pytest.approx(s["hidden"]) and res.evaluation(5.0, "hidden_last").quality == \
+        pytest.approx(s["hidden_last"])
     with pytest.raises(KdnasError, match="translation pairs"):
         res.evaluation(5.0, "translation_r1")
 
