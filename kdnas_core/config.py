@@ -599,6 +599,13 @@ class ExportConfig(_Section):
     teacher_space: bool | None = None
 
 
+# Quality signals that read one term of the held-out KD loss: that term's weight, and what it is.
+_SIGNAL_LOSS_TERMS = {
+    "cosine": ("pooled_cosine", "the pooled-cosine loss term"),
+    "hidden_last": ("hidden_mse", "the hidden-state loss of the last layer"),
+}
+
+
 class KDNASConfig(_Section):
     # numpy, scikit-learn and torch all accept seeds in [0, 2**32).
     seed: int = Field(default=0, ge=0, lt=2**32)
@@ -637,12 +644,10 @@ class KDNASConfig(_Section):
         if self.reward.quality == "translation_r1" and not (self.data.source == "messages" or self.data.source_column):
             raise ValueError("reward.quality = 'translation_r1' needs translation pairs in the corpus "
                              "(data.source: messages, or data.source_column)")
-        if "cosine" in (self.reward.quality, self.search.screen_signal) and self.distill.weights.pooled_cosine == 0:
-            raise ValueError("the 'cosine' quality signal is the pooled-cosine loss term: set "
-                             "distill.weights.pooled_cosine > 0, or another reward.quality / search.screen_signal")
-        if "hidden_last" in (self.reward.quality, self.search.screen_signal) and self.distill.weights.hidden_mse == 0:
-            raise ValueError("the 'hidden_last' quality signal is the hidden-state loss of the last layer: set "
-                             "distill.weights.hidden_mse > 0, or another reward.quality / search.screen_signal")
+        for signal, (weight, what) in _SIGNAL_LOSS_TERMS.items():
+            if signal in (self.reward.quality, self.search.screen_signal) and getattr(self.distill.weights, weight) == 0:
+                raise ValueError(f"the {signal!r} quality signal is {what}: set distill.weights.{weight} > 0, or "
+                                 "another reward.quality / search.screen_signal")
         return self
 
     @model_validator(mode="after")
