@@ -208,8 +208,19 @@ class LossWeights(_Section):
     # 80.0 % drop-in retrieval and from 0.554 to 0.639 summary gap closed; a MiniLM student
     # was unchanged (91.9 / 92.1 %).
     pooled_cosine: float = Field(default=5.0, ge=0)
+    # In-batch similarity relations of the pooled embeddings: each text's neighbours in the batch
+    # ordered as the teacher orders them (KL of softmaxed cosines). Reads the pooled-cosine term's
+    # projection, so needs pooled_cosine > 0.
+    pooled_relation: float = Field(default=0.0, ge=0)
     # MiniLMv2 self-attention relations (Q-Q, K-K, V-V) of the last layers; off by default.
     attention_relation: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _relation_has_its_projection(self) -> LossWeights:
+        if self.pooled_relation > 0 and self.pooled_cosine == 0:
+            raise ValueError("pooled_relation > 0 reads the pooled-cosine term's projection: set pooled_cosine > 0, "
+                             "or pooled_relation: 0")
+        return self
 
 
 class TrainBudget(_Section):

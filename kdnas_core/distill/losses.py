@@ -1,5 +1,6 @@
 """The distillation loss: projected multi-layer hidden-state MSE on standardised targets, a pooled
-cosine term, and MiniLMv2 attention relations. Plain modules; no logging or config parsing."""
+cosine term, in-batch similarity relations of the pooled embeddings, and MiniLMv2 attention
+relations. Plain modules; no logging or config parsing."""
 
 from __future__ import annotations
 
@@ -40,6 +41,30 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
     kl = (log_t.exp() * (log_t - log_s)).nan_to_num(0.0).sum(-1)  # [B, R, T]
     q = mask.to(kl.dtype)[:, None, :]
     return (kl * q).sum() / ((q.sum() if n_tokens is None else n_tokens) * heads)
+
+
+# Sharp enough that a text's nearest teacher neighbours carry most of its row (SimCSE's 0.05).
+RELATION_TEMPERATURE = 0.05
+
+
+def similarity_kl(student: torch.Tensor, teacher: torch.Tensor, n_texts: float | int,
+                  temperature: float = RELATION_TEMPERATURE) -> torch.Tensor:
+    """In-batch similarity distillation: for each text, KL(teacher || student) between the
+    softmax over the batch's other texts of their cosine similarities to it. It asks the student
+    to order a text's neighbours as the teacher does, which is what retrieval and clustering read,
+    where a per-text cosine to the teacher leaves the small errors that reorder close neighbours.
+    Summed over texts and divided by ``n_texts`` (0 for a batch of one text)."""
+    if student.shape[0] < 2:
+        return student.new_zeros(())
+
+    def log_neighbours(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=-1)
+        sims = x @ x.T / temperature
+        return F.log_softmax(sims.masked_fill(torch.eye(len(x), dtype=torch.bool, device=x.device), float("-inf")), -1)
+
+    log_s, log_t = log_neighbours(student), log_neighbours(teacher)
+    kl = (log_t.exp() * (log_t - log_s)).nan_to_num(0.0).sum(-1)  # the diagonal's -inf - -inf is NaN: 0
+    return kl.sum() / n_texts
 
 
 class HiddenStateDistillLoss(nn.Module):
@@ -138,6 +163,10 @@ class HiddenStateDistillLoss(nn.Module):
                 t_pool = torch.where(targets.has_source.unsqueeze(-1), targets.source_pooled, t_pool)
             parts["pooled_cosine"] = (1 - F.cosine_similarity(s_pool, t_pool, dim=-1)).sum() / n_texts
             total = total + self.weights.pooled_cosine * parts["pooled_cosine"]
+            if self.weights.pooled_relation > 0:
+                # Within this call's texts: under data parallelism each process relates its own slice.
+                parts["pooled_relation"] = similarity_kl(s_pool, t_pool, n_texts)
+                total = total + self.weights.pooled_relation * parts["pooled_relation"]
         if self.weights.attention_relation > 0:
             if student_qkv is None or targets.qkv is None:
                 raise KdnasError("attention_relation weight > 0 needs student and teacher Q/K/V states")

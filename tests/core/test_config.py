@@ -89,6 +89,12 @@ def test_settings_that_need_the_pooled_term_say_so_when_it_is_off(field, value):
     assert "\n" not in str(err.value)
 
 
+def test_the_relation_term_without_the_pooled_term_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"distill.weights .* pooled_relation > 0 .* set pooled_cosine > 0") as err:
+        config_from_dict({"distill": {"weights": {"pooled_relation": 1.0, "pooled_cosine": 0.0}}})
+    assert "\n" not in str(err.value)
+
+
 def test_apply_overrides_returns_a_new_dict_and_leaves_its_input_alone():
     """Set in place, one benchmark recipe once inherited the keys of the recipes before it."""
     from kdnas_core.config import apply_overrides

@@ -16,6 +16,7 @@ from kdnas_core.distill import (
     relation_kl,
     teacher_layers_needed,
 )
+from kdnas_core.distill.losses import similarity_kl
 from kdnas_core.errors import KdnasError
 from kdnas_core.search.space import StudentArch
 from kdnas_core.student import build_student
@@ -142,6 +143,29 @@ def test_relation_loss_is_zero_for_equal_relations_and_positive_otherwise():
     assert relation_kl(torch.randn(2, 6, 8), x, mask, heads=2).item() > 0.01
     # different widths, same relation heads: student 8 wide learns from teacher 16 wide
     assert math.isfinite(relation_kl(x, torch.randn(2, 6, 16), mask, heads=4).item())
+
+
+def test_similarity_relations_teach_a_student_the_teachers_neighbours():
+    torch.manual_seed(0)
+    teacher = torch.randn(32, 16)
+    assert similarity_kl(teacher, teacher, 32).item() == pytest.approx(0.0, abs=1e-6)
+    # cosine relations: a text's own scale does not matter, its direction does
+    assert similarity_kl(teacher * torch.rand(32, 1).add(0.5), teacher, 32).item() == pytest.approx(0.0, abs=1e-5)
+    assert similarity_kl(teacher[:1], teacher[:1], 1).item() == 0.0
+
+    def nearest(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.normalize(x, dim=-1)
+        return (x @ x.T).fill_diagonal_(-2).argmax(-1)
+
+    student = torch.randn(32, 8, requires_grad=True)  # narrower than the teacher, as students are
+    before = (nearest(student.detach()) == nearest(teacher)).float().mean().item()
+    opt = torch.optim.Adam([student], lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        similarity_kl(student, teacher, 32).backward()
+        opt.step()
+    after = (nearest(student.detach()) == nearest(teacher)).float().mean().item()
+    assert before < 0.2 and after > 0.8
 
 
 # ---------------------------------------------------------------- cache and trainer
