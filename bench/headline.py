@@ -79,6 +79,7 @@ from kdnas_core.onnx_embedder import OnnxEmbedder  # noqa: E402
 from kdnas_core.inherit import full_width  # noqa: E402
 from kdnas_core.latency import profile_model  # noqa: E402
 from kdnas_core.search.reports import markdown_table  # noqa: E402
+from kdnas_core.search.signals import zero_cost_screen  # noqa: E402
 from kdnas_core.search.space import StudentArch  # noqa: E402
 from kdnas_core.search.runner import search_in_folder  # noqa: E402
 from kdnas_core.student import build_student, save_student, untrained_floor  # noqa: E402
@@ -265,9 +266,14 @@ def run_searches(ws: Workspace, cfg: KDNASConfig, teacher_ms: float, random_init
     """KD-NAS (LSTM controller) and random search with the same number of distilled candidates;
     an architecture both visit is distilled once (evaluation is deterministic per arch). With
     ``random_init``, KD-NAS once more with random-init students (None otherwise)."""
-    evaluate = OncePerArch(ProxyEvaluator(ws))
-    kdnas = search_in_folder(cfg, ws.space, teacher_ms, evaluate=evaluate)
-    rcfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"kind": "random"})})
+    proxy = ProxyEvaluator(ws)
+    evaluate = OncePerArch(proxy)
+    # KD-NAS as the config runs it, the zero-cost screen included where search.screen is on;
+    # random search distils what it samples, unscreened (its baseline role in bench.search_real).
+    screen = zero_cost_screen(lambda: proxy.probe, cfg.search.screen_signal, progress=True) if cfg.search.screen else None
+    kdnas = search_in_folder(cfg, ws.space, teacher_ms, evaluate=evaluate, screen=screen)
+    rcfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"kind": "random"}),
+                                  "search": cfg.search.model_copy(update={"screen": 0})})
     rnd = search_in_folder(rcfg, ws.space, teacher_ms, evaluate=evaluate)
     n_distinct = len({o.arch.arch_id for o in kdnas.observations + rnd.observations})
     if not random_init:
@@ -740,7 +746,10 @@ def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, a
         f"(batch {cfg.data.batch_size}, {precision_name(cfg.distill.precision, cfg.distill.device)}), same for "
         f"every student row; search {cfg.search.episodes} episodes x "
         f"{cfg.search.candidates_per_episode} candidates for KD-NAS and for random search on {len(ws.splits.proxy)} proxy "
-        f"texts ({n_distinct} distinct archs distilled); budgets {', '.join(cfg.reward.budgets)} (target {target.budget}).",
+        f"texts ({n_distinct} distinct archs distilled)"
+        + (f"; KD-NAS screens {cfg.search.screen} candidates an episode zero-cost by {cfg.search.screen_signal}"
+           if cfg.search.screen else "")
+        + f"; budgets {', '.join(cfg.reward.budgets)} (target {target.budget}).",
         *[f"- task {t['task']} ({t['kind']}, {PRIMARY[t['kind']]}): {t['size']}" for t in describe_tasks(ws)],
         "- every scored text lies outside what the students were distilled on; gap closed = (row - its untrained "
         "floor) / (teacher - floor) per task, ± paired-bootstrap SE; summary = mean over the tasks ± SE [95 % interval].",

@@ -73,12 +73,11 @@ def make_config(args, work: Path):
 
 
 def controller_config(cfg, controller: str, seed: int, screen: int):
-    """The config one search runs: its controller, its seed, and the screen for ``lstm+screen``."""
+    """The config one search runs: its controller, its seed, and the screen for ``lstm+screen``
+    only (off for the others whatever the config says: they are the unscreened baselines)."""
     kind, _, extra = controller.partition("+")
-    update = {"controller": cfg.controller.model_copy(update={"kind": kind}), "seed": seed}
-    if extra == "screen":
-        update["search"] = cfg.search.model_copy(update={"screen": screen})
-    return cfg.model_copy(update=update)
+    return cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"kind": kind}), "seed": seed,
+                                  "search": cfg.search.model_copy(update={"screen": screen if extra == "screen" else 0})})
 
 
 def run_searches(ws: Workspace, teacher_ms: float, controllers: list[str], seeds: list[int], screen: int):
