@@ -711,7 +711,8 @@ ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_tar
                                "distill.final.eval_every": None, "distill.final.patience": None,
                                "distill.proxy.eval_every": None, "distill.proxy.patience": None,
                                "distill.cache_max_gb": 20.0, "distill.precision": "fp32", "reward.quality": "hidden",
-                               "search.screen": 0, "search.screen_signal": "recall10"}
+                               "search.screen": 0, "search.screen_signal": "recall10",
+                               "distill.weights.pooled_relation": 0.0}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

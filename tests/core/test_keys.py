@@ -167,6 +167,16 @@ def test_fields_added_later_leave_the_keys_of_configs_that_keep_their_defaults()
     assert changed("distill.final.eval_every").section_hash("distill") != before
 
 
+def test_the_default_configs_keys_do_not_move_when_a_field_is_added():
+    """Golden keys of the default config (fp32, paths aside): a new config field that is not in
+    ADDED_LATER changes every key whose sections hold it, and every user's searches and students
+    would silently retrain. Change these values only with a deliberate RECIPE or version bump."""
+    cfg = KDNASConfig(distill={"precision": "fp32"})
+    golden = {"proxy": "caa770b3f357", "latency": "afa3d02f5bd2", "latency_settings": "2be20e834519",
+              "final": "abeeb2ff9e52", "checkpoint": "7020f6ff8e19", "search": "947dde53cbe3"}
+    assert {name: key(name, cfg) for name in golden} == golden
+
+
 def test_precision_auto_is_keyed_as_what_it_resolves_to(monkeypatch):
     """distill.precision: auto trains in bf16 where the hardware has bf16 units and in fp32
     elsewhere; its cache keys are those of the explicit setting it resolves to, so an fp32 machine
