@@ -20,6 +20,12 @@ from kdnas_core.distill.targets import LayerStats, Targets
 # --------------------------------------------------------------------------- the loss
 
 
+def _row_kl(log_t: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each row of two log-softmaxed relation matrices. Masked entries
+    are -inf on both sides; their -inf - -inf is NaN and counts as 0."""
+    return (log_t.exp() * (log_t - log_s)).nan_to_num(0.0).sum(-1)
+
+
 def relation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, heads: int,
                 n_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
     """MiniLMv2 self-attention relation loss for one of Q, K or V.
@@ -37,8 +43,7 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
         scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
         return F.log_softmax(scores, dim=-1)
 
-    log_s, log_t = log_relations(student), log_relations(teacher)
-    kl = (log_t.exp() * (log_t - log_s)).nan_to_num(0.0).sum(-1)  # [B, R, T]
+    kl = _row_kl(log_relations(teacher), log_relations(student))  # [B, R, T]
     q = mask.to(kl.dtype)[:, None, :]
     return (kl * q).sum() / ((q.sum() if n_tokens is None else n_tokens) * heads)
 
@@ -62,9 +67,7 @@ def similarity_kl(student: torch.Tensor, teacher: torch.Tensor, n_texts: float |
         sims = x @ x.T / temperature
         return F.log_softmax(sims.masked_fill(torch.eye(len(x), dtype=torch.bool, device=x.device), float("-inf")), -1)
 
-    log_s, log_t = log_neighbours(student), log_neighbours(teacher)
-    kl = (log_t.exp() * (log_t - log_s)).nan_to_num(0.0).sum(-1)  # the diagonal's -inf - -inf is NaN: 0
-    return kl.sum() / n_texts
+    return _row_kl(log_neighbours(teacher), log_neighbours(student)).sum() / n_texts
 
 
 class HiddenStateDistillLoss(nn.Module):
