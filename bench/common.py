@@ -227,11 +227,20 @@ def final_distilled(ws, student, batches, states, eval_states, init_heads, folde
     from kdnas_core.final import checkpoint_path, student_head
     from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head
 
+    from kdnas_core.keys import key
+
+    cfg = ws.cfg
+    # what the student was trained with: a finished folder is reused for this recipe only (a rerun
+    # with other epochs or precision once reported a one-epoch student as a three-epoch one)
+    recipe = f"{key('checkpoint', cfg)}-{len(batches)}"
     done = folder / "result.json"
     if done.is_file():
+        result = json.loads(done.read_text())
+        if result.get("recipe", recipe) != recipe:
+            raise SystemExit(f"{folder}: distilled with another recipe (key {result['recipe']}, now {recipe}); "
+                             "give another --work folder")
         model = AutoModel.from_pretrained(folder, use_safetensors=True)
-        return SentenceEncoder(model, read_head(folder) or SentenceHead()), json.loads(done.read_text())
-    cfg = ws.cfg
+        return SentenceEncoder(model, read_head(folder) or SentenceHead()), result
     ckpt = checkpoint_path(cfg, folder, "train", len(batches))
     res = distill(student, states, batches, cfg.distill, cfg.distill.final, eval_batches=ws.batches("eval"),
                   eval_states=eval_states, seed=cfg.seed, init_heads=init_heads, pooling=ws.teacher.head.pooling,
@@ -239,7 +248,7 @@ def final_distilled(ws, student, batches, states, eval_states, init_heads, folde
     head = student_head(cfg, ws, res.pooled_projection)
     student.save_pretrained(folder, safe_serialization=True)
     write_head(folder, head, student.config.hidden_size)
-    result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"}
+    result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"} | {"recipe": recipe}
     done.write_text(json.dumps(result, indent=2))
     remove_checkpoint(ckpt)
     return SentenceEncoder(student, head), result

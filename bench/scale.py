@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> Path:
         rows.append(compare(inherited, teacher, floor, cfg.evaluate, cfg.seed)
                     | {"arch": arch.name, "texts": 0, "_eval": inherited})
         for n in args.sizes:
-            folder = work / "students" / f"{arch.name}-{n}"
+            # one epoch keeps the folder name the first runs gave their points (they kept no recipe)
+            epochs = cfg.distill.final.epochs
+            folder = work / "students" / (f"{arch.name}-{n}" + (f"-{epochs}ep" if epochs != 1 else ""))
             model, result = distil_point(ws, start, arch, n, states, eval_states, folder)
             ev = ws.evaluate(model, f"{arch.name} on {n} texts")
             curve = result.get("eval_curve") or []

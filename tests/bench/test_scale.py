@@ -1,6 +1,7 @@
 """python -m bench.scale --smoke end to end on a tiny random teacher: correctness, not timing."""
 
 import argparse
+import json
 
 import pandas as pd
 import pytest
@@ -24,6 +25,11 @@ def test_scale_smoke_scores_every_point_against_its_start(tmp_path):
     run_bench("scale", argv, tmp_path)
     again = pd.read_csv(tmp_path / "out" / "scale-curve.csv")
     assert again.summary.tolist() == pytest.approx(df.summary.tolist())
+    # a point distilled with another recipe is refused, never reported as this recipe's
+    done = next((tmp_path / "work" / "students").glob("*-80")) / "result.json"
+    done.write_text(json.dumps(json.loads(done.read_text()) | {"recipe": "another-5"}))
+    proc = run_bench("scale", argv, tmp_path, check=False)
+    assert proc.returncode != 0 and "distilled with another recipe" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_benchmark_overrides_keep_the_configs_held_out_checks():
