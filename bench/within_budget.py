@@ -114,6 +114,18 @@ def kendall_with_interval(x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed
     return tau, float(lo), float(hi)
 
 
+def noise_ceiling(summary: np.ndarray, se: np.ndarray, n_draws: int = 2000, seed: int = 0) -> float:
+    """The Kendall tau a perfect signal would reach against the measured summary: each student's
+    summary is only known to its evaluation SE, so an oracle ranking the students by their true
+    summaries meets the measured order with noise. Estimated as the mean tau between the summaries
+    and the summaries redrawn with N(0, SE) each (the measured ones standing in for the true ones).
+    Where it sits near the target, no signal can be shown to reach it with these tasks."""
+    from scipy.stats import kendalltau
+
+    rng, se = np.random.default_rng(seed), np.nan_to_num(se)
+    return float(np.mean([kendalltau(summary, summary + rng.normal(0.0, se)).statistic for _ in range(n_draws)]))
+
+
 def correlations(df: pd.DataFrame, target: str = "summary") -> pd.DataFrame:
     rows = []
     candidates = [f"{m}_{s}" for m in ("zc", "proxy") for s in SIGNALS] + ["params_m", "latency_ms"]
@@ -234,6 +246,9 @@ def main(argv: list[str] | None = None) -> Path:
           "the student as cut from the teacher, no training step",
           "- tau: Kendall, signal signed so that + = ranks like the final summary; 95 % interval: bootstrap over "
           "the students",
+          f"- noise ceiling: {noise_ceiling(df.summary.to_numpy(float), df.summary_se.to_numpy(float)):.2f}, the "
+          "tau a signal that knew each student's true summary would reach against the measured one (each summary "
+          "redrawn with its SE)",
           f"- latency predictor while picking (refitted after each measurement): {err}" if err else "",
           "", "## Rank correlation with the final summary", "", markdown_table(corr), "",
           "## Students", "", markdown_table(df), "", "## Latency measurements while picking", "",
