@@ -225,9 +225,8 @@ def final_distilled(ws, student, batches, states, eval_states, init_heads, folde
     from kdnas_core.distill import distill
     from kdnas_core.files.checkpoint import remove_checkpoint
     from kdnas_core.final import checkpoint_path, student_head
-    from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head
-
     from kdnas_core.keys import key
+    from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head
 
     cfg = ws.cfg
     # what the student was trained with: a finished folder is reused for this recipe only (a rerun
