@@ -298,7 +298,7 @@ def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:
         if not (folder / "result.json").is_file():
             print(f"distilling {r.name}", flush=True)
             distilled += 1
-        r.model, r.result = final_distilled(ws, r.model, ws.batches("train"), states, eval_states, r.init_heads, folder)
+        r.model, r.result = final_distilled(ws, r.model, ws.distill_batches("train", states), states, eval_states, r.init_heads, folder)
     return distilled
 
 

@@ -94,14 +94,15 @@ def make_config(args, work: Path) -> KDNASConfig:
     return config_from_dict(apply_overrides(base, overrides), "scale benchmark config")
 
 
-def first_texts(ws: Workspace, n: int) -> list:
-    """Batches of the first ``n`` training texts; their indices point into the largest split's
-    token order, so the one teacher-state cache serves every size."""
+def first_texts(ws: Workspace, n: int, states) -> list:
+    """Batches of the first ``n`` training texts, grouped as ``distill.batching`` says; their
+    indices point into the largest split's token order, so the one teacher-state cache serves
+    every size."""
     toks = ws.tokens("train")
     if n > len(toks):
         raise SystemExit(f"--sizes {n}: the corpus gives only {len(toks)} training texts")
     sub = TokenizedTexts(toks.ids[:n], toks.pad_id, f"{toks.fingerprint}:first{n}")
-    return length_bucketed_batches(sub, ws.cfg.data.batch_size, ws.cfg.seed)
+    return ws.arranged(sub, length_bucketed_batches(sub, ws.cfg.data.batch_size, ws.cfg.seed), states)
 
 
 def distil_point(ws: Workspace, start, arch: StudentArch, n: int, states, eval_states, folder: Path):
@@ -109,7 +110,7 @@ def distil_point(ws: Workspace, start, arch: StudentArch, n: int, states, eval_s
     if not (folder / "result.json").is_file():
         print(f"distilling {arch.name} on {n} texts", flush=True)
     # every point starts from the same inherited weights
-    return final_distilled(ws, copy.deepcopy(start.model), first_texts(ws, n), states, eval_states, start.init_heads,
+    return final_distilled(ws, copy.deepcopy(start.model), first_texts(ws, n, states), states, eval_states, start.init_heads,
                            folder)
 
 

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> Path:
         zc = probe.zero_cost(arch)
         proxy = proxy_distilled(ev, arch, work / "proxy" / f"{arch.arch_id}.json")
         start = ws.start_student(arch)
-        model, result = final_distilled(ws, start.model, ws.batches("train"), states, eval_states, start.init_heads,
+        model, result = final_distilled(ws, start.model, ws.distill_batches("train", states), states, eval_states, start.init_heads,
                                         work / "students" / arch.arch_id)
         models[arch.name], floors[arch.name] = model, ws.untrained_student(arch, cfg.seed)
         rows.append({"arch": arch.name, "latency_ms": round(ms, 2), "ratio_to_budget": round(ms / budget_ms, 3),

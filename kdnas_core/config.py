@@ -280,9 +280,22 @@ class DistillConfig(_Section):
     # resolves to, so on an fp32 machine they are the keys fp32 always had. On the scale curve bf16
     # scored within one SE of fp32 at 1.8-2.3x the speed (docs/benchmarks.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # How texts are grouped into batches. "length": texts of similar length (little padding).
+    # "neighbours": texts the teacher embeds close together (k-means on its sentence embeddings,
+    # then by length within a cluster), so the in-batch relation term learns how the teacher
+    # orders near neighbours, the order retrieval among similar texts depends on (topic-aware
+    # sampling, Hofstaetter et al. 2021); only the pooled_relation term reads other texts of a batch.
+    batching: Literal["length", "neighbours"] = "length"
     # Processes of the final distillation: > 1 launches torchrun (data parallel; gloo on the CPU,
     # NCCL on GPUs), each process taking a slice of every batch, so the result matches one process.
     world_size: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _neighbours_need_relations(self) -> DistillConfig:
+        if self.batching == "neighbours" and self.weights.pooled_relation == 0:
+            raise ValueError("batching: neighbours only changes what the in-batch pooled_relation term compares: "
+                             "set weights.pooled_relation > 0, or batching: length")
+        return self
 
 
 Backend = Literal["ort-fp32", "ort-int8", "torch", "cuda"]
@@ -712,7 +725,7 @@ ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_tar
                                "distill.proxy.eval_every": None, "distill.proxy.patience": None,
                                "distill.cache_max_gb": 20.0, "distill.precision": "fp32", "reward.quality": "hidden",
                                "search.screen": 0, "search.screen_signal": "recall10",
-                               "distill.weights.pooled_relation": 0.0}
+                               "distill.weights.pooled_relation": 0.0, "distill.batching": "length"}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

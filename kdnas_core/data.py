@@ -443,3 +443,41 @@ def length_bucketed_batches(
     if shuffle:
         rng.shuffle(groups)
     return [collate(tokens, g) for g in groups]
+
+
+# Texts per k-means cluster, in batches: enough that a cluster fills whole batches of similar
+# length, few enough that a batch's texts stay near each other in the teacher's space.
+NEIGHBOUR_GROUP = 4
+
+
+def neighbour_batches(tokens: TokenizedTexts, embeddings, batch_size: int, seed: int) -> list[Batch]:
+    """Batches of texts the teacher embeds near each other, in a seeded random order.
+
+    The texts are clustered by k-means on their unit-length ``embeddings`` ([N, d], the teacher's
+    sentence embeddings) into clusters of about ``NEIGHBOUR_GROUP`` batches; each cluster is sorted
+    by length and cut into batches, and what is left of every cluster (fewer texts than a batch)
+    is batched by length. Batches of unrelated texts teach an in-batch relation term only the
+    coarse order of far-apart texts; near neighbours teach the fine one.
+    """
+    import numpy as np
+    from sklearn.cluster import MiniBatchKMeans
+
+    x = np.asarray(embeddings, dtype=np.float32)
+    if len(x) != len(tokens):
+        raise ValueError(f"neighbour_batches: {len(x)} embeddings for {len(tokens)} texts")
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    k = max(1, len(tokens) // (batch_size * NEIGHBOUR_GROUP))
+    labels = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096).fit_predict(x)
+    rng = random.Random(seed)
+    groups, rest = [], []
+    for c in range(k):
+        members = [int(i) for i in np.flatnonzero(labels == c)]
+        rng.shuffle(members)  # equal lengths in seeded order, not file order
+        members.sort(key=lambda i: tokens.lengths[i])
+        whole = len(members) - len(members) % batch_size
+        groups += [members[i : i + batch_size] for i in range(0, whole, batch_size)]
+        rest += members[whole:]
+    rest.sort(key=lambda i: tokens.lengths[i])
+    groups += [rest[i : i + batch_size] for i in range(0, len(rest), batch_size)]
+    rng.shuffle(groups)
+    return [collate(tokens, g) for g in groups]

@@ -22,6 +22,7 @@ from kdnas_core.data import (
     TokenizedTexts,
     length_bucketed_batches,
     load_splits,
+    neighbour_batches,
     tokenize,
 )
 from kdnas_core.distill import (
@@ -34,6 +35,7 @@ from kdnas_core.distill import (
     make_teacher_states,
     pooled_only,
     source_embeddings,
+    teacher_embeddings,
     teacher_layers_needed,
 )
 from kdnas_core.errors import ArchError, ConfigError, DataError
@@ -191,7 +193,22 @@ class Workspace:
         batches = self.batches(split)
         passes = _passes(budget, len(batches))
         layers = self.layers_for([student_layers])
-        return batches, self.teacher_states(split, layers, passes, progress), self.eval_states(layers, progress)
+        states = self.teacher_states(split, layers, passes, progress)
+        return self.distill_batches(split, states, batches, progress), states, self.eval_states(layers, progress)
+
+    def distill_batches(self, split: str, states: TeacherStates, batches: list[Batch] | None = None,
+                        progress: Progress = True) -> list[Batch]:
+        """The batches a distillation on ``split`` trains on, grouped as ``distill.batching`` says."""
+        return self.arranged(self.tokens(split), batches or self.batches(split), states, progress)
+
+    def arranged(self, tokens: TokenizedTexts, batches: list[Batch], states: TeacherStates, progress: Progress = True
+                 ) -> list[Batch]:
+        """``batches`` (every text of ``tokens``, as ``states`` indexes them) regrouped as
+        ``distill.batching`` says: as they are for "length"."""
+        if self.cfg.distill.batching == "length":
+            return batches
+        vectors = teacher_embeddings(states, batches, self.teacher.head.pooling, progress)
+        return neighbour_batches(tokens, vectors, self.cfg.data.batch_size, self.cfg.seed)
 
     def cached_states(self, split: str, layers: tuple[int, ...], progress: Progress = True) -> TeacherStates:
         """Teacher states of ``split`` computed once (reused from disk when present)."""

@@ -32,7 +32,13 @@ from kdnas_core.distill.targets import (
     source_embeddings,
     teacher_pooled,
 )
-from kdnas_core.distill.cache import CachedTeacherStates, cache_bytes, cache_plan, make_teacher_states
+from kdnas_core.distill.cache import (
+    CachedTeacherStates,
+    cache_bytes,
+    cache_plan,
+    make_teacher_states,
+    teacher_embeddings,
+)
 from kdnas_core.distill.losses import HiddenStateDistillLoss, relation_kl
 from kdnas_core.distill.trainer import DataParallel, DistillResult, distill, held_out_loss
 from kdnas_core.hardware import resolve_device
@@ -62,6 +68,7 @@ __all__ = [
     "relation_kl",
     "resolve_device",
     "source_embeddings",
+    "teacher_embeddings",
     "teacher_layers_needed",
     "teacher_pooled",
 ]

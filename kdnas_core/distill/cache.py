@@ -26,6 +26,7 @@ from kdnas_core.config import DistillConfig
 from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches
 from kdnas_core.errors import ConfigError
 from kdnas_core.progress import Progress, track
+from kdnas_core.sentence import pool
 from kdnas_core.teachers.loading import Teacher
 
 from kdnas_core.distill.targets import (
@@ -70,20 +71,21 @@ class CachedTeacherStates:
         return sum(a.nbytes for a in self._arrays.values())
 
     def targets(self, batch: Batch) -> Targets:
-        mask = batch.attention_mask.bool()
-        starts = self.offsets[batch.index]
-        lengths = mask.sum(1)
-        # Row-major order of mask positions equals the concatenation of each text's token rows.
-        runs = list(zip(starts.tolist(), lengths.tolist()))
-
-        def unpack(name: str, width: int) -> torch.Tensor:
-            out = torch.zeros(*mask.shape, width)
-            out[mask] = torch.from_numpy(self._rows(name, runs).astype(np.float32))
-            return out
-
-        states = {layer: unpack(f"layer_{layer}", self.hidden) for layer in self.layers}
-        qkv = unpack("qkv", 3 * self.hidden) if self.relation_layer is not None else None
+        states = {layer: self._unpack(batch, f"layer_{layer}", self.hidden) for layer in self.layers}
+        qkv = self._unpack(batch, "qkv", 3 * self.hidden) if self.relation_layer is not None else None
         return Targets(states, qkv)
+
+    def layer(self, batch: Batch, layer: int) -> torch.Tensor:
+        """[B, T, d] one cached teacher layer of ``batch``, without reading the others."""
+        return self._unpack(batch, f"layer_{layer}", self.hidden)
+
+    def _unpack(self, batch: Batch, name: str, width: int) -> torch.Tensor:
+        mask = batch.attention_mask.bool()
+        # Row-major order of mask positions equals the concatenation of each text's token rows.
+        runs = list(zip(self.offsets[batch.index].tolist(), mask.sum(1).tolist()))
+        out = torch.zeros(*mask.shape, width)
+        out[mask] = torch.from_numpy(self._rows(name, runs).astype(np.float32))
+        return out
 
     def _rows(self, name: str, runs: list[tuple[int, int]]) -> np.ndarray:
         """Rows ``start:start + n`` of array ``name`` for each (start, n) run, concatenated.
@@ -336,3 +338,21 @@ def make_teacher_states(
                                          shared=shared if root is not None else None)
     stats = compute_stats(teacher, stats_batches or [], layers) if cfg.standardize_targets and stats_batches else None
     return LiveTeacherStates(teacher, layers, relation_layer, stats)
+
+
+def teacher_embeddings(states: TeacherStates, batches: list[Batch], pooling: str, progress: Progress = False
+                       ) -> np.ndarray:
+    """[N, d] each text's pooled last-layer teacher state, as the pooled term's target, read from
+    ``states``: one layer of a cache, or one teacher pass over the texts when the states are live."""
+    rows = max(int(b.index.max()) for b in batches) + 1
+    out = np.zeros((rows, states.hidden), dtype=np.float32)
+    last = states.n_layers
+    for b in track(batches, "teacher embeddings for batching", progress, "batch"):
+        if isinstance(getattr(states, "pooled", None), torch.Tensor):  # PooledTeacherStates
+            vec = states.pooled[b.index]
+        else:
+            layer = getattr(states, "layer", None)
+            top = layer(b, last) if layer is not None else states.targets(b).states[last]
+            vec = pool(top, b.attention_mask, pooling)
+        out[b.index.numpy()] = vec.float().numpy()
+    return out

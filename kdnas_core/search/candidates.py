@@ -125,7 +125,7 @@ class ProxyEvaluator:
         layers = ws.layers_for(ws.space.layers)
         self.states = ws.cached_states("proxy", layers, progress)
         self.eval_states = ws.eval_states(layers, progress)
-        self.batches = ws.batches("proxy")
+        self.batches = ws.distill_batches("proxy", self.states, progress=progress)
         self.eval_batches = ws.batches("eval")
 
     def distill(self, arch: StudentArch, progress: Progress | None = None) -> ProxyResult:
