@@ -60,7 +60,8 @@ ALSO = {"latency.reward_backend": {"latency.backends": ["ort-fp32", "ort-int8"]}
         "data.mix": {"data.source": "mix"},
         "distill.proxy.patience": {"distill.proxy.eval_every": 10},
         "distill.final.patience": {"distill.final.eval_every": 10},
-        "search.screen": {"search.candidates_per_episode": 1}}
+        "search.screen": {"search.candidates_per_episode": 1},
+        "distill.batching": {"distill.weights.pooled_relation": 0.2}}
 
 
 def changed(field: str) -> KDNASConfig:
