@@ -293,12 +293,13 @@ def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:
     layers = ws.layers_for(sorted({r.model.config.num_hidden_layers for r in todo}))
     states = ws.cached_states("train", layers)
     eval_states = ws.eval_states(layers)
+    batches = ws.distill_batches("train", states)  # the same for every row (neighbours: one k-means)
     for r in todo:
         folder = work / "students" / _slug(r.name)
         if not (folder / "result.json").is_file():
             print(f"distilling {r.name}", flush=True)
             distilled += 1
-        r.model, r.result = final_distilled(ws, r.model, ws.distill_batches("train", states), states, eval_states, r.init_heads, folder)
+        r.model, r.result = final_distilled(ws, r.model, batches, states, eval_states, r.init_heads, folder)
     return distilled
 
 

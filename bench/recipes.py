@@ -28,6 +28,7 @@ import yaml  # noqa: E402
 
 from bench.scale import distil_point, make_config  # noqa: E402
 from kdnas_core.config import KDNASConfig, apply_overrides, config_from_dict  # noqa: E402
+from kdnas_core.errors import ConfigError  # noqa: E402
 from kdnas_core.evaluation.evaluate import compare  # noqa: E402
 from kdnas_core.evaluation.table import describe_tasks  # noqa: E402
 from kdnas_core.search.reports import markdown_table  # noqa: E402
@@ -64,7 +65,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def variant_config(base: KDNASConfig, name: str, overrides: dict) -> KDNASConfig:
     try:
         return config_from_dict(apply_overrides(base.model_dump(mode="json"), overrides), f"--variant {name}")
-    except Exception as err:  # a config error is already one line naming the field
+    except ConfigError as err:  # already one line naming the field
         raise SystemExit(str(err)) from None
 
 
@@ -145,15 +146,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     shown = pd.DataFrame({
         "variant": df.variant,
-        "overrides": df.get("overrides", pd.Series([""] * len(df))).fillna(""),
+        "overrides": df.overrides.fillna(""),
         **{t: [cell(g, s) for g, s in zip(df[f"{t}.gap_closed"], df[f"{t}.gap_closed_se"])] for t in labels},
         "summary": [cell(g, s) for g, s in zip(df.summary, df.summary_se)],
         "pct_teacher": [f"{100 * v:.1f}" for v in df.summary_pct_teacher],
         "dropin": [f"{100 * v:.1f}" if np.isfinite(v) else "" for v in df.get("dropin", [np.nan] * len(df))],
         "held-out KD loss start -> best": ["" if v == "inherited start" else f"{a:.4f} -> {b:.4f}"
-                                           for v, a, b in zip(df.variant, df.get("heldout_start", [np.nan] * len(df)),
-                                                              df.get("heldout_best", [np.nan] * len(df)))],
-        "train min": ["" if v == "inherited start" else f"{m:.1f}" for v, m in zip(df.variant, df.get("train_min", [0] * len(df)))],
+                                           for v, a, b in zip(df.variant, df.heldout_start, df.heldout_best)],
+        "train min": ["" if v == "inherited start" else f"{m:.1f}" for v, m in zip(df.variant, df.train_min)],
     })
     lines = [
         *header(f"Distillation recipes: {base.teacher.name} teacher, {arch.name} on {args.texts:,} texts", __file__,

@@ -216,12 +216,13 @@ def main(argv: list[str] | None = None) -> Path:
     rows, models, floors = [], {}, {}
     layers = ws.layers_for(sorted({a.layers for a, _ in picked}))
     states, eval_states = ws.cached_states("train", layers), ws.eval_states(layers)
+    batches = ws.distill_batches("train", states)  # the same for every student (neighbours: one k-means)
     for arch, ms in picked:
         print(f"--- {arch.name} ({ms:.2f} ms)", flush=True)
         zc = probe.zero_cost(arch)
         proxy = proxy_distilled(ev, arch, work / "proxy" / f"{arch.arch_id}.json")
         start = ws.start_student(arch)
-        model, result = final_distilled(ws, start.model, ws.distill_batches("train", states), states, eval_states, start.init_heads,
+        model, result = final_distilled(ws, start.model, batches, states, eval_states, start.init_heads,
                                         work / "students" / arch.arch_id)
         models[arch.name], floors[arch.name] = model, ws.untrained_student(arch, cfg.seed)
         rows.append({"arch": arch.name, "latency_ms": round(ms, 2), "ratio_to_budget": round(ms / budget_ms, 3),

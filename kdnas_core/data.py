@@ -438,11 +438,16 @@ def length_bucketed_batches(
     order = list(range(len(tokens)))
     if shuffle:
         rng.shuffle(order)
-    order.sort(key=lambda i: tokens.lengths[i])
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    groups = _by_length(order, tokens, batch_size)
     if shuffle:
         rng.shuffle(groups)
     return [collate(tokens, g) for g in groups]
+
+
+def _by_length(order: list[int], tokens: TokenizedTexts, batch_size: int) -> list[list[int]]:
+    """``order`` sorted by length (ties keep their order) and cut into batches, the last one short."""
+    order = sorted(order, key=lambda i: tokens.lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 # Texts per k-means cluster, in batches: enough that a cluster fills whole batches of similar
@@ -473,11 +478,10 @@ def neighbour_batches(tokens: TokenizedTexts, embeddings, batch_size: int, seed:
     for c in range(k):
         members = [int(i) for i in np.flatnonzero(labels == c)]
         rng.shuffle(members)  # equal lengths in seeded order, not file order
-        members.sort(key=lambda i: tokens.lengths[i])
-        whole = len(members) - len(members) % batch_size
-        groups += [members[i : i + batch_size] for i in range(0, whole, batch_size)]
-        rest += members[whole:]
-    rest.sort(key=lambda i: tokens.lengths[i])
-    groups += [rest[i : i + batch_size] for i in range(0, len(rest), batch_size)]
+        cut = _by_length(members, tokens, batch_size)
+        if cut and len(cut[-1]) < batch_size:
+            rest += cut.pop()
+        groups += cut
+    groups += _by_length(rest, tokens, batch_size)
     rng.shuffle(groups)
     return [collate(tokens, g) for g in groups]

