@@ -241,7 +241,7 @@ def final_distilled(ws, student, batches, states, eval_states, init_heads, folde
         model = AutoModel.from_pretrained(folder, use_safetensors=True)
         return SentenceEncoder(model, read_head(folder) or SentenceHead()), result
     ckpt = checkpoint_path(cfg, folder, "train", len(batches))
-    res = distill(student, states, batches, cfg.distill, cfg.distill.final, eval_batches=ws.batches("eval"),
+    res = distill(student, states, batches, cfg.distill.recipe("final"), cfg.distill.final, eval_batches=ws.batches("eval"),
                   eval_states=eval_states, seed=cfg.seed, init_heads=init_heads, pooling=ws.teacher.head.pooling,
                   checkpoint=ckpt, checkpoint_every=max(cfg.distill.checkpoint_every, CHECKPOINT_EVERY))
     head = student_head(cfg, ws, res.pooled_projection)

@@ -49,7 +49,7 @@ TARGET_TEACHER, TARGET_SPEEDUP = "mpnet-base", 3.0
 def seconds_per_step(ws: Workspace, arch: StudentArch, states, batches, budget, cfg) -> float:
     # A fresh student every run, so no run profits from another's optimiser state or weights.
     student = build_student(arch, ws.teacher, seed=0)
-    result = distill(student, states, batches, cfg.distill, budget, seed=0, progress=False)
+    result = distill(student, states, batches, cfg.distill.recipe("proxy"), budget, seed=0, progress=False)
     return result.seconds / result.steps
 
 
@@ -138,7 +138,7 @@ def step_variants(ws: Workspace, arch: StudentArch, cache, args) -> tuple[list[d
             torch.set_num_threads(n_threads)
             try:
                 student = build_student(arch, ws.teacher, seed=0)
-                res = distill(student, cache, batches, c.distill, budget, seed=0, progress=False)
+                res = distill(student, cache, batches, c.distill.recipe("proxy"), budget, seed=0, progress=False)
             finally:
                 torch.set_num_threads(threads)
             if rep:

@@ -52,6 +52,7 @@ from bench.common import (
 import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
+import dataclasses  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -287,20 +288,39 @@ def run_searches(ws: Workspace, cfg: KDNASConfig, teacher_ms: float, random_init
 
 def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:
     """Full-corpus distillation of every student row with one shared teacher-state cache; each
-    result is saved (safetensors) so a rerun skips finished students."""
+    result is saved (safetensors) so a rerun skips finished students. Students cut from the
+    teacher get the config's final recipe; random-init ones the recipe for them (``for_random_init``)."""
     todo = [r for r in rows if r.distil]
     distilled = 0
     layers = ws.layers_for(sorted({r.model.config.num_hidden_layers for r in todo}))
     states = ws.cached_states("train", layers)
     eval_states = ws.eval_states(layers)
-    batches = ws.distill_batches("train", states)  # the same for every row (neighbours: one k-means)
+    recipes: dict[bool, tuple[Workspace, list]] = {}  # batches built once per recipe (neighbours: one k-means)
     for r in todo:
+        cut = r.inherited is not None
+        if cut not in recipes:
+            w = ws if cut else for_random_init(ws)
+            recipes[cut] = (w, w.distill_batches("train", states))
+        w, batches = recipes[cut]
         folder = work / "students" / _slug(r.name)
         if not (folder / "result.json").is_file():
             print(f"distilling {r.name}", flush=True)
             distilled += 1
-        r.model, r.result = final_distilled(ws, r.model, batches, states, eval_states, r.init_heads, folder)
+        r.model, r.result = final_distilled(w, r.model, batches, states, eval_states, r.init_heads, folder)
     return distilled
+
+
+def for_random_init(ws: Workspace) -> Workspace:
+    """``ws`` without the final path's pooled_relation and batching overrides: they keep what a cut
+    student inherited, but a random-init student has nothing to keep, and with them the MiniLM-shape
+    and narrow hand-picks lost 0.20 and 0.07 summary (archive/headline-full-2026-12-06-neighbours.md);
+    a user distilling such a student would leave them off."""
+    final = ws.cfg.distill.final
+    if final.pooled_relation is None and final.batching is None:
+        return ws
+    distill = ws.cfg.distill.model_copy(update={"final": final.model_copy(update={"pooled_relation": None,
+                                                                                   "batching": None})})
+    return dataclasses.replace(ws, cfg=ws.cfg.model_copy(update={"distill": distill}))
 
 
 def _slug(name: str) -> str:

@@ -3,8 +3,7 @@ same first n texts of the general mix once per recipe variant (overrides of ``di
 scored on the held-out tasks against its own inherited start and its untrained floor, in one run.
 
     python -m bench.recipes --student L2-H768-A12-F1024-gelu --texts 16000 --split 64000 --precision bf16 \\
-        --variant base --variant relation:distill.weights.pooled_relation=0.2 \\
-        --variant neighbours:distill.weights.pooled_relation=0.2,distill.batching=neighbours
+        --variant base --variant length:distill.final.pooled_relation=0,distill.final.batching=length
     python -m bench.recipes --smoke                          # tiny random teacher: correctness only
 
 A variant is ``NAME`` (configs/benchmark.yaml's recipe) or ``NAME:KEY=VALUE[,KEY=VALUE...]`` with
@@ -43,9 +42,9 @@ UNSEEN_TASKS = [
     {"kind": "similarity", "source": "packaged", "path": "lee-similarity"},
 ]
 DEFAULTS = dict(student="L3-H768-A12-F384-gelu", texts=16000, probe_train=3000, test_texts=3000, pairs=2000,
-                variants=["base", "relation:distill.weights.pooled_relation=0.2"])
+                variants=["base", "length:distill.final.pooled_relation=0,distill.final.batching=length"])
 SMOKE = dict(student="L1-H64-A4-F128-gelu", texts=240, probe_train=100, test_texts=100, pairs=100,
-             variants=["base", "neighbours:distill.weights.pooled_relation=0.5,distill.batching=neighbours"])
+             variants=["base", "neighbours:distill.final.pooled_relation=0.5,distill.final.batching=neighbours"])
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

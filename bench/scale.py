@@ -95,14 +95,14 @@ def make_config(args, work: Path) -> KDNASConfig:
 
 
 def first_texts(ws: Workspace, n: int, states) -> list:
-    """Batches of the first ``n`` training texts, grouped as ``distill.batching`` says; their
+    """Batches of the first ``n`` training texts, grouped as the final distillation's batching says; their
     indices point into the largest split's token order, so the one teacher-state cache serves
     every size."""
     toks = ws.tokens("train")
     if n > len(toks):
         raise SystemExit(f"--sizes {n}: the corpus gives only {len(toks)} training texts")
     sub = TokenizedTexts(toks.ids[:n], toks.pad_id, f"{toks.fingerprint}:first{n}")
-    return ws.arranged(sub, length_bucketed_batches(sub, ws.cfg.data.batch_size, ws.cfg.seed), states)
+    return ws.arranged(sub, length_bucketed_batches(sub, ws.cfg.data.batch_size, ws.cfg.seed), states, "final")
 
 
 def distil_point(ws: Workspace, start, arch: StudentArch, n: int, states, eval_states, folder: Path):

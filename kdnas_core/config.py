@@ -234,6 +234,13 @@ class TrainBudget(_Section):
     eval_every: int | None = Field(default=None, gt=0)
     # With eval_every: stop after this many checks in a row without a new best (None: never early).
     patience: int | None = Field(default=None, gt=0)
+    # Override distill.weights.pooled_relation and distill.batching on this path (None: as there).
+    # The recipe that keeps a cut student's inheritance is not the one that ranks candidates: on
+    # mpnet-base, pooled_relation 0.2 over batches of neighbours kept the 0.1x pick at or above its
+    # start on every task in its final distillation, but in the proxy it moved the search to a
+    # worse pick (docs/distillation.md#batches-of-neighbours).
+    pooled_relation: float | None = Field(default=None, ge=0)
+    batching: Literal["length", "neighbours"] | None = None
 
     @model_validator(mode="after")
     def _patience_needs_checks(self) -> TrainBudget:
@@ -285,6 +292,7 @@ class DistillConfig(_Section):
     # then by length within a cluster), so the in-batch relation term learns how the teacher
     # orders near neighbours, the order retrieval among similar texts depends on (topic-aware
     # sampling, Hofstaetter et al. 2021); only the pooled_relation term reads other texts of a batch.
+    # proxy.batching and final.batching override it on one path.
     batching: Literal["length", "neighbours"] = "length"
     # Processes of the final distillation: > 1 launches torchrun (data parallel; gloo on the CPU,
     # NCCL on GPUs), each process taking a slice of every batch, so the result matches one process.
@@ -292,10 +300,27 @@ class DistillConfig(_Section):
 
     @model_validator(mode="after")
     def _neighbours_need_relations(self) -> DistillConfig:
-        if self.batching == "neighbours" and self.weights.pooled_relation == 0:
-            raise ValueError("batching: neighbours only changes what the in-batch pooled_relation term compares: "
-                             "set weights.pooled_relation > 0, or batching: length")
+        for path in ("proxy", "final"):
+            budget, recipe = getattr(self, path), self.recipe(path)
+            if budget.pooled_relation and recipe.weights.pooled_cosine == 0:
+                raise ValueError(f"{path}.pooled_relation > 0 reads the pooled-cosine term's projection: "
+                                 "set weights.pooled_cosine > 0, or pooled_relation: 0")
+            if recipe.batching == "neighbours" and recipe.weights.pooled_relation == 0:
+                field = f"{path}.batching" if budget.batching else "batching"
+                raise ValueError(f"{field}: neighbours only changes what the in-batch pooled_relation term compares: "
+                                 f"set weights.pooled_relation > 0 (or {path}.pooled_relation), or {field}: length")
         return self
+
+    def recipe(self, path: Literal["proxy", "final"]) -> DistillConfig:
+        """This section as a distillation on ``path`` runs it: with that path's pooled_relation
+        and batching where it sets them."""
+        budget = getattr(self, path)
+        update: dict[str, Any] = {}
+        if budget.pooled_relation is not None:
+            update["weights"] = self.weights.model_copy(update={"pooled_relation": budget.pooled_relation})
+        if budget.batching is not None:
+            update["batching"] = budget.batching
+        return self.model_copy(update=update) if update else self
 
 
 Backend = Literal["ort-fp32", "ort-int8", "torch", "cuda"]
@@ -725,7 +750,9 @@ ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_tar
                                "distill.proxy.eval_every": None, "distill.proxy.patience": None,
                                "distill.cache_max_gb": 20.0, "distill.precision": "fp32", "reward.quality": "hidden",
                                "search.screen": 0, "search.screen_signal": "recall10",
-                               "distill.weights.pooled_relation": 0.0, "distill.batching": "length"}
+                               "distill.weights.pooled_relation": 0.0, "distill.batching": "length",
+                               "distill.proxy.pooled_relation": None, "distill.proxy.batching": None,
+                               "distill.final.pooled_relation": None, "distill.final.batching": None}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -124,7 +124,8 @@ def distill_student(
     ws = ws or Workspace.prepare(cfg).validate()
     ws.space.validate(arch)
     check_fits_in_memory(arch, ws.teacher.config, TRAINING_BYTES_PER_PARAM)  # before the teacher runs
-    budget = cfg.distill.final if split == "train" else cfg.distill.proxy
+    path = "final" if split == "train" else "proxy"
+    budget = getattr(cfg.distill, path)
     if max_steps:
         budget = budget.model_copy(update={"max_steps": max_steps})
     batches, states, eval_states = ws.distill_inputs(split, budget, arch.layers, progress)
@@ -132,7 +133,7 @@ def distill_student(
     student = start.model
     ckpt = checkpoint_path(cfg, out_dir, split, budget.max_steps)
     result = distill(
-        student, states, batches, cfg.distill, budget,
+        student, states, batches, cfg.distill.recipe(path), budget,
         eval_batches=ws.batches("eval"), eval_states=eval_states, seed=cfg.seed, progress=progress,
         checkpoint=ckpt, checkpoint_every=cfg.distill.checkpoint_every, init_heads=start.init_heads,
         pooling=ws.teacher.head.pooling,

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from torch import nn
 
@@ -198,14 +199,16 @@ class Workspace:
 
     def distill_batches(self, split: str, states: TeacherStates, batches: list[Batch] | None = None,
                         progress: Progress = True) -> list[Batch]:
-        """The batches a distillation on ``split`` trains on, grouped as ``distill.batching`` says."""
-        return self.arranged(self.tokens(split), batches or self.batches(split), states, progress)
+        """The batches a distillation on ``split`` trains on (the final distillation's on "train",
+        the proxy's on any other), grouped as that path's batching says."""
+        path = "final" if split == "train" else "proxy"
+        return self.arranged(self.tokens(split), batches or self.batches(split), states, path, progress)
 
-    def arranged(self, tokens: TokenizedTexts, batches: list[Batch], states: TeacherStates, progress: Progress = True
-                 ) -> list[Batch]:
-        """``batches`` (every text of ``tokens``, as ``states`` indexes them) regrouped as
-        ``distill.batching`` says: as they are for "length"."""
-        if self.cfg.distill.batching == "length":
+    def arranged(self, tokens: TokenizedTexts, batches: list[Batch], states: TeacherStates,
+                 path: Literal["proxy", "final"], progress: Progress = True) -> list[Batch]:
+        """``batches`` (every text of ``tokens``, as ``states`` indexes them) regrouped as the
+        ``path``'s batching (``distill.recipe(path).batching``) says: as they are for "length"."""
+        if self.cfg.distill.recipe(path).batching == "length":
             return batches
         vectors = teacher_embeddings(states, batches, self.teacher.head.pooling, progress)
         return neighbour_batches(tokens, vectors, self.cfg.data.batch_size, self.cfg.seed)

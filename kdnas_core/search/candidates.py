@@ -136,7 +136,7 @@ class ProxyEvaluator:
         start = self.ws.start_student(arch, TRAINING_BYTES_PER_PARAM, cfg.distill.dropout)
         student = start.model
         r = distill(
-            student, self.states, self.batches, cfg.distill, cfg.distill.proxy,
+            student, self.states, self.batches, cfg.distill.recipe("proxy"), cfg.distill.proxy,
             eval_batches=self.eval_batches, eval_states=self.eval_states, seed=cfg.seed,
             progress=self.progress if progress is None else progress, init_heads=start.init_heads,
             pooling=self.ws.teacher.head.pooling,

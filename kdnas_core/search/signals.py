@@ -98,7 +98,7 @@ class SignalProbe:
 
     def kd_parts(self, student: nn.Module, init_heads=None) -> dict[str, float]:
         cfg = self.ws.cfg
-        _, parts = held_out_loss(student, self.eval_states, self.eval_batches, cfg.distill, init_heads=init_heads,
+        _, parts = held_out_loss(student, self.eval_states, self.eval_batches, cfg.distill.recipe("proxy"), init_heads=init_heads,
                                  seed=cfg.seed, pooling=self.ws.teacher.head.pooling)
         return parts
 

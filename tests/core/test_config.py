@@ -101,6 +101,20 @@ def test_neighbour_batching_without_the_relation_term_is_a_one_line_error():
     assert "\n" not in str(err.value)
 
 
+def test_a_paths_recipe_overrides_the_relation_weight_and_batching_and_checks_them_in_one_line():
+    d = config_from_dict({"distill": {"final": {"pooled_relation": 0.2, "batching": "neighbours"}}}).distill
+    assert (d.recipe("final").weights.pooled_relation, d.recipe("final").batching) == (0.2, "neighbours")
+    assert d.recipe("proxy") == d and (d.weights.pooled_relation, d.batching) == (0.0, "length")
+    for bad, match in (({"final": {"batching": "neighbours"}}, r"distill.* final.batching: neighbours .* set weights"),
+                       ({"batching": "neighbours", "weights": {"pooled_relation": 0.2}, "proxy": {"pooled_relation": 0}},
+                        r"distill.* batching: neighbours .* \(or proxy.pooled_relation\)"),
+                       ({"weights": {"pooled_cosine": 0}, "final": {"pooled_relation": 0.2}},
+                        r"distill.* final.pooled_relation > 0 .* set weights.pooled_cosine > 0")):
+        with pytest.raises(ConfigError, match=match) as err:
+            config_from_dict({"distill": bad})
+        assert "\n" not in str(err.value)
+
+
 def test_apply_overrides_returns_a_new_dict_and_leaves_its_input_alone():
     """Set in place, one benchmark recipe once inherited the keys of the recipes before it."""
     from kdnas_core.config import apply_overrides

