@@ -13,10 +13,10 @@ the same recipe (cut from the teacher, one shared teacher-state cache, as bench.
 scored on the config's evaluation tasks against its untrained floor; so are the hand-picks sized
 to each budget (MiniLM shape, truncated and layer-dropped teacher, teacher depth but narrow).
 
-Writes ``search-real-<teacher>.md`` (mean ± SE over seeds per controller and budget, the
+Writes ``search-real-<teacher>[-<budget>...].md`` (the budgets when ``--budgets`` names them; mean ± SE over seeds per controller and budget, the
 hand-picks within ±25 % of the budget beside them, where KD-NAS loses) and updates
 ``search-real.csv`` (one row per pick: teacher, budget, controller, seed, arch, latency_ms,
-summary, summary_se, dropin; this teacher's rows replaced). Work goes to
+summary, summary_se, dropin; this teacher's rows of these budgets replaced). Work goes to
 runs/search-real-<config>/, so a rerun resumes searches, proxy runs and students: the run can be
 spread over sessions on one machine.
 """
@@ -211,11 +211,13 @@ def main(argv: list[str] | None = None) -> Path:
     combined = out / "search-real.csv"
     if combined.is_file() and not args.smoke:
         earlier = pd.read_csv(combined)
-        df_all = pd.concat([earlier[earlier.teacher != cfg.teacher.name], df], ignore_index=True)
+        # this run's teacher and budgets replace their earlier rows; other budgets' rows stay
+        same = (earlier.teacher == cfg.teacher.name) & earlier.budget.isin(list(budgets))
+        df_all = pd.concat([earlier[~same], df], ignore_index=True)
     else:
         df_all = df
     df_all.to_csv(combined, index=False)
-    stem = out / f"search-real-{teacher_label}"
+    stem = out / f"search-real-{teacher_label}{''.join('-' + b for b in args.budgets or [])}"
     md = [*header(f"Search at real scale: {', '.join(args.controllers)} on {cfg.teacher.name}", __file__, argv, cfg), "",
           f"- budgets {', '.join(f'{k} = {v:.2f} ms' for k, v in budgets.items())} (teacher {teacher_ms:.2f} ms, "
           f"{cfg.latency.reward_backend} {b}x{s})",
