@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         df_all = df
     df_all.to_csv(combined, index=False)
-    stem = out / f"search-real-{teacher_label}{''.join('-' + b for b in args.budgets or [])}"
+    report = out / f"search-real-{teacher_label}{''.join('-' + b for b in args.budgets or [])}.md"
     md = [*header(f"Search at real scale: {', '.join(args.controllers)} on {cfg.teacher.name}", __file__, argv, cfg), "",
           f"- budgets {', '.join(f'{k} = {v:.2f} ms' for k, v in budgets.items())} (teacher {teacher_ms:.2f} ms, "
           f"{cfg.latency.reward_backend} {b}x{s})",
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> Path:
           "## Every pick", "", markdown_table(df.round(3)), "",
           f"## Hand-picks (sized to each budget; ±{BAND:.0%} of it counts as within)", "",
           markdown_table(hand_df.round(3)), ""]
-    return publish("\n".join(md), stem.with_suffix(".md"))
+    return publish("\n".join(md), report)
 
 
 if __name__ == "__main__":

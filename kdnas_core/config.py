@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -694,9 +695,21 @@ class KDNASConfig(_Section):
             raise ValueError("reward.quality = 'translation_r1' needs translation pairs in the corpus "
                              "(data.source: messages, or data.source_column)")
         for signal, (weight, what) in _SIGNAL_LOSS_TERMS.items():
-            if signal in (self.reward.quality, self.search.screen_signal) and getattr(self.distill.weights, weight) == 0:
+            # the signals are read after proxy distillations: the proxy path's weights
+            proxy = self.distill.recipe("proxy").weights
+            if signal in (self.reward.quality, self.search.screen_signal) and getattr(proxy, weight) == 0:
                 raise ValueError(f"the {signal!r} quality signal is {what}: set distill.weights.{weight} > 0, or "
                                  "another reward.quality / search.screen_signal")
+        return self
+
+    @model_validator(mode="after")
+    def _random_students_without_the_cut_recipe(self) -> KDNASConfig:
+        final = self.distill.recipe("final")
+        if self.student.init == "random" and final.batching == "neighbours":
+            warnings.warn("student.init: random with the relation term over batches of neighbours in the final "
+                          "distillation: a recipe for keeping what cut students inherit, which cost random-init "
+                          "students 0.07-0.20 summary (docs/distillation.md#batches-of-neighbours); set "
+                          "distill.final.batching: length and final.pooled_relation: 0", stacklevel=2)
         return self
 
     @model_validator(mode="after")

@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,15 @@ def test_a_paths_recipe_overrides_the_relation_weight_and_batching_and_checks_th
         with pytest.raises(ConfigError, match=match) as err:
             config_from_dict({"distill": bad})
         assert "\n" not in str(err.value)
+
+
+def test_random_init_students_with_the_cut_students_final_recipe_are_warned():
+    cut_recipe = {"final": {"pooled_relation": 0.2, "batching": "neighbours"}}
+    with pytest.warns(UserWarning, match="student.init: random with the relation term over batches of neighbours"):
+        config_from_dict({"student": {"init": "random"}, "distill": cut_recipe})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config_from_dict({"distill": cut_recipe})
 
 
 def test_apply_overrides_returns_a_new_dict_and_leaves_its_input_alone():
