@@ -212,6 +212,11 @@ class OncePerArch:
 # product's 50 steps (each save writes the student, its heads and Adam's moments).
 CHECKPOINT_EVERY = 250
 
+# Random-init students are distilled without the final path's relation and batching overrides
+# (configs/benchmark.yaml's recipe for cut students): they have no inherited order to keep and
+# lost 0.07-0.20 summary with it (docs/distillation.md#batches-of-neighbours).
+RANDOM_INIT_FINAL = {"distill.final.pooled_relation": None, "distill.final.batching": None}
+
 
 def final_distilled(ws, student, batches, states, eval_states, init_heads, folder: Path):
     """``student`` final-distilled on ``batches`` with ``ws``'s recipe and saved in ``folder`` as a

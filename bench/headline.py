@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from bench.common import (
     GENERAL_MIX,
+    RANDOM_INIT_FINAL,
     RESULTS,
     ROOT,
     OncePerArch,
@@ -318,9 +319,8 @@ def for_random_init(ws: Workspace) -> Workspace:
     final = ws.cfg.distill.final
     if final.pooled_relation is None and final.batching is None:
         return ws
-    distill = ws.cfg.distill.model_copy(update={"final": final.model_copy(update={"pooled_relation": None,
-                                                                                   "batching": None})})
-    return dataclasses.replace(ws, cfg=ws.cfg.model_copy(update={"distill": distill}))
+    cfg = config_from_dict(apply_overrides(ws.cfg.model_dump(mode="json"), RANDOM_INIT_FINAL), "random-init rows")
+    return dataclasses.replace(ws, cfg=cfg)
 
 
 def _slug(name: str) -> str:

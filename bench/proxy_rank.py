@@ -16,7 +16,7 @@ so a rerun resumes.
 
 from __future__ import annotations
 
-from bench.common import RESULTS, ROOT, add_common_args, argv_of, header, out_folder, smoke_config
+from bench.common import RANDOM_INIT_FINAL, RESULTS, ROOT, add_common_args, argv_of, header, out_folder, smoke_config
 
 import argparse  # noqa: E402
 import random  # noqa: E402
@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
                                {"kind": "clustering", "source": "packaged", "path": "chatterbot-topics",
                                 "test_size": args.test_texts}],
             "tracking.enabled": False,
-            # random-init students without the final recipe for cut ones (as bench.headline distils them)
-            **({"distill.final.pooled_relation": 0, "distill.final.batching": "length"} if init == "random" else {})}),
+            **(RANDOM_INIT_FINAL if init == "random" else {})}),
             "smoke" if args.smoke else args.config)
         configs[init] = cfg
         ws = Workspace.prepare(cfg).validate()

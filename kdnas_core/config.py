@@ -694,9 +694,8 @@ class KDNASConfig(_Section):
         if self.reward.quality == "translation_r1" and not (self.data.source == "messages" or self.data.source_column):
             raise ValueError("reward.quality = 'translation_r1' needs translation pairs in the corpus "
                              "(data.source: messages, or data.source_column)")
+        proxy = self.distill.recipe("proxy").weights  # the signals are read after proxy distillations
         for signal, (weight, what) in _SIGNAL_LOSS_TERMS.items():
-            # the signals are read after proxy distillations: the proxy path's weights
-            proxy = self.distill.recipe("proxy").weights
             if signal in (self.reward.quality, self.search.screen_signal) and getattr(proxy, weight) == 0:
                 raise ValueError(f"the {signal!r} quality signal is {what}: set distill.weights.{weight} > 0, or "
                                  "another reward.quality / search.screen_signal")

@@ -37,7 +37,7 @@ from kdnas_core.student import (
     saved_meta,
     verify_student,
 )
-from kdnas_core.workspace import Workspace
+from kdnas_core.workspace import Workspace, distill_path
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def distill_student(
     ws = ws or Workspace.prepare(cfg).validate()
     ws.space.validate(arch)
     check_fits_in_memory(arch, ws.teacher.config, TRAINING_BYTES_PER_PARAM)  # before the teacher runs
-    path = "final" if split == "train" else "proxy"
+    path = distill_path(split)
     budget = getattr(cfg.distill, path)
     if max_steps:
         budget = budget.model_copy(update={"max_steps": max_steps})

@@ -60,6 +60,11 @@ from kdnas_core.student import build_student, check_fits_in_memory, untrained_fl
 from kdnas_core.teachers.loading import Teacher, load_teacher
 
 
+def distill_path(split: str) -> Literal["proxy", "final"]:
+    """Which distillation runs on ``split``: the final one on "train", the proxy's on any other."""
+    return "final" if split == "train" else "proxy"
+
+
 @dataclass
 class StudentStart:
     """A student before distillation, and how its loss's projection heads start (None: at zero)."""
@@ -201,8 +206,7 @@ class Workspace:
                         progress: Progress = True) -> list[Batch]:
         """The batches a distillation on ``split`` trains on (the final distillation's on "train",
         the proxy's on any other), grouped as that path's batching says."""
-        path = "final" if split == "train" else "proxy"
-        return self.arranged(self.tokens(split), batches or self.batches(split), states, path, progress)
+        return self.arranged(self.tokens(split), batches or self.batches(split), states, distill_path(split), progress)
 
     def arranged(self, tokens: TokenizedTexts, batches: list[Batch], states: TeacherStates,
                  path: Literal["proxy", "final"], progress: Progress = True) -> list[Batch]:
