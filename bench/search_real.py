@@ -11,7 +11,9 @@ baselines, ``lstm+screen`` KD-NAS with the zero-cost screen (``--screen`` candid
 deterministic per architecture). Every controller's pick per budget is then final-distilled with
 the same recipe (cut from the teacher, one shared teacher-state cache, as bench.headline) and
 scored on the config's evaluation tasks against its untrained floor; so are the hand-picks sized
-to each budget (MiniLM shape, truncated and layer-dropped teacher, teacher depth but narrow).
+to each budget (MiniLM shape, truncated and layer-dropped teacher, teacher depth but narrow) and
+any named with ``--hand-picks`` (cut from the teacher as the config cuts its students, e.g. the
+multilingual L6-H256-A8-F1536-gelu).
 
 Writes ``search-real-<teacher>[-<budget>...].md`` (the budgets when ``--budgets`` names them; mean ± SE over seeds per controller and budget, the
 hand-picks within ±25 % of the budget beside them, where KD-NAS loses) and updates
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--train-texts", type=int, default=None, help="final distillation texts (default the config's)")
     ap.add_argument("--final-epochs", type=int, default=2)
     ap.add_argument("--mix", action="store_true", help="final students distilled on the general English mix")
+    ap.add_argument("--hand-picks", nargs="+", default=[], metavar="ARCH",
+                    help="more hand-picked students, e.g. L6-H256-A8-F1536-gelu, cut from the teacher")
     add_common_args(ap, RESULTS, "a tiny random teacher")
     args = ap.parse_args(argv)
     args.controllers = args.controllers or (["lstm", "random", "lstm+screen"] if args.smoke else
@@ -184,6 +188,9 @@ def main(argv: list[str] | None = None) -> Path:
     for ms in budgets.values():
         for r in hand_picked(ws, ms, cfg.seed):
             hands.setdefault(r.name, r)
+    for name in args.hand_picks:
+        a = StudentArch.from_name(name)
+        hands.setdefault(f"hand-picked {a.name}", inherited_row(ws, a, f"hand-picked {a.name}", "hand-picked"))
     for r in hands.values():
         if r.floor is None:
             with_floor(r, untrained_floor(r.model.config, cfg.seed))

@@ -25,7 +25,7 @@ SCRIPTS = [
     ("discrimination", [], "discrimination.md"),
     ("proxy_rank", [], "proxy-rank.md"),
     ("within_budget", [], "within-budget-smoke.md"),
-    ("search_real", [], "search-real-smoke.md"),
+    ("search_real", ["--hand-picks", "L1-H64-A4-F128-gelu"], "search-real-smoke.md"),
     ("multilingual", ["table"], "multilingual.md"),
     ("multilingual", ["recipe"], "multilingual-recipe.md"),
     ("multilingual", ["proxy"], "multilingual-proxy-seeds.md"),
@@ -45,6 +45,7 @@ def test_smoke_writes_its_report_with_command_and_commit(tmp_path, module, args,
                                        "summary_se", "dropin"]
         assert len(picks) == 3 * 2 * 2 and set(picks.controller) == {"lstm", "random", "lstm+screen"}
         assert "## Against random search and the hand-picks" in text
+        assert "| hand-picked L1-H64-A4-F128-gelu |" in text  # --hand-picks: cut, distilled, scored
 
 
 def test_proxy_rank_rescore(tmp_path):
