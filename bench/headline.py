@@ -747,7 +747,7 @@ def table_run(args, cfg: KDNASConfig, ws: Workspace, work: Path, variant: str, a
 
     df = table(all_rows, rows[0], cfg)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"headline-{variant}"
+    stem = args.out / (args.name or f"headline-{variant}")
     df.to_csv(f"{stem}.csv", index=False)
     plot(df, Path(f"{stem}.png"))
     # Phases that did their work in an earlier run of this command (resumed): report that run's

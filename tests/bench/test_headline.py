@@ -37,10 +37,13 @@ def test_headline_smoke_writes_every_row(tmp_path):
     assert "## Against the targets" in text and "every scored text lies outside" in text and "machine:" in text
     assert "## Against the inherited start" in text and "over its start" in text
     assert (tmp_path / "out" / "headline-smoke.png").stat().st_size > 10_000
-    # --no-random-init, on the same work folder (searches and students reused): no random-init rows
-    again = ["--smoke", "--no-random-init", "--out", str(tmp_path / "again"), "--work", str(tmp_path / "work"),
-             "--cache-dir", str(tmp_path / "cache")]
+    # --no-random-init, on the same work folder (searches and students reused): no random-init rows;
+    # --name names the report (it once went to headline-<variant> whatever the name)
+    again = ["--smoke", "--no-random-init", "--name", "headline-again", "--out", str(tmp_path / "again"),
+             "--work", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache")]
     run_bench("headline", again, tmp_path)
-    kinds = set(pd.read_csv(tmp_path / "again" / "headline-smoke.csv").kind)
+    assert not (tmp_path / "again" / "headline-smoke.md").exists()
+    kinds = set(pd.read_csv(tmp_path / "again" / "headline-again.csv").kind)
     assert "kd-nas random init" not in kinds and {"kd-nas", "hand-picked"} <= kinds
-    assert "no random-init rows (--no-random-init)" in (tmp_path / "again" / "headline-smoke.md").read_text()
+    text = (tmp_path / "again" / "headline-again.md").read_text()
+    assert "no random-init rows (--no-random-init)" in text and "(headline-again.png)" in text
