@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> Path:
                     help="more hand-picked students, e.g. L6-H256-A8-F1536-gelu, cut from the teacher")
     add_common_args(ap, RESULTS, "a tiny random teacher")
     args = ap.parse_args(argv)
+    # parsed now: a misspelt name fails before hours of searching, not after
+    extra_hands = [StudentArch.from_name(name) for name in args.hand_picks]
     args.controllers = args.controllers or (["lstm", "random", "lstm+screen"] if args.smoke else
                                             ["lstm", "random", "evolution"])
     seeds = list(range(args.seeds or (2 if args.smoke else 3)))
@@ -188,9 +190,10 @@ def main(argv: list[str] | None = None) -> Path:
     for ms in budgets.values():
         for r in hand_picked(ws, ms, cfg.seed):
             hands.setdefault(r.name, r)
-    for name in args.hand_picks:
-        a = StudentArch.from_name(name)
-        hands.setdefault(f"hand-picked {a.name}", inherited_row(ws, a, f"hand-picked {a.name}", "hand-picked"))
+    for a in extra_hands:
+        name = f"hand-picked {a.name}"
+        if name not in hands:  # a name given twice is cut and distilled once
+            hands[name] = inherited_row(ws, a, name, "hand-picked")
     for r in hands.values():
         if r.floor is None:
             with_floor(r, untrained_floor(r.model.config, cfg.seed))
