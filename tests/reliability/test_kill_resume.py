@@ -139,11 +139,11 @@ def triggers(rng: random.Random):
     ]
 
 
-def final_weights(out: Path) -> dict[str, np.ndarray]:
+def final_weights(out: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every final student's weights by arch_id: the two budgets may recommend one student or two."""
     from safetensors.numpy import load_file
 
-    (student,) = (out / "students").glob("*/model.safetensors")
-    return load_file(str(student))
+    return {p.parent.name: load_file(str(p)) for p in (out / "students").glob("*/model.safetensors")}
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +171,13 @@ def same_outcome(root: Path, out: Path, state: dict, ref_state: dict) -> None:
     assert strip(state["observations"]) == strip(ref_state["observations"])
     ref_recs = (search_folder(root / "reference") / "recommendations.csv").read_text()
     assert (search_folder(out) / "recommendations.csv").read_text() == ref_recs
-    ref_w, w = final_weights(root / "reference"), final_weights(out)
-    assert ref_w.keys() == w.keys()
-    for name in ref_w:
-        np.testing.assert_allclose(w[name], ref_w[name], atol=1e-6, err_msg=name)
+    ref_students, students = final_weights(root / "reference"), final_weights(out)
+    assert ref_students and students.keys() == ref_students.keys()
+    for arch_id, ref_w in ref_students.items():
+        w = students[arch_id]
+        assert ref_w.keys() == w.keys()
+        for name in ref_w:
+            np.testing.assert_allclose(w[name], ref_w[name], atol=1e-6, err_msg=f"{arch_id}: {name}")
 
 
 def test_kill_9_anywhere_then_rerun_resumes_without_redoing_work(setup, reference):
