@@ -88,7 +88,7 @@ def run_searches(ws: Workspace, teacher_ms: float, controllers: list[str], seeds
     proxy = ProxyEvaluator(ws)
     evaluate = OncePerArch(proxy)
     scorer = zero_cost_screen(lambda: proxy.probe, ws.cfg.search.screen_signal, progress=True)
-    picks = []
+    picks, distilled = [], set()
     for controller in controllers:
         for seed in seeds:
             cfg = controller_config(ws.cfg, controller, seed, screen)
@@ -96,10 +96,11 @@ def run_searches(ws: Workspace, teacher_ms: float, controllers: list[str], seeds
             t0 = time.perf_counter()
             res = search_in_folder(cfg, ws.space, teacher_ms, evaluate=evaluate,
                                    screen=scorer if cfg.search.screen else None)
+            distilled |= {o.arch.name for o in res.observations}  # a resumed search ran none of them here
             for rec in res.recommendations:
                 picks.append({"controller": controller, "seed": seed, "budget": rec.budget, "arch": rec.arch,
                               "search_latency_ms": rec.latency_ms, "search_s": time.perf_counter() - t0})
-    return picks, len(evaluate.results)
+    return picks, len(distilled)
 
 
 def mean_se(values) -> tuple[float, float]:
