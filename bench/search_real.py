@@ -35,6 +35,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.within_budget import correlations, proxy_distilled  # noqa: E402
 from bench.headline import (  # noqa: E402
     Row,
     distil_rows,
@@ -46,12 +47,13 @@ from bench.headline import (  # noqa: E402
     with_floor,
 )
 from kdnas_core.config import apply_overrides, config_from_dict  # noqa: E402
+from kdnas_core.latency import count_params  # noqa: E402
 from kdnas_core.search.candidates import ProxyEvaluator, teacher_latency  # noqa: E402
 from kdnas_core.search.loop import budgets_in_ms  # noqa: E402
 from kdnas_core.search.reports import markdown_table  # noqa: E402
 from kdnas_core.search.reward import parse_budget  # noqa: E402
 from kdnas_core.search.runner import search_in_folder  # noqa: E402
-from kdnas_core.search.signals import zero_cost_screen  # noqa: E402
+from kdnas_core.search.signals import SIGNALS, zero_cost_screen  # noqa: E402
 from kdnas_core.search.space import StudentArch  # noqa: E402
 from kdnas_core.student import untrained_floor  # noqa: E402
 from kdnas_core.workspace import Workspace  # noqa: E402
@@ -83,12 +85,13 @@ def controller_config(cfg, controller: str, seed: int, screen: int):
 
 
 def run_searches(ws: Workspace, teacher_ms: float, controllers: list[str], seeds: list[int], screen: int):
-    """Every (controller, seed) search on one shared proxy cache. Returns one dict per pick and
-    the number of distinct architectures proxy-distilled."""
+    """Every (controller, seed) search on one shared proxy cache. Returns one dict per pick, the
+    quality signals of every architecture the searches proxy-distilled (arch name -> signals,
+    read from their observations, so a resumed run has them too) and the proxy evaluator."""
     proxy = ProxyEvaluator(ws)
     evaluate = OncePerArch(proxy)
     scorer = zero_cost_screen(lambda: proxy.probe, ws.cfg.search.screen_signal, progress=True)
-    picks, distilled = [], set()
+    picks, distilled = [], {}
     for controller in controllers:
         for seed in seeds:
             cfg = controller_config(ws.cfg, controller, seed, screen)
@@ -96,11 +99,13 @@ def run_searches(ws: Workspace, teacher_ms: float, controllers: list[str], seeds
             t0 = time.perf_counter()
             res = search_in_folder(cfg, ws.space, teacher_ms, evaluate=evaluate,
                                    screen=scorer if cfg.search.screen else None)
-            distilled |= {o.arch.name for o in res.observations}  # a resumed search ran none of them here
+            for o in res.observations:  # a resumed search ran none of them here
+                if not o.failed:
+                    distilled.setdefault(o.arch.name, o.extra.get("signals") or {})
             for rec in res.recommendations:
                 picks.append({"controller": controller, "seed": seed, "budget": rec.budget, "arch": rec.arch,
                               "search_latency_ms": rec.latency_ms, "search_s": time.perf_counter() - t0})
-    return picks, len(distilled)
+    return picks, distilled, proxy
 
 
 def mean_se(values) -> tuple[float, float]:
@@ -177,7 +182,8 @@ def main(argv: list[str] | None = None) -> Path:
     teacher_ms = teacher_latency(ws).median(cfg.latency.reward_backend, b, s)
     budgets = dict(budgets_in_ms([parse_budget(x) for x in cfg.reward.budgets], teacher_ms))
     t0 = time.perf_counter()
-    picks, n_distinct = run_searches(ws, teacher_ms, args.controllers, seeds, args.screen)
+    picks, distilled, proxy = run_searches(ws, teacher_ms, args.controllers, seeds, args.screen)
+    n_distinct = len(distilled)
     search_s = time.perf_counter() - t0
 
     # One row per distinct student: a pick shared by two searches is distilled and scored once.
@@ -218,6 +224,8 @@ def main(argv: list[str] | None = None) -> Path:
                                          "summary_se", "dropin"])
     hand_df = pd.DataFrame([{"model": r.name, "arch": r.arch, **score(r)} for r in hands.values()])
     summary, checks = summarise(df, hand_df, budgets)
+    signal_df = signals_beside_summaries(ws, proxy, students, distilled, score, work)
+    signal_corr = correlations(signal_df) if len(signal_df) >= 3 else pd.DataFrame()
 
     combined = out / "search-real.csv"
     if combined.is_file() and not args.smoke:
@@ -247,7 +255,41 @@ def main(argv: list[str] | None = None) -> Path:
           "## Every pick", "", markdown_table(df.round(3)), "",
           f"## Hand-picks (sized to each budget; ±{BAND:.0%} of it counts as within)", "",
           markdown_table(hand_df.round(3)), ""]
+    if len(signal_corr):
+        md += ["## Which signal orders these students", "",
+               f"Every student above cut from the teacher as the search cuts its candidates ({len(signal_df)}): its "
+               "quality signals on the search's held-out texts, zero-cost (zc_, as cut) and after the search's proxy "
+               "distillation (proxy_), beside its final summary. tau: Kendall, signed so that + = ranks like the "
+               "summary; 95 % interval: bootstrap over the students. The search screens by "
+               f"zc_{cfg.search.screen_signal} and recommends by the proxy's reward.quality ({cfg.reward.quality}"
+               + (": its KD loss)." if cfg.reward.quality == "hidden" else ")."),
+               "", markdown_table(signal_corr), "", markdown_table(signal_df.round(4)), ""]
     return publish("\n".join(md), report)
+
+
+def signals_beside_summaries(ws: Workspace, proxy: ProxyEvaluator, students: list[Row], distilled: dict[str, dict],
+                             score, work: Path) -> pd.DataFrame:
+    """Zero-cost and proxy signals of every final student the search could itself have produced
+    (in its space, cut from the teacher as the config cuts), beside its final summary: which signal would have
+    ranked the picks and hand-picks as they scored. Proxy signals come from the searches where
+    they distilled the architecture, else from a proxy run kept under ``work``/proxy."""
+    t, rows = ws.teacher.config, {}
+    for r in students:
+        # random-init hand-picks are not candidates; the truncated teacher is cut another way
+        # (its first layers) unless the config cuts students so
+        if r.inherited is None or r.arch in rows or (r.name.startswith("truncated") and ws.cfg.student.layers != "first"):
+            continue
+        arch = StudentArch.from_name(r.arch)
+        if arch not in ws.space:  # e.g. the teacher's full FFN where the space stops below it
+            continue
+        zc = proxy.probe.zero_cost(arch).to_dict()
+        signals = distilled.get(arch.name) or proxy_distilled(proxy, arch, work / "proxy" / f"{arch.arch_id}.json").signals
+        scores = score(r)
+        rows[r.arch] = {"arch": r.arch, "summary": scores["summary"], "latency_ms": scores["latency_ms"],
+                        "params_m": round(count_params(arch, t.vocab_size, t.max_position_embeddings)["encoder"] / 1e6, 2),
+                        **{f"zc_{k}": zc.get(k) for k in SIGNALS}, **{f"proxy_{k}": signals.get(k) for k in SIGNALS}}
+    df = pd.DataFrame(list(rows.values()))
+    return df.sort_values("summary", ascending=False).reset_index(drop=True) if len(df) else df
 
 
 if __name__ == "__main__":

@@ -419,7 +419,7 @@ class SearchConfig(_Section):
     # cut from the teacher, forward passes only) and only the best-screened
     # ``candidates_per_episode`` are proxy-distilled; the controller also learns from the rest.
     screen: int = Field(default=0, ge=0)
-    screen_signal: Literal["hidden", "hidden_last", "cosine", "recall10", "cka"] = "recall10"
+    screen_signal: Literal["hidden", "hidden_last", "cosine", "recall10", "cka", "translation_r1"] = "recall10"
 
     @model_validator(mode="after")
     def _screen_is_a_pool(self) -> SearchConfig:
@@ -691,9 +691,11 @@ class KDNASConfig(_Section):
         if self.search.screen and self.student.init != "teacher":
             raise ValueError("search.screen scores students as cut from the teacher before any training: "
                              "set student.init: teacher, or search.screen: 0")
-        if self.reward.quality == "translation_r1" and not (self.data.source == "messages" or self.data.source_column):
-            raise ValueError("reward.quality = 'translation_r1' needs translation pairs in the corpus "
-                             "(data.source: messages, or data.source_column)")
+        pair_signals = (("reward.quality", self.reward.quality), ("search.screen_signal", self.search.screen_signal))
+        for field_name, signal in pair_signals:
+            if signal == "translation_r1" and not (self.data.source == "messages" or self.data.source_column):
+                raise ValueError(f"{field_name} = 'translation_r1' needs translation pairs in the corpus "
+                                 "(data.source: messages, or data.source_column)")
         proxy = self.distill.recipe("proxy").weights  # the signals are read after proxy distillations
         for signal, (weight, what) in _SIGNAL_LOSS_TERMS.items():
             if signal in (self.reward.quality, self.search.screen_signal) and getattr(proxy, weight) == 0:

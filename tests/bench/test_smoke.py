@@ -46,6 +46,10 @@ def test_smoke_writes_its_report_with_command_and_commit(tmp_path, module, args,
         assert len(picks) == 3 * 2 * 2 and set(picks.controller) == {"lstm", "random", "lstm+screen"}
         assert "## Against random search and the hand-picks" in text
         assert "| hand-picked L1-H64-A4-F128-gelu |" in text  # --hand-picks: cut, distilled, scored
+        # every student the search could have cut, its signals beside its summary, and their tau
+        signals = text.split("## Which signal orders these students")[1]
+        assert "| zc_recall10 |" in signals and "| proxy_cosine |" in signals
+        assert "| L1-H64-A4-F128-gelu |" in signals and "MiniLM" not in signals
 
 
 def test_proxy_rank_rescore(tmp_path):

@@ -140,7 +140,8 @@ def test_apply_overrides_returns_a_new_dict_and_leaves_its_input_alone():
 @pytest.mark.parametrize("overrides,says", [
     ({"search": {"screen": 2, "candidates_per_episode": 4}}, "search.screen = 2 screens fewer candidates"),
     ({"search": {"screen": 200}, "student": {"init": "random"}}, "set student.init: teacher"),
-    ({"reward": {"quality": "translation_r1"}}, "needs translation pairs in the corpus"),
+    ({"reward": {"quality": "translation_r1"}}, "reward.quality = 'translation_r1' needs translation pairs in the corpus"),
+    ({"search": {"screen_signal": "translation_r1"}}, "search.screen_signal = 'translation_r1' needs translation pairs"),
     ({"reward": {"quality": "cosine"}, "distill": {"weights": {"pooled_cosine": 0}}}, "pooled-cosine loss term"),
     ({"search": {"screen_signal": "hidden_last"}, "distill": {"weights": {"hidden_mse": 0}}}, "loss of the last layer"),
 ])
