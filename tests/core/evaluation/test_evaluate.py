@@ -37,6 +37,33 @@ def test_probe_separates_separable_classes_and_not_shuffled_ones():
     assert chance.accuracy < 1 / 3 + 0.12
 
 
+def test_probe_and_kmeans_on_one_blas_thread_match_plain_scikit_learn_and_restore_the_threads():
+    """One BLAS thread is a speed measure only: the same predictions and clusters as scikit-learn
+    with its default threads, and the caller's thread limits untouched afterwards."""
+    from sklearn.cluster import KMeans
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_info
+
+    from kdnas_core.config import ProbeConfig
+    from kdnas_core.evaluation.scoring import _unit, kmeans_clusters
+
+    before = [(i["internal_api"], i["num_threads"]) for i in threadpool_info()]
+    x, y = blobs(600, dim=64, spread=0.15)  # overlapping classes: the regularisation matters
+    cfg = ProbeConfig()
+    plain = make_pipeline(StandardScaler(), LogisticRegressionCV(
+        Cs=cfg.Cs, cv=StratifiedKFold(cfg.cv, shuffle=True, random_state=0), scoring="accuracy", l1_ratios=(0.0,),
+        max_iter=cfg.max_iter, random_state=0, use_legacy_attributes=False)).fit(x[:400], y[:400])
+    probe = linear_probe(x[:400], y[:400], x[400:], y[400:], 3, cfg, seed=0)
+    np.testing.assert_array_equal(probe.predictions, plain.predict(x[400:]))
+    assert 0.5 < probe.accuracy < 1.0
+    clusters = kmeans_clusters(x, 3, seed=0)
+    np.testing.assert_array_equal(clusters, KMeans(n_clusters=3, n_init=10, random_state=0).fit_predict(_unit(x)))
+    assert [(i["internal_api"], i["num_threads"]) for i in threadpool_info()] == before
+
+
 def test_macro_f1_matches_definition():
     y = np.array([0, 0, 1, 1, 2, 2])
     p = np.array([0, 1, 1, 1, 2, 0])
