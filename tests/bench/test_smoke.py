@@ -18,6 +18,7 @@ SCRIPTS = [
     ("headline", ["--init-heads-ab"], "init-heads-ab.md"),
     ("distill_step", [], "distill_step.md"),
     ("cache_read", [], "cache_read.md"),
+    ("eval_threads", [], "eval_threads.md"),
     ("latency", [], "latency.md"),
     ("search_efficiency", ["--real"], "search_efficiency.md"),
     ("dask_scaling", [], "dask-scaling.md"),
