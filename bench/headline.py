@@ -119,6 +119,7 @@ class Row:
     result: dict = field(default_factory=dict)
     init_heads: object = None  # projection heads a teacher-initialised student starts with
     inherited: Row | None = None  # a teacher-initialised row before distillation
+    cut: str | None = None  # which teacher layers a teacher-initialised row kept (student.layers)
     path: Path | None = None  # a model2vec folder
 
 
@@ -170,7 +171,8 @@ def inherited_row(ws: Workspace, arch: StudentArch, name: str, kind: str, note: 
     """A student cut from the teacher as ``ws`` cuts them, distilled, with its untrained random
     floor and its "inherited, not distilled" start."""
     start = ws.start_student(arch)
-    row = Row(name, kind, arch.name, start.model, distil=True, note=note, init_heads=start.init_heads)
+    row = Row(name, kind, arch.name, start.model, distil=True, note=note, init_heads=start.init_heads,
+              cut=ws.cfg.student.layers)
     row.inherited = Row(f"{name}: inherited, not distilled", "inherited", arch.name, ws.build_student(arch))
     with_floor(row, ws.untrained_student(arch, ws.cfg.seed))
     row.inherited.floor = row.floor  # scored against the same floor; listed once, under its student

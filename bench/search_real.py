@@ -275,15 +275,15 @@ def signals_beside_summaries(ws: Workspace, proxy: ProxyEvaluator, students: lis
     they distilled the architecture, else from a proxy run kept under ``work``/proxy."""
     t, rows = ws.teacher.config, {}
     for r in students:
-        # random-init hand-picks are not candidates; the truncated teacher is cut another way
-        # (its first layers) unless the config cuts students so
-        if r.inherited is None or r.arch in rows or (r.name.startswith("truncated") and ws.cfg.student.layers != "first"):
+        # random-init hand-picks are not candidates, nor a teacher cut another way than the
+        # config cuts (the truncated teacher's first layers where the search spreads them)
+        if r.cut != ws.cfg.student.layers or r.arch in rows:
             continue
         arch = StudentArch.from_name(r.arch)
         if arch not in ws.space:  # e.g. the teacher's full FFN where the space stops below it
             continue
         zc = proxy.probe.zero_cost(arch).to_dict()
-        signals = distilled.get(arch.name) or proxy_distilled(proxy, arch, work / "proxy" / f"{arch.arch_id}.json").signals
+        signals = distilled.get(arch.name) or proxy_distilled(proxy, arch, work / "proxy").signals
         scores = score(r)
         rows[r.arch] = {"arch": r.arch, "summary": scores["summary"], "latency_ms": scores["latency_ms"],
                         "params_m": round(count_params(arch, t.vocab_size, t.max_position_embeddings)["encoder"] / 1e6, 2),

@@ -149,13 +149,16 @@ def make_config(args, work: Path):
     return config_from_dict(apply_overrides(base, overrides), "smoke" if args.smoke else args.config)
 
 
-def proxy_distilled(ev: ProxyEvaluator, arch: StudentArch, path: Path) -> ProxyResult:
-    """``ev.distill(arch)``, kept in ``path`` so that a resumed run does not repeat ten proxy
-    runs (about 3 minutes each for mpnet-base) before it reaches the scoring it stopped in."""
+def proxy_distilled(ev: ProxyEvaluator, arch: StudentArch, folder: Path) -> ProxyResult:
+    """``ev.distill(arch)``, kept under ``folder`` by the config's proxy key and the arch_id, so
+    that a resumed run does not repeat ten proxy runs (about 3 minutes each for mpnet-base)
+    before it reaches the scoring it stopped in, and a changed proxy recipe is not read back."""
     import json
 
     from kdnas_core.files.atomic import write_json
+    from kdnas_core.keys import key
 
+    path = folder / key("proxy", ev.ws.cfg) / f"{arch.arch_id}.json"
     if path.is_file():
         return ProxyResult.from_dict(json.loads(path.read_text()))
     proxy = ev.distill(arch)
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> Path:
     for arch, ms in picked:
         print(f"--- {arch.name} ({ms:.2f} ms)", flush=True)
         zc = probe.zero_cost(arch)
-        proxy = proxy_distilled(ev, arch, work / "proxy" / f"{arch.arch_id}.json")
+        proxy = proxy_distilled(ev, arch, work / "proxy")
         start = ws.start_student(arch)
         model, result = final_distilled(ws, start.model, batches, states, eval_states, start.init_heads,
                                         work / "students" / arch.arch_id)
