@@ -126,9 +126,9 @@ def noise_ceiling(summary: np.ndarray, se: np.ndarray, n_draws: int = 2000, seed
     return float(np.mean([kendalltau(summary, summary + rng.normal(0.0, se)).statistic for _ in range(n_draws)]))
 
 
-def correlations(df: pd.DataFrame, target: str = "summary") -> pd.DataFrame:
+def correlations(df: pd.DataFrame, target: str = "summary", moments: tuple[str, ...] = ("zc", "proxy")) -> pd.DataFrame:
     rows = []
-    candidates = [f"{m}_{s}" for m in ("zc", "proxy") for s in SIGNALS] + ["params_m", "latency_ms"]
+    candidates = [f"{m}_{s}" for m in moments for s in SIGNALS] + ["params_m", "latency_ms"]
     for col in candidates:
         if col not in df or df[col].isna().any():
             continue

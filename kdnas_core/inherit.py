@@ -498,7 +498,8 @@ def selection_projection(selection: InheritedSelection, teacher_hidden: int) -> 
 
 
 @torch.no_grad()
-def init_projections(loss_fn: nn.Module, selection: InheritedSelection, teacher_hidden: int) -> None:
+def init_projections(loss_fn: nn.Module, selection: InheritedSelection, teacher_hidden: int,
+                     every_target: bool = False) -> None:
     """Start a distillation loss's projection heads as the selection: each kept student dim
     predicts the teacher dim it was cut from, put on the loss's standardised scale
     ((x - mean) / std of that teacher layer), and every dim it does not hold predicts its mean
@@ -506,7 +507,9 @@ def init_projections(loss_fn: nn.Module, selection: InheritedSelection, teacher_
     state a student state was cut from start so; heads towards other teacher layers start at zero.
     The pooled head (cosine on the raw teacher embedding) starts as the plain selection. Duck-typed on
     ``distill.HiddenStateDistillLoss`` (``proj``, ``mapping``, ``stat_index``, ``mean``, ``std``,
-    ``pool_proj``) so that this module does not import the trainer."""
+    ``pool_proj``) so that this module does not import the trainer. ``every_target``: heads
+    towards the other teacher layers start as the selection too (a super-network keeps its heads
+    fixed, and a zero head would teach the shared weights nothing towards that layer)."""
     p = selection_projection(selection, teacher_hidden).to(loss_fn.proj[0].weight.device)
     kept = p.sum(1)  # 1 on the teacher dims a student dim maps to
     # The teacher hidden state each student state was cut from: embeddings, then layer l's output.
@@ -514,7 +517,7 @@ def init_projections(loss_fn: nn.Module, selection: InheritedSelection, teacher_
     for lin, layers, source in zip(loss_fn.proj, loss_fn.mapping, sources):
         weights, biases = [], []
         for layer in layers:
-            if layer != source:
+            if layer != source and not every_target:
                 # A target the student state was not cut from (the mapping pairs a one-layer slice
                 # of layer 0 with the teacher's last layer): reading one layer's dims as another's
                 # can be far off scale (mpnet-base: a start KD loss of 2518 instead of ~6, and the
@@ -537,36 +540,63 @@ def init_projections(loss_fn: nn.Module, selection: InheritedSelection, teacher_
 # --------------------------------------------------------------------------- building the student
 
 
-def _copy_linear(dst: nn.Linear, src: nn.Linear, rows: Sequence[int], cols: Sequence[int], scale: float = 1.0) -> None:
+Cut = list[tuple[torch.Tensor, torch.Tensor]]  # (student parameter, its value from the teacher's)
+
+
+def _cut_linear(out: Cut, dst: nn.Linear, src: nn.Linear, rows: Sequence[int], cols: Sequence[int],
+                scale: float = 1.0) -> None:
     # index_select, not w[rows][:, cols]: advanced indexing measured ~300x slower on this torch CPU build.
     rows, cols = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
-    dst.weight.copy_(src.weight.index_select(0, rows).index_select(1, cols) * scale)
+    out.append((dst.weight, src.weight.index_select(0, rows).index_select(1, cols) * scale))
     if dst.bias is not None:
-        dst.bias.copy_(src.bias.index_select(0, rows) * scale)
+        out.append((dst.bias, src.bias.index_select(0, rows) * scale))
 
 
-def _copy_norm(dst: nn.LayerNorm, src: nn.LayerNorm, dims: torch.Tensor) -> None:
-    dst.weight.copy_(src.weight.index_select(0, dims))
-    dst.bias.copy_(src.bias.index_select(0, dims))
+def _cut_norm(out: Cut, dst: nn.LayerNorm, src: nn.LayerNorm, dims: torch.Tensor) -> None:
+    out.extend(((dst.weight, src.weight.index_select(0, dims)), (dst.bias, src.bias.index_select(0, dims))))
 
 
-def _copy_block(dst: _Block, src: _Block, sel: InheritedSelection, i: int) -> None:
+def _cut_block(out: Cut, dst: _Block, src: _Block, sel: InheritedSelection, i: int) -> None:
     hid = sel.hidden
-    _copy_linear(dst.q, src.q, sel.qk[i], hid, sel.q_scale)
-    _copy_linear(dst.k, src.k, sel.qk[i], hid)
-    _copy_linear(dst.v, src.v, sel.v[i], hid)
-    _copy_linear(dst.o, src.o, hid, sel.v[i])
-    _copy_linear(dst.ffn_in, src.ffn_in, sel.ffn[i], hid)
-    _copy_linear(dst.ffn_out, src.ffn_out, hid, sel.ffn[i])
+    _cut_linear(out, dst.q, src.q, sel.qk[i], hid, sel.q_scale)
+    _cut_linear(out, dst.k, src.k, sel.qk[i], hid)
+    _cut_linear(out, dst.v, src.v, sel.v[i], hid)
+    _cut_linear(out, dst.o, src.o, hid, sel.v[i])
+    _cut_linear(out, dst.ffn_in, src.ffn_in, sel.ffn[i], hid)
+    _cut_linear(out, dst.ffn_out, src.ffn_out, hid, sel.ffn[i])
     dims = torch.as_tensor(hid, dtype=torch.long)
-    _copy_norm(dst.ln_attn, src.ln_attn, dims)
-    _copy_norm(dst.ln_ffn, src.ln_ffn, dims)
+    _cut_norm(out, dst.ln_attn, src.ln_attn, dims)
+    _cut_norm(out, dst.ln_ffn, src.ln_ffn, dims)
 
 
-@torch.no_grad()
-def build_inherited(teacher_model: nn.Module, arch: StudentArch, selection: InheritedSelection,
-                    dropout: float | None = None) -> nn.Module:
-    """A student of the teacher's class with ``arch``'s shape and the selected teacher weights."""
+def _cut(dst: _Parts, src: _Parts, selection: InheritedSelection, embeddings: bool = True,
+         blocks: bool = True) -> Cut:
+    """Every student parameter with its value as a function of the teacher's: index selections,
+    a scale and (MPNet's bias table) sums only, so the values are differentiable in the teacher's
+    weights. One code path for copying a student out (``build_inherited``) and for training the
+    teacher as a weight-shared super-network (``cut_values``). ``embeddings``: the embedding
+    tables and their LayerNorm; ``blocks``: everything else."""
+    out: Cut = []
+    dims = torch.as_tensor(selection.hidden, dtype=torch.long)
+    if embeddings:
+        for d, s in zip(dst.embeddings, src.embeddings):
+            out.append((d.weight, s.weight.index_select(1, dims)))
+        _cut_norm(out, dst.ln_emb, src.ln_emb, dims)
+    if not blocks:
+        return out
+    for i, t in enumerate(selection.layers):
+        _cut_block(out, dst.blocks[i], src.blocks[t], selection, i)
+    if src.rel_bias is not None:
+        groups = selection.head_groups(0)
+        table = src.rel_bias.weight
+        out.append((dst.rel_bias.weight, torch.stack([table.index_select(1, torch.tensor(g)).sum(1) for g in groups], 1)))
+    if src.pooler is not None and dst.pooler is not None:
+        _cut_linear(out, dst.pooler, src.pooler, selection.hidden, selection.hidden)
+    return out
+
+
+def _skeleton(teacher_model: nn.Module, arch: StudentArch, selection: InheritedSelection,
+              dropout: float | None) -> tuple[nn.Module, _Parts, _Parts]:
     src = _require_support(teacher_model)
     if len(selection.layers) != arch.layers or len(selection.hidden) != arch.hidden:
         raise ArchError(
@@ -579,21 +609,45 @@ def build_inherited(teacher_model: nn.Module, arch: StudentArch, selection: Inhe
     # SDPA is the fastest exact CPU kernel where the family has it (MPNet does not).
     cfg._attn_implementation = "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
     student = model_cls(cfg)
-    dst = _parts(student)
-    dims = torch.as_tensor(selection.hidden, dtype=torch.long)
-    for d, s in zip(dst.embeddings, src.embeddings):
-        d.weight.copy_(s.weight.index_select(1, dims))
-    _copy_norm(dst.ln_emb, src.ln_emb, dims)
-    for i, t in enumerate(selection.layers):
-        _copy_block(dst.blocks[i], src.blocks[t], selection, i)
-    if src.rel_bias is not None:
-        groups = selection.head_groups(0)
-        table = src.rel_bias.weight
-        dst.rel_bias.weight.copy_(torch.stack([table.index_select(1, torch.tensor(g)).sum(1) for g in groups], 1))
-    if src.pooler is not None and dst.pooler is not None:
-        _copy_linear(dst.pooler, src.pooler, selection.hidden, selection.hidden)
+    return student, _parts(student), src
+
+
+@torch.no_grad()
+def build_inherited(teacher_model: nn.Module, arch: StudentArch, selection: InheritedSelection,
+                    dropout: float | None = None) -> nn.Module:
+    """A student of the teacher's class with ``arch``'s shape and the selected teacher weights."""
+    student, dst, src = _skeleton(teacher_model, arch, selection, dropout)
+    for param, value in _cut(dst, src, selection):
+        param.copy_(value)
     _check_all_copied(student, dst, src.pooler is None)
     return student.to(next(teacher_model.parameters()).dtype)
+
+
+def empty_student(teacher_model: nn.Module, arch: StudentArch, selection: InheritedSelection) -> nn.Module:
+    """A student of ``arch``'s shape with no weights of its own (meta tensors) and the teacher's
+    buffers (position ids, token types): built in microseconds, run only through
+    ``torch.func.functional_call`` with ``cut_values``. Constructing a real one initialises every
+    weight, a vocabulary-sized table included (about a second for a 250k-token vocabulary)."""
+    with torch.device("meta"):
+        student, _, _ = _skeleton(teacher_model, arch, selection, dropout=0.0)
+    student.to_empty(device=next(teacher_model.parameters()).device)
+    buffers = dict(teacher_model.named_buffers())
+    for name, buf in student.named_buffers():
+        if name not in buffers or buffers[name].shape != buf.shape:
+            raise TeacherError(f"{type(student).__name__}: buffer {name} has no teacher counterpart of its shape")
+        buf.copy_(buffers[name])
+    return student.eval()
+
+
+def cut_values(teacher_model: nn.Module, student: nn.Module, selection: InheritedSelection,
+               embeddings: bool = True, blocks: bool = True) -> dict[str, torch.Tensor]:
+    """``student``'s parameters (by name) as ``build_inherited`` would copy them out of
+    ``teacher_model``, still attached to the teacher's autograd graph: with
+    ``torch.func.functional_call(student, cut_values(...), ...)`` a loss on the student trains
+    the teacher's shared weights (a super-network). ``embeddings`` / ``blocks`` as ``_cut``."""
+    names = {id(p): n for n, p in student.named_parameters()}
+    parts = _cut(_parts(student), _require_support(teacher_model), selection, embeddings, blocks)
+    return {names[id(p)]: v for p, v in parts}
 
 
 def _check_selection(sel: InheritedSelection, arch: StudentArch, cfg, shared_heads: bool) -> None:

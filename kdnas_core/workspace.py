@@ -45,6 +45,7 @@ from kdnas_core.evaluation.evaluate import ModelEval, evaluate_model
 from kdnas_core.inherit import (
     IMPORTANCE_VERSION,
     Importance,
+    InheritedSelection,
     build_inherited,
     compute_importance,
     init_projections,
@@ -295,11 +296,15 @@ class Workspace:
             model = build_student(arch, self.teacher, seed=cfg.seed, dropout=dropout, bytes_per_param=bytes_per_param)
             return StudentStart(model)
         check_fits_in_memory(arch, self.teacher.config, bytes_per_param)
-        importance = self.importance
-        layers = select_layers(self.teacher.num_layers, arch.layers, cfg.student.layers, importance)
-        selection = select_width(self.teacher.model, arch, importance, layers)
+        selection = self.selection(arch)
         model = build_inherited(self.teacher.model, arch, selection, dropout)
         return StudentStart(model, functools.partial(init_projections, selection=selection, teacher_hidden=self.teacher.hidden))
+
+    def selection(self, arch: StudentArch) -> InheritedSelection:
+        """What ``arch`` keeps of the teacher when it is cut from it (``student.init: teacher``):
+        the configured layers, the most important heads, neurons and dimensions."""
+        layers = select_layers(self.teacher.num_layers, arch.layers, self.cfg.student.layers, self.importance)
+        return select_width(self.teacher.model, arch, self.importance, layers)
 
     def untrained_student(self, arch: StudentArch, seed: int | None = None) -> nn.Module:
         """An untrained student of the model class a distillation would use, every weight random

@@ -245,3 +245,27 @@ def test_real_teacher_keeping_important_neurons_beats_keeping_unimportant_ones(m
     top = cosine(inherit_student(teacher, arch, imp, range(6)))
     bottom = cosine(inherit_student(teacher, arch, dataclasses.replace(imp, ffn=-imp.ffn), range(6)))
     assert top > bottom + 0.05, (top, bottom)
+
+
+@pytest.mark.parametrize("arch,layers", PRUNED[2:], ids=[a.name for a, _ in PRUNED[2:]])
+def test_a_functional_cut_is_the_built_student_and_trains_the_teacher(any_teacher, batches, arch, layers):
+    # Merged and split heads (and MPNet's summed bias table): a super-network of the teacher
+    # trains through exactly the cut that build_inherited copies.
+    from torch.func import functional_call
+
+    import copy
+
+    from kdnas_core.inherit import cut_values, empty_student
+
+    teacher = copy.deepcopy(any_teacher.model).eval().requires_grad_(True)  # a loaded teacher is frozen
+    sel = select_width(teacher, arch, compute_importance(teacher, batches), layers)
+    built, shell = build_inherited(teacher, arch, sel).eval(), empty_student(teacher, arch, sel)
+    kwargs = {"input_ids": batches[1].input_ids, "attention_mask": batches[1].attention_mask}
+    got = functional_call(shell, cut_values(teacher, shell, sel), args=(), kwargs=kwargs).last_hidden_state
+    with torch.no_grad():
+        torch.testing.assert_close(got, built(**kwargs).last_hidden_state, rtol=1e-5, atol=1e-5)
+    got.pow(2).mean().backward()
+    kept = {f"encoder.layer.{t}." for t in layers}
+    grads = {n: p.grad for n, p in teacher.named_parameters()}
+    assert all(g is not None for n, g in grads.items() if any(n.startswith(k) for k in kept) and "pooler" not in n)
+    assert all(g is None for n, g in grads.items() if n.startswith("encoder.layer.") and not any(n.startswith(k) for k in kept))
