@@ -15,6 +15,11 @@ then scores each of those students cut from it with the zero-cost screen's signa
 held-out texts, at ``--checkpoints`` points of the training. The report gives Kendall tau with
 the final summary for these super-network signals beside the table's zero-cost and proxy ones,
 and what each costs.
+
+``--finals ARCH ...`` asks the other question, whether the super-network is a better start:
+each named student is cut twice, from the teacher (as kdnas cuts students) and from the trained
+super-network, and each cut is final-distilled with the config's final recipe on the same
+``--train-texts`` and scored before and after, against one untrained floor per student.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--checkpoints", type=int, default=3, help="score the students this many times along the training")
     ap.add_argument("--train-texts", type=int, default=None, help="as bench.within_budget (default 4000)")
     ap.add_argument("--final-epochs", type=int, default=2, help="as bench.within_budget")
+    ap.add_argument("--finals", nargs="*", default=[],
+                    help="students to final-distil from both starts, the teacher's cut and the super-network's")
     add_common_args(ap, RESULTS, "a tiny random teacher, after bench.within_budget --smoke")
     args = ap.parse_args(argv)
     args.steps = args.steps or (6 if args.smoke else 300)
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> Path:
     df.to_csv(stem.with_suffix(".csv"), index=False)
     run = net.run.to_dict()
     proxy_s = table.proxy_seconds.mean() if "proxy_seconds" in table else float("nan")
+    finals = final_rows(ws, net, [StudentArch.from_name(a) for a in args.finals], work / "finals" / f"{args.steps}-steps")
     md = [*header(f"A weight-shared super-network as the within-budget signal: {cfg.teacher.name}", __file__, argv, cfg),
           "",
           f"- students: the {len(df)} of `{within.relative_to(ROOT) if within.is_relative_to(ROOT) else within}` "
@@ -105,12 +113,60 @@ def main(argv: list[str] | None = None) -> Path:
           "", "## Rank correlation with the final summary", "", markdown_table(corr), "",
           "## Along the super-network's training (tau of each super_ signal)", "",
           markdown_table(pd.DataFrame(curve)), "",
+          *(["## Final distillation from each start", "",
+             f"Each student cut from the teacher and from the super-network, final-distilled on {len(ws.splits.train)} "
+             f"{cfg.data.source} texts x {cfg.distill.final.epochs} epochs with the final recipe (summary gap closed "
+             "against the student's untrained floor, ± SE; *start* = the cut before any distillation):", "",
+             markdown_table(finals), ""] if len(finals) else []),
           "## Students", "",
           markdown_table(df[["arch", "summary", "summary_se", "params_m",
                              *[c for c in df.columns if c.startswith(("zc_", "proxy_", "super_"))
                                and not c.endswith("seconds")]]]),
           ""]
     return publish("\n".join(md), stem.with_suffix(".md"))
+
+
+def final_rows(ws: Workspace, net: SuperNet, archs: list[StudentArch], work: Path) -> pd.DataFrame:
+    """Each of ``archs`` cut from the teacher and from ``net``, scored as cut and after the final
+    distillation (folders under ``work`` by start and arch_id, so a rerun reuses them)."""
+    import functools
+
+    from bench.common import final_distilled
+    from kdnas_core.evaluation.evaluate import compare, evaluate_model
+    from kdnas_core.inherit import init_projections
+
+    if not archs:
+        return pd.DataFrame()
+    cfg = ws.cfg
+    layers = ws.layers_for(sorted({a.layers for a in archs}))
+    states, eval_states = ws.cached_states("train", layers), ws.eval_states(layers)
+    batches = ws.distill_batches("train", states)
+    e, max_len = cfg.evaluate, cfg.evaluate.max_length or cfg.data.max_length
+    cache = cfg.paths.cache_path() / "embeddings"
+
+    def summary(model, name, floor):
+        ev = evaluate_model(model, ws.teacher.tokenizer, name, ws.tasks, ws.fidelity_texts, e, max_len, cache, cfg.seed)
+        c = compare(ev, ws.teacher_eval, floor, e, cfg.seed)
+        return c["summary"], c["summary_se"], c.get("dropin")
+
+    rows = []
+    for arch in archs:
+        floor = evaluate_model(ws.untrained_student(arch, cfg.seed), ws.teacher.tokenizer, f"{arch.name} floor",
+                               ws.tasks, ws.fidelity_texts, e, max_len, cache, cfg.seed)
+        init = functools.partial(init_projections, selection=ws.selection(arch), teacher_hidden=ws.teacher.hidden)
+        for start in ("teacher", "super-network"):
+            print(f"--- {arch.name} from the {start}", flush=True)
+            cut = ws.build_student(arch) if start == "teacher" else net.student(arch)
+            s0, se0, d0 = summary(cut, f"{arch.name} cut from the {start}", floor)
+            student = ws.build_student(arch) if start == "teacher" else net.student(arch)
+            model, result = final_distilled(ws, student.train(), batches, states, eval_states, init,
+                                            work / start / arch.arch_id)
+            s1, se1, d1 = summary(model, f"{arch.name} from the {start}, distilled", floor)
+            rows.append({"arch": arch.name, "start": start, "start_summary": s0, "start_se": se0, "start_dropin": d0,
+                         "summary": s1, "summary_se": se1, "dropin": d1,
+                         "best_step": result.get("best_step"), "final_eval_loss": result.get("final_eval_loss"),
+                         "distill_min": round(result.get("seconds", 0) / 60, 1)})
+    return pd.DataFrame(rows)
 
 
 if __name__ == "__main__":

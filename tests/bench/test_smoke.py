@@ -26,6 +26,7 @@ SCRIPTS = [
     ("discrimination", [], "discrimination.md"),
     ("proxy_rank", [], "proxy-rank.md"),
     ("within_budget", [], "within-budget-smoke.md"),
+    ("supernet", ["--finals", "L1-H32-A2-F64-gelu"], "supernet-smoke.md"),
     ("search_real", ["--hand-picks", "L1-H64-A4-F128-gelu"], "search-real-smoke.md"),
     ("multilingual", ["table"], "multilingual.md"),
     ("multilingual", ["recipe"], "multilingual-recipe.md"),
@@ -40,6 +41,10 @@ def test_smoke_writes_its_report_with_command_and_commit(tmp_path, module, args,
     run_bench(module, argv, tmp_path)
     text = check_header(out / report, module, argv)
     assert "|---" in text  # a table came out
+    if module == "supernet":  # the super-network's signals beside the table's, and both starts distilled
+        assert "| super_recall10 |" in text and "| zc_recall10 |" in text
+        finals = text.split("## Final distillation from each start")[1]
+        assert "| L1-H32-A2-F64-gelu | teacher |" in finals and "| L1-H32-A2-F64-gelu | super-network |" in finals
     if module == "search_real":  # one row per (controller, seed, budget) pick, the columns
         picks = pd.read_csv(out / "search-real.csv")
         assert list(picks.columns) == ["teacher", "budget", "controller", "seed", "arch", "latency_ms", "summary",
