@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
     net = SuperNet(ws)
     archs = [StudentArch.from_name(a) for a in table.arch]
     marks = sorted({round(args.steps * (i + 1) / args.checkpoints) for i in range(args.checkpoints)})
-    curve, rows, done, score_s = [], {}, 0, 0.0
+    curve, done = [], 0
     for mark in [0, *marks]:
         if mark > done:
             net.train(mark - done, args.per_step, seed=cfg.seed + done)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> Path:
         tau = correlations(scored, moments=("super",)).set_index("signal").kendall_tau
         curve.append({"step": mark, **{s: tau.get(f"super_{s}") for s in SIGNALS if f"super_{s}" in tau}})
         print(f"step {mark}: {curve[-1]}", flush=True)
-    df = table.assign(**{c: [rows[a][c] for a in table.arch] for c in rows[archs[0].name]})
+    df = scored  # the last checkpoint's signals: the trained super-network's
     corr = correlations(df, moments=("zc", "proxy", "super"))
     stem = out / f"supernet-{label}"
     df.to_csv(stem.with_suffix(".csv"), index=False)
@@ -157,9 +157,8 @@ def final_rows(ws: Workspace, net: SuperNet, archs: list[StudentArch], work: Pat
         for start in ("teacher", "super-network"):
             print(f"--- {arch.name} from the {start}", flush=True)
             cut = ws.build_student(arch) if start == "teacher" else net.student(arch)
-            s0, se0, d0 = summary(cut, f"{arch.name} cut from the {start}", floor)
-            student = ws.build_student(arch) if start == "teacher" else net.student(arch)
-            model, result = final_distilled(ws, student.train(), batches, states, eval_states, init,
+            s0, se0, d0 = summary(cut, f"{arch.name} cut from the {start}", floor)  # scoring leaves weights as they are
+            model, result = final_distilled(ws, cut.train(), batches, states, eval_states, init,
                                             work / start / arch.arch_id)
             s1, se1, d1 = summary(model, f"{arch.name} from the {start}, distilled", floor)
             rows.append({"arch": arch.name, "start": start, "start_summary": s0, "start_se": se0, "start_dropin": d0,

@@ -8,8 +8,7 @@ students of the search space, runs each on the same proxy batch through
 ``torch.func.functional_call`` with its cut of the shared weights, and adds the gradients of its
 proxy-recipe KD loss into them. The projection heads stay where a cut student's start them (each
 kept dim predicts the teacher dim it was cut from, at every target layer), so nothing is learned
-per student: the
-shared weights must serve every cut. The embedding tables stay the teacher's (for me5-small they
+per student: the shared weights must serve every cut. The embedding tables stay the teacher's (for me5-small they
 are 80 % of the weights). Afterwards a candidate cut from the trained super-network is scored by
 the zero-cost screen's signals, in forward passes only (``SuperNet.signals``).
 
@@ -70,9 +69,8 @@ class SuperNet:
                              "of a functional student are not captured)")
         self.ws, self.recipe = ws, recipe
         self.model = copy.deepcopy(ws.teacher.model).float().eval()  # eval: no dropout, the proxy's signal is exact
-        self._embedding_ids = {id(p) for n, p in self.model.named_parameters() if "embeddings" in n}
         for n, p in self.model.named_parameters():
-            p.requires_grad_(id(p) not in self._embedding_ids)
+            p.requires_grad_("embeddings" not in n)
         self._probe = probe or functools.cache(lambda: SignalProbe(ws))
         layers = ws.layers_for(ws.space.layers)
         self.states = ws.cached_states("proxy", layers, progress=False)
@@ -84,9 +82,12 @@ class SuperNet:
     def probe(self) -> SignalProbe:
         return self._probe()
 
+    def _selection(self, arch: StudentArch) -> InheritedSelection:
+        return self.ws.selection(self.ws.space.validate(arch))
+
     def _student(self, arch: StudentArch) -> tuple[nn.Module, InheritedSelection, HiddenStateDistillLoss]:
         ws = self.ws
-        sel = ws.selection(ws.space.validate(arch))
+        sel = self._selection(arch)
         student = empty_student(self.model, arch, sel)
         states = self.states
         stats = states.stats if self.recipe.standardize_targets and self.recipe.weights.hidden_mse > 0 else None
@@ -105,7 +106,8 @@ class SuperNet:
         # A pooler the teacher lacks (mean-pooled encoders) is never read by the loss; zeros keep
         # functional_call off the student's meta tensors.
         for name, p in student.named_parameters():
-            values.setdefault(name, torch.zeros(p.shape))
+            if name not in values:  # not setdefault: that would allocate zeros for every parameter
+                values[name] = torch.zeros(p.shape)
         return values
 
     def train(self, steps: int, students_per_step: int = 3, lr: float | None = None, seed: int | None = None,
@@ -152,14 +154,13 @@ class SuperNet:
 
     def student(self, arch: StudentArch) -> nn.Module:
         """``arch`` cut from the super-network as it is now: a real, standalone student."""
-        sel = self.ws.selection(self.ws.space.validate(arch))
-        return build_inherited(self.model, arch, sel).eval()
+        return build_inherited(self.model, arch, self._selection(arch)).eval()
 
     def signals(self, arch: StudentArch) -> Signals:
         """The zero-cost screen's signals of ``arch`` cut from the super-network, on the
         search's held-out texts (forward passes only)."""
         t0 = time.perf_counter()
-        sel = self.ws.selection(self.ws.space.validate(arch))
+        sel = self._selection(arch)
         student = build_inherited(self.model, arch, sel).eval()
         # The heads it was trained with: every kept dim predicts the teacher dim it was cut from,
         # at every target layer.

@@ -251,9 +251,9 @@ def test_real_teacher_keeping_important_neurons_beats_keeping_unimportant_ones(m
 def test_a_functional_cut_is_the_built_student_and_trains_the_teacher(any_teacher, batches, arch, layers):
     # Merged and split heads (and MPNet's summed bias table): a super-network of the teacher
     # trains through exactly the cut that build_inherited copies.
-    from torch.func import functional_call
-
     import copy
+
+    from torch.func import functional_call
 
     from kdnas_core.inherit import cut_values, empty_student
 
