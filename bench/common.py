@@ -215,7 +215,7 @@ CHECKPOINT_EVERY = 250
 # Random-init students are distilled without the final path's relation and batching overrides
 # (configs/benchmark.yaml's recipe for cut students): they have no inherited order to keep and
 # lost 0.07-0.20 summary with it (docs/distillation.md#batches-of-neighbours).
-RANDOM_INIT_FINAL = {"distill.final.pooled_relation": None, "distill.final.batching": None}
+RANDOM_INIT_FINAL = {"distill.final.pooled_relation": None, "distill.final.batching": None, "distill.final.hidden_mse": None}
 
 
 def final_distilled(ws, student, batches, states, eval_states, init_heads, folder: Path):

@@ -295,16 +295,18 @@ def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:
     teacher get the config's final recipe; random-init ones the recipe for them (``for_random_init``)."""
     todo = [r for r in rows if r.distil]
     distilled = 0
-    layers = ws.layers_for(sorted({r.model.config.num_hidden_layers for r in todo}))
-    states = ws.cached_states("train", layers)
-    eval_states = ws.eval_states(layers)
-    recipes: dict[bool, tuple[Workspace, list]] = {}  # batches built once per recipe (neighbours: one k-means)
+    # States and batches built once per recipe (neighbours: one k-means); each reads the teacher
+    # layers its own loss needs.
+    recipes: dict[bool, tuple] = {}
     for r in todo:
         cut = r.inherited is not None
         if cut not in recipes:
             w = ws if cut else for_random_init(ws)
-            recipes[cut] = (w, w.distill_batches("train", states))
-        w, batches = recipes[cut]
+            depths = sorted({x.model.config.num_hidden_layers for x in todo if (x.inherited is not None) == cut})
+            layers = w.layers_for(depths, "final")
+            states = w.cached_states("train", layers)
+            recipes[cut] = (w, w.distill_batches("train", states), states, w.eval_states(layers))
+        w, batches, states, eval_states = recipes[cut]
         folder = work / "students" / _slug(r.name)
         if not (folder / "result.json").is_file():
             print(f"distilling {r.name}", flush=True)
@@ -314,12 +316,13 @@ def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:
 
 
 def for_random_init(ws: Workspace) -> Workspace:
-    """``ws`` without the final path's pooled_relation and batching overrides: they keep what a cut
-    student inherited, but a random-init student has nothing to keep, and with them the MiniLM-shape
-    and narrow hand-picks lost 0.20 and 0.07 summary (archive/headline-full-2026-12-06-neighbours.md);
-    a user distilling such a student would leave them off."""
+    """``ws`` without the final path's pooled_relation, batching and hidden_mse overrides: they keep
+    what a cut student inherited, but a random-init student has nothing to keep, and with the first
+    two the MiniLM-shape and narrow hand-picks lost 0.20 and 0.07 summary
+    (archive/headline-full-2026-12-06-neighbours.md); a user distilling such a student would leave
+    them off (the pooled term alone was measured on cut students only)."""
     final = ws.cfg.distill.final
-    if final.pooled_relation is None and final.batching is None:
+    if final.pooled_relation is None and final.batching is None and final.hidden_mse is None:
         return ws
     cfg = config_from_dict(apply_overrides(ws.cfg.model_dump(mode="json"), RANDOM_INIT_FINAL), "random-init rows")
     return dataclasses.replace(ws, cfg=cfg)

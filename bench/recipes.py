@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> Path:
     configs = {name: variant_config(base, name, o) for name, o in variants}  # every error before any work
     ws = Workspace.prepare(base)
     arch = StudentArch.from_name(args.student)
-    layers = ws.layers_for([arch.layers])
+    # The union of what each variant's final loss reads (with or without the hidden-state term).
+    layers = tuple(sorted({n for c in configs.values() for n in Workspace(c, ws.teacher).layers_for([arch.layers], "final")}))
     t0 = time.perf_counter()
     states, eval_states = ws.cached_states("train", layers), ws.eval_states(layers)
     teacher_s = time.perf_counter() - t0

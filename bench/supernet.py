@@ -138,7 +138,7 @@ def final_rows(ws: Workspace, net: SuperNet, archs: list[StudentArch], work: Pat
     if not archs:
         return pd.DataFrame()
     cfg = ws.cfg
-    layers = ws.layers_for(sorted({a.layers for a in archs}))
+    layers = ws.layers_for(sorted({a.layers for a in archs}), "final")
     states, eval_states = ws.cached_states("train", layers), ws.eval_states(layers)
     batches = ws.distill_batches("train", states)
     e, max_len = cfg.evaluate, cfg.evaluate.max_length or cfg.data.max_length

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> Path:
     probe = ev.probe  # the same held-out texts and teacher embeddings for both moments
     t = ws.teacher.config
     rows, models, floors = [], {}, {}
-    layers = ws.layers_for(sorted({a.layers for a, _ in picked}))
+    layers = ws.layers_for(sorted({a.layers for a, _ in picked}), "final")
     states, eval_states = ws.cached_states("train", layers), ws.eval_states(layers)
     batches = ws.distill_batches("train", states)  # the same for every student (neighbours: one k-means)
     for arch, ms in picked:

@@ -242,6 +242,10 @@ class TrainBudget(_Section):
     # worse pick (docs/distillation.md#batches-of-neighbours).
     pooled_relation: float | None = Field(default=None, ge=0)
     batching: Literal["length", "neighbours"] | None = None
+    # Override distill.weights.hidden_mse on this path (None: as there). 0 on the final path
+    # matches the sentence embedding alone while the proxy keeps L_HS for the search; the teacher
+    # targets are then one vector a text (0.15 GB per 100k texts for mpnet-base, not ~20 GB).
+    hidden_mse: float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _patience_needs_checks(self) -> TrainBudget:
@@ -306,6 +310,11 @@ class DistillConfig(_Section):
             if budget.pooled_relation and recipe.weights.pooled_cosine == 0:
                 raise ValueError(f"{path}.pooled_relation > 0 reads the pooled-cosine term's projection: "
                                  "set weights.pooled_cosine > 0, or pooled_relation: 0")
+            w = recipe.weights
+            if w.hidden_mse == 0 and w.pooled_cosine == 0 and w.attention_relation == 0:
+                field = f"{path}.hidden_mse" if budget.hidden_mse is not None else "weights.hidden_mse"
+                raise ValueError(f"{field} = 0 with weights.pooled_cosine and attention_relation 0 leaves the {path} "
+                                 "distillation nothing to learn: set one of them > 0")
             if recipe.batching == "neighbours" and recipe.weights.pooled_relation == 0:
                 field = f"{path}.batching" if budget.batching else "batching"
                 raise ValueError(f"{field}: neighbours only changes what the in-batch pooled_relation term compares: "
@@ -313,12 +322,13 @@ class DistillConfig(_Section):
         return self
 
     def recipe(self, path: Literal["proxy", "final"]) -> DistillConfig:
-        """This section as a distillation on ``path`` runs it: with that path's pooled_relation
-        and batching where it sets them."""
+        """This section as a distillation on ``path`` runs it: with that path's pooled_relation,
+        hidden_mse and batching where it sets them."""
         budget = getattr(self, path)
         update: dict[str, Any] = {}
-        if budget.pooled_relation is not None:
-            update["weights"] = self.weights.model_copy(update={"pooled_relation": budget.pooled_relation})
+        weights = {k: v for k in ("pooled_relation", "hidden_mse") if (v := getattr(budget, k)) is not None}
+        if weights:
+            update["weights"] = self.weights.model_copy(update=weights)
         if budget.batching is not None:
             update["batching"] = budget.batching
         return self.model_copy(update=update) if update else self
@@ -766,7 +776,8 @@ ADDED_LATER: dict[str, Any] = {"data.source_column": None, "data.translation_tar
                                "search.screen": 0, "search.screen_signal": "recall10",
                                "distill.weights.pooled_relation": 0.0, "distill.batching": "length",
                                "distill.proxy.pooled_relation": None, "distill.proxy.batching": None,
-                               "distill.final.pooled_relation": None, "distill.final.batching": None}
+                               "distill.final.pooled_relation": None, "distill.final.batching": None,
+                               "distill.proxy.hidden_mse": None, "distill.final.hidden_mse": None}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

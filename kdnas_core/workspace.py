@@ -116,14 +116,14 @@ class Workspace:
         """The final distillation's teacher states, planned now rather than after the search:
         over distill.cache_max_gb they will run live (said once, here), a forced cache over it is
         refused, and a cache that the disk cannot hold fails in one line (needed vs free)."""
-        d = self.cfg.distill
+        d = self.cfg.distill.recipe("final")
         if pooled_only(d.weights):  # a vector a text: nothing to plan
             return
         passes = _passes(d.final, math.ceil(len(self.splits.train) / self.cfg.data.batch_size))
         relation = self.teacher.num_layers if d.weights.attention_relation > 0 else None
         n_tokens = sum(self.tokens("train").lengths)
         # The deepest student maps the most teacher layers: the largest cache one student needs.
-        layers = max((self.layers_for([n]) for n in self.space.layers), key=len)
+        layers = max((self.layers_for([n], "final") for n in self.space.layers), key=len)
         use, notice = cache_plan(d, math.ceil(passes), n_tokens, layers, self.teacher.hidden, relation)
         if notice:
             warnings.warn(notice)
@@ -180,15 +180,18 @@ class Workspace:
         seed = self.cfg.seed if seed is None else seed
         return length_bucketed_batches(self.tokens(split), self.cfg.data.batch_size, seed, shuffle)
 
-    def layers_for(self, student_layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:
-        d = self.cfg.distill
+    def layers_for(self, student_layers: list[int] | tuple[int, ...], path: Literal["proxy", "final"] = "proxy"
+                   ) -> tuple[int, ...]:
+        """The teacher layers a distillation on ``path`` of students this deep reads (its loss's
+        weights decide: the final path may match the pooled embedding alone)."""
+        d = self.cfg.distill.recipe(path)
         return teacher_layers_needed(student_layers, self.teacher.num_layers, d.mapping, d.weights)
 
     def teacher_states(self, split: str, layers: tuple[int, ...], passes: float, progress: Progress = True) -> TeacherStates:
         # Standardisation statistics for a live teacher come from the first few training batches.
         stats_batches = self.batches(split)[:20]
         states = make_teacher_states(
-            self.teacher, self.tokens(split), layers, self.cfg.distill,
+            self.teacher, self.tokens(split), layers, self.cfg.distill.recipe(distill_path(split)),
             self.state_cache_root, math.ceil(passes), stats_batches, progress, self.shared_states,
             self.teacher.head.pooling,
         )
@@ -199,7 +202,8 @@ class Workspace:
         """Batches, teacher states and held-out states of a distillation of ``budget`` on ``split``."""
         batches = self.batches(split)
         passes = _passes(budget, len(batches))
-        layers = self.layers_for([student_layers])
+        path = distill_path(split)
+        layers = self.layers_for([student_layers], path)
         states = self.teacher_states(split, layers, passes, progress)
         return self.distill_batches(split, states, batches, progress), states, self.eval_states(layers, progress)
 

@@ -116,6 +116,17 @@ def test_a_paths_recipe_overrides_the_relation_weight_and_batching_and_checks_th
         assert "\n" not in str(err.value)
 
 
+def test_a_paths_hidden_weight_overrides_the_shared_one_and_a_path_with_no_term_is_a_one_line_error():
+    d = config_from_dict({"distill": {"final": {"hidden_mse": 0}}}).distill
+    assert (d.recipe("final").weights.hidden_mse, d.recipe("proxy").weights.hidden_mse) == (0, 1.0)
+    assert d.recipe("final").weights.pooled_cosine == d.weights.pooled_cosine
+    for bad, field in (({"weights": {"pooled_cosine": 0}, "final": {"hidden_mse": 0}}, "final.hidden_mse"),
+                       ({"weights": {"pooled_cosine": 0, "hidden_mse": 0}}, "weights.hidden_mse")):
+        with pytest.raises(ConfigError, match=rf"distill.* {field} = 0 .* leaves the \w+ distillation nothing to learn") as err:
+            config_from_dict({"distill": bad})
+        assert "\n" not in str(err.value)
+
+
 def test_random_init_students_with_the_cut_students_final_recipe_are_warned():
     cut_recipe = {"final": {"pooled_relation": 0.2, "batching": "neighbours"}}
     with pytest.warns(UserWarning, match="student.init: random with the relation term over batches of neighbours"):

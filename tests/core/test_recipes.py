@@ -73,3 +73,22 @@ def test_a_final_path_override_changes_the_final_distillation_and_not_the_proxy(
     proxy = distill_student(ws.cfg, "L1-H32-A4-F64-gelu", split="proxy", out_dir=tmp_path / "proxy-student", ws=ws,
                             progress=False).result
     assert final.eval_parts["pooled_relation"] > 0 and "pooled_relation" not in proxy.eval_parts
+
+
+def test_a_final_path_without_the_hidden_term_reads_only_pooled_teacher_targets(tiny_ws, tmp_path):
+    """distill.final.hidden_mse: 0: the final student learns the sentence embedding alone from one
+    teacher vector a text (no token states cached), while the proxy keeps L_HS for the search."""
+    from kdnas_core.config import apply_overrides
+    from kdnas_core.distill import PooledTeacherStates
+
+    data = apply_overrides(tiny_ws.cfg.model_dump(mode="json"),
+                           {"distill.final.hidden_mse": 0, "distill.final.max_steps": 12})
+    ws = Workspace(config_from_dict(data), tiny_ws.teacher)
+    assert ws.layers_for([2], "final") == (tiny_ws.teacher.num_layers,) != ws.layers_for([2])
+    _, states, _ = ws.distill_inputs("train", ws.cfg.distill.final, 2, progress=False)
+    assert isinstance(states, PooledTeacherStates)
+    final = distill_student(ws.cfg, "L2-H32-A4-F64-gelu", ws=ws, progress=False).result
+    proxy = distill_student(ws.cfg, "L2-H32-A4-F64-gelu", split="proxy", out_dir=tmp_path / "proxy-student", ws=ws,
+                            progress=False).result
+    assert "hidden_mse" not in final.eval_parts and proxy.eval_parts["hidden_mse"] > 0
+    assert final.final_eval_loss < final.initial_eval_loss  # the pooled term alone still teaches it
