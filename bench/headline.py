@@ -78,7 +78,7 @@ from kdnas_core.evaluation.evaluate import (  # noqa: E402
 from kdnas_core.search.candidates import ProxyEvaluator, teacher_latency  # noqa: E402
 from kdnas_core.final import export_student  # noqa: E402
 from kdnas_core.onnx_embedder import OnnxEmbedder  # noqa: E402
-from kdnas_core.inherit import full_width  # noqa: E402
+from kdnas_core.inherit import full_width, select_layers  # noqa: E402
 from kdnas_core.latency import profile_model  # noqa: E402
 from kdnas_core.search.reports import markdown_table  # noqa: E402
 from kdnas_core.search.signals import zero_cost_screen  # noqa: E402
@@ -241,7 +241,13 @@ def hand_picked(ws: Workspace, target_ms: float, seed: int) -> list[Row]:
             best_k, best_gap = k, abs(ms - target_ms)
         if ms > target_ms:
             break
+    kept = []
     for how, label in (("first", "truncated teacher: its first"), ("uniform", "layer-dropped teacher: evenly spread")):
+        # At one layer both cuts keep layer 0: the same student, distilled and scored once.
+        layers = select_layers(t.num_layers, best_k, how)
+        if layers in kept:
+            continue
+        kept.append(layers)
         wsl = Workspace(ws.cfg.model_copy(update={"student": ws.cfg.student.model_copy(update={"layers": how})}), ws.teacher)
         rows.append(inherited_row(wsl, full_width(ws.teacher.config, best_k), f"{label} {best_k} layer(s)", "hand-picked"))
     # Deep and narrow: the teacher's depth, the width whose latency is closest to the pick's.
@@ -296,17 +302,17 @@ def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:
     todo = [r for r in rows if r.distil]
     distilled = 0
     # States and batches built once per recipe (neighbours: one k-means); each reads the teacher
-    # layers its own loss needs.
+    # layers its own loss needs. Random-init students first: their recipe reads every layer, and
+    # the cut students' (the last layer only) is then read from that cache, not a second teacher pass.
     recipes: dict[bool, tuple] = {}
+    for cut in sorted({r.inherited is not None for r in todo}):
+        w = ws if cut else for_random_init(ws)
+        depths = sorted({x.model.config.num_hidden_layers for x in todo if (x.inherited is not None) == cut})
+        layers = w.layers_for(depths, "final")
+        states = w.cached_states("train", layers)
+        recipes[cut] = (w, w.distill_batches("train", states), states, w.eval_states(layers))
     for r in todo:
-        cut = r.inherited is not None
-        if cut not in recipes:
-            w = ws if cut else for_random_init(ws)
-            depths = sorted({x.model.config.num_hidden_layers for x in todo if (x.inherited is not None) == cut})
-            layers = w.layers_for(depths, "final")
-            states = w.cached_states("train", layers)
-            recipes[cut] = (w, w.distill_batches("train", states), states, w.eval_states(layers))
-        w, batches, states, eval_states = recipes[cut]
+        w, batches, states, eval_states = recipes[r.inherited is not None]
         folder = work / "students" / _slug(r.name)
         if not (folder / "result.json").is_file():
             print(f"distilling {r.name}", flush=True)

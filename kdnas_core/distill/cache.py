@@ -141,6 +141,9 @@ class CachedTeacherStates:
         reused = cls._reuse(final, key, shared)
         if reused is not None:
             return reused
+        wider = cls._from_wider(cache_root, key, teacher, tokens, layers, relation_layer)
+        if wider is not None:
+            return wider
         widths = _array_widths(layers, teacher.hidden, relation_layer)
         tmp = _partial_cache_dir(final, key, sum(tokens.lengths) * sum(widths.values()) * 2 + (1 << 20))
         try:
@@ -172,6 +175,27 @@ class CachedTeacherStates:
             return None
 
     @classmethod
+    def _from_wider(cls, root: Path, key: str, teacher: Teacher, tokens: TokenizedTexts, layers: tuple[int, ...],
+                    relation_layer: int | None) -> CachedTeacherStates | None:
+        """A finished cache under ``root`` of the same teacher and texts that holds every layer
+        asked for, read as those layers only (and keyed as they are): a run that distils students
+        reading every layer and students reading only the last runs the teacher once, not twice
+        (about 25 minutes at 64,000 texts for a base-size teacher)."""
+        for meta_path in sorted(root.glob("*/meta.json")):
+            try:
+                meta = json.loads(meta_path.read_text())
+                fits = (meta["teacher_fingerprint"] == teacher.fingerprint
+                        and meta["tokens_fingerprint"] == tokens.fingerprint
+                        and set(layers) <= set(meta["layers"])
+                        and relation_layer in (None, meta["relation_layer"]))
+                if fits:
+                    return cls.load(meta_path.parent, layers=layers, relation=relation_layer is not None, key=key)
+            except (CorruptCache, ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+                # Not ours to remove: _reuse rebuilds a damaged cache when its own key asks for it.
+                warnings.warn(f"teacher-state cache {meta_path.parent} is unusable ({err}); not reading from it")
+        return None
+
+    @classmethod
     def _commit(cls, tmp: Path, final: Path, key: str, shared: SharedStates | None) -> CachedTeacherStates:
         """Move the finished ``tmp`` into place as ``final``, load it and publish it to ``shared``."""
         try:
@@ -184,19 +208,32 @@ class CachedTeacherStates:
         return states
 
     @classmethod
-    def load(cls, path: Path, verify: bool = True) -> CachedTeacherStates:
+    def load(cls, path: Path, verify: bool = True, layers: tuple[int, ...] | None = None, relation: bool = True,
+             key: str | None = None) -> CachedTeacherStates:
+        """The cache at ``path``; with ``layers``, only those of its layers (its qkv only with
+        ``relation``), read, verified and keyed as ``key``: what a cache of just them would hold."""
         meta = json.loads((path / "meta.json").read_text())
-        for name, digest in meta.get("sha256", {}).items() if verify else ():
-            if sha256_file(path / name) != digest:
-                raise CorruptCache(f"{path / name}: content does not match its recorded sha256")
+        stored = list(meta["layers"])
+        if layers is not None:
+            missing = sorted(set(layers) - set(stored))
+            if missing:
+                raise ValueError(f"{path}: holds teacher layers {stored}, not {missing}")
+            kept = sorted(set(layers))
+            meta = {**meta, "layers": kept, "key": key or meta["key"],
+                    "relation_layer": meta["relation_layer"] if relation else None}
         # Plain .npy arrays, memory-mapped; allow_pickle stays False (never unpickle storage).
         names = [f"layer_{l}" for l in meta["layers"]] + (["qkv"] if meta["relation_layer"] is not None else [])
+        files = {f"{n}.npy" for n in [*names, "offsets", "stats_mean", "stats_std"]}
+        for name, digest in meta.get("sha256", {}).items() if verify else ():
+            if name in files and sha256_file(path / name) != digest:
+                raise CorruptCache(f"{path / name}: content does not match its recorded sha256")
         arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in names}
         arrays["offsets"] = np.load(path / "offsets.npy", allow_pickle=False)
+        rows = [stored.index(l) for l in meta["layers"]]  # statistics are per layer, in stored order
         stats = LayerStats(
             tuple(meta["layers"]),
-            torch.from_numpy(np.load(path / "stats_mean.npy", allow_pickle=False)),
-            torch.from_numpy(np.load(path / "stats_std.npy", allow_pickle=False)),
+            torch.from_numpy(np.load(path / "stats_mean.npy", allow_pickle=False)[rows]),
+            torch.from_numpy(np.load(path / "stats_std.npy", allow_pickle=False)[rows]),
         )
         return cls(meta, arrays, stats, path)
 

@@ -223,6 +223,27 @@ def test_disk_cache_is_reused_without_the_teacher(tiny_setup, tmp_path, monkeypa
             assert torch.equal(again.targets(b).states[layer], in_memory.targets(b).states[layer])
 
 
+def test_a_cache_of_more_layers_serves_fewer_without_the_teacher(tiny_setup, tmp_path, monkeypatch):
+    """A run distilling students that read every layer and students that read the last one runs
+    the teacher once: the second cache is the first read as its layers, with their statistics."""
+    teacher, tokens, _ = tiny_setup
+    every = tuple(range(teacher.num_layers + 1))
+    wide = CachedTeacherStates.build(teacher, tokens, every, None, tmp_path / "wide", progress=False)
+    alone = CachedTeacherStates.build(teacher, tokens, (4,), None, tmp_path / "alone", progress=False)
+    monkeypatch.setattr(teacher.model, "forward", _raise)
+    last = CachedTeacherStates.build(teacher, tokens, (4,), None, tmp_path / "wide", progress=False)
+    assert last.layers == (4,) and last.key == alone.key and last.path == wide.path
+    assert sorted(p.name for p in (tmp_path / "wide").iterdir()) == [wide.key]  # nothing new written
+    b = length_bucketed_batches(tokens, 16, seed=0)[0]
+    assert set(last.targets(b).states) == {4}
+    torch.testing.assert_close(last.targets(b).states[4], alone.targets(b).states[4])
+    torch.testing.assert_close(last.stats.mean, alone.stats.mean)
+    torch.testing.assert_close(last.stats.std, alone.stats.std)
+    # a layer the wide cache lacks (the relation layer's qkv) is not served from it
+    with pytest.raises(AssertionError, match="must not run"):
+        CachedTeacherStates.build(teacher, tokens, (4,), 4, tmp_path / "wide", progress=False)
+
+
 def test_two_seeded_runs_give_identical_losses(tiny_setup):
     teacher, tokens, layers = tiny_setup
     cache = CachedTeacherStates.build(teacher, tokens, layers, relation_layer=4, progress=False)
