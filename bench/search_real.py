@@ -116,9 +116,11 @@ def mean_se(values) -> tuple[float, float]:
 
 
 def summarise(df: pd.DataFrame, hands: pd.DataFrame, budgets: dict[str, float]) -> tuple[pd.DataFrame, list[str]]:
-    """Mean ± SE over seeds per budget and controller, and the issue's two checks per budget:
-    KD-NAS's mean beats random search's by one SE, and is at least the best hand-pick within
-    ±25 % of the budget."""
+    """Mean ± SE over seeds per budget and controller, and the checks per budget: KD-NAS's mean
+    beats random search's by one SE, and is at least the best hand-pick within ±25 % of the
+    budget and the best within the budget itself. A user's budget is a ceiling (the searches
+    recommend nothing over it), so a hand-pick up to 25 % over it is a student that user cannot
+    ship: both comparisons are written."""
     rows, lines = [], []
     for budget, ms in budgets.items():
         here = df[df.budget == budget]
@@ -133,6 +135,8 @@ def summarise(df: pd.DataFrame, hands: pd.DataFrame, budgets: dict[str, float]) 
                          "archs": ", ".join(sorted(set(g.arch.dropna())))})
         near = hands[((hands.latency_ms - ms).abs() <= BAND * ms) & pd.to_numeric(hands.summary).notna()]
         best_hand = near.loc[near.summary.idxmax()] if len(near) else None
+        under = near[near.latency_ms <= ms]
+        best_under = under.loc[under.summary.idxmax()] if len(under) else None
         for controller in (c for c in stats if c.startswith("lstm")):
             m, se = stats[controller]
             if "random" in stats:
@@ -146,6 +150,13 @@ def summarise(df: pd.DataFrame, hands: pd.DataFrame, budgets: dict[str, float]) 
                              f"{'met' if m >= best_hand.summary else 'missed'} ({m - best_hand.summary:+.3f})")
             else:
                 lines.append(f"- {budget}: no hand-pick measured within ±{BAND:.0%} of the budget")
+            if best_under is not None:
+                lines.append(f"- {budget}, {controller} vs the best hand-pick within the budget (at most {ms:.2f} ms: "
+                             f"{best_under.model}, {best_under.latency_ms:.2f} ms, "
+                             f"{best_under.summary:.3f} ± {best_under.summary_se:.3f}): "
+                             f"{'met' if m >= best_under.summary else 'missed'} ({m - best_under.summary:+.3f})")
+            elif best_hand is not None:
+                lines.append(f"- {budget}: every hand-pick within ±{BAND:.0%} runs over the budget ({ms:.2f} ms)")
     return pd.DataFrame(rows), lines
 
 
