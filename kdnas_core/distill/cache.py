@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from kdnas_core.files.atomic import (
+    adopt_stale_partial,
     check_free_space,
     commit_dir,
     discard_partial,
@@ -31,6 +32,7 @@ from kdnas_core.teachers.loading import Teacher
 
 from kdnas_core.distill.targets import (
     _CACHE_SETTING,
+    PROGRESS,
     CorruptCache,
     LayerStats,
     LiveTeacherStates,
@@ -43,7 +45,9 @@ from kdnas_core.distill.targets import (
     _teacher_forward,
     compute_stats,
     pooled_only,
+    save_progress,
 )
+from kdnas_core.distill import targets as targets_module
 
 
 class CachedTeacherStates:
@@ -145,11 +149,15 @@ class CachedTeacherStates:
         if wider is not None:
             return wider
         widths = _array_widths(layers, teacher.hidden, relation_layer)
-        tmp = _partial_cache_dir(final, key, sum(tokens.lengths) * sum(widths.values()) * 2 + (1 << 20))
+        # A pass stopped part-way (killed, or interrupted) is taken up where it saved its progress.
+        tmp = adopt_stale_partial(final.parent, f".{key}-", PROGRESS) or \
+            _partial_cache_dir(final, key, sum(tokens.lengths) * sum(widths.values()) * 2 + (1 << 20))
         try:
             meta, arrays, stats = _compute_states(teacher, tokens, layers, relation_layer, key, tmp, batch_size,
                                                   progress)
             _finish_partial(tmp, meta, arrays, stats)
+        except KeyboardInterrupt:
+            raise  # kept with its progress: the next build of this cache resumes it
         except BaseException:
             discard_partial(tmp)
             raise
@@ -254,11 +262,17 @@ def _partial_cache_dir(final: Path, key: str, n_bytes: int) -> Path:
     return partial_dir(final.parent, f".{key}-")
 
 
-def _allocate(folder: Path | None, name: str, rows: int, width: int) -> np.ndarray:
-    """A zeroed fp16 array: in memory, or a memory-mapped ``name``.npy in ``folder``."""
+def _allocate(folder: Path | None, name: str, rows: int, width: int, resume: bool = False) -> np.ndarray:
+    """A zeroed fp16 array: in memory, or a memory-mapped ``name``.npy in ``folder`` (with
+    ``resume``, the one a stopped pass left there, as it is)."""
     if folder is None:
         return np.zeros((rows, width), dtype=np.float16)
     path = folder / f"{name}.npy"
+    if resume:
+        array = np.load(path, mmap_mode="r+", allow_pickle=False)
+        if array.shape != (rows, width) or array.dtype != np.float16:
+            raise CorruptCache(f"{path}: {array.shape} {array.dtype}, expected ({rows}, {width}) float16")
+        return array
     with disk_full_is_one_line(path, _CACHE_SETTING):
         array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, width))
         # open_memmap leaves a sparse file: writing into it on a full device kills
@@ -277,12 +291,18 @@ def _compute_states(teacher: Teacher, tokens: TokenizedTexts, layers: tuple[int,
     offsets[1:] = np.cumsum(tokens.lengths)
     n_tok = sum(tokens.lengths)
     widths = _array_widths(layers, teacher.hidden, relation_layer)
-    arrays = {name: _allocate(folder, name, n_tok, width) for name, width in widths.items()}
     acc = _StatsAccumulator(layers, teacher.hidden)
+    done = _load_progress(folder, key, batch_size, acc) if folder is not None else 0
+    try:
+        arrays = {name: _allocate(folder, name, n_tok, width, resume=done > 0) for name, width in widths.items()}
+    except (OSError, ValueError, CorruptCache):  # what a stopped pass left is unusable: start over
+        done, acc = 0, _StatsAccumulator(layers, teacher.hidden)
+        arrays = {name: _allocate(folder, name, n_tok, width) for name, width in widths.items()}
     capture = _QKVCapture(teacher.model, relation_layer)
     batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
+    desc = f"teacher states {key[:8]}" + (f" (resumed at batch {done} of {len(batches)})" if done else "")
     try:
-        for b in track(batches, f"teacher states {key[:8]}", progress, "batch"):
+        for n_done, b in enumerate(track(batches[done:], desc, progress, "batch"), start=done + 1):
             t = _teacher_forward(teacher, b, layers, capture)
             acc.add(t, b.attention_mask)
             m = b.attention_mask.bool()
@@ -291,8 +311,13 @@ def _compute_states(teacher: Teacher, tokens: TokenizedTexts, layers: tuple[int,
                 arrays[f"layer_{l}"][rows] = t.states[l][m].numpy().astype(np.float16)
             if t.qkv is not None:
                 arrays["qkv"][rows] = t.qkv[m].numpy().astype(np.float16)
+            if folder is not None and n_done % targets_module.SAVE_EVERY == 0 and n_done < len(batches):
+                _save_progress(folder, key, batch_size, n_done, arrays, acc)
     finally:
         capture.close()
+    if folder is not None:
+        for name in (PROGRESS, f"{PROGRESS}.tmp", "progress_sum.npy", "progress_sumsq.npy"):
+            (folder / name).unlink(missing_ok=True)
     meta = {
         "key": key,
         "teacher": teacher.name,
@@ -307,6 +332,35 @@ def _compute_states(teacher: Teacher, tokens: TokenizedTexts, layers: tuple[int,
     }
     arrays["offsets"] = offsets
     return meta, arrays, acc.result()
+
+
+def _save_progress(folder: Path, key: str, batch_size: int, done: int, arrays: dict[str, np.ndarray],
+                   acc: _StatsAccumulator) -> None:
+    """The rows of the first ``done`` batches flushed to disk, then the statistics so far, then
+    the count that says both are complete (written last, by rename)."""
+    with disk_full_is_one_line(folder, _CACHE_SETTING):
+        for a in arrays.values():
+            a.flush()
+        np.save(folder / "progress_sum.npy", acc.sum.numpy())
+        np.save(folder / "progress_sumsq.npy", acc.sumsq.numpy())
+        save_progress(folder, {"key": key, "batch_size": batch_size, "done": done, "count": acc.count})
+
+
+def _load_progress(folder: Path, key: str, batch_size: int, acc: _StatsAccumulator) -> int:
+    """Batches a stopped pass over the same texts finished in ``folder`` (their statistics loaded
+    into ``acc``); 0 when there is nothing to take up."""
+    try:
+        record = json.loads((folder / PROGRESS).read_text())
+        if record["key"] != key or record["batch_size"] != batch_size:
+            return 0
+        total = np.load(folder / "progress_sum.npy", allow_pickle=False)
+        squares = np.load(folder / "progress_sumsq.npy", allow_pickle=False)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return 0
+    if total.shape != tuple(acc.sum.shape) or squares.shape != tuple(acc.sumsq.shape):
+        return 0
+    acc.sum, acc.sumsq, acc.count = torch.from_numpy(total), torch.from_numpy(squares), int(record["count"])
+    return int(record["done"])
 
 
 def _finish_partial(tmp: Path, meta: dict, arrays: dict[str, np.ndarray], stats: LayerStats) -> None:

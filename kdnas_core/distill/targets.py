@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdnas_core.files.atomic import check_free_space, write_npy
+from kdnas_core.files.atomic import (
+    adopt_stale_partial,
+    check_free_space,
+    discard_partial,
+    partial_dir,
+    remove_stale_partials,
+    write_npy,
+)
 from kdnas_core.config import LossWeights
 from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches, tokenize
 from kdnas_core.errors import KdnasError
@@ -25,6 +33,18 @@ from kdnas_core.teachers.loading import Teacher, find_qkv
 
 
 _CACHE_SETTING = "the teacher-state cache (paths.cache_dir)"
+# A teacher pass into the cache saves its progress every SAVE_EVERY batches (about 2-4 minutes of
+# a base-size teacher on 2 cores), so a pass over 100k+ texts stopped part-way loses minutes, not
+# the hour it took: the next build of the same cache resumes from the last save.
+SAVE_EVERY = 100
+PROGRESS = "progress.json"
+
+
+def save_progress(folder: Path, record: dict) -> None:
+    """``record`` (what a stopped pass needs to resume) written last, by rename, once everything
+    it counts is on disk."""
+    (folder / f"{PROGRESS}.tmp").write_text(json.dumps(record))
+    os.replace(folder / f"{PROGRESS}.tmp", folder / PROGRESS)
 
 
 # --------------------------------------------------------------------------- teacher states
@@ -195,15 +215,41 @@ class SourceTargets:
 
 
 def teacher_pooled(teacher: Teacher, tokens: TokenizedTexts, pooling: str, batch_size: int, progress: Progress,
-                   what: str) -> torch.Tensor:
+                   what: str, partial: Path | None = None) -> torch.Tensor:
     """[N, d] the teacher's pooled last-layer state of each text (pre-Dense, as the pooled term
-    compares)."""
-    pooled = torch.empty(len(tokens), teacher.hidden)
+    compares). With ``partial`` (a folder of this pass's own), the rows are written to a file there
+    with the progress saved every SAVE_EVERY batches, and a pass stopped part-way resumes."""
+    batches = length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False)
+    done, rows = 0, None
+    if partial is not None:
+        rows, done = _pooled_rows(partial, len(tokens), teacher.hidden, batch_size)
+        pooled = torch.from_numpy(rows)  # writes land in the file
+    else:
+        pooled = torch.empty(len(tokens), teacher.hidden)
+    what += f" (resumed at batch {done} of {len(batches)})" if done else ""
     with torch.no_grad():
-        for b in track(length_bucketed_batches(tokens, batch_size, seed=0, shuffle=False), what, progress, "batch"):
+        for n_done, b in enumerate(track(batches[done:], what, progress, "batch"), start=done + 1):
             last = teacher.hidden_states(b.input_ids, b.attention_mask)[teacher.num_layers]
             pooled[b.index] = pool(last.float(), b.attention_mask, pooling)
-    return pooled
+            if rows is not None and n_done % SAVE_EVERY == 0 and n_done < len(batches):
+                rows.flush()
+                save_progress(partial, {"batch_size": batch_size, "shape": list(rows.shape), "done": n_done})
+    return pooled.clone() if rows is not None else pooled
+
+
+def _pooled_rows(folder: Path, n: int, d: int, batch_size: int) -> tuple[np.ndarray, int]:
+    """The file of pooled rows in ``folder`` and how many batches of them a stopped pass saved; a
+    new zeroed file and 0 when there is nothing usable to take up."""
+    path = folder / "pooled.npy"
+    try:
+        record = json.loads((folder / PROGRESS).read_text())
+        if record["batch_size"] == batch_size and record["shape"] == [n, d]:
+            rows = np.load(path, mmap_mode="r+", allow_pickle=False)
+            if rows.shape == (n, d) and rows.dtype == np.float32:
+                return rows, int(record["done"])
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        pass
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d)), 0
 
 
 def source_embeddings(teacher: Teacher, texts: list[str], sources: dict[str, str], max_length: int, pooling: str,
@@ -262,9 +308,25 @@ class PooledTeacherStates:
                     return cls(torch.from_numpy(array.astype(np.float32)), teacher.num_layers, path)
             except (OSError, ValueError) as err:
                 warnings.warn(f"teacher-state cache {path} is unusable ({err}); rebuilding it")
-        pooled = teacher_pooled(teacher, tokens, pooling, batch_size, progress, f"teacher embeddings {key[:8]}")
+        what = f"teacher embeddings {key[:8]}"
+        if path is None:
+            pooled = teacher_pooled(teacher, tokens, pooling, batch_size, progress, what)
+        else:
+            prefix = f".pooled-{key[:16]}-"
+            tmp = adopt_stale_partial(cache_root, prefix, PROGRESS)
+            if tmp is None:
+                remove_stale_partials(cache_root, prefix)
+                check_free_space(cache_root, len(tokens) * teacher.hidden * 6, _CACHE_SETTING)
+                tmp = partial_dir(cache_root, prefix)
+            try:
+                pooled = teacher_pooled(teacher, tokens, pooling, batch_size, progress, what, partial=tmp)
+            except KeyboardInterrupt:
+                raise  # kept with its progress: the next build of this cache resumes it
+            except BaseException:
+                discard_partial(tmp)
+                raise
         pooled = pooled.half().float()  # as stored: a run from the file trains exactly as this one
         if path is not None:
-            check_free_space(cache_root, pooled.numel() * 2, _CACHE_SETTING)
             write_npy(path, pooled.numpy().astype(np.float16))
+            discard_partial(tmp)
         return cls(pooled, teacher.num_layers, path)

@@ -236,6 +236,22 @@ def remove_stale_partials(parent: Path, prefix: str) -> list[Path]:
     return removed
 
 
+def adopt_stale_partial(parent: Path, prefix: str, needs: str) -> Path | None:
+    """A temporary folder under ``parent`` named ``prefix*`` that kdnas marked, whose writer is
+    gone and that holds ``needs`` (the writer's saved progress): marked as this process's and
+    returned, so that a long build resumes where it was stopped instead of starting again."""
+    for p in sorted(Path(parent).glob(f"{prefix}*")) if Path(parent).is_dir() else ():
+        marker = p / PARTIAL_MARKER
+        try:
+            pid = int(marker.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid) and (p / needs).is_file():
+            marker.write_text(str(os.getpid()))
+            return p
+    return None
+
+
 def discard_partial(tmp: Path) -> None:
     """Remove a temporary folder this process made (only if it still carries the marker)."""
     if (Path(tmp) / PARTIAL_MARKER).is_file():

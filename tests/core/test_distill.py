@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,6 +243,81 @@ def test_a_cache_of_more_layers_serves_fewer_without_the_teacher(tiny_setup, tmp
     # a layer the wide cache lacks (the relation layer's qkv) is not served from it
     with pytest.raises(AssertionError, match="must not run"):
         CachedTeacherStates.build(teacher, tokens, (4,), 4, tmp_path / "wide", progress=False)
+
+
+def test_a_stopped_teacher_pass_resumes_where_it_saved_its_progress(tiny_setup, tmp_path, monkeypatch):
+    """A pass over 100k+ texts takes an hour on a small CPU: stopped part-way, the next build takes
+    it up at its last saved batch and ends with the cache an unbroken pass writes."""
+    from kdnas_core.distill import targets as targets_module
+    from kdnas_core.files.atomic import PARTIAL_MARKER
+
+    teacher, tokens, layers = tiny_setup
+    whole = CachedTeacherStates.build(teacher, tokens, layers, 4, tmp_path / "whole", batch_size=8, progress=False)
+    n_batches = len(length_bucketed_batches(tokens, 8, seed=0, shuffle=False))
+    assert n_batches == 6
+    monkeypatch.setattr(targets_module, "SAVE_EVERY", 2)
+    forward, calls = teacher.model.forward, []
+
+    def stopped_after_five(*a, **k):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt  # Ctrl-C in the sixth batch; progress was saved after the fourth
+        return forward(*a, **k)
+
+    monkeypatch.setattr(teacher.model, "forward", stopped_after_five)
+    root = tmp_path / "states"
+    with pytest.raises(KeyboardInterrupt):
+        CachedTeacherStates.build(teacher, tokens, layers, 4, root, batch_size=8, progress=False)
+    partial = [p for p in root.iterdir() if p.name.startswith(".")]
+    assert len(partial) == 1 and (partial[0] / "progress.json").is_file()
+    (partial[0] / PARTIAL_MARKER).write_text("999999999")  # its writer is gone, as after a kill
+
+    calls.clear()
+    monkeypatch.setattr(teacher.model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    resumed = CachedTeacherStates.build(teacher, tokens, layers, 4, root, batch_size=8, progress=False)
+    assert len(calls) == n_batches - 4  # only the batches after the saved progress ran again
+    assert [p.name for p in root.iterdir()] == [whole.key]  # the partial became the cache
+    assert sorted(p.name for p in resumed.path.iterdir()) == sorted(p.name for p in whole.path.iterdir())
+    for b in length_bucketed_batches(tokens, 16, seed=1):
+        got, want = resumed.targets(b), whole.targets(b)
+        for layer in layers:
+            assert torch.equal(got.states[layer], want.states[layer])
+        assert torch.equal(got.qkv, want.qkv)
+    torch.testing.assert_close(resumed.stats.mean, whole.stats.mean)
+    torch.testing.assert_close(resumed.stats.std, whole.stats.std)
+
+
+def test_a_stopped_pooled_teacher_pass_resumes_too(tiny_setup, tmp_path, monkeypatch):
+    """The pooled-only cache (what the final distillation of cut students reads) is one teacher
+    pass too: stopped part-way, it resumes and ends with the file an unbroken pass writes."""
+    from kdnas_core.distill import targets as targets_module
+    from kdnas_core.distill.targets import PooledTeacherStates
+    from kdnas_core.files.atomic import PARTIAL_MARKER
+
+    teacher, tokens, _ = tiny_setup
+    whole = PooledTeacherStates.build(teacher, tokens, "mean", tmp_path / "whole", batch_size=8, progress=False)
+    monkeypatch.setattr(targets_module, "SAVE_EVERY", 2)
+    forward, calls = teacher.hidden_states, []
+
+    def stopped_after_three(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return forward(*a, **k)
+
+    monkeypatch.setattr(teacher, "hidden_states", stopped_after_three)
+    root = tmp_path / "states"
+    with pytest.raises(KeyboardInterrupt):
+        PooledTeacherStates.build(teacher, tokens, "mean", root, batch_size=8, progress=False)
+    (partial,) = [p for p in root.iterdir() if p.name.startswith(".pooled-")]
+    (partial / PARTIAL_MARKER).write_text("999999999")  # its writer is gone, as after a kill
+    calls.clear()
+    monkeypatch.setattr(teacher, "hidden_states", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    resumed = PooledTeacherStates.build(teacher, tokens, "mean", root, batch_size=8, progress=False)
+    assert len(calls) == 6 - 2  # six batches, progress saved after the second
+    assert [p.name for p in root.iterdir()] == [whole.path.name]  # the partial folder is gone
+    assert torch.equal(resumed.pooled, whole.pooled)
+    assert np.array_equal(np.load(resumed.path), np.load(whole.path))
 
 
 def test_two_seeded_runs_give_identical_losses(tiny_setup):
