@@ -45,9 +45,9 @@ from kdnas_core.distill.targets import (
     _teacher_forward,
     compute_stats,
     pooled_only,
+    save_due,
     save_progress,
 )
-from kdnas_core.distill import targets as targets_module
 
 
 class CachedTeacherStates:
@@ -311,7 +311,7 @@ def _compute_states(teacher: Teacher, tokens: TokenizedTexts, layers: tuple[int,
                 arrays[f"layer_{l}"][rows] = t.states[l][m].numpy().astype(np.float16)
             if t.qkv is not None:
                 arrays["qkv"][rows] = t.qkv[m].numpy().astype(np.float16)
-            if folder is not None and n_done % targets_module.SAVE_EVERY == 0 and n_done < len(batches):
+            if folder is not None and save_due(n_done, len(batches)):
                 _save_progress(folder, key, batch_size, n_done, arrays, acc)
     finally:
         capture.close()

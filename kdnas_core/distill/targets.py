@@ -40,6 +40,11 @@ SAVE_EVERY = 100
 PROGRESS = "progress.json"
 
 
+def save_due(n_done: int, n_batches: int) -> bool:
+    """Whether a pass that has finished ``n_done`` of ``n_batches`` batches saves its progress now."""
+    return n_done % SAVE_EVERY == 0 and n_done < n_batches
+
+
 def save_progress(folder: Path, record: dict) -> None:
     """``record`` (what a stopped pass needs to resume) written last, by rename, once everything
     it counts is on disk."""
@@ -231,7 +236,7 @@ def teacher_pooled(teacher: Teacher, tokens: TokenizedTexts, pooling: str, batch
         for n_done, b in enumerate(track(batches[done:], what, progress, "batch"), start=done + 1):
             last = teacher.hidden_states(b.input_ids, b.attention_mask)[teacher.num_layers]
             pooled[b.index] = pool(last.float(), b.attention_mask, pooling)
-            if rows is not None and n_done % SAVE_EVERY == 0 and n_done < len(batches):
+            if rows is not None and save_due(n_done, len(batches)):
                 rows.flush()
                 save_progress(partial, {"batch_size": batch_size, "shape": list(rows.shape), "done": n_done})
     return pooled.clone() if rows is not None else pooled
