@@ -13,16 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdnas_core.files.atomic import (
-    adopt_stale_partial,
-    check_free_space,
-    commit_dir,
-    discard_partial,
-    disk_full_is_one_line,
-    partial_dir,
-    remove_stale_partials,
-    sha256_file,
-)
+from kdnas_core.files.atomic import commit_dir, discard_partial, disk_full_is_one_line, sha256_file
 from kdnas_core.config import DistillConfig
 from kdnas_core.data import Batch, TokenizedTexts, length_bucketed_batches
 from kdnas_core.errors import ConfigError
@@ -44,6 +35,7 @@ from kdnas_core.distill.targets import (
     _StatsAccumulator,
     _teacher_forward,
     compute_stats,
+    pass_folder,
     pooled_only,
     save_due,
     save_progress,
@@ -150,8 +142,7 @@ class CachedTeacherStates:
             return wider
         widths = _array_widths(layers, teacher.hidden, relation_layer)
         # A pass stopped part-way (killed, or interrupted) is taken up where it saved its progress.
-        tmp = adopt_stale_partial(final.parent, f".{key}-", PROGRESS) or \
-            _partial_cache_dir(final, key, sum(tokens.lengths) * sum(widths.values()) * 2 + (1 << 20))
+        tmp = pass_folder(cache_root, f".{key}-", sum(tokens.lengths) * sum(widths.values()) * 2 + (1 << 20))
         try:
             meta, arrays, stats = _compute_states(teacher, tokens, layers, relation_layer, key, tmp, batch_size,
                                                   progress)
@@ -252,14 +243,6 @@ def _array_widths(layers: tuple[int, ...], hidden: int, relation_layer: int | No
     if relation_layer is not None:
         widths["qkv"] = 3 * hidden
     return widths
-
-
-def _partial_cache_dir(final: Path, key: str, n_bytes: int) -> Path:
-    """A marked temporary folder next to ``final``, once ``n_bytes`` are known to fit there."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(final.parent, f".{key}-")
-    check_free_space(final.parent, n_bytes, _CACHE_SETTING)
-    return partial_dir(final.parent, f".{key}-")
 
 
 def _allocate(folder: Path | None, name: str, rows: int, width: int, resume: bool = False) -> np.ndarray:

@@ -45,6 +45,19 @@ def save_due(n_done: int, n_batches: int) -> bool:
     return n_done % SAVE_EVERY == 0 and n_done < n_batches
 
 
+def pass_folder(parent: Path, prefix: str, n_bytes: int) -> Path:
+    """The marked folder under ``parent`` a teacher pass writes into: the one a stopped pass of the
+    same cache left (its writer gone, its progress saved), else a new one once ``n_bytes`` are
+    known to fit (the stale ones of dead writers removed first)."""
+    adopted = adopt_stale_partial(parent, prefix, PROGRESS)
+    if adopted is not None:
+        return adopted
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(parent, prefix)
+    check_free_space(parent, n_bytes, _CACHE_SETTING)
+    return partial_dir(parent, prefix)
+
+
 def save_progress(folder: Path, record: dict) -> None:
     """``record`` (what a stopped pass needs to resume) written last, by rename, once everything
     it counts is on disk."""
@@ -317,12 +330,7 @@ class PooledTeacherStates:
         if path is None:
             pooled = teacher_pooled(teacher, tokens, pooling, batch_size, progress, what)
         else:
-            prefix = f".pooled-{key[:16]}-"
-            tmp = adopt_stale_partial(cache_root, prefix, PROGRESS)
-            if tmp is None:
-                remove_stale_partials(cache_root, prefix)
-                check_free_space(cache_root, len(tokens) * teacher.hidden * 6, _CACHE_SETTING)
-                tmp = partial_dir(cache_root, prefix)
+            tmp = pass_folder(cache_root, f".pooled-{key[:16]}-", len(tokens) * teacher.hidden * 6)
             try:
                 pooled = teacher_pooled(teacher, tokens, pooling, batch_size, progress, what, partial=tmp)
             except KeyboardInterrupt:
