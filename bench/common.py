@@ -218,33 +218,51 @@ CHECKPOINT_EVERY = 250
 RANDOM_INIT_FINAL = {"distill.final.pooled_relation": None, "distill.final.batching": None, "distill.final.hidden_mse": None}
 
 
+def finished_student(ws, folder: Path):
+    """The student a finished ``final_distilled`` run left in ``folder`` for ``ws``'s recipe, as
+    ``(SentenceEncoder, result dict)``, or None where the folder holds no finished run. Needs no
+    teacher states: a resumed benchmark whose students are all finished skips the teacher pass
+    (with the state cache evicted, 30-50 minutes on 2 cores for 64k texts)."""
+    from transformers import AutoModel
+
+    from kdnas_core.keys import key
+    from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head
+
+    done = folder / "result.json"
+    if not done.is_file():
+        return None
+    result = json.loads(done.read_text())
+    # what the student was trained with: a finished folder is reused for this recipe only (a rerun
+    # with other epochs or precision once reported a one-epoch student as a three-epoch one). The
+    # key covers the data config, so the batch count after it only repeats what the key holds.
+    config_key = key("checkpoint", ws.cfg)
+    trained = result.get("recipe", config_key)
+    if trained.rsplit("-", 1)[0] != config_key:
+        raise SystemExit(f"{folder}: distilled with another recipe (key {trained}, now {config_key}); "
+                         "give another --work folder")
+    model = AutoModel.from_pretrained(folder, use_safetensors=True)
+    return SentenceEncoder(model, read_head(folder) or SentenceHead()), result
+
+
 def final_distilled(ws, student, batches, states, eval_states, init_heads, folder: Path):
     """``student`` final-distilled on ``batches`` with ``ws``'s recipe and saved in ``folder`` as a
     final student ships (safetensors, with its sentence head: teacher space where the teacher has
-    one); a folder holding ``result.json`` is a finished run and is reused, and an unfinished one
+    one); a folder holding a finished run (``finished_student``) is reused, and an unfinished one
     resumes from its checkpoint (every ``CHECKPOINT_EVERY`` steps, keyed by config like the
     product's: a 64k-text point trains for about two hours, more than one session on 2 cores).
     Returns the model as a SentenceEncoder and the DistillResult as a dict, without its loss curve."""
-    from transformers import AutoModel
-
     from kdnas_core.distill import distill
     from kdnas_core.files.checkpoint import remove_checkpoint
     from kdnas_core.final import checkpoint_path, student_head
     from kdnas_core.keys import key
-    from kdnas_core.sentence import SentenceEncoder, SentenceHead, read_head, write_head
+    from kdnas_core.sentence import SentenceEncoder, write_head
 
     cfg = ws.cfg
-    # what the student was trained with: a finished folder is reused for this recipe only (a rerun
-    # with other epochs or precision once reported a one-epoch student as a three-epoch one)
+    finished = finished_student(ws, folder)
+    if finished is not None:
+        return finished
     recipe = f"{key('checkpoint', cfg)}-{len(batches)}"
     done = folder / "result.json"
-    if done.is_file():
-        result = json.loads(done.read_text())
-        if result.get("recipe", recipe) != recipe:
-            raise SystemExit(f"{folder}: distilled with another recipe (key {result['recipe']}, now {recipe}); "
-                             "give another --work folder")
-        model = AutoModel.from_pretrained(folder, use_safetensors=True)
-        return SentenceEncoder(model, read_head(folder) or SentenceHead()), result
     ckpt = checkpoint_path(cfg, folder, "train", len(batches))
     res = distill(student, states, batches, cfg.distill.recipe("final"), cfg.distill.final, eval_batches=ws.batches("eval"),
                   eval_states=eval_states, seed=cfg.seed, init_heads=init_heads, pooling=ws.teacher.head.pooling,

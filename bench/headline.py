@@ -45,6 +45,7 @@ from bench.common import (
     add_precision_arg,
     argv_of,
     final_distilled,
+    finished_student,
     header,
     out_folder,
     smoke_config,
@@ -305,19 +306,28 @@ def distil_rows(ws: Workspace, rows: list[Row], work: Path) -> int:
     # layers its own loss needs. Random-init students first: their recipe reads every layer, and
     # the cut students' (the last layer only) is then read from that cache, not a second teacher pass.
     recipes: dict[bool, tuple] = {}
+    finished: dict[str, tuple] = {}
     for cut in sorted({r.inherited is not None for r in todo}):
         w = ws if cut else for_random_init(ws)
-        depths = sorted({x.model.config.num_hidden_layers for x in todo if (x.inherited is not None) == cut})
-        layers = w.layers_for(depths, "final")
+        group = [r for r in todo if (r.inherited is not None) == cut]
+        for r in group:
+            done = finished_student(w, work / "students" / _slug(r.name))
+            if done is not None:
+                finished[r.name] = done
+        if all(r.name in finished for r in group):
+            continue  # a resumed run whose students of this recipe all finished needs no teacher pass
+        layers = w.layers_for(sorted({r.model.config.num_hidden_layers for r in group}), "final")
         states = w.cached_states("train", layers)
         recipes[cut] = (w, w.distill_batches("train", states), states, w.eval_states(layers))
     for r in todo:
+        if r.name in finished:
+            r.model, r.result = finished[r.name]
+            continue
         w, batches, states, eval_states = recipes[r.inherited is not None]
-        folder = work / "students" / _slug(r.name)
-        if not (folder / "result.json").is_file():
-            print(f"distilling {r.name}", flush=True)
-            distilled += 1
-        r.model, r.result = final_distilled(w, r.model, batches, states, eval_states, r.init_heads, folder)
+        print(f"distilling {r.name}", flush=True)
+        distilled += 1
+        r.model, r.result = final_distilled(w, r.model, batches, states, eval_states, r.init_heads,
+                                            work / "students" / _slug(r.name))
     return distilled
 
 
