@@ -218,11 +218,11 @@ CHECKPOINT_EVERY = 250
 RANDOM_INIT_FINAL = {"distill.final.pooled_relation": None, "distill.final.batching": None, "distill.final.hidden_mse": None}
 
 
-def finished_student(ws, folder: Path):
+def finished_student(ws, folder: Path, n_batches: int | None = None):
     """The student a finished ``final_distilled`` run left in ``folder`` for ``ws``'s recipe, as
-    ``(SentenceEncoder, result dict)``, or None where the folder holds no finished run. Needs no
-    teacher states: a resumed benchmark whose students are all finished skips the teacher pass
-    (with the state cache evicted, 30-50 minutes on 2 cores for 64k texts)."""
+    ``(SentenceEncoder, result dict)``, or None where the folder holds no finished run. Without
+    ``n_batches`` it needs no teacher states: a resumed benchmark whose students are all finished
+    skips the teacher pass (with the state cache evicted, 30-50 minutes on 2 cores for 64k texts)."""
     from transformers import AutoModel
 
     from kdnas_core.keys import key
@@ -234,12 +234,17 @@ def finished_student(ws, folder: Path):
     result = json.loads(done.read_text())
     # what the student was trained with: a finished folder is reused for this recipe only (a rerun
     # with other epochs or precision once reported a one-epoch student as a three-epoch one). The
-    # key covers the data config, so the batch count after it only repeats what the key holds.
+    # recipe ends in its batch count, known only once the batches are (neighbour batches need the
+    # teacher's states); without it the texts are checked by the splits' fingerprint instead
+    # (folders written before it was recorded: by the config key alone).
     config_key = key("checkpoint", ws.cfg)
-    trained = result.get("recipe", config_key)
-    if trained.rsplit("-", 1)[0] != config_key:
-        raise SystemExit(f"{folder}: distilled with another recipe (key {trained}, now {config_key}); "
-                         "give another --work folder")
+    want = config_key if n_batches is None else f"{config_key}-{n_batches}"
+    trained = result.get("recipe", want)
+    compared = trained if n_batches is not None else trained.rsplit("-", 1)[0]
+    texts = result.get("texts", ws.splits.fingerprint)
+    if compared != want or texts != ws.splits.fingerprint:
+        raise SystemExit(f"{folder}: distilled with another recipe (key {trained}, texts {texts}; now {want}, "
+                         f"texts {ws.splits.fingerprint}); give another --work folder")
     model = AutoModel.from_pretrained(folder, use_safetensors=True)
     return SentenceEncoder(model, read_head(folder) or SentenceHead()), result
 
@@ -258,7 +263,7 @@ def final_distilled(ws, student, batches, states, eval_states, init_heads, folde
     from kdnas_core.sentence import SentenceEncoder, write_head
 
     cfg = ws.cfg
-    finished = finished_student(ws, folder)
+    finished = finished_student(ws, folder, len(batches))
     if finished is not None:
         return finished
     recipe = f"{key('checkpoint', cfg)}-{len(batches)}"
@@ -270,7 +275,8 @@ def final_distilled(ws, student, batches, states, eval_states, init_heads, folde
     head = student_head(cfg, ws, res.pooled_projection)
     student.save_pretrained(folder, safe_serialization=True)
     write_head(folder, head, student.config.hidden_size)
-    result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"} | {"recipe": recipe}
+    result = {k: v for k, v in res.to_dict().items() if k != "loss_curve"} | {"recipe": recipe,
+                                                                             "texts": ws.splits.fingerprint}
     done.write_text(json.dumps(result, indent=2))
     remove_checkpoint(ckpt)
     return SentenceEncoder(student, head), result

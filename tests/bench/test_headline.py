@@ -61,3 +61,10 @@ def test_headline_smoke_writes_every_row(tmp_path):
     assert "kd-nas random init" not in kinds and {"kd-nas", "hand-picked"} <= kinds
     text = (tmp_path / "again" / "headline-again.md").read_text()
     assert "no random-init rows (--no-random-init)" in text and "(headline-again.png)" in text
+    # A finished student is reused without teacher states only for the texts it was trained on:
+    # its result records the splits' fingerprint, and another one is refused, never reported.
+    done = next((tmp_path / "work" / "students").glob("*/result.json"))
+    assert json.loads(done.read_text())["texts"]
+    done.write_text(json.dumps(json.loads(done.read_text()) | {"texts": "other-texts"}))
+    proc = run_bench("headline", again, tmp_path, check=False)
+    assert proc.returncode != 0 and "distilled with another recipe" in proc.stderr.strip().splitlines()[-1]
